@@ -1,0 +1,643 @@
+//! The WebSocket connection state machine (RFC 6455 §5-§7, RFC 7692 §6-§7).
+//!
+//! A [`Connection`] owns no socket. Bytes read from the network go into
+//! [`input_buffer`](Connection::input_buffer) (or
+//! [`receive_data`](Connection::receive_data)); [`next_event`](Connection::next_event)
+//! parses them into [`Event`]s; everything to be written appears in
+//! [`pending_output`](Connection::pending_output). Pings and close frames are
+//! answered here, so the I/O layer only moves bytes.
+//!
+//! Payloads are unmasked in place in the read buffer as they arrive, and text
+//! is validated as it arrives too: an invalid byte fails the connection at
+//! once, even in the middle of a frame. A complete single-frame message is
+//! split off the read buffer without copying.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::close::{CloseFrame, MAX_REASON_LEN};
+use crate::deflate::{DeflateConfig, DeflateParams, Deflater, Inflater};
+use crate::error::{ProtocolError, UsageError};
+use crate::frame::{FrameHeader, OpCode};
+use crate::mask::apply_mask;
+use crate::utf8::{Utf8Text, Utf8Validator};
+
+/// Which end of the connection this is: it decides the masking direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends masked frames, expects unmasked ones.
+    Client,
+    /// Sends unmasked frames, expects masked ones.
+    Server,
+}
+
+/// Limits and options of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Largest frame payload accepted; a longer announced length fails the
+    /// connection with 1009 before any of it is buffered.
+    pub max_frame_size: usize,
+    /// Largest message accepted (after decompression): 1009 beyond it.
+    pub max_message_size: usize,
+    /// Largest opening handshake accepted (request or response head).
+    pub max_handshake_size: usize,
+    /// permessage-deflate: `None` to neither offer nor accept it.
+    pub deflate: Option<DeflateConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_frame_size: 16 << 20,
+            max_message_size: 64 << 20,
+            max_handshake_size: 16 << 10,
+            deflate: None,
+        }
+    }
+}
+
+/// What the peer sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A complete text message.
+    Text(Utf8Text),
+    /// A complete binary message.
+    Binary(Bytes),
+    /// A ping; the pong has already been queued.
+    Ping(Bytes),
+    /// A pong (solicited or not).
+    Pong(Bytes),
+    /// The peer's close frame (`None`: no status code). The reply, if one
+    /// was due, has been queued; nothing more will be received.
+    Close(Option<CloseFrame>),
+}
+
+/// Where the closing handshake stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Messages flow both ways.
+    Open,
+    /// This side sent a close frame and awaits the peer's.
+    Closing,
+    /// Close frames went both ways, or the connection failed: once the
+    /// pending output is written, the transport should be closed (by the
+    /// server at once; by a client after the server closes it, or a timeout).
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IncomingFrame {
+    header: FrameHeader,
+    /// Payload bytes at the start of the input buffer already unmasked and checked.
+    ready: usize,
+    /// This frame carries uncompressed text to validate as it arrives.
+    validate: bool,
+}
+
+#[derive(Debug)]
+struct IncomingMessage {
+    text: bool,
+    compressed: bool,
+    /// Assembled (or inflated) payload of the fragments so far.
+    buf: Vec<u8>,
+    /// Bytes announced so far (uncompressed messages), checked against the limit.
+    size: usize,
+    utf8: Utf8Validator,
+}
+
+#[derive(Debug)]
+struct Compression {
+    threshold: usize,
+    deflater: Deflater,
+    inflater: Inflater,
+    scratch: Vec<u8>,
+}
+
+/// A WebSocket connection after the opening handshake.
+#[derive(Debug)]
+pub struct Connection {
+    role: Role,
+    config: Config,
+    state: State,
+    input: BytesMut,
+    output: BytesMut,
+    frame: Option<IncomingFrame>,
+    message: Option<IncomingMessage>,
+    /// Whether a fragmented message is being sent, and whether it is text.
+    sending_fragmented: bool,
+    compression: Option<Compression>,
+    deflate_params: Option<DeflateParams>,
+    close_received: bool,
+    close_sent: bool,
+    failure: Option<ProtocolError>,
+}
+
+impl Connection {
+    /// A connection in the open state. `deflate` holds the permessage-deflate
+    /// parameters agreed in the handshake, if any.
+    pub fn new(role: Role, config: Config, deflate: Option<DeflateParams>) -> Connection {
+        let compression = deflate.map(|p| {
+            let cfg = config.deflate.clone().unwrap_or_default();
+            let (our_bits, our_reset, peer_reset) = match role {
+                Role::Server => (
+                    p.server_max_window_bits,
+                    p.server_no_context_takeover,
+                    p.client_no_context_takeover,
+                ),
+                Role::Client => (
+                    p.client_max_window_bits,
+                    p.client_no_context_takeover,
+                    p.server_no_context_takeover,
+                ),
+            };
+            Compression {
+                threshold: cfg.threshold,
+                deflater: Deflater::new(cfg.level, our_bits, our_reset),
+                inflater: Inflater::new(peer_reset),
+                scratch: Vec::new(),
+            }
+        });
+        Connection {
+            role,
+            config,
+            state: State::Open,
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            frame: None,
+            message: None,
+            sending_fragmented: false,
+            compression,
+            deflate_params: deflate,
+            close_received: false,
+            close_sent: false,
+            failure: None,
+        }
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The closing-handshake state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The permessage-deflate parameters agreed in the handshake.
+    pub fn deflate_params(&self) -> Option<DeflateParams> {
+        self.deflate_params
+    }
+
+    /// Whether the peer's close frame has arrived.
+    pub fn close_received(&self) -> bool {
+        self.close_received
+    }
+
+    /// Whether this side has sent (queued) its close frame.
+    pub fn close_sent(&self) -> bool {
+        self.close_sent
+    }
+
+    /// The protocol error that failed the connection, if one did.
+    pub fn failure(&self) -> Option<&ProtocolError> {
+        self.failure.as_ref()
+    }
+
+    // ---- receiving -------------------------------------------------------
+
+    /// The buffer network bytes are read into. Call
+    /// [`next_event`](Self::next_event) after adding to it.
+    pub fn input_buffer(&mut self) -> &mut BytesMut {
+        &mut self.input
+    }
+
+    /// Appends bytes received from the network.
+    pub fn receive_data(&mut self, data: &[u8]) {
+        if !self.receiving_done() {
+            self.input.extend_from_slice(data);
+        }
+    }
+
+    /// Whether nothing more will be parsed: the peer's close frame arrived,
+    /// or the connection failed. Further input is discarded.
+    pub fn receiving_done(&self) -> bool {
+        self.close_received || self.failure.is_some()
+    }
+
+    /// How many more bytes the frame being received needs (a hint for read
+    /// buffer sizing; 0 when no frame is in progress).
+    pub fn bytes_wanted(&self) -> usize {
+        self.frame
+            .map(|f| (f.header.payload_len as usize).saturating_sub(self.input.len()))
+            .unwrap_or(0)
+    }
+
+    /// The transport ended (EOF). The connection is closed; if no close frame
+    /// was received, the close was abnormal (1006).
+    pub fn receive_eof(&mut self) {
+        self.state = State::Closed;
+        self.input.clear();
+    }
+
+    /// Parses the next event from the buffered input. `Ok(None)`: more bytes
+    /// are needed (or nothing more will come). A protocol error fails the
+    /// connection: the close frame with the matching code is queued, the
+    /// state becomes [`State::Closed`] and the error is returned once.
+    pub fn next_event(&mut self) -> Result<Option<Event>, ProtocolError> {
+        if self.receiving_done() {
+            self.input.clear();
+            return Ok(None);
+        }
+        match self.parse() {
+            Ok(event) => Ok(event),
+            Err(err) => {
+                self.fail(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Result<Option<Event>, ProtocolError> {
+        loop {
+            let mut frame = match self.frame {
+                Some(frame) => frame,
+                None => {
+                    let Some((header, len)) = FrameHeader::decode(&self.input)? else {
+                        return Ok(None);
+                    };
+                    let validate = self.check_header(&header)?;
+                    self.input.advance(len);
+                    IncomingFrame {
+                        header,
+                        ready: 0,
+                        validate,
+                    }
+                }
+            };
+            let len = frame.header.payload_len as usize;
+            let available = self.input.len().min(len);
+            if available > frame.ready {
+                let fresh = &mut self.input[frame.ready..available];
+                if let Some(key) = frame.header.mask {
+                    apply_mask(fresh, key, frame.ready);
+                }
+                if frame.validate {
+                    let message = self
+                        .message
+                        .as_mut()
+                        .expect("text frame belongs to a message");
+                    message
+                        .utf8
+                        .feed(fresh)
+                        .map_err(|_| ProtocolError::InvalidUtf8)?;
+                }
+                frame.ready = available;
+            }
+            if available < len {
+                self.frame = Some(frame);
+                return Ok(None);
+            }
+            self.frame = None;
+            let payload = self.input.split_to(len);
+            if let Some(event) = self.complete_frame(frame.header, payload)? {
+                return Ok(Some(event));
+            }
+        }
+    }
+
+    /// Checks a header against the connection state and limits (§5.2,
+    /// §5.4, §5.5, RFC 7692 §6.1). Starts a message for a new data frame.
+    /// Returns whether the payload is uncompressed text to validate.
+    fn check_header(&mut self, h: &FrameHeader) -> Result<bool, ProtocolError> {
+        let rsv1_allowed =
+            self.compression.is_some() && matches!(h.opcode, OpCode::Text | OpCode::Binary);
+        if (h.rsv1 && !rsv1_allowed) || h.rsv2 || h.rsv3 {
+            return Err(ProtocolError::ReservedBits(
+                (h.rsv1 as u8) << 2 | (h.rsv2 as u8) << 1 | h.rsv3 as u8,
+            ));
+        }
+        match (self.role, h.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        if h.opcode.is_control() {
+            if !h.fin {
+                return Err(ProtocolError::FragmentedControlFrame);
+            }
+            if h.payload_len > 125 {
+                return Err(ProtocolError::ControlFrameTooLong(h.payload_len));
+            }
+            return Ok(false);
+        }
+        if h.payload_len > self.config.max_frame_size as u64 {
+            return Err(ProtocolError::FrameTooBig {
+                size: h.payload_len,
+                limit: self.config.max_frame_size,
+            });
+        }
+        let len = h.payload_len as usize;
+        let limit = self.config.max_message_size;
+        match (h.opcode, &mut self.message) {
+            (OpCode::Continuation, None) => Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Continuation, Some(m)) => {
+                m.size = m.size.saturating_add(len);
+                if !m.compressed && m.size > limit {
+                    return Err(ProtocolError::MessageTooBig { limit });
+                }
+                Ok(m.text && !m.compressed)
+            }
+            (_, Some(_)) => Err(ProtocolError::ExpectedContinuation),
+            (opcode, None) => {
+                if !h.rsv1 && len > limit {
+                    return Err(ProtocolError::MessageTooBig { limit });
+                }
+                let text = opcode == OpCode::Text;
+                self.message = Some(IncomingMessage {
+                    text,
+                    compressed: h.rsv1,
+                    buf: Vec::new(),
+                    size: len,
+                    utf8: Utf8Validator::new(),
+                });
+                Ok(text && !h.rsv1)
+            }
+        }
+    }
+
+    fn complete_frame(
+        &mut self,
+        h: FrameHeader,
+        payload: BytesMut,
+    ) -> Result<Option<Event>, ProtocolError> {
+        match h.opcode {
+            OpCode::Ping => {
+                if !self.close_sent {
+                    self.encode_frame(OpCode::Pong, &payload, true, false);
+                }
+                Ok(Some(Event::Ping(payload.freeze())))
+            }
+            OpCode::Pong => Ok(Some(Event::Pong(payload.freeze()))),
+            OpCode::Close => {
+                let frame = CloseFrame::decode(payload.freeze())?;
+                self.close_received = true;
+                if !self.close_sent {
+                    // Echo the code (§5.5.1); the reason is ours to omit.
+                    let reply = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
+                    self.queue_close(reply.as_ref());
+                }
+                self.state = State::Closed;
+                self.input.clear();
+                Ok(Some(Event::Close(frame)))
+            }
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                self.complete_data_frame(h, payload)
+            }
+        }
+    }
+
+    fn complete_data_frame(
+        &mut self,
+        h: FrameHeader,
+        payload: BytesMut,
+    ) -> Result<Option<Event>, ProtocolError> {
+        let limit = self.config.max_message_size;
+        let message = self.message.as_mut().expect("checked in check_header");
+        if message.compressed {
+            let compression = self.compression.as_mut().expect("rsv1 only with deflate");
+            let start = message.buf.len();
+            compression
+                .inflater
+                .inflate(&payload, &mut message.buf, limit)?;
+            if h.fin {
+                compression
+                    .inflater
+                    .finish_message(&mut message.buf, limit)?;
+            }
+            if message.text {
+                message
+                    .utf8
+                    .feed(&message.buf[start..])
+                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
+        } else if h.fin && message.buf.is_empty() {
+            // The whole message is this frame: hand out the read buffer's bytes.
+            let message = self.message.take().expect("present");
+            return Ok(Some(finish_message(message, payload.freeze())?));
+        } else {
+            message.buf.extend_from_slice(&payload);
+        }
+        if !h.fin {
+            return Ok(None);
+        }
+        let mut message = self.message.take().expect("present");
+        let data = Bytes::from(std::mem::take(&mut message.buf));
+        Ok(Some(finish_message(message, data)?))
+    }
+
+    fn fail(&mut self, err: ProtocolError) {
+        if !self.close_sent {
+            let mut reason = err.to_string();
+            if reason.len() > MAX_REASON_LEN {
+                let mut end = MAX_REASON_LEN;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                reason.truncate(end);
+            }
+            self.queue_close(Some(&CloseFrame::new(err.close_code(), reason)));
+        }
+        self.failure = Some(err);
+        self.state = State::Closed;
+        self.input = BytesMut::new();
+        self.frame = None;
+        self.message = None;
+    }
+
+    // ---- sending ---------------------------------------------------------
+
+    /// Bytes waiting to be written to the network.
+    pub fn pending_output(&self) -> &[u8] {
+        &self.output
+    }
+
+    /// Marks the first `n` pending bytes as written.
+    pub fn consume_output(&mut self, n: usize) {
+        self.output.advance(n);
+    }
+
+    /// Takes all pending output at once.
+    pub fn take_output(&mut self) -> BytesMut {
+        self.output.split()
+    }
+
+    /// Whether anything is waiting to be written.
+    pub fn has_pending_output(&self) -> bool {
+        !self.output.is_empty()
+    }
+
+    fn check_can_send(&self) -> Result<(), UsageError> {
+        if self.close_sent || self.failure.is_some() || self.state == State::Closed {
+            Err(UsageError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Queues a text message (compressed when negotiated and long enough).
+    pub fn send_text(&mut self, text: &str) -> Result<(), UsageError> {
+        self.send_message(OpCode::Text, text.as_bytes())
+    }
+
+    /// Queues a binary message (compressed when negotiated and long enough).
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<(), UsageError> {
+        self.send_message(OpCode::Binary, data)
+    }
+
+    fn send_message(&mut self, opcode: OpCode, data: &[u8]) -> Result<(), UsageError> {
+        self.check_can_send()?;
+        if self.sending_fragmented {
+            return Err(UsageError::FragmentOrder(
+                "a fragmented message is still being sent",
+            ));
+        }
+        match &mut self.compression {
+            Some(c) if data.len() >= c.threshold => {
+                let mut scratch = std::mem::take(&mut c.scratch);
+                scratch.clear();
+                c.deflater.compress(data, &mut scratch);
+                self.encode_frame(opcode, &scratch, true, true);
+                let c = self.compression.as_mut().expect("present");
+                // Keep a modest scratch buffer for the next message, not a huge one.
+                if scratch.capacity() <= 64 << 10 {
+                    c.scratch = scratch;
+                }
+            }
+            _ => self.encode_frame(opcode, data, true, false),
+        }
+        Ok(())
+    }
+
+    /// Queues one frame of a message sent in fragments (never compressed).
+    /// The first fragment has `opcode` Text or Binary, the following ones
+    /// Continuation; `fin` ends the message. The caller keeps text fragments
+    /// valid UTF-8 as a whole.
+    pub fn send_fragment(
+        &mut self,
+        opcode: OpCode,
+        data: &[u8],
+        fin: bool,
+    ) -> Result<(), UsageError> {
+        self.check_can_send()?;
+        match (opcode, self.sending_fragmented) {
+            (OpCode::Text | OpCode::Binary, false) | (OpCode::Continuation, true) => {}
+            (OpCode::Continuation, false) => {
+                return Err(UsageError::FragmentOrder(
+                    "continuation without a first fragment",
+                ))
+            }
+            (OpCode::Text | OpCode::Binary, true) => {
+                return Err(UsageError::FragmentOrder(
+                    "a fragmented message is still being sent",
+                ))
+            }
+            _ => {
+                return Err(UsageError::FragmentOrder(
+                    "control frames are never fragmented",
+                ))
+            }
+        }
+        self.sending_fragmented = !fin;
+        self.encode_frame(opcode, data, fin, false);
+        Ok(())
+    }
+
+    /// Queues a ping (payload at most 125 bytes).
+    pub fn send_ping(&mut self, data: &[u8]) -> Result<(), UsageError> {
+        self.send_control(OpCode::Ping, data)
+    }
+
+    /// Queues an unsolicited pong (payload at most 125 bytes).
+    pub fn send_pong(&mut self, data: &[u8]) -> Result<(), UsageError> {
+        self.send_control(OpCode::Pong, data)
+    }
+
+    fn send_control(&mut self, opcode: OpCode, data: &[u8]) -> Result<(), UsageError> {
+        self.check_can_send()?;
+        if data.len() > 125 {
+            return Err(UsageError::ControlPayloadTooLong(data.len()));
+        }
+        self.encode_frame(opcode, data, true, false);
+        Ok(())
+    }
+
+    /// Starts (or completes) the closing handshake with a code and reason;
+    /// `None` sends a close frame without a status code.
+    pub fn send_close(&mut self, frame: Option<CloseFrame>) -> Result<(), UsageError> {
+        self.check_can_send()?;
+        if let Some(f) = &frame {
+            if !f.code.is_sendable() {
+                return Err(UsageError::InvalidCloseCode(f.code.0));
+            }
+            if f.reason.len() > MAX_REASON_LEN {
+                return Err(UsageError::CloseReasonTooLong(f.reason.len()));
+            }
+        }
+        self.queue_close(frame.as_ref());
+        Ok(())
+    }
+
+    fn queue_close(&mut self, frame: Option<&CloseFrame>) {
+        let mut payload = BytesMut::new();
+        if let Some(f) = frame {
+            f.encode_payload(&mut payload);
+        }
+        self.encode_frame(OpCode::Close, &payload, true, false);
+        self.close_sent = true;
+        self.state = if self.close_received {
+            State::Closed
+        } else {
+            State::Closing
+        };
+    }
+
+    fn encode_frame(&mut self, opcode: OpCode, payload: &[u8], fin: bool, rsv1: bool) {
+        let mask = match self.role {
+            Role::Client => Some(rand::random::<[u8; 4]>()),
+            Role::Server => None,
+        };
+        let header = FrameHeader {
+            fin,
+            rsv1,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask,
+            payload_len: payload.len() as u64,
+        };
+        self.output.reserve(header.encoded_len() + payload.len());
+        header.encode(&mut self.output);
+        let start = self.output.len();
+        self.output.extend_from_slice(payload);
+        if let Some(key) = mask {
+            apply_mask(&mut self.output[start..], key, 0);
+        }
+    }
+}
+
+fn finish_message(mut message: IncomingMessage, data: Bytes) -> Result<Event, ProtocolError> {
+    if message.text {
+        message
+            .utf8
+            .finish()
+            .map_err(|_| ProtocolError::InvalidUtf8)?;
+        Ok(Event::Text(Utf8Text::from_validated(data)))
+    } else {
+        Ok(Event::Binary(data))
+    }
+}
