@@ -390,7 +390,10 @@ impl Inflater {
             if out.len() > limit {
                 return Err(ProtocolError::MessageTooBig { limit });
             }
-            let room = (limit + 1 - out.len()).min(INFLATE_CHUNK.max(input.len() - pos));
+            // `out.len() <= limit` here; saturate so that `usize::MAX` means "no limit".
+            let room = (limit - out.len())
+                .saturating_add(1)
+                .min(INFLATE_CHUNK.max(input.len() - pos));
             out.reserve(room);
             let (in_before, out_before) = (decompress.total_in(), decompress.total_out());
             let status = decompress
@@ -402,16 +405,16 @@ impl Inflater {
                 return Err(ProtocolError::MessageTooBig { limit });
             }
             if status == Status::StreamEnd {
-                // The peer ended its deflate stream (BFINAL); anything after
-                // that in this message is invalid, and the next message
-                // starts a fresh stream.
+                // The peer ended its deflate stream (BFINAL): what follows
+                // starts a fresh stream. RFC 7692 §7.2.3.4: a sender that
+                // flushes with BFINAL appends the first octet of an empty
+                // stored block, which the restored tail completes, so the
+                // rest of the input is decoded, not rejected.
                 decompress.reset(false);
-                if pos < input.len() && input[pos..] != SYNC_TAIL {
-                    return Err(ProtocolError::InvalidCompressedData(
-                        "data after the end of the deflate stream".into(),
-                    ));
+                if pos == input.len() || input[pos..] == SYNC_TAIL {
+                    return Ok(());
                 }
-                return Ok(());
+                continue;
             }
             let output_full = out.len() == out.capacity();
             if pos == input.len() && !output_full {
@@ -486,6 +489,40 @@ mod tests {
     }
 
     #[test]
+    fn rfc7692_7_2_3_4_bfinal_block_followed_by_empty_stored_block() {
+        // "Hello" in a block with BFINAL set, then the 0x00 octet that starts
+        // the empty stored block completed by the stripped tail.
+        let mut inflater = Inflater::new(false);
+        let mut out = Vec::new();
+        inflater
+            .inflate(
+                &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00],
+                &mut out,
+                100,
+            )
+            .unwrap();
+        inflater.finish_message(&mut out, 100).unwrap();
+        assert_eq!(out, b"Hello");
+        // The next message decodes on the fresh stream.
+        let mut out = Vec::new();
+        inflater
+            .inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], &mut out, 100)
+            .unwrap();
+        inflater.finish_message(&mut out, 100).unwrap();
+        assert_eq!(out, b"Hello");
+        // Garbage after the final block is still an error.
+        let mut out = Vec::new();
+        let err = Inflater::new(false)
+            .inflate(
+                &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0xff, 0xff],
+                &mut out,
+                100,
+            )
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::InvalidCompressedData(_)));
+    }
+
+    #[test]
     fn decompression_bomb_is_cut_at_the_limit() {
         let mut d = Deflater::new(9, 15, false);
         let mut wire = Vec::new();
@@ -497,6 +534,18 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, ProtocolError::MessageTooBig { limit: 1 << 20 });
         assert!(out.capacity() <= 2 << 20, "capacity {}", out.capacity());
+    }
+
+    #[test]
+    fn unlimited_size_does_not_overflow() {
+        // A limit of usize::MAX (no limit) used to overflow `limit + 1`.
+        let mut wire = Vec::new();
+        Deflater::new(6, 15, false).compress(b"hello hello hello", &mut wire);
+        let mut inflater = Inflater::new(false);
+        let mut out = Vec::new();
+        inflater.inflate(&wire, &mut out, usize::MAX).unwrap();
+        inflater.finish_message(&mut out, usize::MAX).unwrap();
+        assert_eq!(out, b"hello hello hello");
     }
 
     #[test]

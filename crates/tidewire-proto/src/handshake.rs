@@ -52,7 +52,7 @@ pub enum HandshakeError {
     #[error("missing \"upgrade\" in Connection header")]
     MissingConnectionUpgrade,
     /// Sec-WebSocket-Version missing or not 13.
-    #[error("unsupported Sec-WebSocket-Version {0:?}; supported: 13")]
+    #[error("unsupported Sec-WebSocket-Version {}; supported: 13", .0.as_deref().map_or("(missing)".to_string(), |v| format!("{v:?}")))]
     UnsupportedVersion(Option<String>),
     /// Sec-WebSocket-Key missing, repeated, or not 16 bytes in base64.
     #[error("missing or invalid Sec-WebSocket-Key: it must be 16 random bytes in base64")]

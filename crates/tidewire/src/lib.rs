@@ -1,1 +1,71 @@
+//! # tidewire
+//!
+//! A WebSocket server and client on tokio, built on the sans-I/O
+//! [`tidewire_proto`] core: RFC 6455 and permessage-deflate (RFC 7692),
+//! checked by the Autobahn test suite.
+//!
+//! ## Echo server
+//!
+//! ```no_run
+//! use tidewire::{accept, Message};
+//! use tokio::net::TcpListener;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = TcpListener::bind("127.0.0.1:9001").await?;
+//! loop {
+//!     let (stream, _) = listener.accept().await?;
+//!     tokio::spawn(async move {
+//!         let mut ws = accept(stream).await?;
+//!         while let Some(msg) = ws.recv().await {
+//!             match msg? {
+//!                 msg @ (Message::Text(_) | Message::Binary(_)) => ws.send(msg).await?,
+//!                 _ => {}
+//!             }
+//!         }
+//!         Ok::<_, tidewire::Error>(())
+//!     });
+//! }
+//! # }
+//! ```
+//!
+//! ## Client
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), tidewire::Error> {
+//! let (mut ws, _response) = tidewire::connect("ws://127.0.0.1:9001/").await?;
+//! ws.send_text("hello").await?;
+//! if let Some(reply) = ws.recv().await {
+//!     println!("{:?}", reply?);
+//! }
+//! ws.close(1000u16, "bye").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## The browser API, one to one
+//!
+//! | browser `WebSocket` | tidewire |
+//! |---|---|
+//! | `open` | [`connect`] / [`accept`] return |
+//! | `message` | [`Message::Text`] / [`Message::Binary`] from `recv` |
+//! | `close` (code, reason, `wasClean`) | [`Message::Close`] (clean), or [`Error::AbnormalClosure`] (code 1006) |
+//! | `error` | `Err` from `recv` or `send` |
+//! | `send`, `close(code, reason)`, `bufferedAmount` | [`WebSocket::send`], [`WebSocket::close`], [`WebSocket::buffered_amount`] |
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+mod message;
+mod server;
+mod websocket;
+
+pub use client::{connect, ClientBuilder};
+pub use error::Error;
+pub use message::Message;
+pub use server::{accept, accept_request, accept_with, read_request, Accept, Reject, ServerConfig};
+pub use websocket::{IoOptions, WebSocket, WebSocketReader, WebSocketWriter};
+
+pub use http;
+pub use tidewire_proto as proto;
+pub use tidewire_proto::{CloseCode, CloseFrame, Config, DeflateConfig, Utf8Text};

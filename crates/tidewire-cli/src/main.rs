@@ -1,0 +1,52 @@
+//! `tidewire`: the command-line front of the toolkit.
+//!
+//! - `tidewire echo`: an echo server (the classic tutorial server with
+//!   `--welcome` and `--prefix`), which also serves the tutorial's browser
+//!   page at `/`.
+//! - `tidewire connect`: an interactive client, like wscat.
+
+use clap::{Parser, Subcommand};
+
+mod connect;
+mod echo;
+
+#[derive(Parser)]
+#[command(
+    name = "tidewire",
+    version,
+    about = "WebSocket toolkit: echo server and interactive client"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an echo server: every message comes back with its own type.
+    Echo(echo::EchoArgs),
+    /// Connect to a WebSocket server: stdin lines are sent, messages printed.
+    Connect(connect::ConnectArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Echo(args) => runtime.block_on(echo::run(args)),
+        Command::Connect(args) => {
+            let code = runtime.block_on(connect::run(args))?;
+            // Don't wait for the blocking stdin reader thread.
+            runtime.shutdown_background();
+            std::process::exit(code);
+        }
+    }
+}
