@@ -68,4 +68,4 @@ pub use websocket::{IoOptions, WebSocket, WebSocketReader, WebSocketWriter};
 
 pub use http;
 pub use tidewire_proto as proto;
-pub use tidewire_proto::{CloseCode, CloseFrame, Config, DeflateConfig, Utf8Text};
+pub use tidewire_proto::{CloseCode, CloseFrame, Config, DeflateConfig, OpCode, Utf8Text};

@@ -19,7 +19,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tidewire_proto::{CloseCode, CloseFrame, Connection, Event, Role, State, Utf8Text};
+use tidewire_proto::{CloseCode, CloseFrame, Connection, Event, OpCode, Role, State, Utf8Text};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
@@ -346,6 +346,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Sends a binary message.
     pub async fn send_binary(&mut self, data: impl Into<bytes::Bytes>) -> Result<(), Error> {
         self.send(Message::Binary(data.into())).await
+    }
+
+    /// Sends one frame of a message sent in pieces (for streaming a message
+    /// whose size is not known up front): `opcode` is `Text` or `Binary` for
+    /// the first piece and `Continuation` after; `fin` marks the last.
+    /// Fragments are never compressed. Text pieces must form valid UTF-8
+    /// once joined.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] when fragments are out of order or after close.
+    pub async fn send_fragment(
+        &mut self,
+        opcode: OpCode,
+        data: &[u8],
+        fin: bool,
+    ) -> Result<(), Error> {
+        self.inner.conn.send_fragment(opcode, data, fin)?;
+        self.flush().await
     }
 
     /// Sends a ping.

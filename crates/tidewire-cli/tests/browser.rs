@@ -1,0 +1,55 @@
+//! Headless Chromium runs the tutorial's browser page against
+//! `tidewire echo` (the page is served by the echo server itself).
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{start_echo, LIMIT};
+use tokio::process::Command;
+
+fn repo_root() -> PathBuf {
+    std::env::var_os("TIDEWIRE_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+#[tokio::test]
+async fn chromium_runs_the_tutorial_page_against_tidewire_echo() {
+    let (_server, addr) = start_echo(&[
+        "--welcome",
+        "Welcome to the WebSocket server!",
+        "--prefix",
+        "Echo: ",
+    ])
+    .await;
+    let root = repo_root();
+    let artifacts = std::env::var_os("TIDEWIRE_TEST_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("test-artifacts"));
+    let screenshot = artifacts.join("echo-page.png");
+    let node = std::env::var_os("TIDEWIRE_NODE").unwrap_or_else(|| "node".into());
+    let output = tokio::time::timeout(
+        LIMIT * 2,
+        Command::new(node)
+            .arg(root.join("tests/interop/browser_echo.js"))
+            .arg(format!("http://{addr}/"))
+            // The page logs the welcome, then the echo of its greeting.
+            .arg("Message from server: Echo: Hello Server!")
+            .arg(&screenshot)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("browser test timed out")
+    .expect("cannot run node (run scripts/install-deps)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "browser run failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("RESULT: PASS"));
+    assert!(std::fs::metadata(&screenshot).unwrap().len() > 1000);
+}

@@ -1,0 +1,138 @@
+//! `tidewire echo` and `tidewire connect`, as users run them.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::{start_echo, LIMIT};
+use tidewire::Message;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+#[tokio::test]
+async fn echo_is_a_plain_echo_server_by_default() {
+    let (_server, addr) = start_echo(&[]).await;
+    let (mut ws, response) = tidewire::ClientBuilder::new(format!("ws://{addr}/"))
+        .deflate(Some(Default::default()))
+        .connect()
+        .await
+        .unwrap();
+    // Compression is offered.
+    assert!(response.headers().contains_key("sec-websocket-extensions"));
+    ws.send_text("hi").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("hi"));
+    ws.send_binary(vec![1u8, 2, 3]).await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::binary(vec![1u8, 2, 3])
+    );
+    ws.close(1000u16, "").await.unwrap();
+}
+
+#[tokio::test]
+async fn echo_with_welcome_and_prefix_is_the_tutorial_server() {
+    let (_server, addr) = start_echo(&[
+        "--welcome",
+        "Welcome to the WebSocket server!",
+        "--prefix",
+        "Echo: ",
+    ])
+    .await;
+    let (mut ws, _) = tidewire::connect(&format!("ws://{addr}/")).await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::text("Welcome to the WebSocket server!")
+    );
+    ws.send_text("Hello Server!").await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::text("Echo: Hello Server!")
+    );
+    ws.close(1000u16, "").await.unwrap();
+}
+
+#[tokio::test]
+async fn echo_serves_its_page_and_health_over_plain_http() {
+    let (_server, addr) = start_echo(&[]).await;
+    for (path, status, needle) in [
+        ("/", "200 OK", "new WebSocket("),
+        ("/health", "200 OK", "ok"),
+        ("/nope", "404 Not Found", "not found"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response)
+            .await
+            .unwrap();
+        let response = String::from_utf8(response).unwrap();
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+            "{path}: {response}"
+        );
+        assert!(response.contains(needle), "{path}: {response}");
+    }
+}
+
+#[tokio::test]
+async fn connect_sends_stdin_lines_and_prints_replies_and_the_close() {
+    let (_server, addr) = start_echo(&["--prefix", "Echo: "]).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["connect", &format!("ws://{addr}/"), "-H", "X-Test: 1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"first\nsecond line\n").await.unwrap();
+    drop(stdin); // EOF: close with 1000
+    let output = tokio::time::timeout(LIMIT, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("< Echo: first\n< Echo: second line\n"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("Disconnected (code: 1000"), "{stderr}");
+}
+
+#[tokio::test]
+async fn connect_binary_mode_and_a_refused_connection() {
+    let (_server, addr) = start_echo(&[]).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["connect", &format!("ws://{addr}/"), "--binary"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"AB\n").await.unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(LIMIT, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("< [binary, 2 bytes] 4142"), "{stdout}");
+
+    // Nobody listens on port 1: a clear error and a failing exit status.
+    let output = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["connect", "ws://127.0.0.1:1/"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("Connection refused"));
+}
