@@ -1,0 +1,95 @@
+//! Arbitrary bytes into a `Connection` (server or client role, with or
+//! without permessage-deflate, small limits), delivered in chunks.
+//!
+//! Input: `[flags, limits, stream...]`.
+//! flags bit 0: client role; bit 1: deflate negotiated; bits 2/3: server/client
+//! no_context_takeover; bits 4-7: chunk size selector.
+//! limits: low nibble -> max_frame_size = 2^n, high nibble -> max_message_size = 2^n.
+//!
+//! Pass rule: no panic, memory bounded by the limits, errors reported once
+//! with the connection closed.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tidewire_proto::{Config, Connection, DeflateParams, Event, Role, State};
+
+fuzz_target!(|data: &[u8]| {
+    let [flags, limits, stream @ ..] = data else {
+        return;
+    };
+    let role = if flags & 1 != 0 {
+        Role::Client
+    } else {
+        Role::Server
+    };
+    let deflate = (flags & 2 != 0).then(|| DeflateParams {
+        server_no_context_takeover: flags & 4 != 0,
+        client_no_context_takeover: flags & 8 != 0,
+        ..DeflateParams::default()
+    });
+    let max_frame_size = 1usize << (limits & 0x0F);
+    let max_message_size = 1usize << (limits >> 4);
+    let config = Config {
+        max_frame_size,
+        max_message_size,
+        ..Config::default()
+    };
+    let chunk = match flags >> 4 {
+        0 => usize::MAX,
+        n => (n as usize).pow(2),
+    };
+    let mut conn = Connection::new(role, config, deflate);
+    let mut failed = false;
+    for piece in stream.chunks(chunk.min(stream.len().max(1))) {
+        conn.receive_data(piece);
+        loop {
+            match conn.next_event() {
+                Ok(Some(event)) => {
+                    assert!(!failed, "event after failure");
+                    match event {
+                        Event::Text(text) => {
+                            assert!(text.len() <= max_message_size);
+                            assert!(std::str::from_utf8(text.as_bytes()).is_ok());
+                            let _ = conn.send_text(&text);
+                        }
+                        Event::Binary(bytes) => {
+                            assert!(bytes.len() <= max_message_size);
+                            let _ = conn.send_binary(&bytes);
+                        }
+                        Event::Ping(p) | Event::Pong(p) => assert!(p.len() <= 125),
+                        Event::Close(_) => {
+                            assert!(conn.close_received());
+                            assert_eq!(conn.state(), State::Closed);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    assert!(!failed, "error reported twice");
+                    failed = true;
+                    assert_eq!(conn.failure(), Some(&err));
+                    assert_eq!(conn.state(), State::Closed);
+                    assert!(conn.close_sent());
+                    assert!(conn.receiving_done());
+                    let _ = err.close_code();
+                    break;
+                }
+            }
+        }
+        // What stays buffered is at most one frame (and a partial header).
+        let frame_bound = max_frame_size.max(125) + 14 + piece.len();
+        assert!(
+            conn.input_buffer().len() <= frame_bound,
+            "{} buffered, bound {}",
+            conn.input_buffer().len(),
+            frame_bound
+        );
+        // Write out what was queued, as an I/O layer would.
+        let n = conn.pending_output().len();
+        conn.consume_output(n);
+    }
+    if failed {
+        assert_eq!(conn.next_event(), Ok(None));
+    }
+});
