@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
             .and_then(|()| inflater.inflate(b, &mut out, limit))
             .and_then(|()| inflater.finish_message(&mut out, limit));
         let bound = 2 * (limit + 1 + 16 * 1024 + payload.len());
-        assert!(out.capacity() <= bound, "capacity {} > {bound}", out.capacity());
+        assert!(
+            out.capacity() <= bound,
+            "capacity {} > {bound}",
+            out.capacity()
+        );
         match result {
             Ok(()) => assert!(out.len() <= limit, "{} > limit {limit}", out.len()),
             Err(ProtocolError::MessageTooBig { limit: l }) => {
