@@ -7,17 +7,39 @@
 //! limits: low nibble -> max_frame_size = 2^n, high nibble -> max_message_size = 2^n.
 //!
 //! Pass rule: no panic, memory bounded by the limits, errors reported once
-//! with the connection closed.
+//! with the connection closed, and the same outcome whether the stream
+//! arrives at once or in chunks (1 byte when the selector is 0).
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tidewire_proto::{Config, Connection, DeflateParams, Event, Role, State};
+use tidewire_proto::{Config, Connection, DeflateParams, Event, ProtocolError, Role, State};
+
+/// Everything observable from one run: events and errors in order, and (for
+/// a server, whose frames are not masked with random keys) the bytes written.
+type Outcome = (Vec<Result<Event, ProtocolError>>, Vec<u8>);
 
 fuzz_target!(|data: &[u8]| {
     let [flags, limits, stream @ ..] = data else {
         return;
     };
+    let chunk = match flags >> 4 {
+        0 => usize::MAX,
+        n => (n as usize).pow(2),
+    };
+    let whole = run(*flags, *limits, stream, usize::MAX);
+    // Chunking must not change what is parsed: the parser is incremental,
+    // so events, errors and replies are the same however the bytes arrive.
+    let chunked = run(
+        *flags,
+        *limits,
+        stream,
+        if chunk == usize::MAX { 1 } else { chunk },
+    );
+    assert_eq!(whole, chunked, "outcome depends on chunking");
+});
+
+fn run(flags: u8, limits: u8, stream: &[u8], chunk: usize) -> Outcome {
     let role = if flags & 1 != 0 {
         Role::Client
     } else {
@@ -35,11 +57,9 @@ fuzz_target!(|data: &[u8]| {
         max_message_size,
         ..Config::default()
     };
-    let chunk = match flags >> 4 {
-        0 => usize::MAX,
-        n => (n as usize).pow(2),
-    };
     let mut conn = Connection::new(role, config, deflate);
+    let mut events = Vec::new();
+    let mut written = Vec::new();
     let mut failed = false;
     for piece in stream.chunks(chunk.min(stream.len().max(1))) {
         conn.receive_data(piece);
@@ -47,15 +67,15 @@ fuzz_target!(|data: &[u8]| {
             match conn.next_event() {
                 Ok(Some(event)) => {
                     assert!(!failed, "event after failure");
-                    match event {
+                    match &event {
                         Event::Text(text) => {
                             assert!(text.len() <= max_message_size);
                             assert!(std::str::from_utf8(text.as_bytes()).is_ok());
-                            let _ = conn.send_text(&text);
+                            let _ = conn.send_text(text);
                         }
                         Event::Binary(bytes) => {
                             assert!(bytes.len() <= max_message_size);
-                            let _ = conn.send_binary(&bytes);
+                            let _ = conn.send_binary(bytes);
                         }
                         Event::Ping(p) | Event::Pong(p) => assert!(p.len() <= 125),
                         Event::Close(_) => {
@@ -63,6 +83,7 @@ fuzz_target!(|data: &[u8]| {
                             assert_eq!(conn.state(), State::Closed);
                         }
                     }
+                    events.push(Ok(event));
                 }
                 Ok(None) => break,
                 Err(err) => {
@@ -73,6 +94,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(conn.close_sent());
                     assert!(conn.receiving_done());
                     let _ = err.close_code();
+                    events.push(Err(err));
                     break;
                 }
             }
@@ -86,10 +108,14 @@ fuzz_target!(|data: &[u8]| {
             frame_bound
         );
         // Write out what was queued, as an I/O layer would.
+        if role == Role::Server {
+            written.extend_from_slice(conn.pending_output());
+        }
         let n = conn.pending_output().len();
         conn.consume_output(n);
     }
     if failed {
         assert_eq!(conn.next_event(), Ok(None));
     }
-});
+    (events, written)
+}

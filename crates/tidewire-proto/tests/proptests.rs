@@ -258,6 +258,40 @@ fn pongs_for(msgs: &[Msg]) -> Vec<Result<Event, ProtocolError>> {
         .collect()
 }
 
+/// One frame of a semi-valid stream: mostly well-formed, sometimes with a
+/// reserved bit or opcode, a missing mask, a bad close code or bad UTF-8.
+fn wire_frame() -> impl Strategy<Value = Vec<u8>> {
+    let b0 = prop_oneof![
+        8 => (any::<bool>(), prop_oneof![Just(0u8), Just(1), Just(2), Just(8), Just(9), Just(10)])
+            .prop_map(|(fin, op)| if fin || op == 0 { 0x80 | op } else { op }),
+        1 => any::<u8>(),
+    ];
+    let payload = prop_oneof![
+        4 => text_string(40).prop_map(String::into_bytes),
+        1 => proptest::collection::vec(any::<u8>(), 0..40),
+        1 => (prop_oneof![Just(1000u16), Just(1005), Just(4000)], text_string(10))
+            .prop_map(|(code, r)| [&code.to_be_bytes()[..], r.as_bytes()].concat()),
+    ];
+    (
+        b0,
+        payload,
+        prop_oneof![9 => Just(true), 1 => Just(false)],
+        any::<[u8; 4]>(),
+    )
+        .prop_map(|(b0, payload, masked, key)| frame(b0, &payload, masked.then_some(key)))
+}
+
+/// Everything a server shows for `stream` delivered in `chunks`.
+fn server_outcome(stream: &[u8], chunks: &[usize]) -> (Vec<Result<Event, ProtocolError>>, Vec<u8>) {
+    let mut s = server_with(Config {
+        max_frame_size: 64,
+        max_message_size: 100,
+        ..Config::default()
+    });
+    let events = deliver_chunked(&mut s, stream, chunks);
+    (events, s.take_output().to_vec())
+}
+
 // ---- properties ----------------------------------------------------------------
 
 proptest! {
@@ -383,6 +417,17 @@ proptest! {
         }
     }
 
+
+    #[test]
+    fn connection_outcome_does_not_depend_on_chunking(
+        frames in proptest::collection::vec(wire_frame(), 1..12),
+        chunks in chunk_sizes(),
+    ) {
+        let stream = frames.concat();
+        let whole = server_outcome(&stream, &[usize::MAX]);
+        prop_assert_eq!(&whole, &server_outcome(&stream, &chunks));
+        prop_assert_eq!(&whole, &server_outcome(&stream, &[1]));
+    }
 
     #[test]
     fn connection_round_trip_in_random_chunks(
