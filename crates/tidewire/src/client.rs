@@ -14,11 +14,16 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::server::read_head;
+use crate::stream::MaybeTlsStream;
 use crate::websocket::IoOptions;
 use crate::{Error, WebSocket};
 
-/// Connects to a `ws://` URL with default settings.
-pub async fn connect(url: &str) -> Result<(WebSocket<TcpStream>, Response<()>), Error> {
+/// A client connection over TCP, with or without TLS.
+pub type ClientStream = MaybeTlsStream<TcpStream>;
+
+/// Connects to a `ws://` or `wss://` URL with default settings (for `wss://`,
+/// the server's certificate is verified against the platform's roots).
+pub async fn connect(url: &str) -> Result<(WebSocket<ClientStream>, Response<()>), Error> {
     ClientBuilder::new(url).connect().await
 }
 
@@ -32,6 +37,8 @@ pub struct ClientBuilder {
     io: IoOptions,
     timeout: Duration,
     invalid_header: Option<String>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsConnector>,
 }
 
 impl ClientBuilder {
@@ -45,6 +52,8 @@ impl ClientBuilder {
             io: IoOptions::default(),
             timeout: Duration::from_secs(30),
             invalid_header: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -90,28 +99,52 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects over TCP and runs the handshake.
+    /// The TLS settings for `wss://` (default: the platform's roots).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, connector: crate::tls::TlsConnector) -> ClientBuilder {
+        self.tls = Some(connector);
+        self
+    }
+
+    /// Connects over TCP (and TLS for `wss://`) and runs the handshake.
     ///
     /// # Errors
     /// [`Error::Handshake`] for a bad URL or response ([`HandshakeError::UnexpectedStatus`]
     /// when the server refused), [`Error::HandshakeTimeout`], [`Error::Io`].
-    pub async fn connect(self) -> Result<(WebSocket<TcpStream>, Response<()>), Error> {
+    pub async fn connect(self) -> Result<(WebSocket<ClientStream>, Response<()>), Error> {
         let target = Target::parse(&self.url)?;
-        if target.tls {
-            return Err(HandshakeError::InvalidUrl(format!(
-                "{}: wss:// needs a TLS transport; connect one and use connect_on",
-                self.url
-            ))
-            .into());
-        }
         let timeout = self.timeout;
         tokio::time::timeout(timeout, async move {
             let stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
             stream.set_nodelay(true)?;
+            let stream = if target.tls {
+                self.wrap_tls(&target.host, stream).await?
+            } else {
+                MaybeTlsStream::Plain(stream)
+            };
             self.handshake(stream).await
         })
         .await
         .map_err(|_| Error::HandshakeTimeout)?
+    }
+
+    #[cfg(feature = "tls")]
+    async fn wrap_tls(&self, host: &str, stream: TcpStream) -> Result<ClientStream, Error> {
+        let connector = match &self.tls {
+            Some(c) => c.clone(),
+            None => crate::tls::TlsConnector::platform()?,
+        };
+        Ok(MaybeTlsStream::ClientTls(Box::new(
+            connector.connect(host, stream).await?,
+        )))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    async fn wrap_tls(&self, _host: &str, _stream: TcpStream) -> Result<ClientStream, Error> {
+        Err(
+            HandshakeError::InvalidUrl(format!("{}: wss:// needs the `tls` feature", self.url))
+                .into(),
+        )
     }
 
     /// Runs the handshake over a transport that is already connected (a TLS

@@ -58,12 +58,16 @@ mod client;
 mod error;
 mod message;
 mod server;
+mod stream;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod websocket;
 
-pub use client::{connect, ClientBuilder};
+pub use client::{connect, ClientBuilder, ClientStream};
 pub use error::Error;
 pub use message::Message;
 pub use server::{accept, accept_request, accept_with, read_request, Accept, Reject, ServerConfig};
+pub use stream::MaybeTlsStream;
 pub use websocket::{IoOptions, WebSocket, WebSocketReader, WebSocketWriter};
 
 pub use http;

@@ -173,7 +173,7 @@ async fn node_ws_client_against_our_server() {
     run_peer_client(Peer::Node).await;
 }
 
-async fn recv(ws: &mut tidewire::WebSocket<tokio::net::TcpStream>) -> Message {
+async fn recv(ws: &mut tidewire::WebSocket<tidewire::ClientStream>) -> Message {
     tokio::time::timeout(LIMIT, ws.recv())
         .await
         .expect("no message in time")
