@@ -28,6 +28,10 @@ pub enum Error {
     /// Browsers report this as close code 1006.
     #[error("connection closed abnormally (no closing handshake)")]
     AbnormalClosure,
+    /// The peer showed no sign of life within the pong timeout after a
+    /// keepalive ping; the connection was dropped.
+    #[error("keepalive timeout: no answer to ping")]
+    KeepaliveTimeout,
     /// The opening handshake did not complete within its deadline.
     #[error("handshake timed out")]
     HandshakeTimeout,
@@ -38,7 +42,7 @@ impl Error {
     /// protocol violation (useful to keep logs quiet).
     pub fn is_disconnect(&self) -> bool {
         match self {
-            Error::AbnormalClosure => true,
+            Error::AbnormalClosure | Error::KeepaliveTimeout => true,
             Error::Io(e) => matches!(
                 e.kind(),
                 std::io::ErrorKind::ConnectionReset

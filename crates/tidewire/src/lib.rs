@@ -57,6 +57,7 @@
 mod client;
 mod error;
 mod message;
+mod outbox;
 mod server;
 mod stream;
 #[cfg(feature = "tls")]
@@ -66,6 +67,7 @@ mod websocket;
 pub use client::{connect, ClientBuilder, ClientStream};
 pub use error::Error;
 pub use message::Message;
+pub use outbox::{QueueLimits, SendError, Sender, SlowConsumer};
 pub use server::{accept, accept_request, accept_with, read_request, Accept, Reject, ServerConfig};
 pub use stream::MaybeTlsStream;
 pub use websocket::{IoOptions, WebSocket, WebSocketReader, WebSocketWriter};
@@ -73,3 +75,4 @@ pub use websocket::{IoOptions, WebSocket, WebSocketReader, WebSocketWriter};
 pub use http;
 pub use tidewire_proto as proto;
 pub use tidewire_proto::{CloseCode, CloseFrame, Config, DeflateConfig, OpCode, Utf8Text};
+pub use tokio_util::sync::CancellationToken;

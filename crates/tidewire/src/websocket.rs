@@ -2,9 +2,13 @@
 //!
 //! A thin loop around [`tidewire_proto::Connection`]: read bytes into the
 //! connection's buffer, take events out, write its pending output. All state
-//! lives in the connection and in [`Inner`], never in a future, so every
+//! lives in the connection and in `Inner`, never in a future, so every
 //! `.await` here is cancel-safe: dropping a `recv` or `flush` future loses
 //! nothing.
+//!
+//! Whoever polls `recv` also drives the connection: it writes what
+//! [`Sender`] handles queued, sends keepalive pings, enforces the idle
+//! timeout, and starts the closing handshake on shutdown.
 //!
 //! The closing sequence: once the peer's close frame (or a protocol error)
 //! is seen, the reply is flushed; a server (or any side after an error)
@@ -21,8 +25,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tidewire_proto::{CloseCode, CloseFrame, Connection, Event, OpCode, Role, State, Utf8Text};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::outbox::{Outbox, QueueLimits, Sender};
 use crate::{Error, Message};
 
 /// Options of the I/O loop (the protocol limits live in
@@ -34,8 +40,20 @@ pub struct IoOptions {
     pub close_timeout: Duration,
     /// Bytes requested from the transport per read.
     pub read_chunk: usize,
-    /// Queued output beyond which `Sink::poll_ready` flushes first.
+    /// Encoded output beyond which no more queued messages are encoded
+    /// until the transport takes some (and `Sink::poll_ready` flushes).
     pub write_high_water: usize,
+    /// Send a ping after this long without hearing from the peer
+    /// (`None`: no keepalive).
+    pub ping_interval: Option<Duration>,
+    /// After a keepalive ping, how long the peer has to show a sign of life
+    /// before the connection is dropped (close 1011 is attempted).
+    pub pong_timeout: Duration,
+    /// Close the connection (1001) after this long without a data message
+    /// from the peer (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Bounds and policy of the send queue fed by [`Sender`] handles.
+    pub send_queue: QueueLimits,
 }
 
 impl Default for IoOptions {
@@ -44,6 +62,10 @@ impl Default for IoOptions {
             close_timeout: Duration::from_secs(10),
             read_chunk: 16 * 1024,
             write_high_water: 64 * 1024,
+            ping_interval: None,
+            pong_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            send_queue: QueueLimits::default(),
         }
     }
 }
@@ -54,6 +76,8 @@ enum ReadState {
     Draining {
         result: Result<Message, Error>,
         shut_down: bool,
+        /// Don't wait for the peer (it is unresponsive).
+        abort: bool,
     },
     Done,
 }
@@ -67,6 +91,33 @@ enum Side {
     Writer = 1,
 }
 
+/// A deadline that is re-armed lazily: activity only records an instant,
+/// and the timer is pushed back when it fires early.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Timer {
+    fn new(at: Instant) -> Timer {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+    fn reset(&mut self, at: Instant) {
+        self.sleep.as_mut().reset(at);
+    }
+}
+
+struct Keepalive {
+    interval: Duration,
+    timeout: Duration,
+    timer: Timer,
+    ping_sent: Option<Instant>,
+}
+
 pub(crate) struct Inner<S> {
     io: S,
     conn: Connection,
@@ -75,6 +126,12 @@ pub(crate) struct Inner<S> {
     deadline: Option<Pin<Box<Sleep>>>,
     write_wakers: [Option<Waker>; 2],
     protocol: Option<String>,
+    outbox: Arc<Outbox>,
+    keepalive: Option<Keepalive>,
+    idle: Option<Timer>,
+    last_seen: Instant,
+    last_data: Instant,
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
@@ -97,17 +154,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn poll_write_out_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        while self.conn.has_pending_output() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.conn.pending_output()))?;
-            if n == 0 {
-                return Poll::Ready(Err(
-                    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
-                ));
+        loop {
+            while self.conn.has_pending_output() {
+                let written = Pin::new(&mut self.io).poll_write(cx, self.conn.pending_output());
+                let n = match written {
+                    Poll::Ready(result) => result?,
+                    Poll::Pending => {
+                        self.outbox.lock().output = self.conn.pending_output().len();
+                        return Poll::Pending;
+                    }
+                };
+                if n == 0 {
+                    return Poll::Ready(Err(
+                        std::io::Error::from(std::io::ErrorKind::WriteZero).into()
+                    ));
+                }
+                self.conn.consume_output(n);
             }
-            self.conn.consume_output(n);
+            // Room in the output: take more from the queue, if any.
+            if !self.pump_outbox() {
+                break;
+            }
         }
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
         Poll::Ready(Ok(()))
+    }
+
+    /// Moves queued messages into the protocol output, up to the high-water
+    /// mark. Returns whether anything was encoded.
+    fn pump_outbox(&mut self) -> bool {
+        let mut st = self.outbox.lock();
+        let mut moved = false;
+        if let Some(code) = st.overflow.take() {
+            st.closed = true;
+            drop(st);
+            if self.conn.state() == State::Open && !self.conn.close_sent() {
+                let _ = self
+                    .conn
+                    .send_close(Some(CloseFrame::new(code, "send queue full")));
+            }
+            self.outbox.notify_space();
+            return true;
+        }
+        while self.conn.pending_output().len() < self.options.write_high_water {
+            let Some(message) = st.queue.pop_front() else {
+                break;
+            };
+            st.bytes -= message.as_bytes().len();
+            // A message queued after our close is dropped, as the browser does.
+            let _ = encode(&mut self.conn, message);
+            moved = true;
+        }
+        st.output = self.conn.pending_output().len();
+        let drained = st.queue.is_empty() && st.output == 0;
+        drop(st);
+        if moved {
+            self.outbox.notify_space();
+        }
+        if drained {
+            self.outbox.notify_drained();
+        }
+        moved
     }
 
     fn arm_deadline(&mut self) {
@@ -122,13 +229,79 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             .is_some_and(|d| d.as_mut().poll(cx).is_ready())
     }
 
-    fn start_draining(&mut self, result: Result<Message, Error>) {
+    fn start_draining(&mut self, result: Result<Message, Error>, abort: bool) {
         self.read_state = ReadState::Draining {
             result,
             shut_down: false,
+            abort,
         };
+        self.outbox.shut();
         self.deadline = None;
         self.arm_deadline();
+    }
+
+    /// Starts our closing handshake unless one is under way.
+    fn begin_close(&mut self, code: CloseCode, reason: &str) {
+        if self.conn.state() == State::Open && !self.conn.close_sent() {
+            let _ = self.conn.send_close(Some(CloseFrame::new(code, reason)));
+        }
+    }
+
+    /// Timers and signals that act on an open connection: shutdown,
+    /// keepalive, idle timeout. Returns an outcome when the connection must
+    /// end now.
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> Option<Error> {
+        if let Some(shutdown) = self.shutdown.as_mut() {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                self.shutdown = None;
+                // Whatever was accepted for sending goes out before the close.
+                let mut st = self.outbox.lock();
+                let queued: Vec<Message> = st.queue.drain(..).collect();
+                st.bytes = 0;
+                st.closed = true;
+                drop(st);
+                for message in queued {
+                    let _ = encode(&mut self.conn, message);
+                }
+                self.begin_close(CloseCode::GOING_AWAY, "server shutting down");
+            }
+        }
+        let now = Instant::now();
+        if let Some(ka) = self.keepalive.as_mut() {
+            while ka.timer.poll(cx) {
+                match ka.ping_sent {
+                    Some(sent) if self.last_seen < sent => {
+                        // Nothing from the peer since the ping: it is gone.
+                        self.keepalive = None;
+                        self.begin_close(CloseCode::INTERNAL_ERROR, "keepalive timeout");
+                        return Some(Error::KeepaliveTimeout);
+                    }
+                    _ if self.last_seen + ka.interval > now => {
+                        ka.ping_sent = None;
+                        ka.timer.reset(self.last_seen + ka.interval);
+                    }
+                    _ => {
+                        if self.conn.state() == State::Open && !self.conn.close_sent() {
+                            let _ = self.conn.send_ping(b"tidewire keepalive");
+                        }
+                        ka.ping_sent = Some(now);
+                        ka.timer.reset(now + ka.timeout);
+                    }
+                }
+            }
+        }
+        if let (Some(idle), Some(limit)) = (self.idle.as_mut(), self.options.idle_timeout) {
+            while idle.poll(cx) {
+                if self.last_data + limit > now {
+                    idle.reset(self.last_data + limit);
+                } else {
+                    self.idle = None;
+                    self.begin_close(CloseCode::GOING_AWAY, "idle timeout");
+                    break;
+                }
+            }
+        }
+        None
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
@@ -138,24 +311,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 ReadState::Draining { .. } => return self.poll_drain(cx).map(Some),
                 ReadState::Open => {}
             }
-            if self.conn.has_pending_output() {
-                if let Err(e) = ready!(self.poll_write_out(cx, Side::Reader)) {
-                    self.read_state = ReadState::Done;
-                    return Poll::Ready(Some(Err(e)));
+            {
+                let mut st = self.outbox.lock();
+                if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    st.driver = Some(cx.waker().clone());
                 }
+            }
+            if let Some(err) = self.poll_timers(cx) {
+                self.start_draining(Err(err), true);
+                continue;
+            }
+            if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
+                self.read_state = ReadState::Done;
+                self.outbox.shut();
+                return Poll::Ready(Some(Err(e)));
             }
             if self.conn.close_sent() {
                 // Our close is out: the peer has close_timeout to answer.
                 self.arm_deadline();
                 if self.deadline_passed(cx) {
-                    self.start_draining(Err(Error::AbnormalClosure));
+                    self.start_draining(Err(Error::AbnormalClosure), true);
                     continue;
                 }
             }
             match self.conn.next_event() {
-                Ok(Some(Event::Close(frame))) => self.start_draining(Ok(Message::Close(frame))),
-                Ok(Some(event)) => return Poll::Ready(Some(Ok(event.into()))),
-                Err(e) => self.start_draining(Err(e.into())),
+                Ok(Some(Event::Close(frame))) => {
+                    self.start_draining(Ok(Message::Close(frame)), false)
+                }
+                Ok(Some(event)) => {
+                    self.last_seen = Instant::now();
+                    if matches!(event, Event::Text(_) | Event::Binary(_)) {
+                        self.last_data = self.last_seen;
+                    }
+                    return Poll::Ready(Some(Ok(event.into())));
+                }
+                Err(e) => self.start_draining(Err(e.into()), false),
                 Ok(None) => {
                     let want = self
                         .options
@@ -171,12 +361,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                         Ok(0) => {
                             self.conn.receive_eof();
                             self.read_state = ReadState::Done;
+                            self.outbox.shut();
                             return Poll::Ready(Some(Err(Error::AbnormalClosure)));
                         }
-                        Ok(_) => {}
+                        Ok(_) => self.last_seen = Instant::now(),
                         Err(e) => {
                             self.conn.receive_eof();
                             self.read_state = ReadState::Done;
+                            self.outbox.shut();
                             return Poll::Ready(Some(Err(e.into())));
                         }
                     }
@@ -188,8 +380,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// Flushes the close reply, shuts the transport down in the right order
     /// and waits (bounded) for the peer's EOF, then yields the outcome.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, Error>> {
+        let ReadState::Draining { abort, .. } = self.read_state else {
+            unreachable!("poll_drain outside Draining")
+        };
         let close_first = self.conn.role() == Role::Server || self.conn.failure().is_some();
-        let timed_out = self.deadline_passed(cx);
+        if abort {
+            // The peer is unresponsive: one attempt to write what is pending
+            // (the close frame), without waiting.
+            let waker = Waker::noop();
+            let _ = self.poll_write_out_inner(&mut Context::from_waker(waker));
+        }
+        let timed_out = abort || self.deadline_passed(cx);
         if !timed_out
             && self.conn.has_pending_output()
             && ready!(self.poll_write_out(cx, Side::Reader)).is_err()
@@ -226,7 +427,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
 
     fn finish_drain(&mut self) -> Poll<Result<Message, Error>> {
         let state = std::mem::replace(&mut self.read_state, ReadState::Done);
-        let ReadState::Draining { result, shut_down } = state else {
+        let ReadState::Draining {
+            result, shut_down, ..
+        } = state
+        else {
             unreachable!("finish_drain outside Draining")
         };
         if !shut_down {
@@ -236,18 +440,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         }
         self.conn.receive_eof();
         self.deadline = None;
+        self.keepalive = None;
+        self.idle = None;
         Poll::Ready(result)
     }
 
     fn start_send(&mut self, message: Message) -> Result<(), Error> {
-        match message {
-            Message::Text(t) => self.conn.send_text(&t)?,
-            Message::Binary(b) => self.conn.send_binary(&b)?,
-            Message::Ping(b) => self.conn.send_ping(&b)?,
-            Message::Pong(b) => self.conn.send_pong(&b)?,
-            Message::Close(frame) => self.conn.send_close(frame)?,
+        // Keep order with messages queued by Sender handles.
+        if !self.outbox.lock().queue.is_empty() {
+            let mut st = self.outbox.lock();
+            let queued: Vec<Message> = st.queue.drain(..).collect();
+            st.bytes = 0;
+            drop(st);
+            for m in queued {
+                let _ = encode(&mut self.conn, m);
+            }
+            self.outbox.notify_space();
         }
-        Ok(())
+        encode(&mut self.conn, message)
     }
 
     fn poll_ready(&mut self, cx: &mut Context<'_>, side: Side) -> Poll<Result<(), Error>> {
@@ -258,12 +468,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 }
 
+fn encode(conn: &mut Connection, message: Message) -> Result<(), Error> {
+    match message {
+        Message::Text(t) => conn.send_text(&t)?,
+        Message::Binary(b) => conn.send_binary(&b)?,
+        Message::Ping(b) => conn.send_ping(&b)?,
+        Message::Pong(b) => conn.send_pong(&b)?,
+        Message::Close(frame) => conn.send_close(frame)?,
+    }
+    Ok(())
+}
+
 /// A WebSocket connection over any `AsyncRead + AsyncWrite` transport.
 ///
 /// Receive with [`recv`](Self::recv) (or as a `Stream`), send with
-/// [`send`](Self::send) (or as a `Sink`), close with
-/// [`close`](Self::close), and [`split`](Self::split) into halves for
-/// separate tasks.
+/// [`send`](Self::send) (or as a `Sink`, or from other tasks through a
+/// [`Sender`]), close with [`close`](Self::close), and
+/// [`split`](Self::split) into halves for separate tasks.
 pub struct WebSocket<S> {
     inner: Inner<S>,
 }
@@ -289,17 +510,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         options: IoOptions,
     ) -> WebSocket<S> {
         conn.receive_data(leftover);
+        let now = Instant::now();
+        let keepalive = options.ping_interval.map(|interval| Keepalive {
+            interval,
+            timeout: options.pong_timeout,
+            timer: Timer::new(now + interval),
+            ping_sent: None,
+        });
+        let idle = options.idle_timeout.map(|t| Timer::new(now + t));
         WebSocket {
             inner: Inner {
                 io,
                 conn,
+                outbox: Outbox::new(options.send_queue),
                 options,
                 read_state: ReadState::Open,
                 deadline: None,
                 write_wakers: [None, None],
                 protocol,
+                keepalive,
+                idle,
+                last_seen: now,
+                last_data: now,
+                shutdown: None,
             },
         }
+    }
+
+    /// When `token` is cancelled, the connection flushes what was queued,
+    /// sends close 1001 ("server shutting down") and ends after the closing
+    /// handshake (or the close timeout).
+    pub fn set_shutdown(&mut self, token: CancellationToken) {
+        self.inner.shutdown = Some(Box::pin(token.cancelled_owned()));
     }
 
     /// Receives the next message. `None` once the connection is over.
@@ -307,6 +549,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// A [`Message::Close`] arrives after the closing handshake completed;
     /// `None` follows. Errors end the connection too (the close frame with
     /// the right code has been sent for protocol errors).
+    ///
+    /// While waiting, this also writes what [`Sender`] handles queued and
+    /// runs keepalive and the idle timeout, so keep calling it.
     ///
     /// # Cancel safety
     /// Cancel-safe: no received data is lost if the future is dropped.
@@ -322,7 +567,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     ///
     /// # Cancel safety
     /// If cancelled, the message may be partly written; the rest stays
-    /// queued and goes out with the next send or flush.
+    /// queued and goes out with the next send, flush or recv.
     pub async fn send(&mut self, message: impl Into<Message>) -> Result<(), Error> {
         self.inner.start_send(message.into())?;
         self.flush().await
@@ -394,6 +639,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         Ok(None)
     }
 
+    /// A handle that queues messages from other tasks (bounded, with the
+    /// slow-consumer policy of [`IoOptions::send_queue`]).
+    pub fn sender(&self) -> Sender {
+        Sender {
+            outbox: self.inner.outbox.clone(),
+        }
+    }
+
     /// The subprotocol agreed in the handshake.
     pub fn protocol(&self) -> Option<&str> {
         self.inner.protocol.as_deref()
@@ -409,10 +662,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         &self.inner.io
     }
 
+    /// Gives the transport back (bytes buffered but not yet processed or
+    /// written are dropped).
+    pub fn into_inner(self) -> S {
+        self.inner.outbox.shut();
+        self.inner.io
+    }
+
     /// Bytes queued for sending and not yet written (like the browser's
     /// `bufferedAmount`).
     pub fn buffered_amount(&self) -> usize {
-        self.inner.conn.pending_output().len()
+        self.inner.conn.pending_output().len() + self.inner.outbox.lock().bytes
     }
 
     /// Splits into a reader and a writer usable from separate tasks. The
@@ -500,9 +760,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketWriter<S> {
         self.send(Message::close(code, reason)).await
     }
 
+    /// A handle that queues messages from other tasks.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            outbox: lock(&self.shared).outbox.clone(),
+        }
+    }
+
     /// Bytes queued for sending and not yet written.
     pub fn buffered_amount(&self) -> usize {
-        lock(&self.shared).conn.pending_output().len()
+        let inner = lock(&self.shared);
+        let queued = inner.outbox.lock().bytes;
+        inner.conn.pending_output().len() + queued
     }
 }
 
