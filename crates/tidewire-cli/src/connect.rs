@@ -1,6 +1,7 @@
 //! `tidewire connect`: an interactive client in the manner of wscat.
 
 use clap::Args;
+use tidewire::tls::TlsConnector;
 use tidewire::{ClientBuilder, DeflateConfig, Message};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -20,6 +21,12 @@ pub struct ConnectArgs {
     /// Don't offer permessage-deflate compression.
     #[arg(long)]
     no_deflate: bool,
+    /// For wss://: also trust the CA certificate(s) in this PEM file.
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
+    /// For wss://: don't verify the server's certificate (development only).
+    #[arg(long, conflicts_with = "ca_file")]
+    insecure: bool,
 }
 
 /// Runs the session; returns the process exit code (0 after a normal close).
@@ -31,6 +38,16 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<i32> {
             .split_once(':')
             .ok_or_else(|| anyhow::anyhow!("--header {header:?} is not \"Name: value\""))?;
         builder = builder.header(name.trim(), value.trim());
+    }
+    if args.insecure || args.ca_file.is_some() {
+        let mut tls = TlsConnector::builder();
+        if let Some(path) = &args.ca_file {
+            tls = tls.add_ca_file(path)?;
+        }
+        if args.insecure {
+            tls = tls.danger_accept_invalid_certs();
+        }
+        builder = builder.tls(tls.build()?);
     }
     for p in &args.protocols {
         builder = builder.protocol(p);

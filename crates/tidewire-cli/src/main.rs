@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod connect;
 mod echo;
+mod server_args;
 
 #[derive(Parser)]
 #[command(

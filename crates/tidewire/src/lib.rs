@@ -58,6 +58,8 @@ mod client;
 mod error;
 mod message;
 mod outbox;
+mod policy;
+mod runtime;
 mod server;
 mod stream;
 #[cfg(feature = "tls")]
@@ -68,6 +70,11 @@ pub use client::{connect, ClientBuilder, ClientStream};
 pub use error::Error;
 pub use message::Message;
 pub use outbox::{QueueLimits, SendError, Sender, SlowConsumer};
+pub use policy::{HandshakeRequest, OriginPolicy};
+pub use runtime::{
+    echo, record_close, AuthHook, HttpHandler, Limits, Server, ServerBuilder, ServerStats,
+    ServerStream, Session,
+};
 pub use server::{accept, accept_request, accept_with, read_request, Accept, Reject, ServerConfig};
 pub use stream::MaybeTlsStream;
 pub use websocket::{IoOptions, WebSocket, WebSocketReader, WebSocketWriter};
