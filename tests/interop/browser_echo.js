@@ -4,6 +4,7 @@
 // save a screenshot.
 //
 //   node tests/interop/browser_echo.js URL MARKER SCREENSHOT.png [--timeout SECS]
+//                                      [--ignore-https-errors]
 //
 // URL         page to open, e.g. http://127.0.0.1:PORT/
 // MARKER      text the page shows when its WebSocket exchange succeeded
@@ -24,15 +25,18 @@ const { chromium } = require('playwright-core');
 
 function usage(msg) {
   if (msg) console.error(`browser_echo: ${msg}`);
-  console.error('usage: browser_echo.js URL MARKER SCREENSHOT.png [--timeout SECS]');
+  console.error('usage: browser_echo.js URL MARKER SCREENSHOT.png [--timeout SECS] [--ignore-https-errors]');
   process.exit(2);
 }
 
 const pos = [];
 let timeoutSecs = 30;
+let ignoreHttpsErrors = false;
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
-  if (argv[i] === '--timeout') {
+  if (argv[i] === '--ignore-https-errors') {
+    ignoreHttpsErrors = true;
+  } else if (argv[i] === '--timeout') {
     timeoutSecs = Number(argv[++i]);
     if (!Number.isFinite(timeoutSecs) || timeoutSecs <= 0) usage('bad --timeout');
   } else if (argv[i] === '-h' || argv[i] === '--help') usage();
@@ -54,6 +58,8 @@ async function main() {
     executablePath,
     headless: true,
     timeout: 60000,
+    // For a server with a development (self-signed) certificate.
+    ignoreHTTPSErrors: ignoreHttpsErrors,
     args: [
       '--headless',
       '--no-sandbox',
@@ -63,6 +69,7 @@ async function main() {
       '--no-first-run',
       '--disable-component-update',
       '--disable-sync',
+      ...(ignoreHttpsErrors ? ['--ignore-certificate-errors'] : []),
     ],
   });
   let failure = null;

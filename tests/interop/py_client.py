@@ -4,7 +4,7 @@
 only if every check passed.
 
     .venv/bin/python tests/interop/py_client.py URL [--require-deflate]
-                                                    [--timeout SECS]
+                                                    [--timeout SECS] [--ca-file PEM]
 
 Checks, in order, one output line each ("PASS <check>" or
 "FAIL <check>: <why>"), then "RESULT: PASS" or "RESULT: FAIL (n failed)":
@@ -22,6 +22,7 @@ Exit status: 0 all passed, 1 a check failed, 2 usage error. Gives up after
 --timeout seconds (default 30) in total.
 """
 import argparse
+import ssl
 import asyncio
 import os
 import sys
@@ -71,11 +72,15 @@ async def echo_check(ws, checks, name, payload, sender=None):
         checks.ok(name, "%d %s" % (len(payload), "chars" if isinstance(payload, str) else "bytes"))
 
 
-async def conversation(url, require_deflate, checks):
+async def conversation(url, require_deflate, checks, ca_file=None):
+    extra = {}
+    if url.startswith("wss://"):
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+        extra["ssl"] = context
     try:
         ws = await connect(url, compression="deflate", max_size=None, max_queue=None,
                            open_timeout=STEP_TIMEOUT, close_timeout=STEP_TIMEOUT,
-                           ping_interval=None)
+                           ping_interval=None, **extra)
     except Exception as e:  # noqa: BLE001 - any failure to connect is a FAIL
         checks.fail("connect", "%s: %s" % (type(e).__name__, e))
         return
@@ -141,10 +146,11 @@ async def main():
     ap.add_argument("--require-deflate", action="store_true",
                     help="fail unless permessage-deflate is negotiated")
     ap.add_argument("--timeout", type=float, default=30.0, help="overall limit in seconds")
+    ap.add_argument("--ca-file", default=None, help="for wss://: trust this CA certificate (PEM)")
     args = ap.parse_args()
     checks = Checks()
     try:
-        await asyncio.wait_for(conversation(args.url, args.require_deflate, checks), args.timeout)
+        await asyncio.wait_for(conversation(args.url, args.require_deflate, checks, args.ca_file), args.timeout)
     except asyncio.TimeoutError:
         checks.fail("timeout", "conversation did not finish within %ss" % args.timeout)
     except Exception as e:  # noqa: BLE001 - report, never a bare traceback

@@ -138,12 +138,13 @@ impl ServerArgs {
                 Ipv4Addr::LOCALHOST.to_string(),
                 Ipv6Addr::LOCALHOST.to_string(),
             ];
-            if let Ok(ip) = self.host.parse::<IpAddr>() {
-                if !ip.is_unspecified() {
-                    names.push(ip.to_string());
-                }
-            } else {
-                names.push(self.host.clone());
+            let host = match self.host.parse::<IpAddr>() {
+                Ok(ip) if ip.is_unspecified() => None,
+                Ok(ip) => Some(ip.to_string()),
+                Err(_) => Some(self.host.clone()),
+            };
+            if let Some(host) = host.filter(|h| !names.contains(h)) {
+                names.push(host);
             }
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let (acceptor, pem) = TlsAcceptor::self_signed(&names)?;

@@ -24,7 +24,12 @@ pub async fn start_echo(args: &[&str]) -> (Child, String) {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = tokio::time::timeout(LIMIT, async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("ws://").nth(1) {
+            // "tidewire echo listening on ws://ADDR/ ..." (or wss://)
+            if let Some(rest) = line
+                .split("listening on ")
+                .nth(1)
+                .and_then(|r| r.split("://").nth(1))
+            {
                 return rest.split('/').next().unwrap().to_string();
             }
         }
