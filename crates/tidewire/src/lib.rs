@@ -77,7 +77,7 @@ pub use runtime::{
 };
 pub use server::{accept, accept_request, accept_with, read_request, Accept, Reject, ServerConfig};
 pub use stream::MaybeTlsStream;
-pub use websocket::{IoOptions, WebSocket, WebSocketReader, WebSocketWriter};
+pub use websocket::{IoOptions, TrafficCounters, WebSocket, WebSocketReader, WebSocketWriter};
 
 pub use http;
 pub use tidewire_proto as proto;

@@ -70,6 +70,8 @@ pub struct ServerStats {
     pub current: AtomicUsize,
     /// Plain HTTP requests answered.
     pub http_requests: AtomicU64,
+    /// Messages and bytes in and out, over all connections.
+    pub traffic: Arc<crate::websocket::TrafficCounters>,
     rejections: Mutex<HashMap<&'static str, u64>>,
     closes: Mutex<HashMap<u16, u64>>,
 }
@@ -529,6 +531,7 @@ async fn connection<H, Fut>(
     let mut ws =
         WebSocket::from_parts(stream, conn, &leftover, protocol.clone(), config.io.clone());
     ws.set_shutdown(shared.shutdown.child_token());
+    ws.set_counters(stats.traffic.clone());
     stats.opened.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("ws", %peer, path = %request.uri().path(), protocol = protocol.as_deref().unwrap_or(""));
     let session = Session {

@@ -18,6 +18,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -67,6 +68,43 @@ impl Default for IoOptions {
             idle_timeout: None,
             send_queue: QueueLimits::default(),
         }
+    }
+}
+
+/// Message and byte counters, shared by many connections (a server's
+/// totals) or kept per connection. Payload sizes, before compression.
+#[derive(Debug, Default)]
+pub struct TrafficCounters {
+    /// Data messages received.
+    pub messages_in: AtomicU64,
+    /// Payload bytes received in data messages.
+    pub bytes_in: AtomicU64,
+    /// Data messages sent.
+    pub messages_out: AtomicU64,
+    /// Payload bytes sent in data messages.
+    pub bytes_out: AtomicU64,
+}
+
+impl TrafficCounters {
+    fn count(counter: &AtomicU64, by: usize) {
+        counter.fetch_add(by as u64, Ordering::Relaxed);
+    }
+
+    fn sent(&self, message: &Message) {
+        if message.is_data() {
+            Self::count(&self.messages_out, 1);
+            Self::count(&self.bytes_out, message.as_bytes().len());
+        }
+    }
+
+    fn received(&self, event: &Event) {
+        let len = match event {
+            Event::Text(t) => t.len(),
+            Event::Binary(b) => b.len(),
+            _ => return,
+        };
+        Self::count(&self.messages_in, 1);
+        Self::count(&self.bytes_in, len);
     }
 }
 
@@ -132,6 +170,7 @@ pub(crate) struct Inner<S> {
     last_seen: Instant,
     last_data: Instant,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    counters: Option<Arc<TrafficCounters>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
@@ -202,7 +241,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             };
             st.bytes -= message.as_bytes().len();
             // A message queued after our close is dropped, as the browser does.
-            let _ = encode(&mut self.conn, message);
+            let _ = encode_counted(&mut self.conn, &self.counters, message);
             moved = true;
         }
         st.output = self.conn.pending_output().len();
@@ -261,7 +300,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 st.closed = true;
                 drop(st);
                 for message in queued {
-                    let _ = encode(&mut self.conn, message);
+                    let _ = encode_counted(&mut self.conn, &self.counters, message);
                 }
                 self.begin_close(CloseCode::GOING_AWAY, "server shutting down");
             }
@@ -339,6 +378,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     self.start_draining(Ok(Message::Close(frame)), false)
                 }
                 Ok(Some(event)) => {
+                    if let Some(counters) = &self.counters {
+                        counters.received(&event);
+                    }
                     self.last_seen = Instant::now();
                     if matches!(event, Event::Text(_) | Event::Binary(_)) {
                         self.last_data = self.last_seen;
@@ -453,11 +495,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             st.bytes = 0;
             drop(st);
             for m in queued {
-                let _ = encode(&mut self.conn, m);
+                let _ = encode_counted(&mut self.conn, &self.counters, m);
             }
             self.outbox.notify_space();
         }
-        encode(&mut self.conn, message)
+        encode_counted(&mut self.conn, &self.counters, message)
     }
 
     fn poll_ready(&mut self, cx: &mut Context<'_>, side: Side) -> Poll<Result<(), Error>> {
@@ -466,6 +508,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+fn encode_counted(
+    conn: &mut Connection,
+    counters: &Option<Arc<TrafficCounters>>,
+    message: Message,
+) -> Result<(), Error> {
+    if let Some(counters) = counters {
+        counters.sent(&message);
+    }
+    encode(conn, message)
 }
 
 fn encode(conn: &mut Connection, message: Message) -> Result<(), Error> {
@@ -533,6 +586,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 last_seen: now,
                 last_data: now,
                 shutdown: None,
+                counters: None,
             },
         }
     }
@@ -542,6 +596,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// handshake (or the close timeout).
     pub fn set_shutdown(&mut self, token: CancellationToken) {
         self.inner.shutdown = Some(Box::pin(token.cancelled_owned()));
+    }
+
+    /// Counts this connection's messages and bytes into `counters` (which
+    /// may be shared by many connections).
+    pub fn set_counters(&mut self, counters: Arc<TrafficCounters>) {
+        self.inner.counters = Some(counters);
     }
 
     /// Receives the next message. `None` once the connection is over.

@@ -317,3 +317,28 @@ async fn shutdown_flushes_queued_messages_then_closes_with_1001() {
         .unwrap();
     assert_eq!(last, Some(Message::Close(Some(CloseFrame::new(1001, "")))));
 }
+
+#[tokio::test]
+async fn drained_fires_when_the_queue_is_written() {
+    let (server, url) = serve_one(queue(SlowConsumer::Wait)).await;
+    let (mut client, _) = tidewire::connect(&url).await.unwrap();
+    let mut ws = server.await.unwrap();
+    let sender = ws.sender();
+    tokio::spawn(async move { while ws.recv().await.is_some() {} });
+    let payload = "d".repeat(64 << 10);
+    for _ in 0..8 {
+        sender.send(Message::text(payload.clone())).await.unwrap();
+    }
+    // The client has not read yet: some of it is still buffered here.
+    assert!(sender.buffered_amount() > 0);
+    let reader = tokio::spawn(async move {
+        for _ in 0..8 {
+            client.recv().await.unwrap().unwrap();
+        }
+        client
+    });
+    tokio::time::timeout(LIMIT, sender.drained()).await.unwrap();
+    assert_eq!(sender.buffered_amount(), 0);
+    assert_eq!(sender.queued_messages(), 0);
+    reader.await.unwrap();
+}

@@ -379,3 +379,31 @@ async fn graceful_shutdown_with_1000_clients_delivers_queued_messages_then_1001(
     // The listener is closed after shutdown.
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn counters_count_traffic_closes_and_rejections() {
+    let (addr, stats, _) = start(Server::builder()).await;
+    let url = format!("ws://{addr}/");
+    let (mut ws, _) = tidewire::connect(&url).await.unwrap();
+    for text in ["one", "two", "three"] {
+        ws.send_text(text).await.unwrap();
+        ws.recv().await.unwrap().unwrap();
+    }
+    ws.close(4000u16, "done").await.unwrap();
+    let _ = http(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // The server side finishes right after the closing handshake.
+    for _ in 0..100 {
+        if stats.closed.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let traffic = &stats.traffic;
+    assert_eq!(traffic.messages_in.load(Ordering::Relaxed), 3);
+    assert_eq!(traffic.bytes_in.load(Ordering::Relaxed), 11);
+    assert_eq!(traffic.messages_out.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.opened.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.closed.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.closes().get(&4000), Some(&1));
+    assert_eq!(stats.rejections().get("bad_request"), Some(&1));
+}
