@@ -136,3 +136,36 @@ async fn connect_binary_mode_and_a_refused_connection() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("Connection refused"));
 }
+
+#[tokio::test]
+async fn sigterm_shuts_down_gracefully_with_1001() {
+    let (mut server, addr) = start_echo(&[]).await;
+    let (mut ws, _) = tidewire::connect(&format!("ws://{addr}/")).await.unwrap();
+    ws.send_text("before").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("before"));
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let close = tokio::time::timeout(LIMIT, ws.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        close,
+        Message::Close(Some(tidewire::CloseFrame::new(
+            1001,
+            "server shutting down"
+        )))
+    );
+    let exit = tokio::time::timeout(LIMIT, server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
+}
