@@ -106,19 +106,81 @@ impl HandshakeError {
     /// the headers the RFC asks for, and a plain-text body saying what was
     /// wrong. The connection is closed after it.
     pub fn to_response(&self) -> Vec<u8> {
-        let mut extra = String::new();
+        let mut extra = Vec::new();
+        write_headers(&mut extra, &self.rfc_headers());
+        let extra = String::from_utf8_lossy(&extra);
+        http_response(self.status(), &extra, &self.reason())
+    }
+
+    /// The same answer as [`to_response`](Self::to_response), as an
+    /// [`http::Response`] for an HTTP server that writes the response
+    /// itself (hyper, axum): the status, the headers the RFC asks for
+    /// (`Upgrade` and `Sec-WebSocket-Version: 13` with 426, `Allow: GET`
+    /// with 405), `Content-Type: text/plain`, and the reason as the body.
+    /// The server decides about `Content-Length` and keep-alive.
+    pub fn to_http_response(&self) -> Response<String> {
+        let mut response = Response::new(format!("{}\n", self.reason()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.extend(self.rfc_headers());
+        response
+    }
+
+    /// The headers RFC 6455 (§4.2.2, §4.4) and RFC 9110 ask for with this
+    /// error's status.
+    fn rfc_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
         match self {
             HandshakeError::UnsupportedVersion(_) | HandshakeError::NotWebSocketUpgrade => {
-                extra.push_str("Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n")
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
-            HandshakeError::MethodNotAllowed(_) => extra.push_str("Allow: GET\r\n"),
+            HandshakeError::MethodNotAllowed(_) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("GET"));
+            }
             _ => {}
         }
-        let reason = match self {
+        headers
+    }
+
+    /// The text of the response body.
+    fn reason(&self) -> String {
+        match self {
             HandshakeError::Rejected { reason, .. } => reason.clone(),
             other => other.to_string(),
-        };
-        http_response(self.status(), &extra, &reason)
+        }
+    }
+}
+
+/// The spelling RFC 6455 uses for the headers of the handshake (HTTP header
+/// names are case-insensitive, but some peers and many humans read them).
+fn canonical_name(name: &HeaderName) -> &str {
+    match name.as_str() {
+        "upgrade" => "Upgrade",
+        "connection" => "Connection",
+        "allow" => "Allow",
+        "sec-websocket-accept" => "Sec-WebSocket-Accept",
+        "sec-websocket-protocol" => "Sec-WebSocket-Protocol",
+        "sec-websocket-extensions" => "Sec-WebSocket-Extensions",
+        "sec-websocket-version" => "Sec-WebSocket-Version",
+        other => other,
+    }
+}
+
+/// Appends `Name: value\r\n` lines for every header, in the map's order.
+fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(canonical_name(name).as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -214,6 +276,14 @@ pub fn is_upgrade_request(request: &Request<()>) -> bool {
     header_has_token(request.headers(), header::UPGRADE, "websocket")
 }
 
+/// The permessage-deflate agreement for the client's offers, if `config`
+/// enables it: the parameters and the response header value.
+fn negotiate_deflate(headers: &HeaderMap, config: &Config) -> Option<(DeflateParams, String)> {
+    let cfg = config.deflate.as_ref()?;
+    let offers = deflate::parse_extensions(header_list(headers, header::SEC_WEBSOCKET_EXTENSIONS));
+    deflate::negotiate_server(&offers, cfg)
+}
+
 /// A validated client request, ready to be accepted or rejected.
 #[derive(Debug)]
 pub struct ServerHandshake {
@@ -261,11 +331,7 @@ impl ServerHandshake {
             _ => return Err(HandshakeError::InvalidKey),
         }
         let accept = accept_key(key);
-        let deflate = config.deflate.as_ref().and_then(|cfg| {
-            let offers =
-                deflate::parse_extensions(header_list(headers, header::SEC_WEBSOCKET_EXTENSIONS));
-            deflate::negotiate_server(&offers, cfg)
-        });
+        let deflate = negotiate_deflate(headers, &config);
         Ok(ServerHandshake {
             request,
             accept,
@@ -292,6 +358,15 @@ impl ServerHandshake {
         self.deflate.as_ref().map(|(p, _)| *p)
     }
 
+    /// Replaces the configuration, negotiating permessage-deflate again
+    /// under the new one: for a server that validates the request before it
+    /// knows its settings (an extractor whose settings come later).
+    pub fn with_config(mut self, config: Config) -> ServerHandshake {
+        self.deflate = negotiate_deflate(self.request.headers(), &config);
+        self.config = config;
+        self
+    }
+
     /// Accepts the handshake. `protocol` must be one the client offered (or
     /// `None`); `extra_headers` are added to the response. Returns the
     /// `101` response bytes and the server-side connection.
@@ -304,30 +379,58 @@ impl ServerHandshake {
         protocol: Option<&str>,
         extra_headers: &HeaderMap,
     ) -> (Vec<u8>, Connection) {
+        let (response, connection) = self.into_response(protocol, extra_headers);
+        let mut bytes = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+        write_headers(&mut bytes, response.headers());
+        bytes.extend_from_slice(b"\r\n");
+        (bytes, connection)
+    }
+
+    /// Accepts the handshake for an HTTP server that writes the response
+    /// itself (hyper, axum): as [`accept`](Self::accept), but the `101`
+    /// comes as an [`http::Response`] with `Upgrade`, `Connection`,
+    /// `Sec-WebSocket-Accept`, the chosen `Sec-WebSocket-Protocol`, the
+    /// agreed `Sec-WebSocket-Extensions` and then `extra_headers`.
+    ///
+    /// # Panics
+    /// As [`accept`](Self::accept), when `protocol` was not offered.
+    pub fn into_response(
+        self,
+        protocol: Option<&str>,
+        extra_headers: &HeaderMap,
+    ) -> (Response<()>, Connection) {
         if let Some(p) = protocol {
             assert!(
                 self.protocols().any(|o| o == p),
                 "subprotocol {p:?} was not offered by the client"
             );
         }
-        let mut response = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
-            self.accept
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *response.version_mut() = http::Version::HTTP_11;
+        let headers = response.headers_mut();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(&self.accept).expect("base64 is a valid header value"),
         );
         if let Some(p) = protocol {
-            response.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
+            // An offered token, taken from a valid header value.
+            headers.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_str(p).expect("offered subprotocol is a valid header value"),
+            );
         }
         if let Some((_, ext)) = &self.deflate {
-            response.push_str(&format!("Sec-WebSocket-Extensions: {ext}\r\n"));
+            headers.insert(
+                header::SEC_WEBSOCKET_EXTENSIONS,
+                HeaderValue::from_str(ext).expect("extension response is a valid header value"),
+            );
         }
-        let mut response = response.into_bytes();
         for (name, value) in extra_headers {
-            response.extend_from_slice(name.as_str().as_bytes());
-            response.extend_from_slice(b": ");
-            response.extend_from_slice(value.as_bytes());
-            response.extend_from_slice(b"\r\n");
+            headers.append(name, value.clone());
         }
-        response.extend_from_slice(b"\r\n");
         let connection = Connection::new(Role::Server, self.config, self.deflate.map(|(p, _)| p));
         (response, connection)
     }
@@ -578,6 +681,88 @@ mod tests {
         assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(text.contains("Sec-WebSocket-Protocol: chat\r\n"));
         assert!(text.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn into_response_and_accept_carry_the_same_headers() {
+        let cfg = Config {
+            deflate: Some(Default::default()),
+            ..Config::default()
+        };
+        let req = replace(
+            "Sec-WebSocket-Version: 13\r\n",
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate\r\n",
+        );
+        let (request, _) = parse_request(&req, 8192).unwrap().unwrap();
+        let mut extra = HeaderMap::new();
+        extra.insert("x-served-by", HeaderValue::from_static("tidewire"));
+        let hs = ServerHandshake::new(request.clone(), cfg.clone()).unwrap();
+        let (response, conn) = hs.into_response(Some("superchat"), &extra);
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let h = response.headers();
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "Upgrade");
+        assert_eq!(h["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(h["sec-websocket-protocol"], "superchat");
+        assert_eq!(h["sec-websocket-extensions"], "permessage-deflate");
+        assert_eq!(h["x-served-by"], "tidewire");
+        assert!(conn.deflate_params().is_some());
+
+        let hs = ServerHandshake::new(request.clone(), Config::default()).unwrap();
+        assert!(hs.deflate().is_none());
+        let hs = hs.with_config(cfg.clone());
+        assert!(hs.deflate().is_some());
+        assert!(ServerHandshake::new(request.clone(), cfg.clone())
+            .unwrap()
+            .with_config(Config::default())
+            .deflate()
+            .is_none());
+        let hs = ServerHandshake::new(request, cfg).unwrap();
+        let (bytes, _) = hs.accept(Some("superchat"), &extra);
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: superchat\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate\r\nx-served-by: tidewire\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn to_http_response_matches_to_response() {
+        let cases = [
+            HandshakeError::UnsupportedVersion(Some("8".into())),
+            HandshakeError::NotWebSocketUpgrade,
+            HandshakeError::MethodNotAllowed("POST".into()),
+            HandshakeError::InvalidKey,
+            HandshakeError::Rejected {
+                status: StatusCode::FORBIDDEN,
+                reason: "no entry".into(),
+            },
+        ];
+        for err in cases {
+            let response = err.to_http_response();
+            assert_eq!(response.status(), err.status());
+            let raw = String::from_utf8(err.to_response()).unwrap();
+            assert!(
+                raw.ends_with(&format!("\r\n\r\n{}", response.body())),
+                "{raw}"
+            );
+            for (name, value) in response.headers() {
+                let line = format!("{}: {}\r\n", canonical_name(name), value.to_str().unwrap());
+                assert!(
+                    raw.to_ascii_lowercase()
+                        .contains(&line.to_ascii_lowercase()),
+                    "{raw} lacks {line}"
+                );
+            }
+        }
+        let version = HandshakeError::UnsupportedVersion(None).to_http_response();
+        assert_eq!(version.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(version.headers()["sec-websocket-version"], "13");
+        assert_eq!(version.headers()["upgrade"], "websocket");
+        let method = HandshakeError::MethodNotAllowed("POST".into()).to_http_response();
+        assert_eq!(method.headers()["allow"], "GET");
+        assert!(method.body().contains("method POST is not allowed"));
     }
 
     #[test]

@@ -54,8 +54,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "axum")]
+pub mod axum;
 mod client;
 mod error;
+#[cfg(feature = "hyper")]
+pub mod hyper;
 mod message;
 mod outbox;
 mod policy;
