@@ -113,7 +113,10 @@ where
         request.headers(),
     )?;
     let handshake = ServerHandshake::new(head, config.protocol.clone())?;
-    let (response, connection, protocol) = respond(handshake, hook)?;
+    let (handshake, accept) = crate::server::run_hook(handshake, hook)?;
+    let (response, connection) =
+        handshake.into_response(accept.protocol.as_deref(), &accept.headers);
+    let protocol = accept.protocol;
     let on_upgrade = take_on_upgrade(request.extensions_mut())?;
     Ok((
         response.map(|()| R::default()),
@@ -159,31 +162,6 @@ pub(crate) fn take_on_upgrade(
                      (and a server that enables upgrades)"
                 .into(),
         })
-}
-
-/// Runs the accept hook and builds the `101`.
-pub(crate) fn respond<F>(
-    handshake: ServerHandshake,
-    hook: F,
-) -> Result<(Response<()>, Connection, Option<String>), HandshakeError>
-where
-    F: FnOnce(&ServerHandshake) -> Result<Accept, Reject>,
-{
-    let accept = hook(&handshake).map_err(|reject| HandshakeError::Rejected {
-        status: reject.status,
-        reason: reject.reason,
-    })?;
-    if let Some(p) = &accept.protocol {
-        if !handshake.protocols().any(|o| o == p) {
-            return Err(HandshakeError::Rejected {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                reason: format!("server chose subprotocol {p:?} that the client did not offer"),
-            });
-        }
-    }
-    let (response, connection) =
-        handshake.into_response(accept.protocol.as_deref(), &accept.headers);
-    Ok((response, connection, accept.protocol))
 }
 
 /// Resolves to the [`UpgradedWebSocket`] once hyper has sent the `101` and

@@ -150,25 +150,7 @@ where
     F: FnOnce(&ServerHandshake) -> Result<Accept, Reject>,
 {
     let result =
-        ServerHandshake::new(request, config.protocol.clone()).and_then(|hs| match hook(&hs) {
-            Ok(accept) => {
-                if let Some(p) = &accept.protocol {
-                    if !hs.protocols().any(|o| o == p) {
-                        return Err(HandshakeError::Rejected {
-                            status: StatusCode::INTERNAL_SERVER_ERROR,
-                            reason: format!(
-                                "server chose subprotocol {p:?} that the client did not offer"
-                            ),
-                        });
-                    }
-                }
-                Ok((hs, accept))
-            }
-            Err(reject) => Err(HandshakeError::Rejected {
-                status: reject.status,
-                reason: reject.reason,
-            }),
-        });
+        ServerHandshake::new(request, config.protocol.clone()).and_then(|hs| run_hook(hs, hook));
     let (hs, accept) = match result {
         Ok(ok) => ok,
         Err(err) => {
@@ -186,6 +168,30 @@ where
         accept.protocol,
         config.io,
     ))
+}
+
+/// Consults the application's hook and checks that the subprotocol it chose
+/// was offered (shared by every way of accepting).
+pub(crate) fn run_hook<F>(
+    handshake: ServerHandshake,
+    hook: F,
+) -> Result<(ServerHandshake, Accept), HandshakeError>
+where
+    F: FnOnce(&ServerHandshake) -> Result<Accept, Reject>,
+{
+    let accept = hook(&handshake).map_err(|reject| HandshakeError::Rejected {
+        status: reject.status,
+        reason: reject.reason,
+    })?;
+    if let Some(p) = &accept.protocol {
+        if !handshake.protocols().any(|o| o == p) {
+            return Err(HandshakeError::Rejected {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                reason: format!("server chose subprotocol {p:?} that the client did not offer"),
+            });
+        }
+    }
+    Ok((handshake, accept))
 }
 
 async fn send_and_close<S: AsyncWrite + Unpin>(
