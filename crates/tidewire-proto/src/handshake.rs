@@ -80,6 +80,10 @@ pub enum HandshakeError {
     /// Client side: an extension that was not offered, or bad parameters.
     #[error("bad Sec-WebSocket-Extensions in response: {0}")]
     BadExtension(String),
+    /// Client side: a subprotocol name that is not an HTTP token (RFC 6455
+    /// §4.1: tokens only, so no header can be smuggled through one).
+    #[error("invalid subprotocol name {0:?}: it must be an HTTP token")]
+    InvalidProtocol(String),
     /// Client side: the URL cannot be used for a WebSocket connection.
     #[error("invalid WebSocket URL: {0}")]
     InvalidUrl(String),
@@ -182,6 +186,13 @@ fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+}
+
+/// Whether `s` is an HTTP token (RFC 7230 §3.2.6).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Renders a small `Connection: close` response with a text body.
@@ -467,6 +478,9 @@ impl ClientHandshake {
         config: Config,
     ) -> Result<(ClientHandshake, Vec<u8>), HandshakeError> {
         let target = Target::parse(url)?;
+        if let Some(bad) = protocols.iter().find(|p| !is_token(p)) {
+            return Err(HandshakeError::InvalidProtocol(bad.clone()));
+        }
         let key_bytes: [u8; 16] = rand::random();
         let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
         let mut request = format!(
@@ -917,6 +931,27 @@ mod tests {
             client.finish(resp).unwrap_err(),
             HandshakeError::UnexpectedStatus(StatusCode::NOT_FOUND)
         );
+    }
+
+    #[test]
+    fn rfc6455_4_1_subprotocols_must_be_tokens() {
+        for bad in ["chat\r\nX-Injected: 1", "two words", "", "a,b"] {
+            let err = ClientHandshake::new(
+                "ws://h/",
+                &HeaderMap::new(),
+                &[bad.to_string()],
+                Config::default(),
+            )
+            .unwrap_err();
+            assert_eq!(err, HandshakeError::InvalidProtocol(bad.to_string()));
+        }
+        assert!(ClientHandshake::new(
+            "ws://h/",
+            &HeaderMap::new(),
+            &["v2.chat".into(), "token.abc-1_2".into()],
+            Config::default()
+        )
+        .is_ok());
     }
 
     #[test]
