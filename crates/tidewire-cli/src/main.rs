@@ -7,6 +7,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod connect;
 mod echo;
 mod server_args;
@@ -15,7 +16,7 @@ mod server_args;
 #[command(
     name = "tidewire",
     version,
-    about = "WebSocket toolkit: echo server and interactive client"
+    about = "WebSocket toolkit: echo server, interactive client, load generator"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,6 +29,8 @@ enum Command {
     Echo(echo::EchoArgs),
     /// Connect to a WebSocket server: stdin lines are sent, messages printed.
     Connect(connect::ConnectArgs),
+    /// Load-test a WebSocket echo server (echo mode) or hold idle connections.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,10 +41,16 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let args = match cli.command {
+        // The generator builds its own runtime (its thread count is a flag).
+        Command::Bench(args) => return bench::run(args),
+        other => other,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
+    match args {
+        Command::Bench(_) => unreachable!("handled above"),
         Command::Echo(args) => runtime.block_on(echo::run(args)),
         Command::Connect(args) => {
             let code = runtime.block_on(connect::run(args))?;

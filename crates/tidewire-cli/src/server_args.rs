@@ -13,7 +13,7 @@ use tidewire::{
     ServerConfig, SlowConsumer,
 };
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     // Plain numbers are seconds; otherwise "500ms", "10s", "2m", "1h".
     if let Ok(secs) = s.parse::<f64>() {
         return Ok(Duration::from_secs_f64(secs));

@@ -1,0 +1,663 @@
+//! `tidewire bench`: a load generator for WebSocket servers, like wrk.
+//!
+//! Echo mode opens C connections, keeps P messages in flight on each, checks
+//! every echo byte for byte, and reports messages/s, bytes/s and latency
+//! percentiles (HdrHistogram). Idle mode opens C connections and holds them,
+//! spreading them over several source addresses to pass the ~28k ephemeral
+//! ports of one address. Both raise the process's file-descriptor limit.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Args;
+use futures_util::FutureExt;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tidewire::proto::handshake::Target;
+use tidewire::tls::TlsConnector;
+use tidewire::{ClientBuilder, Config, DeflateConfig, Message, WebSocket};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpSocket;
+use tokio::sync::Semaphore;
+
+use crate::server_args::duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Server URL (ws:// or wss://).
+    url: String,
+    /// Connections to open.
+    #[arg(short = 'c', long, default_value_t = 100)]
+    connections: usize,
+    /// Message size in bytes.
+    #[arg(short = 's', long, default_value_t = 16)]
+    size: usize,
+    /// Messages in flight per connection.
+    #[arg(short = 'p', long = "in-flight", default_value_t = 1)]
+    in_flight: usize,
+    /// How long to measure (after all connections are open).
+    #[arg(short = 'd', long, default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// Send text messages instead of binary.
+    #[arg(long)]
+    text: bool,
+    /// Total send rate in messages per second (default: as fast as echoes come back).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Offer permessage-deflate.
+    #[arg(long)]
+    compression: bool,
+    /// Idle mode: open the connections and hold them; report how many stand.
+    #[arg(long)]
+    idle: bool,
+    /// Source addresses to connect from, comma-separated (e.g.
+    /// 127.0.0.1,127.0.0.2), round-robin: each gives ~28k ports.
+    #[arg(long = "source", value_delimiter = ',')]
+    sources: Vec<IpAddr>,
+    /// Worker threads of the generator.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Report the server's memory: the PID of the server process (same machine).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
+    /// For wss://: also trust this CA certificate (PEM).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// For wss://: don't verify the server's certificate.
+    #[arg(long, conflicts_with = "ca_file")]
+    insecure: bool,
+}
+
+#[derive(Serialize, Default, Debug)]
+struct Latency {
+    p50_us: u64,
+    p90_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    url: String,
+    mode: &'static str,
+    connections: usize,
+    connected: usize,
+    size: usize,
+    in_flight: usize,
+    text: bool,
+    compression: bool,
+    seconds: f64,
+    messages: u64,
+    messages_per_sec: f64,
+    bytes_per_sec: f64,
+    latency: Latency,
+    errors: BTreeMap<String, u64>,
+    server_rss_kib_before: Option<u64>,
+    server_rss_kib_after: Option<u64>,
+    server_kib_per_connection: Option<f64>,
+    generator_cpu_seconds: f64,
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, from /proc/self/stat (clock ticks).
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Shared counters for the progress line.
+#[derive(Default)]
+struct Live {
+    echoed: AtomicU64,
+    open: AtomicU64,
+}
+
+/// What one connection measured.
+struct Outcome {
+    histogram: Histogram<u64>,
+    echoed: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+fn error_kind(e: &tidewire::Error) -> String {
+    match e {
+        tidewire::Error::Io(io) => format!("io: {:?}", io.kind()),
+        tidewire::Error::Handshake(h) => format!("handshake: {h}"),
+        tidewire::Error::Protocol(p) => format!("protocol: {p}"),
+        other => other.to_string(),
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.connections == 0 || args.in_flight == 0 {
+        bail!("--connections and --in-flight must be at least 1");
+    }
+    // Raise the descriptor limit as far as the hard limit allows.
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    if (limit as usize) < args.connections + 64 {
+        eprintln!(
+            "warning: open-file limit is {limit}; {} connections need more",
+            args.connections
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(bench(args.clone()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
+    let target = Target::parse(&args.url)?;
+    let addr: SocketAddr = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await?
+        .next()
+        .context("the host name resolves to no address")?;
+    let tls = if target.tls {
+        let mut builder = TlsConnector::builder();
+        if let Some(ca) = &args.ca_file {
+            builder = builder.add_ca_file(ca)?;
+        }
+        if args.insecure {
+            builder = builder.danger_accept_invalid_certs();
+        }
+        Some(builder.build()?)
+    } else {
+        None
+    };
+    let sources: Vec<IpAddr> = if args.sources.is_empty() {
+        vec![if addr.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        }]
+    } else {
+        args.sources.clone()
+    };
+    let rss_before = args.server_pid.and_then(rss_kib);
+    let live = Arc::new(Live::default());
+    let progress = (!args.quiet && !args.json).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                .expect("template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+
+    // Open every connection first (bounded concurrency), then start the clock.
+    let config = Config {
+        max_message_size: args.size.max(1 << 20) * 2,
+        max_frame_size: args.size.max(1 << 20) * 2,
+        deflate: args.compression.then(DeflateConfig::default),
+        ..Config::default()
+    };
+    let opening = Arc::new(Semaphore::new(256));
+    let start_gate = Arc::new(tokio::sync::Notify::new());
+    let started_at = Arc::new(std::sync::OnceLock::<(Instant, Instant)>::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.connections {
+        let source = sources[i % sources.len()];
+        let (args, config, tls, target) =
+            (args.clone(), config.clone(), tls.clone(), target.clone());
+        let (opening, live, gate, started_at) = (
+            opening.clone(),
+            live.clone(),
+            start_gate.clone(),
+            started_at.clone(),
+        );
+        tasks.spawn(async move {
+            let permit = opening.acquire_owned().await.expect("semaphore open");
+            let ws = open(&args.url, addr, source, &target, config, tls).await;
+            drop(permit);
+            let ws = match ws {
+                Ok(ws) => ws,
+                Err(e) => {
+                    live.open.fetch_add(0, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            let notified = gate.notified();
+            live.open.fetch_add(1, Ordering::Relaxed);
+            notified.await;
+            let (_, deadline) = *started_at.get().expect("clock started");
+            Ok(if args.idle {
+                hold(ws, deadline).await
+            } else {
+                echo(ws, &args, deadline, &live).await
+            })
+        });
+    }
+    // Wait until every connection is open or has failed.
+    let mut failures = BTreeMap::<String, u64>::new();
+    loop {
+        let open = live.open.load(Ordering::Relaxed) as usize;
+        let failed: u64 = failures.values().sum();
+        if let Some(bar) = &progress {
+            bar.set_message(format!(
+                "connecting: {open}/{} open, {failed} failed",
+                args.connections
+            ));
+        }
+        if open + failed as usize >= args.connections {
+            break;
+        }
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                Some(Ok(Err(e))) => *failures.entry(format!("connect: {e:#}")).or_default() += 1,
+                Some(Ok(Ok(_))) => unreachable!("a connection finished before the start"),
+                Some(Err(e)) => *failures.entry(format!("task: {e}")).or_default() += 1,
+                None => break,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    let connected = live.open.load(Ordering::Relaxed) as usize;
+    let cpu_start = cpu_seconds();
+    let now = Instant::now();
+    started_at
+        .set((now, now + args.duration))
+        .expect("set once");
+    start_gate.notify_waiters();
+
+    // Live progress until the deadline.
+    if let Some(bar) = &progress {
+        let (bar, live, mode) = (
+            bar.clone(),
+            live.clone(),
+            if args.idle { "idle" } else { "echo" },
+        );
+        let total = args.duration;
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let echoed = live.echoed.load(Ordering::Relaxed);
+                let now = Instant::now();
+                let rate = (echoed - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                last = (now, echoed);
+                bar.set_message(format!(
+                    "{mode}: {} connections, {} echoed, {}/s (of {:?})",
+                    live.open.load(Ordering::Relaxed),
+                    echoed,
+                    human(rate),
+                    total
+                ));
+            }
+        });
+    }
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+    let mut echoed = 0;
+    let mut errors = failures;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(outcome)) => {
+                histogram.add(&outcome.histogram).expect("same bounds");
+                echoed += outcome.echoed;
+                for (k, v) in outcome.errors {
+                    *errors.entry(k).or_default() += v;
+                }
+            }
+            Ok(Err(e)) => *errors.entry(format!("connect: {e:#}")).or_default() += 1,
+            Err(e) => *errors.entry(format!("task: {e}")).or_default() += 1,
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let (t0, _) = *started_at.get().expect("clock started");
+    let seconds = t0
+        .elapsed()
+        .as_secs_f64()
+        .min(args.duration.as_secs_f64() + 1.0);
+    let seconds = seconds.max(args.duration.as_secs_f64()).max(1e-9);
+    let rss_after = args.server_pid.and_then(rss_kib);
+    let q = |p: f64| {
+        if histogram.is_empty() {
+            0
+        } else {
+            histogram.value_at_quantile(p)
+        }
+    };
+    Ok(Report {
+        url: args.url.clone(),
+        mode: if args.idle { "idle" } else { "echo" },
+        connections: args.connections,
+        connected,
+        size: args.size,
+        in_flight: args.in_flight,
+        text: args.text,
+        compression: args.compression,
+        seconds: args.duration.as_secs_f64(),
+        messages: echoed,
+        messages_per_sec: echoed as f64 / seconds,
+        bytes_per_sec: echoed as f64 * args.size as f64 / seconds,
+        latency: Latency {
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: if histogram.is_empty() {
+                0
+            } else {
+                histogram.max()
+            },
+        },
+        errors,
+        server_rss_kib_before: rss_before,
+        server_rss_kib_after: rss_after,
+        server_kib_per_connection: match (rss_before, rss_after, args.idle) {
+            (Some(b), Some(a), true) if connected > 0 => {
+                Some((a as f64 - b as f64) / connected as f64)
+            }
+            _ => None,
+        },
+        generator_cpu_seconds: cpu_seconds() - cpu_start,
+    })
+}
+
+type Stream = Box<dyn AsyncReadWrite>;
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
+async fn open(
+    url: &str,
+    addr: SocketAddr,
+    source: IpAddr,
+    target: &Target,
+    config: Config,
+    tls: Option<TlsConnector>,
+) -> anyhow::Result<WebSocket<Stream>> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if !source.is_unspecified() {
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .with_context(|| format!("bind {source}"))?;
+    }
+    let tcp = socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let stream: Stream = match tls {
+        Some(tls) => Box::new(tls.connect(&target.host, tcp).await?),
+        None => Box::new(tcp),
+    };
+    let (ws, _) = ClientBuilder::new(url)
+        .config(config)
+        .connect_on(stream)
+        .await?;
+    Ok(ws)
+}
+
+/// The payload of message `seq`: its number in decimal, padded to `size`
+/// with a repeating pattern (ASCII, so text messages are valid too).
+fn payload(seq: u64, size: usize, scratch: &mut Vec<u8>) -> Bytes {
+    scratch.clear();
+    let mut number = itoa(seq);
+    number.truncate(size);
+    scratch.extend_from_slice(&number);
+    while scratch.len() < size {
+        scratch.push(b'a' + (scratch.len() % 26) as u8);
+    }
+    Bytes::copy_from_slice(scratch)
+}
+
+fn itoa(mut n: u64) -> Vec<u8> {
+    let mut digits = Vec::with_capacity(20);
+    loop {
+        digits.push(b'0' + (n % 10) as u8);
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    digits.push(b'-');
+    digits
+}
+
+async fn echo(
+    mut ws: WebSocket<Stream>,
+    args: &BenchArgs,
+    deadline: Instant,
+    live: &Live,
+) -> Outcome {
+    let mut outcome = Outcome {
+        histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+        echoed: 0,
+        errors: BTreeMap::new(),
+    };
+    let per_connection_interval = args
+        .rate
+        .map(|rate| Duration::from_secs_f64(args.connections as f64 / rate.max(1e-9)));
+    let mut next_send = Instant::now();
+    let mut in_flight: VecDeque<(Bytes, Instant)> = VecDeque::with_capacity(args.in_flight);
+    let mut scratch = Vec::with_capacity(args.size);
+    let mut seq = 0u64;
+    let deadline_tokio = tokio::time::Instant::from_std(deadline);
+    'run: loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let mut fed = false;
+        while in_flight.len() < args.in_flight {
+            if let Some(interval) = per_connection_interval {
+                if now < next_send {
+                    break;
+                }
+                next_send += interval;
+            }
+            let data = payload(seq, args.size, &mut scratch);
+            seq += 1;
+            let message = if args.text {
+                Message::Text(tidewire::Utf8Text::try_from(data.clone()).expect("ASCII payload"))
+            } else {
+                Message::Binary(data.clone())
+            };
+            if let Err(e) = ws.feed(message) {
+                *outcome.errors.entry(error_kind(&e)).or_default() += 1;
+                break 'run;
+            }
+            in_flight.push_back((data, Instant::now()));
+            fed = true;
+        }
+        if fed {
+            if let Err(e) = ws.flush().await {
+                *outcome.errors.entry(error_kind(&e)).or_default() += 1;
+                break;
+            }
+        }
+        if in_flight.is_empty() {
+            // Rate-limited and nothing to wait for: sleep until the next send.
+            tokio::time::sleep_until(tokio::time::Instant::from_std(next_send).min(deadline_tokio))
+                .await;
+            continue;
+        }
+        let first = match tokio::time::timeout_at(deadline_tokio, ws.recv()).await {
+            Ok(m) => m,
+            Err(_) => break,
+        };
+        let mut next = Some(first);
+        while let Some(received) = next.take() {
+            match received {
+                None => {
+                    *outcome.errors.entry("closed by server".into()).or_default() += 1;
+                    break 'run;
+                }
+                Some(Err(e)) => {
+                    *outcome.errors.entry(error_kind(&e)).or_default() += 1;
+                    break 'run;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(frame))) => {
+                    *outcome
+                        .errors
+                        .entry(format!("closed by server: {frame:?}"))
+                        .or_default() += 1;
+                    break 'run;
+                }
+                Some(Ok(message)) => {
+                    let Some((sent, at)) = in_flight.pop_front() else {
+                        *outcome
+                            .errors
+                            .entry("unexpected message".into())
+                            .or_default() += 1;
+                        break 'run;
+                    };
+                    let right_type = matches!(message, Message::Text(_)) == args.text;
+                    if !right_type || message.as_bytes() != &sent[..] {
+                        *outcome.errors.entry("echo mismatch".into()).or_default() += 1;
+                        break 'run;
+                    }
+                    let micros = at.elapsed().as_micros().max(1) as u64;
+                    let _ = outcome.histogram.record(micros.min(120_000_000));
+                    outcome.echoed += 1;
+                    live.echoed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // Take whatever else is already buffered without waiting.
+            next = ws.recv().now_or_never();
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(1000u16, "")).await;
+    outcome
+}
+
+async fn hold(mut ws: WebSocket<Stream>, deadline: Instant) -> Outcome {
+    let mut outcome = Outcome {
+        histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+        echoed: 0,
+        errors: BTreeMap::new(),
+    };
+    // recv answers pings; anything ending the connection early is an error.
+    match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), async {
+        loop {
+            match ws.recv().await {
+                Some(Ok(Message::Close(f))) => return format!("closed by server: {f:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return error_kind(&e),
+                None => return "closed by server".into(),
+            }
+        }
+    })
+    .await
+    {
+        Ok(kind) => *outcome.errors.entry(kind).or_default() += 1,
+        Err(_) => outcome.echoed = 0,
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(1000u16, "")).await;
+    outcome
+}
+
+fn human(v: f64) -> String {
+    match v {
+        v if v >= 1e9 => format!("{:.2}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
+}
+
+fn print_report(r: &Report) {
+    let kind = if r.text { "text" } else { "binary" };
+    println!(
+        "tidewire bench {}: {} — {} connections ({} open), {} B {kind}, {} in flight, {:.0} s{}",
+        r.mode,
+        r.url,
+        r.connections,
+        r.connected,
+        r.size,
+        r.in_flight,
+        r.seconds,
+        if r.compression {
+            ", permessage-deflate"
+        } else {
+            ""
+        }
+    );
+    if r.mode == "echo" {
+        println!(
+            "  messages   {} echoed, {} msg/s",
+            r.messages,
+            human(r.messages_per_sec)
+        );
+        println!(
+            "  payload    {}B/s each way ({:.3} GiB/s)",
+            human(r.bytes_per_sec),
+            r.bytes_per_sec / (1u64 << 30) as f64
+        );
+        let l = &r.latency;
+        println!(
+            "  latency    p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+            l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
+        );
+    } else {
+        let errors: u64 = r.errors.values().sum();
+        println!(
+            "  held       {} of {} connections stood for the whole run",
+            r.connected as u64 - errors.min(r.connected as u64),
+            r.connections
+        );
+    }
+    if let (Some(b), Some(a)) = (r.server_rss_kib_before, r.server_rss_kib_after) {
+        print!("  server RSS {b} KiB before, {a} KiB after");
+        match r.server_kib_per_connection {
+            Some(per) => println!(", {per:.2} KiB per connection"),
+            None => println!(),
+        }
+    }
+    println!("  generator  {:.2} s of CPU", r.generator_cpu_seconds);
+    if r.errors.is_empty() {
+        println!("  errors     none");
+    } else {
+        for (kind, n) in &r.errors {
+            println!("  error      {n} × {kind}");
+        }
+    }
+}
