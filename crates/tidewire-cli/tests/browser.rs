@@ -3,16 +3,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 
-use common::{start_echo, LIMIT};
+use common::{artifacts, repo_root, start_echo, LIMIT};
 use tokio::process::Command;
-
-fn repo_root() -> PathBuf {
-    std::env::var_os("TIDEWIRE_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
-}
 
 #[tokio::test]
 async fn chromium_runs_the_tutorial_page_against_tidewire_echo() {
@@ -24,9 +17,7 @@ async fn chromium_runs_the_tutorial_page_against_tidewire_echo() {
     ])
     .await;
     let root = repo_root();
-    let artifacts = std::env::var_os("TIDEWIRE_TEST_ARTIFACTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("test-artifacts"));
+    let artifacts = artifacts();
     let screenshot = artifacts.join("echo-page.png");
     let node = std::env::var_os("TIDEWIRE_NODE").unwrap_or_else(|| "node".into());
     let output = tokio::time::timeout(

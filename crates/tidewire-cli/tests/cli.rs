@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{start_echo, LIMIT};
+use common::{run_connect, start_echo, LIMIT};
 use tidewire::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -80,21 +80,8 @@ async fn echo_serves_its_page_and_health_over_plain_http() {
 #[tokio::test]
 async fn connect_sends_stdin_lines_and_prints_replies_and_the_close() {
     let (_server, addr) = start_echo(&["--prefix", "Echo: "]).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-        .args(["connect", &format!("ws://{addr}/"), "-H", "X-Test: 1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"first\nsecond line\n").await.unwrap();
-    drop(stdin); // EOF: close with 1000
-    let output = tokio::time::timeout(LIMIT, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let url = format!("ws://{addr}/");
+    let output = run_connect(&[&url, "-H", "X-Test: 1"], b"first\nsecond line\n").await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
@@ -108,21 +95,7 @@ async fn connect_sends_stdin_lines_and_prints_replies_and_the_close() {
 #[tokio::test]
 async fn connect_binary_mode_and_a_refused_connection() {
     let (_server, addr) = start_echo(&[]).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-        .args(["connect", &format!("ws://{addr}/"), "--binary"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"AB\n").await.unwrap();
-    drop(stdin);
-    let output = tokio::time::timeout(LIMIT, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let output = run_connect(&[&format!("ws://{addr}/"), "--binary"], b"AB\n").await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("< [binary, 2 bytes] 4142"), "{stdout}");
 

@@ -7,15 +7,8 @@ mod common;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use common::{start_echo, LIMIT};
-use tokio::io::AsyncWriteExt;
+use common::{artifacts, repo_root, run_connect, start_echo, LIMIT};
 use tokio::process::Command;
-
-fn repo_root() -> PathBuf {
-    std::env::var_os("TIDEWIRE_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
-}
 
 /// Where `--tls-self-signed` writes its certificate for a port.
 fn cert_path(addr: &str) -> PathBuf {
@@ -58,9 +51,7 @@ async fn python_websockets_over_wss_trusting_the_generated_certificate() {
 async fn chromium_runs_the_page_over_https_and_wss() {
     let (_server, addr) = start_echo(&["--tls-self-signed", "--prefix", "Echo: "]).await;
     let root = repo_root();
-    let artifacts = std::env::var_os("TIDEWIRE_TEST_ARTIFACTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("test-artifacts"));
+    let artifacts = artifacts();
     let node = std::env::var_os("TIDEWIRE_NODE").unwrap_or_else(|| "node".into());
     let output = tokio::time::timeout(
         LIMIT * 2,
@@ -96,23 +87,10 @@ async fn tidewire_connect_with_ca_file_and_insecure() {
         ],
         vec!["--insecure".to_string()],
     ] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-            .arg("connect")
-            .arg(format!("wss://localhost:{port}/"))
-            .args(&trust)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"secure hello\n").await.unwrap();
-        drop(stdin);
-        let output = tokio::time::timeout(LIMIT, child.wait_with_output())
-            .await
-            .unwrap()
-            .unwrap();
+        let url = format!("wss://localhost:{port}/");
+        let mut args = vec![url.as_str()];
+        args.extend(trust.iter().map(String::as_str));
+        let output = run_connect(&args, b"secure hello\n").await;
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),

@@ -2,10 +2,11 @@
 
 #![allow(dead_code)]
 
-use std::process::Stdio;
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub const LIMIT: Duration = Duration::from_secs(60);
@@ -38,4 +39,38 @@ pub async fn start_echo(args: &[&str]) -> (Child, String) {
     .await
     .expect("tidewire echo did not start in time");
     (child, addr)
+}
+
+/// The repository root (where tests/interop lives).
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("TIDEWIRE_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+}
+
+/// Where tests leave screenshots and such.
+pub fn artifacts() -> PathBuf {
+    std::env::var_os("TIDEWIRE_TEST_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("test-artifacts"))
+}
+
+/// Runs `tidewire connect ARGS...` with `input` on stdin (then EOF).
+pub async fn run_connect(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .arg("connect")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tidewire connect");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).await.unwrap();
+    drop(stdin); // EOF: the client closes with 1000
+    tokio::time::timeout(LIMIT, child.wait_with_output())
+        .await
+        .expect("tidewire connect did not finish")
+        .unwrap()
 }
