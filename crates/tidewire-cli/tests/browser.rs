@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::{artifacts, repo_root, start_echo, LIMIT};
 use tokio::process::Command;
 
