@@ -9,7 +9,7 @@
 //! is dropped (and counted), or the connection is closed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -106,6 +106,9 @@ pub(crate) struct Outbox {
     /// Everything queued was written (or the connection ended).
     drained: Notify,
     dropped: AtomicU64,
+    /// Something for the driver to do (queued messages, an overflow): lets
+    /// the driver skip the lock on the hot path when nobody uses a Sender.
+    pub(crate) work: AtomicBool,
 }
 
 impl Outbox {
@@ -116,6 +119,7 @@ impl Outbox {
             space: Notify::new(),
             drained: Notify::new(),
             dropped: AtomicU64::new(0),
+            work: AtomicBool::new(false),
         })
     }
 
@@ -164,6 +168,7 @@ impl Outbox {
                     st.overflow = Some(code);
                     st.queue.clear();
                     st.bytes = 0;
+                    self.work.store(true, Ordering::Release);
                     if let Some(w) = st.driver.take() {
                         w.wake();
                     }
@@ -173,6 +178,7 @@ impl Outbox {
         }
         st.bytes += len;
         st.queue.push_back(message);
+        self.work.store(true, Ordering::Release);
         if let Some(w) = st.driver.take() {
             w.wake();
         }
@@ -224,6 +230,7 @@ impl Sender {
         st.bytes += frame.reason.len();
         st.queue.push_back(Message::Close(Some(frame)));
         st.closed = true;
+        self.outbox.work.store(true, Ordering::Release);
         if let Some(w) = st.driver.take() {
             w.wake();
         }

@@ -622,24 +622,20 @@ pub async fn echo(
             return;
         }
     }
-    let mut last = None;
+    let mut last: Option<Result<Message, Error>> = None;
     while let Some(msg) = ws.recv().await {
-        let reply = match &msg {
+        match msg {
+            // Replies are fed, not flushed: recv writes them in one go when
+            // it runs out of input, so a burst costs one write.
             Ok(Message::Text(text)) if !prefix.is_empty() => {
-                Some(Message::text(format!("{prefix}{text}")))
+                let _ = ws.feed(Message::text(format!("{prefix}{text}")));
             }
-            Ok(m @ (Message::Text(_) | Message::Binary(_))) => Some(m.clone()),
-            _ => None,
-        };
-        if let Some(reply) = reply {
-            // A failed send means the connection is ending; recv reports how.
-            let _ = ws.send(reply).await;
-        }
-        if !matches!(
-            msg,
-            Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_))
-        ) {
-            last = Some(msg);
+            Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
+                // A failed feed means the connection is ending; recv reports how.
+                let _ = ws.feed(m);
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            other => last = Some(other),
         }
     }
     record_close(&stats, &last);

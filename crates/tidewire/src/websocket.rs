@@ -171,6 +171,8 @@ pub(crate) struct Inner<S> {
     last_data: Instant,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     counters: Option<Arc<TrafficCounters>>,
+    /// The output level last published to Senders (`buffered_amount`).
+    published_output: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
@@ -199,7 +201,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 let n = match written {
                     Poll::Ready(result) => result?,
                     Poll::Pending => {
-                        self.outbox.lock().output = self.conn.pending_output().len();
+                        let output = self.conn.pending_output().len();
+                        if output != self.published_output {
+                            self.outbox.lock().output = output;
+                            self.published_output = output;
+                        }
                         return Poll::Pending;
                     }
                 };
@@ -222,6 +228,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// Moves queued messages into the protocol output, up to the high-water
     /// mark. Returns whether anything was encoded.
     fn pump_outbox(&mut self) -> bool {
+        let output = self.conn.pending_output().len();
+        // Fast path: nothing queued, and the output level did not change in
+        // a way a Sender could be waiting on (empty vs not, or by a lot).
+        if !self.outbox.work.load(std::sync::atomic::Ordering::Acquire)
+            && (output == 0) == (self.published_output == 0)
+            && output.abs_diff(self.published_output) < 16 * 1024
+        {
+            return false;
+        }
         let mut st = self.outbox.lock();
         let mut moved = false;
         if let Some(code) = st.overflow.take() {
@@ -244,7 +259,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             let _ = encode_counted(&mut self.conn, &self.counters, message);
             moved = true;
         }
+        if st.queue.is_empty() {
+            self.outbox
+                .work
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
         st.output = self.conn.pending_output().len();
+        self.published_output = st.output;
         let drained = st.queue.is_empty() && st.output == 0;
         drop(st);
         if moved {
@@ -350,20 +371,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 ReadState::Draining { .. } => return self.poll_drain(cx).map(Some),
                 ReadState::Open => {}
             }
-            {
-                let mut st = self.outbox.lock();
-                if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    st.driver = Some(cx.waker().clone());
-                }
-            }
             if let Some(err) = self.poll_timers(cx) {
                 self.start_draining(Err(err), true);
                 continue;
             }
-            if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
-                self.read_state = ReadState::Done;
-                self.outbox.shut();
-                return Poll::Ready(Some(Err(e)));
+            // Output is written when it grows large, or (below) before
+            // waiting for input: everything answered from one read goes out
+            // in one write.
+            if self.conn.pending_output().len() >= self.options.write_high_water
+                || self.outbox.work.load(std::sync::atomic::Ordering::Acquire)
+            {
+                if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
+                    self.read_state = ReadState::Done;
+                    self.outbox.shut();
+                    return Poll::Ready(Some(Err(e)));
+                }
             }
             if self.conn.close_sent() {
                 // Our close is out: the peer has close_timeout to answer.
@@ -381,14 +403,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     if let Some(counters) = &self.counters {
                         counters.received(&event);
                     }
-                    self.last_seen = Instant::now();
-                    if matches!(event, Event::Text(_) | Event::Binary(_)) {
-                        self.last_data = self.last_seen;
+                    if self.keepalive.is_some() || self.idle.is_some() {
+                        self.last_seen = Instant::now();
+                        if matches!(event, Event::Text(_) | Event::Binary(_)) {
+                            self.last_data = self.last_seen;
+                        }
                     }
                     return Poll::Ready(Some(Ok(event.into())));
                 }
                 Err(e) => self.start_draining(Err(e.into()), false),
                 Ok(None) => {
+                    // About to wait for input: write what is pending first,
+                    // and let Senders wake this task.
+                    {
+                        let mut st = self.outbox.lock();
+                        if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            st.driver = Some(cx.waker().clone());
+                        }
+                    }
+                    if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
+                        self.read_state = ReadState::Done;
+                        self.outbox.shut();
+                        return Poll::Ready(Some(Err(e)));
+                    }
                     let want = self
                         .options
                         .read_chunk
@@ -406,7 +443,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                             self.outbox.shut();
                             return Poll::Ready(Some(Err(Error::AbnormalClosure)));
                         }
-                        Ok(_) => self.last_seen = Instant::now(),
+                        Ok(_) => {
+                            if self.keepalive.is_some() {
+                                self.last_seen = Instant::now();
+                            }
+                        }
                         Err(e) => {
                             self.conn.receive_eof();
                             self.read_state = ReadState::Done;
@@ -587,6 +628,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 last_data: now,
                 shutdown: None,
                 counters: None,
+                published_output: 0,
             },
         }
     }
