@@ -229,6 +229,18 @@ impl Connection {
         self.close_received || self.failure.is_some()
     }
 
+    /// Returns the memory of empty input and output buffers to the
+    /// allocator, so an idle connection holds none (call it before waiting
+    /// for input). Received messages keep their own bytes.
+    pub fn release_idle_buffers(&mut self) {
+        if self.input.is_empty() && self.input.capacity() > 0 {
+            self.input = BytesMut::new();
+        }
+        if self.output.is_empty() && self.output.capacity() > 0 {
+            self.output = BytesMut::new();
+        }
+    }
+
     /// How many more bytes the frame being received needs (a hint for read
     /// buffer sizing; 0 when no frame is in progress).
     pub fn bytes_wanted(&self) -> usize {

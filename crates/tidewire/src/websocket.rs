@@ -32,6 +32,11 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::outbox::{Outbox, QueueLimits, Sender};
 use crate::{Error, Message};
 
+thread_local! {
+    /// The read buffer shared by the connections a thread drives.
+    static READ_SCRATCH: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
 /// Options of the I/O loop (the protocol limits live in
 /// [`tidewire_proto::Config`]).
 #[derive(Debug, Clone)]
@@ -364,6 +369,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         None
     }
 
+    /// Reads from the transport. Small reads go through a per-thread buffer
+    /// and only the bytes read are kept, so an idle connection holds no read
+    /// buffer at all; the rest of a large frame is read straight into the
+    /// connection's buffer, without the extra copy.
+    fn poll_read_input(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let wanted = self.conn.bytes_wanted();
+        if wanted >= self.options.read_chunk {
+            let buf = self.conn.input_buffer();
+            buf.reserve(wanted.min(1 << 20));
+            return tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf);
+        }
+        self.conn.release_idle_buffers();
+        READ_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            scratch.reserve(self.options.read_chunk);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut *scratch
+            ))?;
+            self.conn.receive_data(&scratch[..n]);
+            Poll::Ready(Ok(n))
+        })
+    }
+
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
         loop {
             match &mut self.read_state {
@@ -426,17 +457,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                         self.outbox.shut();
                         return Poll::Ready(Some(Err(e)));
                     }
-                    let want = self
-                        .options
-                        .read_chunk
-                        .max(self.conn.bytes_wanted().min(1 << 20));
-                    let buf = self.conn.input_buffer();
-                    buf.reserve(want);
-                    match ready!(tokio_util::io::poll_read_buf(
-                        Pin::new(&mut self.io),
-                        cx,
-                        buf
-                    )) {
+                    match ready!(self.poll_read_input(cx)) {
                         Ok(0) => {
                             self.conn.receive_eof();
                             self.read_state = ReadState::Done;
