@@ -470,7 +470,10 @@ async fn connection<H, Fut>(
             return;
         }
     };
+    // Only the bytes after the head are kept (the head buffer is dropped
+    // here, not held for the connection's lifetime).
     let leftover = BytesMut::from(&buf[len..]);
+    drop(buf);
 
     if !handshake::is_upgrade_request(&request) {
         if let Some(http) = &shared.http {
@@ -530,6 +533,7 @@ async fn connection<H, Fut>(
     }
     let mut ws =
         WebSocket::from_parts(stream, conn, &leftover, protocol.clone(), config.io.clone());
+    drop(leftover);
     ws.set_shutdown(shared.shutdown.child_token());
     ws.set_counters(stats.traffic.clone());
     stats.opened.fetch_add(1, Ordering::Relaxed);
@@ -616,7 +620,10 @@ pub async fn echo(
     prefix: Arc<str>,
     stats: Arc<ServerStats>,
 ) {
+    // The echo needs only the socket: free the request headers now.
     let ws = &mut session.ws;
+    session.request = Request::new(());
+    session.identity = Extensions::new();
     if let Some(welcome) = welcome {
         if ws.send_text(welcome.to_string()).await.is_err() {
             return;
