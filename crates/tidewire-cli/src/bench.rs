@@ -144,11 +144,28 @@ struct Live {
     open: AtomicU64,
 }
 
-/// What one connection measured.
+/// What one connection measured. Latencies are collected in a small local
+/// batch and merged into one histogram per run (a histogram of this range
+/// is ~200 KiB: one per connection would not scale to thousands).
 struct Outcome {
-    histogram: Histogram<u64>,
+    samples: Vec<u64>,
     echoed: u64,
     errors: BTreeMap<String, u64>,
+}
+
+const SAMPLE_BATCH: usize = 512;
+
+type SharedHistogram = Arc<std::sync::Mutex<Histogram<u64>>>;
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
+}
+
+fn merge(histogram: &SharedHistogram, samples: &mut Vec<u64>) {
+    let mut h = histogram.lock().unwrap_or_else(|p| p.into_inner());
+    for v in samples.drain(..) {
+        let _ = h.record(v.clamp(1, 120_000_000));
+    }
 }
 
 fn error_kind(e: &tidewire::Error) -> String {
@@ -234,11 +251,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
     let opening = Arc::new(Semaphore::new(256));
     let start_gate = Arc::new(tokio::sync::Notify::new());
     let started_at = Arc::new(std::sync::OnceLock::<(Instant, Instant)>::new());
+    let histogram: SharedHistogram = Arc::new(std::sync::Mutex::new(new_histogram()));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.connections {
         let source = sources[i % sources.len()];
         let (args, config, tls, target) =
             (args.clone(), config.clone(), tls.clone(), target.clone());
+        let histogram = histogram.clone();
         let (opening, live, gate, started_at) = (
             opening.clone(),
             live.clone(),
@@ -263,7 +282,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
             Ok(if args.idle {
                 hold(ws, deadline).await
             } else {
-                echo(ws, &args, deadline, &live).await
+                echo(ws, &args, deadline, &live, &histogram).await
             })
         });
     }
@@ -326,13 +345,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         });
     }
 
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
     let mut echoed = 0;
     let mut errors = failures;
     while let Some(done) = tasks.join_next().await {
         match done {
             Ok(Ok(outcome)) => {
-                histogram.add(&outcome.histogram).expect("same bounds");
+                let mut samples = outcome.samples;
+                merge(&histogram, &mut samples);
                 echoed += outcome.echoed;
                 for (k, v) in outcome.errors {
                     *errors.entry(k).or_default() += v;
@@ -352,6 +371,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         .min(args.duration.as_secs_f64() + 1.0);
     let seconds = seconds.max(args.duration.as_secs_f64()).max(1e-9);
     let rss_after = args.server_pid.and_then(rss_kib);
+    let histogram = histogram.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let q = |p: f64| {
         if histogram.is_empty() {
             0
@@ -466,9 +486,10 @@ async fn echo(
     args: &BenchArgs,
     deadline: Instant,
     live: &Live,
+    histogram: &SharedHistogram,
 ) -> Outcome {
     let mut outcome = Outcome {
-        histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+        samples: Vec::with_capacity(SAMPLE_BATCH),
         echoed: 0,
         errors: BTreeMap::new(),
     };
@@ -556,7 +577,10 @@ async fn echo(
                         break 'run;
                     }
                     let micros = at.elapsed().as_micros().max(1) as u64;
-                    let _ = outcome.histogram.record(micros.min(120_000_000));
+                    outcome.samples.push(micros);
+                    if outcome.samples.len() >= SAMPLE_BATCH {
+                        merge(histogram, &mut outcome.samples);
+                    }
                     outcome.echoed += 1;
                     live.echoed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -574,7 +598,7 @@ async fn echo(
 
 async fn hold(mut ws: WebSocket<Stream>, deadline: Instant) -> Outcome {
     let mut outcome = Outcome {
-        histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+        samples: Vec::new(),
         echoed: 0,
         errors: BTreeMap::new(),
     };
