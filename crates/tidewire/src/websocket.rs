@@ -44,7 +44,9 @@ pub struct IoOptions {
     /// How long to wait for the peer's close frame after sending ours, and
     /// for the transport to end after the closing handshake.
     pub close_timeout: Duration,
-    /// Bytes requested from the transport per read.
+    /// Bytes requested from the transport per read (through a buffer
+    /// shared by the connections of a thread, so it costs no memory per
+    /// connection).
     pub read_chunk: usize,
     /// Encoded output beyond which no more queued messages are encoded
     /// until the transport takes some (and `Sink::poll_ready` flushes).
@@ -66,7 +68,7 @@ impl Default for IoOptions {
     fn default() -> Self {
         IoOptions {
             close_timeout: Duration::from_secs(10),
-            read_chunk: 16 * 1024,
+            read_chunk: 64 * 1024,
             write_high_water: 64 * 1024,
             ping_interval: None,
             pong_timeout: Duration::from_secs(10),
