@@ -454,31 +454,39 @@ async fn open(
     Ok(ws)
 }
 
-/// The payload of message `seq`: its number in decimal, padded to `size`
-/// with a repeating pattern (ASCII, so text messages are valid too).
-fn payload(seq: u64, size: usize, scratch: &mut Vec<u8>) -> Bytes {
-    scratch.clear();
-    let mut number = itoa(seq);
-    number.truncate(size);
-    scratch.extend_from_slice(&number);
-    while scratch.len() < size {
-        scratch.push(b'a' + (scratch.len() % 26) as u8);
-    }
-    Bytes::copy_from_slice(scratch)
+/// Builds payloads: message `seq` is its number in decimal and a dash,
+/// over a fixed ASCII pattern of `size` bytes (so text messages are valid
+/// too, and every echo can be checked byte for byte).
+struct Payloads {
+    template: Vec<u8>,
 }
 
-fn itoa(mut n: u64) -> Vec<u8> {
-    let mut digits = Vec::with_capacity(20);
-    loop {
-        digits.push(b'0' + (n % 10) as u8);
-        n /= 10;
-        if n == 0 {
-            break;
+impl Payloads {
+    fn new(size: usize) -> Payloads {
+        Payloads {
+            template: (0..size).map(|i| b'a' + (i % 26) as u8).collect(),
         }
     }
-    digits.reverse();
-    digits.push(b'-');
-    digits
+
+    fn make(&self, seq: u64) -> Bytes {
+        let mut buf = bytes::BytesMut::from(&self.template[..]);
+        let mut digits = [0u8; 21];
+        let mut at = digits.len() - 1;
+        digits[at] = b'-';
+        let mut n = seq;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let prefix = &digits[at..];
+        let k = prefix.len().min(buf.len());
+        buf[..k].copy_from_slice(&prefix[..k]);
+        buf.freeze()
+    }
 }
 
 async fn echo(
@@ -498,7 +506,7 @@ async fn echo(
         .map(|rate| Duration::from_secs_f64(args.connections as f64 / rate.max(1e-9)));
     let mut next_send = Instant::now();
     let mut in_flight: VecDeque<(Bytes, Instant)> = VecDeque::with_capacity(args.in_flight);
-    let mut scratch = Vec::with_capacity(args.size);
+    let payloads = Payloads::new(args.size);
     let mut seq = 0u64;
     let deadline_tokio = tokio::time::Instant::from_std(deadline);
     'run: loop {
@@ -514,7 +522,7 @@ async fn echo(
                 }
                 next_send += interval;
             }
-            let data = payload(seq, args.size, &mut scratch);
+            let data = payloads.make(seq);
             seq += 1;
             let message = if args.text {
                 Message::Text(tidewire::Utf8Text::try_from(data.clone()).expect("ASCII payload"))
