@@ -146,8 +146,14 @@ fn frame_header(b: &[u8]) -> Option<(usize, usize, [u8; 4])> {
     }
     let masked = b[1] & 0x80 != 0;
     let (ext, payload_len) = match b[1] & 0x7f {
-        126 => (2, u16::from_be_bytes(b.get(2..4)?.try_into().ok()?) as usize),
-        127 => (8, u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize),
+        126 => (
+            2,
+            u16::from_be_bytes(b.get(2..4)?.try_into().ok()?) as usize,
+        ),
+        127 => (
+            8,
+            u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize,
+        ),
         n => (0, n as usize),
     };
     let header_len = 2 + ext + if masked { 4 } else { 0 };
