@@ -322,14 +322,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             if shutdown.as_mut().poll(cx).is_ready() {
                 self.shutdown = None;
                 // Whatever was accepted for sending goes out before the close.
-                let mut st = self.outbox.lock();
-                let queued: Vec<Message> = st.queue.drain(..).collect();
-                st.bytes = 0;
-                st.closed = true;
-                drop(st);
-                for message in queued {
-                    let _ = encode_counted(&mut self.conn, &self.counters, message);
-                }
+                self.encode_all_queued(true);
                 self.begin_close(CloseCode::GOING_AWAY, "server shutting down");
             }
         }
@@ -551,17 +544,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         Poll::Ready(result)
     }
 
+    /// Encodes everything Sender handles queued, regardless of the
+    /// high-water mark; `close` also stops the queue taking more.
+    fn encode_all_queued(&mut self, close: bool) {
+        let mut st = self.outbox.lock();
+        let queued: Vec<Message> = st.queue.drain(..).collect();
+        st.bytes = 0;
+        st.closed |= close;
+        if st.overflow.is_none() {
+            // An overflow still pending keeps the flag for pump_outbox.
+            self.outbox
+                .work
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        drop(st);
+        for message in queued {
+            let _ = encode_counted(&mut self.conn, &self.counters, message);
+        }
+        self.outbox.notify_space();
+    }
+
     fn start_send(&mut self, message: Message) -> Result<(), Error> {
-        // Keep order with messages queued by Sender handles.
-        if !self.outbox.lock().queue.is_empty() {
-            let mut st = self.outbox.lock();
-            let queued: Vec<Message> = st.queue.drain(..).collect();
-            st.bytes = 0;
-            drop(st);
-            for m in queued {
-                let _ = encode_counted(&mut self.conn, &self.counters, m);
-            }
-            self.outbox.notify_space();
+        // Keep order with messages queued by Sender handles; the atomic
+        // flag spares the lock when nobody queued anything.
+        if self.outbox.work.load(std::sync::atomic::Ordering::Acquire) {
+            self.encode_all_queued(false);
         }
         encode_counted(&mut self.conn, &self.counters, message)
     }
