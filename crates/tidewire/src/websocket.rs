@@ -176,6 +176,8 @@ pub(crate) struct Inner<S> {
     idle: Option<Timer>,
     last_seen: Instant,
     last_data: Instant,
+    /// A data message arrived since `last_data` was last set.
+    data_unstamped: bool,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     counters: Option<Arc<TrafficCounters>>,
     /// The output level last published to Senders (`buffered_amount`).
@@ -326,7 +328,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 self.begin_close(CloseCode::GOING_AWAY, "server shutting down");
             }
         }
+        if self.keepalive.is_none() && self.idle.is_none() {
+            return None;
+        }
         let now = Instant::now();
+        if std::mem::take(&mut self.data_unstamped) {
+            self.last_data = now;
+        }
         if let Some(ka) = self.keepalive.as_mut() {
             while ka.timer.poll(cx) {
                 match ka.ping_sent {
@@ -397,10 +405,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 ReadState::Draining { .. } => return self.poll_drain(cx).map(Some),
                 ReadState::Open => {}
             }
-            if let Some(err) = self.poll_timers(cx) {
-                self.start_draining(Err(err), true);
-                continue;
-            }
             // Output is written when it grows large, or (below) before
             // waiting for input: everything answered from one read goes out
             // in one write.
@@ -429,16 +433,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     if let Some(counters) = &self.counters {
                         counters.received(&event);
                     }
-                    if self.keepalive.is_some() || self.idle.is_some() {
-                        self.last_seen = Instant::now();
-                        if matches!(event, Event::Text(_) | Event::Binary(_)) {
-                            self.last_data = self.last_seen;
-                        }
-                    }
+                    // Stamped once per batch, in poll_timers: reading the
+                    // clock per message is measurable.
+                    self.data_unstamped |= matches!(event, Event::Text(_) | Event::Binary(_));
                     return Poll::Ready(Some(Ok(event.into())));
                 }
                 Err(e) => self.start_draining(Err(e.into()), false),
                 Ok(None) => {
+                    // The batch is handled: timers and shutdown are checked
+                    // here, once per read rather than once per message.
+                    if let Some(err) = self.poll_timers(cx) {
+                        self.start_draining(Err(err), true);
+                        continue;
+                    }
                     // About to wait for input: write what is pending first,
                     // and let Senders wake this task.
                     {
@@ -656,6 +663,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 idle,
                 last_seen: now,
                 last_data: now,
+                data_unstamped: false,
                 shutdown: None,
                 counters: None,
                 published_output: 0,

@@ -28,6 +28,8 @@ use tokio::sync::Semaphore;
 
 use crate::server_args::duration;
 
+mod wire;
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Server URL (ws:// or wss://).
@@ -109,6 +111,7 @@ struct Report {
     server_rss_kib_after: Option<u64>,
     server_kib_per_connection: Option<f64>,
     generator_cpu_seconds: f64,
+    server_cpu_seconds: Option<f64>,
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -118,10 +121,12 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 fn cpu_seconds() -> f64 {
-    // utime + stime of this process, from /proc/self/stat (clock ticks).
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
+    cpu_seconds_of("self").unwrap_or(0.0)
+}
+
+/// utime + stime of a process (`self` or a PID), from /proc/PID/stat.
+fn cpu_seconds_of(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat
         .rsplit(')')
         .next()
@@ -134,7 +139,8 @@ fn cpu_seconds() -> f64 {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (ticks(11) + ticks(12)) / 100.0
+    // Clock ticks: 100 per second on Linux.
+    Some((ticks(11) + ticks(12)) / 100.0)
 }
 
 /// Shared counters for the progress line.
@@ -189,10 +195,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.connections
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()?;
+    // One thread: a current-thread runtime (no work stealing, cheaper wake-ups).
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
+    };
     let report = runtime.block_on(bench(args.clone()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -230,6 +243,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         args.sources.clone()
     };
     let rss_before = args.server_pid.and_then(rss_kib);
+    let server_pid = args.server_pid.map(|pid| pid.to_string());
+    let release = tidewire::CancellationToken::new();
     let live = Arc::new(Live::default());
     let progress = (!args.quiet && !args.json).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
@@ -252,6 +267,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
     let start_gate = Arc::new(tokio::sync::Notify::new());
     let started_at = Arc::new(std::sync::OnceLock::<(Instant, Instant)>::new());
     let histogram: SharedHistogram = Arc::new(std::sync::Mutex::new(new_histogram()));
+    // Plain echo load takes the raw path; compression and a fixed rate use
+    // the library client.
+    let frames = (!args.idle && !args.compression && args.rate.is_none()).then(|| {
+        Arc::new(wire::FrameSet::new(
+            args.size,
+            (2 * args.in_flight).max(16),
+            args.text,
+        ))
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.connections {
         let source = sources[i % sources.len()];
@@ -264,8 +288,30 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
             start_gate.clone(),
             started_at.clone(),
         );
+        let frames = frames.clone();
+        let release = release.clone();
         tasks.spawn(async move {
             let permit = opening.acquire_owned().await.expect("semaphore open");
+            if let Some(frames) = frames {
+                // The hot path: raw frames (see wire.rs).
+                let opened = open_raw(&args.url, addr, source, &target, tls).await;
+                drop(permit);
+                let (mut stream, leftover) = opened?;
+                let notified = gate.notified();
+                live.open.fetch_add(1, Ordering::Relaxed);
+                notified.await;
+                let (_, deadline) = *started_at.get().expect("clock started");
+                return Ok(echo_raw(
+                    &mut stream,
+                    &leftover,
+                    &frames,
+                    &args,
+                    deadline,
+                    &live,
+                    &histogram,
+                )
+                .await);
+            }
             let ws = open(&args.url, addr, source, &target, config, tls).await;
             drop(permit);
             let ws = match ws {
@@ -280,7 +326,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
             notified.await;
             let (_, deadline) = *started_at.get().expect("clock started");
             Ok(if args.idle {
-                hold(ws, deadline).await
+                hold(ws, release).await
             } else {
                 echo(ws, &args, deadline, &live, &histogram).await
             })
@@ -312,6 +358,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
     }
     let connected = live.open.load(Ordering::Relaxed) as usize;
     let cpu_start = cpu_seconds();
+    let server_cpu_start = server_pid.as_deref().and_then(cpu_seconds_of);
     let now = Instant::now();
     started_at
         .set((now, now + args.duration))
@@ -345,6 +392,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         });
     }
 
+    // Read CPU time and server memory at the deadline, before any
+    // connection closes; then let the idle connections go.
+    tokio::time::sleep_until(tokio::time::Instant::from_std(now + args.duration)).await;
+    let generator_cpu_seconds = cpu_seconds() - cpu_start;
+    let server_cpu_seconds = server_cpu_start
+        .zip(server_pid.as_deref().and_then(cpu_seconds_of))
+        .map(|(start, end)| end - start);
+    let rss_after = args.server_pid.and_then(rss_kib);
+    release.cancel();
+
     let mut echoed = 0;
     let mut errors = failures;
     while let Some(done) = tasks.join_next().await {
@@ -370,7 +427,6 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         .as_secs_f64()
         .min(args.duration.as_secs_f64() + 1.0);
     let seconds = seconds.max(args.duration.as_secs_f64()).max(1e-9);
-    let rss_after = args.server_pid.and_then(rss_kib);
     let histogram = histogram.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let q = |p: f64| {
         if histogram.is_empty() {
@@ -412,7 +468,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
             }
             _ => None,
         },
-        generator_cpu_seconds: cpu_seconds() - cpu_start,
+        generator_cpu_seconds,
+        server_cpu_seconds,
     })
 }
 
@@ -428,6 +485,59 @@ async fn open(
     config: Config,
     tls: Option<TlsConnector>,
 ) -> anyhow::Result<WebSocket<Stream>> {
+    let stream = connect_transport(addr, source, target, tls).await?;
+    let (ws, _) = ClientBuilder::new(url)
+        .config(config)
+        .connect_on(stream)
+        .await?;
+    Ok(ws)
+}
+
+/// Opens a connection and completes the handshake without the library's
+/// WebSocket; returns the transport and any bytes read past the response.
+async fn open_raw(
+    url: &str,
+    addr: SocketAddr,
+    source: IpAddr,
+    target: &Target,
+    tls: Option<TlsConnector>,
+) -> anyhow::Result<(Stream, Vec<u8>)> {
+    use tidewire::proto::handshake::{parse_response, ClientHandshake};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MAX_RESPONSE: usize = 16 * 1024;
+    let mut stream = connect_transport(addr, source, target, tls).await?;
+    let (client, request) = ClientHandshake::new(
+        url,
+        &tidewire::http::HeaderMap::new(),
+        &[],
+        Config::default(),
+    )?;
+    let handshake = async {
+        stream.write_all(&request).await?;
+        stream.flush().await?;
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            if stream.read_buf(&mut buf).await? == 0 {
+                bail!("the server closed the connection during the handshake");
+            }
+            if let Some((response, len)) = parse_response(&buf, MAX_RESPONSE)? {
+                client.finish(response)?;
+                return Ok(buf.split_off(len));
+            }
+        }
+    };
+    let leftover = tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .context("handshake timed out")??;
+    Ok((stream, leftover))
+}
+
+async fn connect_transport(
+    addr: SocketAddr,
+    source: IpAddr,
+    target: &Target,
+    tls: Option<TlsConnector>,
+) -> anyhow::Result<Stream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -443,15 +553,53 @@ async fn open(
         .await
         .with_context(|| format!("connect {addr}"))?;
     tcp.set_nodelay(true)?;
-    let stream: Stream = match tls {
+    Ok(match tls {
         Some(tls) => Box::new(tls.connect(&target.host, tcp).await?),
         None => Box::new(tcp),
-    };
-    let (ws, _) = ClientBuilder::new(url)
-        .config(config)
-        .connect_on(stream)
-        .await?;
-    Ok(ws)
+    })
+}
+
+/// Echo load on the raw path: see [`wire::pipeline`].
+async fn echo_raw(
+    stream: &mut Stream,
+    leftover: &[u8],
+    frames: &wire::FrameSet,
+    args: &BenchArgs,
+    deadline: Instant,
+    live: &Live,
+    histogram: &SharedHistogram,
+) -> Outcome {
+    let mut samples = Vec::with_capacity(SAMPLE_BATCH);
+    let run = wire::pipeline(
+        stream,
+        leftover,
+        frames,
+        args.in_flight,
+        deadline,
+        |micros| {
+            samples.push(micros);
+            if samples.len() >= SAMPLE_BATCH {
+                live.echoed
+                    .fetch_add(samples.len() as u64, Ordering::Relaxed);
+                merge(histogram, &mut samples);
+            }
+        },
+    )
+    .await;
+    live.echoed
+        .fetch_add(samples.len() as u64, Ordering::Relaxed);
+    let mut errors = BTreeMap::new();
+    if let Some(stop) = run.stop {
+        errors.insert(stop.kind(), 1);
+    }
+    if let Some(e) = run.io_error {
+        errors.insert(format!("io: {:?}", e.kind()), 1);
+    }
+    Outcome {
+        samples,
+        echoed: run.echoed,
+        errors,
+    }
 }
 
 /// Builds payloads: message `seq` is its number in decimal and a dash,
@@ -604,14 +752,14 @@ async fn echo(
     outcome
 }
 
-async fn hold(mut ws: WebSocket<Stream>, deadline: Instant) -> Outcome {
+async fn hold(mut ws: WebSocket<Stream>, release: tidewire::CancellationToken) -> Outcome {
     let mut outcome = Outcome {
         samples: Vec::new(),
         echoed: 0,
         errors: BTreeMap::new(),
     };
     // recv answers pings; anything ending the connection early is an error.
-    match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), async {
+    let ended = async {
         loop {
             match ws.recv().await {
                 Some(Ok(Message::Close(f))) => return format!("closed by server: {f:?}"),
@@ -620,11 +768,10 @@ async fn hold(mut ws: WebSocket<Stream>, deadline: Instant) -> Outcome {
                 None => return "closed by server".into(),
             }
         }
-    })
-    .await
-    {
-        Ok(kind) => *outcome.errors.entry(kind).or_default() += 1,
-        Err(_) => outcome.echoed = 0,
+    };
+    tokio::select! {
+        kind = ended => *outcome.errors.entry(kind).or_default() += 1,
+        _ = release.cancelled() => {}
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(1000u16, "")).await;
     outcome
@@ -687,7 +834,18 @@ fn print_report(r: &Report) {
             None => println!(),
         }
     }
-    println!("  generator  {:.2} s of CPU", r.generator_cpu_seconds);
+    println!(
+        "  generator  {:.2} s of CPU ({:.0}% of one core)",
+        r.generator_cpu_seconds,
+        100.0 * r.generator_cpu_seconds / r.seconds
+    );
+    if let Some(server) = r.server_cpu_seconds {
+        println!(
+            "  server     {:.2} s of CPU ({:.0}% of one core)",
+            server,
+            100.0 * server / r.seconds
+        );
+    }
     if r.errors.is_empty() {
         println!("  errors     none");
     } else {
