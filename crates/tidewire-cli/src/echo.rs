@@ -70,8 +70,7 @@ pub async fn run(args: EchoArgs) -> anyhow::Result<()> {
     let prefix: Arc<str> = args.prefix.into();
     server
         .serve(listener, move |session| {
-            let (welcome, prefix, stats) = (welcome.clone(), prefix.clone(), stats.clone());
-            async move { tidewire::echo(session, welcome, prefix, stats).await }
+            tidewire::echo(session, welcome.clone(), prefix.clone(), stats.clone())
         })
         .await?;
     let stats = server.stats();

@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, debug_span, info, warn, Instrument};
 
 use crate::policy::{HandshakeRequest, OriginPolicy};
 use crate::server::{read_head, Reject};
@@ -336,9 +336,21 @@ impl Server {
                 continue;
             };
             let (shared, handler) = (self.shared.clone(), handler.clone());
+            let (stream, slot) = slot;
+            // The handshake's state (TLS, head parsing, auth hook) is large
+            // and short-lived: boxed, it is freed once the connection is
+            // open. The handler's future is boxed too: moving the session
+            // through nested futures would copy it into each. The task
+            // itself then holds little more than two pointers.
+            let opening = Box::pin(open(shared.clone(), stream, peer));
             tracker.spawn(async move {
-                let (stream, slot) = slot;
-                connection(shared, stream, peer, handler).await;
+                let running = opening
+                    .await
+                    .map(|(session, span)| Box::pin(handler(session).instrument(span)));
+                if let Some(running) = running {
+                    running.await;
+                    shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+                }
                 drop(slot);
             });
         }
@@ -422,15 +434,14 @@ async fn refuse(
     .await;
 }
 
-async fn connection<H, Fut>(
+/// Takes a connection through TLS, the opening handshake, the origin policy
+/// and the authentication hook (or serves plain HTTP); returns the session
+/// and its tracing span when it opened as a WebSocket.
+async fn open(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    handler: Arc<H>,
-) where
-    H: Fn(Session) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+) -> Option<(Session, tracing::Span)> {
     let stats = shared.stats.clone();
     let config = &shared.config;
     let max = config.protocol.max_handshake_size;
@@ -455,19 +466,20 @@ async fn connection<H, Fut>(
         Ok(Err((None, e))) => {
             stats.reject("tls");
             debug!(%peer, "TLS handshake failed: {e}");
-            return;
+            return None;
         }
         Ok(Err((Some(mut stream), Error::Handshake(e)))) => {
-            return refuse(&mut stream, &stats, "bad_request", &e).await
+            refuse(&mut stream, &stats, "bad_request", &e).await;
+            return None;
         }
         Ok(Err((_, e))) => {
             debug!(%peer, "connection ended during the handshake: {e}");
-            return;
+            return None;
         }
         Err(_) => {
             stats.reject("timeout");
             debug!(%peer, "handshake timeout");
-            return;
+            return None;
         }
     };
     // Only the bytes after the head are kept (the head buffer is dropped
@@ -480,7 +492,7 @@ async fn connection<H, Fut>(
             stats.http_requests.fetch_add(1, Ordering::Relaxed);
             let response = http(request).await;
             let _ = write_response(&mut stream, response).await;
-            return;
+            return None;
         }
     }
     if let Some(origins) = &shared.origins {
@@ -493,12 +505,16 @@ async fn connection<H, Fut>(
                 status: StatusCode::FORBIDDEN,
                 reason: format!("origin {} is not allowed", origin.unwrap_or("(none)")),
             };
-            return refuse(&mut stream, &stats, "origin", &err).await;
+            refuse(&mut stream, &stats, "origin", &err).await;
+            return None;
         }
     }
     let hs = match ServerHandshake::new(request, config.protocol.clone()) {
         Ok(hs) => hs,
-        Err(e) => return refuse(&mut stream, &stats, "bad_request", &e).await,
+        Err(e) => {
+            refuse(&mut stream, &stats, "bad_request", &e).await;
+            return None;
+        }
     };
     let identity = match &shared.auth {
         None => Extensions::new(),
@@ -516,7 +532,8 @@ async fn connection<H, Fut>(
                         status: reject.status,
                         reason: reject.reason,
                     };
-                    return refuse(&mut stream, &stats, "auth", &err).await;
+                    refuse(&mut stream, &stats, "auth", &err).await;
+                    return None;
                 }
             }
         }
@@ -529,23 +546,26 @@ async fn connection<H, Fut>(
     let request = clone_request(hs.request());
     let (response, conn) = hs.accept(protocol.as_deref(), &http::HeaderMap::new());
     if stream.write_all(&response).await.is_err() || stream.flush().await.is_err() {
-        return;
+        return None;
     }
     let mut ws =
         WebSocket::from_parts(stream, conn, &leftover, protocol.clone(), config.io.clone());
     drop(leftover);
-    ws.set_shutdown(shared.shutdown.child_token());
+    // The server's own token, not a child: a child token is a node of its
+    // own per connection, and nothing cancels one connection through it.
+    ws.set_shutdown(shared.shutdown.clone());
     ws.set_counters(stats.traffic.clone());
     stats.opened.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("ws", %peer, path = %request.uri().path(), protocol = protocol.as_deref().unwrap_or(""));
+    // A debug span: at the default level it is disabled and costs nothing;
+    // an enabled span keeps its formatted fields (~450 bytes per connection).
+    let span = debug_span!("ws", %peer, path = %request.uri().path(), protocol = protocol.as_deref().unwrap_or(""));
     let session = Session {
         ws,
         peer,
         request,
         identity,
     };
-    handler(session).instrument(span).await;
-    stats.closed.fetch_add(1, Ordering::Relaxed);
+    Some((session, span))
 }
 
 #[cfg(feature = "tls")]
@@ -614,36 +634,41 @@ pub fn record_close(stats: &ServerStats, outcome: &Option<Result<Message, Error>
 
 /// A handler that echoes every data message (optionally with a prefix on
 /// text), after an optional welcome message. Used by `tidewire echo`.
-pub async fn echo(
+#[allow(clippy::manual_async_fn)] // on purpose: see the comment in the body
+pub fn echo(
     mut session: Session,
     welcome: Option<Arc<str>>,
     prefix: Arc<str>,
     stats: Arc<ServerStats>,
-) {
-    // The echo needs only the socket: free the request headers now.
-    let ws = &mut session.ws;
-    session.request = Request::new(());
-    session.identity = Extensions::new();
-    if let Some(welcome) = welcome {
-        if ws.send_text(welcome.to_string()).await.is_err() {
-            return;
-        }
-    }
-    let mut last: Option<Result<Message, Error>> = None;
-    while let Some(msg) = ws.recv().await {
-        match msg {
-            // Replies are fed, not flushed: recv writes them in one go when
-            // it runs out of input, so a burst costs one write.
-            Ok(Message::Text(text)) if !prefix.is_empty() => {
-                let _ = ws.feed(Message::text(format!("{prefix}{text}")));
+) -> impl Future<Output = ()> + Send {
+    // Not an `async fn`: its arguments would be stored twice in the future
+    // (as arguments and as locals); the block uses the session in place.
+    async move {
+        // The echo needs only the socket: free the request headers now.
+        let ws = &mut session.ws;
+        drop(std::mem::take(&mut session.request));
+        drop(std::mem::take(&mut session.identity));
+        if let Some(welcome) = welcome {
+            if ws.send_text(welcome.to_string()).await.is_err() {
+                return;
             }
-            Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
-                // A failed feed means the connection is ending; recv reports how.
-                let _ = ws.feed(m);
-            }
-            Ok(Message::Ping(_) | Message::Pong(_)) => {}
-            other => last = Some(other),
         }
+        let mut last: Option<Result<Message, Error>> = None;
+        while let Some(msg) = ws.recv().await {
+            match msg {
+                // Replies are fed, not flushed: recv writes them in one go when
+                // it runs out of input, so a burst costs one write.
+                Ok(Message::Text(text)) if !prefix.is_empty() => {
+                    let _ = ws.feed(Message::text(format!("{prefix}{text}")));
+                }
+                Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
+                    // A failed feed means the connection is ending; recv reports how.
+                    let _ = ws.feed(m);
+                }
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                other => last = Some(other),
+            }
+        }
+        record_close(&stats, &last);
     }
-    record_close(&stats, &last);
 }
