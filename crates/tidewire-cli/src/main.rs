@@ -46,9 +46,19 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => return bench::run(args),
         other => other,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // One worker per CPU this process may run on (taskset and cgroup
+    // limits count); on one CPU, the current-thread scheduler, which wakes
+    // tasks without the work-stealing machinery.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
     match args {
         Command::Bench(_) => unreachable!("handled above"),
         Command::Echo(args) => runtime.block_on(echo::run(args)),
