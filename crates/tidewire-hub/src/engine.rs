@@ -83,8 +83,7 @@ pub struct HistoryQuery {
     pub limit: usize,
     /// Newest first.
     pub reverse: bool,
-    /// The channel's history options (a query starts the stream if there
-    /// is none yet, so that subscribers learn its epoch).
+    /// The channel's history options.
     pub options: HistoryOptions,
 }
 
@@ -93,7 +92,9 @@ pub struct HistoryQuery {
 pub struct HistoryResult {
     /// The publications, in the order asked for.
     pub publications: Vec<Arc<Publication>>,
-    /// The stream's current position.
+    /// The stream's current position: `{0, ""}` when the channel has no
+    /// stream (nothing published yet, or it expired). Reading never
+    /// creates a stream, so subscribers alone leave nothing behind.
     pub position: StreamPosition,
 }
 
@@ -101,8 +102,15 @@ impl HistoryResult {
     /// Whether these publications (a forward query from `since`) are all
     /// that was published after `since`: same epoch, no gap at the start,
     /// nothing newer left out.
+    ///
+    /// The position `{offset: 0, epoch: ""}` (nothing seen, subscribed
+    /// before the stream had a publication) matches any epoch: it
+    /// recovers the stream from its first publication while that is kept.
     pub fn recovers(&self, since: &Position) -> bool {
-        if *since.epoch != *self.position.epoch || since.offset > self.position.offset {
+        let from_start = since.offset == 0 && since.epoch.is_empty();
+        if (!from_start && *since.epoch != *self.position.epoch)
+            || since.offset > self.position.offset
+        {
             return false;
         }
         if since.offset == self.position.offset {
@@ -340,7 +348,15 @@ impl MemoryEngine {
                 },
             };
         }
-        let stream = self.stream(channel, query.options);
+        let Some(stream) = self.streams.lock(channel).get(channel).cloned() else {
+            return HistoryResult {
+                publications: Vec::new(),
+                position: StreamPosition {
+                    offset: 0,
+                    epoch: "".into(),
+                },
+            };
+        };
         let mut stream = lock(&stream);
         stream.options = query.options;
         stream.trim(Instant::now());
@@ -691,6 +707,42 @@ mod tests {
             .await
             .unwrap()
             .recovers(&at(9)));
+    }
+
+    #[tokio::test]
+    async fn reading_creates_no_stream_and_the_start_position_recovers_from_offset_1() {
+        let engine = MemoryEngine::new();
+        let start = Position {
+            offset: 0,
+            epoch: String::new(),
+        };
+        let r = engine
+            .history("a", query(Some(0), 10, false))
+            .await
+            .unwrap();
+        assert_eq!((r.position.offset, &*r.position.epoch), (0, ""));
+        assert!(r.recovers(&start));
+        assert_eq!(engine.stats().streams, 0);
+        engine.publish("a", publication("1"), KEEP).await.unwrap();
+        engine.publish("a", publication("2"), KEEP).await.unwrap();
+        let r = engine
+            .history("a", query(Some(0), 10, false))
+            .await
+            .unwrap();
+        assert!(r.recovers(&start));
+        assert_eq!(offsets(&r), [1, 2]);
+        for i in 3..=5 {
+            engine
+                .publish("a", publication(&i.to_string()), KEEP)
+                .await
+                .unwrap();
+        }
+        // Offset 1 is gone (history of 3): not recoverable from the start.
+        let r = engine
+            .history("a", query(Some(0), 10, false))
+            .await
+            .unwrap();
+        assert!(!r.recovers(&start));
     }
 
     #[tokio::test(start_paused = true)]

@@ -61,11 +61,13 @@ pub enum ErrorCode {
     LimitExceeded,
     /// 114: the engine or the application backend failed; retry later.
     Unavailable,
+    /// 115: a history position from another epoch (the stream was reset).
+    StalePosition,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::Internal,
         ErrorCode::BadRequest,
         ErrorCode::UnknownCommand,
@@ -81,6 +83,7 @@ impl ErrorCode {
         ErrorCode::NotAvailable,
         ErrorCode::LimitExceeded,
         ErrorCode::Unavailable,
+        ErrorCode::StalePosition,
     ];
 
     /// The number on the wire.
@@ -101,6 +104,7 @@ impl ErrorCode {
             ErrorCode::NotAvailable => 112,
             ErrorCode::LimitExceeded => 113,
             ErrorCode::Unavailable => 114,
+            ErrorCode::StalePosition => 115,
         }
     }
 
@@ -122,6 +126,7 @@ impl ErrorCode {
             ErrorCode::NotAvailable => "not_available",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::StalePosition => "stale_position",
         }
     }
 
@@ -703,6 +708,6 @@ mod tests {
     fn error_codes_are_unique_and_stable() {
         let mut numbers: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.number()).collect();
         numbers.dedup();
-        assert_eq!(numbers, (100..115).collect::<Vec<u16>>());
+        assert_eq!(numbers, (100..116).collect::<Vec<u16>>());
     }
 }
