@@ -663,6 +663,28 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_configuration_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```toml\n")
+            .expect("a TOML example in the README")
+            + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let c = Config::from_toml(&readme[start..end], Path::new("README.md")).unwrap();
+        assert!(!c.client.anonymous);
+        assert_eq!(c.unknown_namespaces, UnknownNamespaces::Reject);
+        assert_eq!(
+            c.channel_options("news:eu").unwrap().publish,
+            PublishRule::Server
+        );
+        assert_eq!(
+            c.channel_options("private:x").unwrap().subscribe,
+            SubscribeRule::Token
+        );
+        assert!(!c.channel_options("lobby").unwrap().has_history());
+    }
+
+    #[test]
     fn invalid_values_are_refused() {
         assert!(Config::from_toml("[namespaces.\"a:b\"]\n", Path::new("t")).is_err());
         assert!(Config::from_toml("[client]\nmax_batch = 0\n", Path::new("t")).is_err());

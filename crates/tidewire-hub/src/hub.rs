@@ -546,10 +546,24 @@ impl Node {
         })
     }
 
+    /// A user's connected clients, or the one with id `client` (which
+    /// must belong to `user`; "" finds anonymous clients by id).
     fn clients_of(&self, user: &str, client: Option<&str>) -> Vec<Arc<Client>> {
+        if let Some(client) = client {
+            let Ok(id) = u64::from_str_radix(client, 16) else {
+                return Vec::new();
+            };
+            let found = self.clients.lock(&id).get(&id).cloned();
+            return found
+                .filter(|c| c.info().is_some_and(|info| info.user == user))
+                .into_iter()
+                .collect();
+        }
+        if user.is_empty() {
+            return Vec::new();
+        }
         let ids: Vec<u64> = self.users.lock(user).get(user).cloned().unwrap_or_default();
         ids.into_iter()
-            .filter(|id| client.is_none_or(|c| format!("{id:016x}") == c))
             .filter_map(|id| self.clients.lock(&id).get(&id).cloned())
             .collect()
     }
@@ -862,7 +876,9 @@ impl Session {
                 break;
             }
             match protocol::parse_command(line) {
-                Ok(command) => self.dispatch(command).await,
+                // Boxed: the largest command's state lives on the heap
+                // while it runs, not in every idle connection's task.
+                Ok(command) => Box::pin(self.dispatch(command)).await,
                 Err(e) => self.reply_error(e.id, &e.error),
             }
         }

@@ -704,6 +704,28 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Hostile bytes: parsed or refused with a code, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            for line in split_batch(&text) {
+                if let Err(e) = parse_command(line) {
+                    proptest::prop_assert!(matches!(e.error.code, ErrorCode::BadRequest | ErrorCode::UnknownCommand));
+                }
+            }
+        }
+
+        /// Objects with known keys and values of any JSON type.
+        #[test]
+        fn arbitrary_objects_never_panic(
+            key in proptest::sample::select(vec!["id", "connect", "subscribe", "publish", "history", "ping", "x"]),
+            value in proptest::sample::select(vec!["1", "-1", "\"s\"", "{}", "[]", "null", "{\"channel\":\"a\",\"data\":1}", "1e400"]),
+        ) {
+            let _ = parse_command(&format!("{{\"{key}\":{value}}}"));
+            let _ = parse_command(&format!("{{\"id\":1,\"{key}\":{value}}}"));
+        }
+    }
+
     #[test]
     fn error_codes_are_unique_and_stable() {
         let mut numbers: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.number()).collect();
