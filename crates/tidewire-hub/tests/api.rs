@@ -604,3 +604,66 @@ async fn connection_limits_and_origins() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (_ws, _) = tidewire::connect(&server.url()).await.unwrap();
 }
+
+#[tokio::test]
+async fn wss_and_https_with_a_tls_acceptor() {
+    let (acceptor, pem) = tidewire::tls::TlsAcceptor::self_signed(&["localhost"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hub = Hub::new(config(), Arc::new(MemoryEngine::new())).unwrap();
+    let shutdown = tidewire::CancellationToken::new();
+    let task = tokio::spawn(tidewire_hub::server::serve(
+        hub,
+        listener,
+        API_KEY,
+        Some(acceptor),
+        shutdown.clone(),
+    ));
+    let connector = tidewire::tls::TlsConnector::builder()
+        .without_platform_roots()
+        .add_ca_pem(pem.cert_pem.as_bytes())
+        .unwrap()
+        .build()
+        .unwrap();
+    let url = format!("wss://localhost:{port}/connection/websocket");
+    let (mut ws, _) = tidewire::ClientBuilder::new(url)
+        .tls(connector)
+        .connect()
+        .await
+        .unwrap();
+    ws.send_text(r#"{"id":1,"connect":{}}"#).await.unwrap();
+    let Some(Ok(tidewire::Message::Text(reply))) = ws.recv().await else {
+        panic!("no reply over wss")
+    };
+    assert!(reply.as_str().contains("\"client\""), "{reply}");
+    // Plain HTTP on the TLS port gets no answer: the handshake fails.
+    let (status, _) = tokio::time::timeout(LIMIT, async {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tcp.read_to_end(&mut buf).await;
+        (buf.starts_with(b"HTTP/1.1 200"), buf.len())
+    })
+    .await
+    .unwrap();
+    assert!(!status);
+    shutdown.cancel();
+    let close = loop {
+        match tokio::time::timeout(LIMIT, ws.recv()).await.unwrap() {
+            Some(Ok(tidewire::Message::Close(frame))) => break frame.map(|f| f.code.0),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(close, Some(1001));
+    tokio::time::timeout(LIMIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
