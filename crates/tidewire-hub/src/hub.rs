@@ -876,9 +876,7 @@ impl Session {
                 break;
             }
             match protocol::parse_command(line) {
-                // Boxed: the largest command's state lives on the heap
-                // while it runs, not in every idle connection's task.
-                Ok(command) => Box::pin(self.dispatch(command)).await,
+                Ok(command) => self.dispatch(command).await,
                 Err(e) => self.reply_error(e.id, &e.error),
             }
         }
@@ -1292,7 +1290,7 @@ impl Session {
     /// The connection ended: leave every channel, forget the client.
     pub async fn close(mut self) {
         self.closed = true;
-        cleanup(self.node.clone(), self.client.clone()).await;
+        Box::pin(cleanup(self.node.clone(), self.client.clone())).await;
     }
 }
 

@@ -129,15 +129,24 @@ async fn websocket(
     }
     let hub = app.hub.clone();
     let shutdown = app.shutdown.child_token();
-    upgrade
+    let (response, upgrading) = upgrade
         .protocols([SUBPROTOCOL])
         .config(app.ws_config.clone())
-        .on_upgrade(move |mut ws| async move {
-            // The connection's limit slot lives as long as the WebSocket.
-            let _slot = slot;
-            ws.set_shutdown(shutdown);
-            crate::ws::run_session(hub, ws).await;
-        })
+        .into_response_and_future();
+    // One short task waits for the upgrade, then starts the session in a
+    // task of its own: an idle connection's task holds only the session,
+    // not the (larger) state of the upgrade.
+    tokio::spawn(async move {
+        match upgrading.await {
+            Ok(mut ws) => {
+                ws.set_shutdown(shutdown);
+                // The connection's limit slot lives as long as the WebSocket.
+                tokio::spawn(crate::ws::run_session(hub, ws, slot));
+            }
+            Err(e) => tracing::debug!("WebSocket upgrade failed: {e}"),
+        }
+    });
+    response
 }
 
 /// Counts connections for the limits; dropped when the connection (and

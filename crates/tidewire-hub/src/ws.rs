@@ -11,6 +11,7 @@
 //! control push that cannot be queued always closes (1013): the client
 //! would be out of step.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -79,20 +80,29 @@ pub fn queue_limits(settings: &crate::config::ClientSettings) -> tidewire::Queue
     }
 }
 
-/// Runs a hub session over an open WebSocket until it ends.
-pub async fn run_session<S>(hub: Hub, mut ws: WebSocket<S>)
+/// Runs a hub session over an open WebSocket until it ends; `guard` (a
+/// connection-limit slot, say) is dropped at the end.
+///
+/// Not an `async fn`: the WebSocket is captured once by the returned
+/// future (an `async fn` keeps its arguments twice in its state), which
+/// keeps an idle connection's task small (a test guards it).
+#[allow(clippy::manual_async_fn)]
+pub fn run_session<S, G>(hub: Hub, mut ws: WebSocket<S>, guard: G) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let sink = Arc::new(WsSink {
-        sender: ws.sender(),
-        hub: hub.clone(),
-        close_on_overflow: hub.config().client.slow_consumer == SlowConsumerPolicy::Close,
-        closing: AtomicBool::new(false),
-    });
-    let session = hub.open(sink);
-    run(&session, &mut ws, &hub).await;
-    session.close().await;
+    async move {
+        let sink = Arc::new(WsSink {
+            sender: ws.sender(),
+            hub: hub.clone(),
+            close_on_overflow: hub.config().client.slow_consumer == SlowConsumerPolicy::Close,
+            closing: AtomicBool::new(false),
+        });
+        let session = hub.open(sink);
+        run(&session, &mut ws, &hub).await;
+        session.close().await;
+        drop(guard);
+    }
 }
 
 async fn run<S>(session: &Session, ws: &mut WebSocket<S>, hub: &Hub)
@@ -120,7 +130,9 @@ where
         };
         match next {
             None => return,
-            Some(Ok(Message::Text(text))) => session.handle_text(text.as_str()).await,
+            // Boxed: command handling's state is on the heap while it
+            // runs, not part of every idle connection's task.
+            Some(Ok(Message::Text(text))) => Box::pin(session.handle_text(text.as_str())).await,
             Some(Ok(Message::Binary(_))) => session.handle_binary(),
             Some(Ok(_)) => {}
             Some(Err(e)) => {
@@ -128,5 +140,28 @@ where
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, F: FnOnce(A, B, C) -> Fut, Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// An idle connection's task is the session future: the WebSocket
+    /// plus a few hundred bytes (the WebSocket once, not twice; command
+    /// handling boxed).
+    #[test]
+    fn an_idle_session_is_little_more_than_its_websocket() {
+        type S = tidewire::hyper::UpgradedStream;
+        let ws = std::mem::size_of::<WebSocket<S>>();
+        let session = future_size(run_session::<S, ()>);
+        assert!(
+            session < ws + 512,
+            "session future {session} bytes, WebSocket {ws}"
+        );
     }
 }
