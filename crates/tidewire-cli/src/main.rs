@@ -1,22 +1,27 @@
 //! `tidewire`: the command-line front of the toolkit.
 //!
+//! - `tidewire serve`: the real-time hub (channels, presence, history,
+//!   recovery, HTTP API), embedded defaults on 127.0.0.1:8080.
+//! - `tidewire token`: a development token for the hub.
 //! - `tidewire echo`: an echo server (the classic tutorial server with
 //!   `--welcome` and `--prefix`), which also serves the tutorial's browser
 //!   page at `/`.
 //! - `tidewire connect`: an interactive client, like wscat.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod bench;
 mod connect;
 mod echo;
+mod serve;
 mod server_args;
+mod token;
 
 #[derive(Parser)]
 #[command(
     name = "tidewire",
     version,
-    about = "WebSocket toolkit: echo server, interactive client, load generator"
+    about = "WebSocket toolkit: real-time hub, echo server, interactive client, load generator"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,6 +30,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the real-time hub: channels, presence, history, HTTP API.
+    Serve(serve::ServeArgs),
+    /// Print a development token (HS256) for the hub.
+    Token(token::TokenArgs),
     /// Run an echo server: every message comes back with its own type.
     Echo(echo::EchoArgs),
     /// Connect to a WebSocket server: stdin lines are sent, messages printed.
@@ -34,7 +43,11 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // The matches tell `serve` which flags were given (they override its
+    // configuration file; their defaults do not).
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let serve_matches = matches.subcommand_matches("serve").cloned();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -44,6 +57,7 @@ fn main() -> anyhow::Result<()> {
     let args = match cli.command {
         // The generator builds its own runtime (its thread count is a flag).
         Command::Bench(args) => return bench::run(args),
+        Command::Token(args) => return token::run(args),
         other => other,
     };
     // One worker per CPU this process may run on (taskset and cgroup
@@ -60,7 +74,8 @@ fn main() -> anyhow::Result<()> {
             .build()?
     };
     match args {
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Token(_) => unreachable!("handled above"),
+        Command::Serve(args) => runtime.block_on(serve::run(args, serve_matches)),
         Command::Echo(args) => runtime.block_on(echo::run(args)),
         Command::Connect(args) => {
             let code = runtime.block_on(connect::run(args))?;

@@ -1,5 +1,6 @@
-//! Server flags shared by `tidewire echo` and (later) `tidewire serve`:
-//! every policy of the server layer, with safe defaults.
+//! Server flags shared by `tidewire echo` and `tidewire serve`: every
+//! policy of the server layer, with safe defaults. (`serve` applies them
+//! only when given on the command line, over its configuration.)
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;

@@ -1,0 +1,693 @@
+//! Configuration: defaults, the TOML file, `TIDEWIRE_*` environment
+//! variables, and the namespace options of channels.
+//!
+//! Precedence (highest first): command-line flags (applied by the CLI on
+//! top of what this module returns), environment, TOML file, defaults. The
+//! defaults are the embedded mode: one node, in memory, on
+//! `127.0.0.1:8080`, with a permissive default namespace good for a chat
+//! demo (anonymous clients may connect, subscribe and publish; presence,
+//! join/leave, 100 messages / 5 minutes of history, recovery).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Everything `tidewire serve` can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (`HOST:PORT`).
+    pub listen: String,
+    /// Client protocol limits and timers.
+    pub client: ClientSettings,
+    /// Connection and subscription tokens (JWT).
+    pub token: TokenSettings,
+    /// The server HTTP API.
+    pub api: ApiSettings,
+    /// Callbacks to the application backend.
+    pub proxy: ProxySettings,
+    /// Transport: TLS, connection limits, WebSocket limits, queues.
+    pub server: ServerSettings,
+    /// Options of channels without a namespace (`lobby`), and of channels
+    /// in unknown namespaces when `unknown_namespaces = "default"`.
+    pub channels: ChannelOptions,
+    /// Named namespaces: `[namespaces.chat]` applies to `chat:*` channels.
+    pub namespaces: BTreeMap<String, ChannelOptions>,
+    /// What a channel in a namespace that is not configured gets.
+    pub unknown_namespaces: UnknownNamespaces,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            client: ClientSettings::default(),
+            token: TokenSettings::default(),
+            api: ApiSettings::default(),
+            proxy: ProxySettings::default(),
+            server: ServerSettings::default(),
+            channels: ChannelOptions::default(),
+            namespaces: BTreeMap::new(),
+            unknown_namespaces: UnknownNamespaces::Default,
+        }
+    }
+}
+
+/// Channels in namespaces that are not configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownNamespaces {
+    /// They get the options of `[channels]` (the embedded default).
+    Default,
+    /// They are refused with "unknown namespace" (strict deployments).
+    Reject,
+}
+
+/// Client protocol settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientSettings {
+    /// Clients may connect without a token (as anonymous, user id "").
+    pub anonymous: bool,
+    /// Application-level ping push interval (browsers cannot see WebSocket
+    /// pings); sent to the client in the connect reply. 0 = off.
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// A connection that has not sent a successful `connect` by then is
+    /// disconnected.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// After a connection token expires: time to send `refresh` before the
+    /// disconnect.
+    #[serde(deserialize_with = "duration")]
+    pub refresh_grace: Duration,
+    /// Largest WebSocket message (one command or a batch), in bytes; larger
+    /// ones close the connection with 1009.
+    pub max_message_size: usize,
+    /// Most commands in one message (newline-separated batch).
+    pub max_batch: usize,
+    /// Longest channel name, in bytes.
+    pub max_channel_length: usize,
+    /// Most channels one client may be subscribed to.
+    pub max_subscriptions: usize,
+    /// Most publications one `history` call returns.
+    pub max_history_limit: usize,
+    /// Per-connection send queue: most messages waiting.
+    pub queue_messages: usize,
+    /// Per-connection send queue: most bytes waiting.
+    pub queue_bytes: usize,
+    /// What happens to a client whose send queue is full when a
+    /// publication arrives.
+    pub slow_consumer: SlowConsumerPolicy,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            anonymous: true,
+            ping_interval: Duration::from_secs(25),
+            connect_timeout: Duration::from_secs(10),
+            refresh_grace: Duration::from_secs(10),
+            max_message_size: 64 * 1024,
+            max_batch: 100,
+            max_channel_length: 255,
+            max_subscriptions: 128,
+            max_history_limit: 1000,
+            queue_messages: 1024,
+            queue_bytes: 1 << 20,
+            slow_consumer: SlowConsumerPolicy::Close,
+        }
+    }
+}
+
+/// The slow-consumer policy of the hub. The server layer's `wait` is not
+/// offered: a fan-out to thousands of subscribers cannot wait for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with 1013 (try again later): the client
+    /// reconnects and recovers what it missed from history. The default:
+    /// streams stay gap-free.
+    Close,
+    /// Drop the publication for that client (counted); the client sees a
+    /// gap in offsets and may resubscribe with recovery.
+    Drop,
+}
+
+impl std::str::FromStr for SlowConsumerPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "close" => Ok(SlowConsumerPolicy::Close),
+            "drop" => Ok(SlowConsumerPolicy::Drop),
+            other => Err(format!(
+                "slow-consumer policy {other:?} is not available for the hub (close or drop)"
+            )),
+        }
+    }
+}
+
+/// JWT verification settings. Without any key, tokens are refused (and
+/// anonymous connections are the only ones, if allowed).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenSettings {
+    /// HS256 shared secret.
+    pub hmac_secret: Option<String>,
+    /// RS256 public key (PEM text).
+    pub rsa_public_key: Option<String>,
+    /// ES256 public key (PEM text).
+    pub ecdsa_public_key: Option<String>,
+    /// A JWKS document URL (RS256 / ES256 keys by `kid`).
+    pub jwks_url: Option<String>,
+    /// Required `aud` claim, if set.
+    pub audience: Option<String>,
+    /// Required `iss` claim, if set.
+    pub issuer: Option<String>,
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// The API key (`Authorization: apikey KEY`). Unset: a random key is
+    /// generated at start and printed.
+    pub key: Option<String>,
+    /// Largest request body, in bytes.
+    pub max_body_size: Option<usize>,
+}
+
+/// Proxy callbacks to the application backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxySettings {
+    /// Called on every `connect` (http:// or https://).
+    pub connect_url: Option<String>,
+    /// Called on every client `publish`.
+    pub publish_url: Option<String>,
+    /// Timeout of one callback.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            connect_url: None,
+            publish_url: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Transport settings (the server layer's policies).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// TLS certificate chain (PEM file) for https:// and wss://.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM file).
+    pub tls_key: Option<PathBuf>,
+    /// Allowed browser origins for WebSocket connections (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// Most simultaneous TCP connections (beyond: 503).
+    pub max_connections: usize,
+    /// Most simultaneous connections per client IP (0: no limit; beyond: 429).
+    pub max_connections_per_ip: usize,
+    /// Deadline for TLS and the HTTP request head.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Close WebSockets silent for this long (0: never).
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// WebSocket-level keepalive ping interval (0: off).
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// How long a peer has to answer a keepalive ping.
+    #[serde(deserialize_with = "duration")]
+    pub pong_timeout: Duration,
+    /// Offer permessage-deflate.
+    pub deflate: bool,
+    /// How long graceful shutdown waits.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            tls_cert: None,
+            tls_key: None,
+            allowed_origins: Vec::new(),
+            max_connections: 20_000,
+            max_connections_per_ip: 0,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(20),
+            // Off by default: a compressor per connection costs far more
+            // than the 4 KiB per idle connection we aim for.
+            deflate: false,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Who may subscribe to a channel of a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscribeRule {
+    /// Any connected client, anonymous included.
+    Anonymous,
+    /// Clients with a user id (connected with a token or through the
+    /// connect proxy).
+    Authenticated,
+    /// Only clients whose connection token lists the channel in its
+    /// `channels` claim, or who present a subscription token for it.
+    Token,
+}
+
+/// Who may publish to a channel of a namespace from a client connection
+/// (the HTTP API may always publish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishRule {
+    /// Clients subscribed to the channel.
+    Subscribers,
+    /// Any connected client.
+    Clients,
+    /// Nobody: the server (HTTP API) only.
+    Server,
+}
+
+/// Options of the channels of a namespace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelOptions {
+    /// Who may subscribe.
+    pub subscribe: SubscribeRule,
+    /// Who may publish from a client connection.
+    pub publish: PublishRule,
+    /// Keep and serve presence (who is subscribed).
+    pub presence: bool,
+    /// Send join and leave pushes to subscribers.
+    pub join_leave: bool,
+    /// Publications kept per channel (0: no history, no offsets).
+    pub history_size: usize,
+    /// How long publications are kept.
+    #[serde(deserialize_with = "duration")]
+    pub history_ttl: Duration,
+    /// Let subscribers recover missed publications from history.
+    pub recovery: bool,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        ChannelOptions {
+            subscribe: SubscribeRule::Anonymous,
+            publish: PublishRule::Subscribers,
+            presence: true,
+            join_leave: true,
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            recovery: true,
+        }
+    }
+}
+
+impl ChannelOptions {
+    /// Whether channels keep a history (and so offsets and an epoch).
+    pub fn has_history(&self) -> bool {
+        self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+
+    /// Whether subscribers may recover missed publications.
+    pub fn has_recovery(&self) -> bool {
+        self.recovery && self.has_history()
+    }
+}
+
+/// The error of loading a configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// An environment variable has a value of the wrong form.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// The variable.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or settings contradict each other.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The file read when no `--config` is given and it exists in the current
+/// folder.
+pub const DEFAULT_FILE: &str = "tidewire.toml";
+
+/// Environment variables read by [`Config::apply_env`], with what they set.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("TIDEWIRE_LISTEN", "listen"),
+    ("TIDEWIRE_API_KEY", "api.key"),
+    ("TIDEWIRE_TOKEN_HMAC_SECRET", "token.hmac_secret"),
+    ("TIDEWIRE_TOKEN_RSA_PUBLIC_KEY", "token.rsa_public_key"),
+    ("TIDEWIRE_TOKEN_ECDSA_PUBLIC_KEY", "token.ecdsa_public_key"),
+    ("TIDEWIRE_TOKEN_JWKS_URL", "token.jwks_url"),
+    ("TIDEWIRE_CLIENT_ANONYMOUS", "client.anonymous"),
+    ("TIDEWIRE_PROXY_CONNECT_URL", "proxy.connect_url"),
+    ("TIDEWIRE_PROXY_PUBLISH_URL", "proxy.publish_url"),
+    (
+        "TIDEWIRE_ALLOWED_ORIGINS",
+        "server.allowed_origins (comma-separated)",
+    ),
+    ("TIDEWIRE_MAX_CONNECTIONS", "server.max_connections"),
+    ("TIDEWIRE_TLS_CERT", "server.tls_cert"),
+    ("TIDEWIRE_TLS_KEY", "server.tls_key"),
+];
+
+impl Config {
+    /// Parses a TOML document (`path` names it in errors).
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] with the parser's line and column.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Defaults, then `file` (or `tidewire.toml` in `dir` if it exists),
+    /// then the environment (`env` returns a variable's value).
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or a value is invalid.
+    pub fn load(
+        file: Option<&Path>,
+        dir: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let path = match file {
+            Some(path) => Some(path.to_owned()),
+            None => Some(dir.join(DEFAULT_FILE)).filter(|p| p.is_file()),
+        };
+        let mut config = match &path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Config::from_toml(&text, path)?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok((config, path))
+    }
+
+    /// Applies the `TIDEWIRE_*` variables listed in [`ENV_VARS`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Env`] for a value of the wrong form.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let get = |name: &str| env(name).filter(|v| !v.is_empty());
+        if let Some(v) = get("TIDEWIRE_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = get("TIDEWIRE_API_KEY") {
+            self.api.key = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_TOKEN_HMAC_SECRET") {
+            self.token.hmac_secret = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_TOKEN_RSA_PUBLIC_KEY") {
+            self.token.rsa_public_key = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_TOKEN_ECDSA_PUBLIC_KEY") {
+            self.token.ecdsa_public_key = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_TOKEN_JWKS_URL") {
+            self.token.jwks_url = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_CLIENT_ANONYMOUS") {
+            self.client.anonymous = match v.as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "TIDEWIRE_CLIENT_ANONYMOUS",
+                        message: format!("{v:?} is not true or false"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = get("TIDEWIRE_PROXY_CONNECT_URL") {
+            self.proxy.connect_url = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_PROXY_PUBLISH_URL") {
+            self.proxy.publish_url = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_ALLOWED_ORIGINS") {
+            self.server.allowed_origins = v
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        if let Some(v) = get("TIDEWIRE_MAX_CONNECTIONS") {
+            self.server.max_connections = v.parse().map_err(|e| ConfigError::Env {
+                name: "TIDEWIRE_MAX_CONNECTIONS",
+                message: format!("{v:?}: {e}"),
+            })?;
+        }
+        if let Some(v) = get("TIDEWIRE_TLS_CERT") {
+            self.server.tls_cert = Some(v.into());
+        }
+        if let Some(v) = get("TIDEWIRE_TLS_KEY") {
+            self.server.tls_key = Some(v.into());
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and consistency.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] saying what is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let c = &self.client;
+        if c.max_message_size < 256 {
+            return invalid("client.max_message_size must be at least 256".into());
+        }
+        if c.max_batch == 0 || c.max_channel_length == 0 || c.queue_messages == 0 {
+            return invalid(
+                "client.max_batch, client.max_channel_length and client.queue_messages \
+                 must be positive"
+                    .into(),
+            );
+        }
+        for name in self.namespaces.keys() {
+            if name.is_empty() || name.contains(':') || name.len() > 64 {
+                return invalid(format!(
+                    "namespace name {name:?} must be 1 to 64 bytes without ':'"
+                ));
+            }
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return invalid("server.tls_cert and server.tls_key go together".into());
+        }
+        Ok(())
+    }
+
+    /// The options for `channel` (`ns:rest` uses namespace `ns`).
+    ///
+    /// # Errors
+    /// `Err(namespace)` when the namespace is not configured and
+    /// `unknown_namespaces = "reject"`.
+    pub fn channel_options<'a>(&self, channel: &'a str) -> Result<&ChannelOptions, &'a str> {
+        match namespace_of(channel) {
+            None => Ok(&self.channels),
+            Some(ns) => match self.namespaces.get(ns) {
+                Some(options) => Ok(options),
+                None if self.unknown_namespaces == UnknownNamespaces::Default => Ok(&self.channels),
+                None => Err(ns),
+            },
+        }
+    }
+}
+
+/// The namespace of a channel: the part before the first `:`.
+pub fn namespace_of(channel: &str) -> Option<&str> {
+    channel.split_once(':').map(|(ns, _)| ns)
+}
+
+/// Parses "10s", "5m", "250ms", or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("{s:?} is not a duration"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A duration in TOML: a string ("30s", "5m") or a number of seconds.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(f64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Seconds(s) => parse_duration(&s.to_string()),
+        Raw::Text(t) => parse_duration(&t),
+    }
+    .map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn embedded_defaults_are_permissive_and_local() {
+        let c = Config::default();
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert!(c.client.anonymous);
+        let o = c.channel_options("chat:lobby").unwrap();
+        assert_eq!(o.subscribe, SubscribeRule::Anonymous);
+        assert_eq!(o.publish, PublishRule::Subscribers);
+        assert!(o.presence && o.join_leave && o.has_recovery());
+        assert_eq!(o.history_size, 100);
+    }
+
+    #[test]
+    fn toml_namespaces_and_durations() {
+        let text = r#"
+            listen = "0.0.0.0:9000"
+            unknown_namespaces = "reject"
+            [client]
+            ping_interval = "10s"
+            [channels]
+            history_size = 0
+            [namespaces.news]
+            publish = "server"
+            history_ttl = 60
+            [namespaces.private]
+            subscribe = "token"
+            presence = false
+        "#;
+        let c = Config::from_toml(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9000");
+        assert_eq!(c.client.ping_interval, Duration::from_secs(10));
+        assert!(!c.channel_options("lobby").unwrap().has_history());
+        let news = c.channel_options("news:eu").unwrap();
+        assert_eq!(news.publish, PublishRule::Server);
+        assert_eq!(news.history_ttl, Duration::from_secs(60));
+        assert_eq!(
+            c.channel_options("private:x").unwrap().subscribe,
+            SubscribeRule::Token
+        );
+        assert_eq!(c.channel_options("other:x").unwrap_err(), "other");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_position() {
+        let err = Config::from_toml("[client]\nping = 3\n", Path::new("t.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("t.toml") && text.contains("ping"), "{text}");
+        let err = Config::from_toml("[channels]\nsubscribe = \"everyone\"\n", Path::new("t"));
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn env_overrides_file_and_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("tidewire-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(DEFAULT_FILE),
+            "listen = \"127.0.0.1:7000\"\n[api]\nkey = \"file\"\n",
+        )
+        .unwrap();
+        let (c, path) = Config::load(None, &dir, no_env).unwrap();
+        assert_eq!(path.unwrap(), dir.join(DEFAULT_FILE));
+        assert_eq!(
+            (c.listen.as_str(), c.api.key.as_deref()),
+            ("127.0.0.1:7000", Some("file"))
+        );
+        let env = |name: &str| (name == "TIDEWIRE_API_KEY").then(|| "env".to_string());
+        let (c, _) = Config::load(None, &dir, env).unwrap();
+        assert_eq!(c.api.key.as_deref(), Some("env"));
+        assert_eq!(c.listen, "127.0.0.1:7000");
+        let bad = |name: &str| (name == "TIDEWIRE_MAX_CONNECTIONS").then(|| "many".to_string());
+        assert!(matches!(
+            Config::load(None, &dir, bad),
+            Err(ConfigError::Env { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let (c, path) = Config::load(None, &dir, no_env).unwrap();
+        assert!(path.is_none());
+        assert_eq!(c.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn the_readme_example_configuration_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```toml\n")
+            .expect("a TOML example in the README")
+            + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let c = Config::from_toml(&readme[start..end], Path::new("README.md")).unwrap();
+        assert!(!c.client.anonymous);
+        assert_eq!(c.unknown_namespaces, UnknownNamespaces::Reject);
+        assert_eq!(
+            c.channel_options("news:eu").unwrap().publish,
+            PublishRule::Server
+        );
+        assert_eq!(
+            c.channel_options("private:x").unwrap().subscribe,
+            SubscribeRule::Token
+        );
+        assert!(!c.channel_options("lobby").unwrap().has_history());
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        assert!(Config::from_toml("[namespaces.\"a:b\"]\n", Path::new("t")).is_err());
+        assert!(Config::from_toml("[client]\nmax_batch = 0\n", Path::new("t")).is_err());
+        assert!(Config::from_toml("[client]\nping_interval = \"soon\"\n", Path::new("t")).is_err());
+    }
+}

@@ -1,0 +1,1333 @@
+//! The hub core, independent of its fronts: clients, subscriptions,
+//! permissions, presence, join/leave, history, and the routing of each
+//! publication once to this node's subscribers.
+//!
+//! A front (the WebSocket front in [`crate::ws`], later others) opens a
+//! [`Session`] per connection with a [`ClientSink`], hands it every text
+//! message, and closes it when the transport ends. The core writes
+//! replies and pushes only through the sink, as encoded JSON frames, so it
+//! never knows the transport.
+//!
+//! The fan-out path: the engine hands a publication to [`Node`] (as
+//! [`EngineEvents`]), which encodes the push once and gives the same
+//! shared bytes to every subscriber's sink, under the lock of that one
+//! channel only (other channels never wait). Subscribing with a position
+//! parks the subscriber for the time of the history read: publications
+//! that arrive meanwhile wait in its parking buffer and follow the reply,
+//! without duplicates, so a recovered stream has neither gaps nor repeats.
+//!
+//! Every map keyed by client input (channels, users, clients) loses its
+//! entry when the last user of the key leaves.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::auth::{claim_grants, now_unix, Verifier};
+use crate::config::{ChannelOptions, Config, PublishRule, SubscribeRule};
+use crate::engine::{
+    Engine, EngineEvents, EngineStats, HistoryOptions, HistoryQuery, PresenceStats, StreamPosition,
+};
+use crate::metrics::{MethodLabel, Metrics};
+use crate::protocol::{
+    self, ClientInfo, Command, ConnectRequest, Disconnect, DisconnectCode, ErrorCode, ErrorReply,
+    Frame, HistoryRequest, Position, Publication, PublishRequest, Request, SubscribeRequest,
+    Unsubscribed,
+};
+use crate::proxy::{ConnectCall, Proxy, PublishCall};
+use crate::shards::{lock, Shards};
+
+/// How a frame may be treated when the client's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A publication, join or leave: the slow-consumer policy applies.
+    Publication,
+    /// A reply or control push: if it cannot be queued, the connection
+    /// must end (the client would be out of step).
+    Control,
+}
+
+/// What became of a frame handed to a sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Queued for sending.
+    Queued,
+    /// Dropped by the slow-consumer policy.
+    Dropped,
+    /// The connection is closed or closing (perhaps by this very frame
+    /// overflowing its queue).
+    Closed,
+}
+
+/// A front's handle on one client connection.
+pub trait ClientSink: Send + Sync + 'static {
+    /// Queues a frame without waiting.
+    fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome;
+    /// Ends the connection after what is queued, with a close code and
+    /// reason (WebSocket close frame or its equivalent).
+    fn close(&self, code: u16, reason: &str);
+    /// Frames waiting to be written.
+    fn queued(&self) -> usize;
+}
+
+/// Entries the hub holds, for metrics, `/api/info` and leak tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HubCounts {
+    /// Open sessions (connected or not).
+    pub sessions: usize,
+    /// Sessions that completed `connect`.
+    pub clients: usize,
+    /// Distinct users with a connected client.
+    pub users: usize,
+    /// Channels with subscribers.
+    pub channels: usize,
+    /// Subscriptions over all channels.
+    pub subscriptions: usize,
+    /// Channel streams held by the engine.
+    pub history_streams: usize,
+    /// Channels with presence entries in the engine.
+    pub presence_channels: usize,
+}
+
+/// The hub: cheap to clone, shared by the fronts and the HTTP API.
+#[derive(Clone)]
+pub struct Hub {
+    node: Arc<Node>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+/// The node: this process's share of the hub, and the engine's
+/// [`EngineEvents`].
+pub struct Node {
+    config: Arc<Config>,
+    engine: Arc<dyn Engine>,
+    verifier: Verifier,
+    proxy: Option<Proxy>,
+    metrics: Arc<Metrics>,
+    clients: Shards<u64, Arc<Client>>,
+    users: Shards<String, Vec<u64>>,
+    channels: Shards<String, Arc<Channel>>,
+    shutting_down: AtomicBool,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Channel {
+    subscribers: Mutex<Subscribers>,
+}
+
+type ParkedFrames = Vec<(u64, Frame)>;
+
+#[derive(Default)]
+struct Subscribers {
+    live: Vec<(u64, Arc<dyn ClientSink>)>,
+    /// Position of each live subscriber in `live`.
+    index: HashMap<u64, usize>,
+    /// Subscribers reading history: publications wait here for them.
+    parked: Vec<(u64, ParkedFrames)>,
+}
+
+impl Subscribers {
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.parked.is_empty()
+    }
+
+    fn add_live(&mut self, client: u64, sink: Arc<dyn ClientSink>) {
+        if self.index.contains_key(&client) {
+            return;
+        }
+        self.index.insert(client, self.live.len());
+        self.live.push((client, sink));
+    }
+
+    fn take_parked(&mut self, client: u64) -> Option<ParkedFrames> {
+        let at = self.parked.iter().position(|(c, _)| *c == client)?;
+        Some(self.parked.swap_remove(at).1)
+    }
+
+    fn remove(&mut self, client: u64) -> bool {
+        if self.take_parked(client).is_some() {
+            return true;
+        }
+        let Some(at) = self.index.remove(&client) else {
+            return false;
+        };
+        self.live.swap_remove(at);
+        if let Some((moved, _)) = self.live.get(at) {
+            self.index.insert(*moved, at);
+        }
+        if self.live.is_empty() {
+            // Give the memory of a big channel back when it empties.
+            self.live = Vec::new();
+            self.index = HashMap::new();
+        }
+        true
+    }
+}
+
+/// A client connection as the core sees it.
+pub(crate) struct Client {
+    id: u64,
+    sink: Arc<dyn ClientSink>,
+    state: Mutex<ClientState>,
+}
+
+#[derive(Default)]
+struct ClientState {
+    /// Set by a successful `connect`.
+    info: Option<Arc<ClientInfo>>,
+    /// Channels granted by the connection token.
+    granted: Vec<String>,
+    subscriptions: Vec<String>,
+    /// Token expiry (seconds since the Unix epoch).
+    expires_at: Option<u64>,
+    /// After expiry: when the client is disconnected unless it refreshed.
+    refresh_deadline: Option<Instant>,
+    /// The session has ended (no more subscriptions).
+    closed: bool,
+}
+
+impl Client {
+    fn send(&self, frame: Frame) {
+        self.sink.send(frame, FrameKind::Control);
+    }
+
+    fn disconnect(&self, disconnect: &Disconnect) {
+        self.send(protocol::encode_disconnect(disconnect));
+        self.sink.close(disconnect.code, &disconnect.reason);
+    }
+
+    fn info(&self) -> Option<Arc<ClientInfo>> {
+        lock(&self.state).info.clone()
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(code, message)
+}
+
+fn history_options(options: &ChannelOptions) -> HistoryOptions {
+    if options.has_history() {
+        HistoryOptions {
+            size: options.history_size,
+            ttl: options.history_ttl,
+        }
+    } else {
+        HistoryOptions::NONE
+    }
+}
+
+/// The users a personal channel (`ns:#42` or `dm:#42,43`) belongs to.
+fn personal_users(channel: &str) -> Option<std::str::Split<'_, char>> {
+    channel.rsplit_once('#').map(|(_, users)| users.split(','))
+}
+
+impl Hub {
+    /// A hub over `engine`, with a maintenance task (token expiry,
+    /// application pings, engine expiry) on the current tokio runtime.
+    ///
+    /// # Errors
+    /// An invalid token key in the configuration.
+    pub fn new(config: Config, engine: Arc<dyn Engine>) -> Result<Hub, String> {
+        let verifier = Verifier::new(&config.token)?;
+        let proxy = Proxy::new(&config.proxy);
+        let node = Arc::new(Node {
+            config: Arc::new(config),
+            engine,
+            verifier,
+            proxy,
+            metrics: Arc::new(Metrics::new()),
+            clients: Shards::default(),
+            users: Shards::default(),
+            channels: Shards::default(),
+            shutting_down: AtomicBool::new(false),
+            started: Instant::now(),
+        });
+        let events: Arc<dyn EngineEvents> = node.clone();
+        node.engine.set_events(Arc::downgrade(&events));
+        tokio::spawn(maintenance(Arc::downgrade(&node)));
+        Ok(Hub { node })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.node.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.node.metrics
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.node.engine
+    }
+
+    /// Opens a session for a new connection.
+    pub fn open(&self, sink: Arc<dyn ClientSink>) -> Session {
+        let mut shard;
+        let id = loop {
+            let id = rand::random::<u64>() | 1;
+            shard = self.node.clients.lock(&id);
+            if !shard.contains_key(&id) {
+                break id;
+            }
+        };
+        let client = Arc::new(Client {
+            id,
+            sink,
+            state: Mutex::new(ClientState::default()),
+        });
+        shard.insert(id, client.clone());
+        drop(shard);
+        self.node.metrics.connections.inc();
+        Session {
+            node: self.node.clone(),
+            client,
+            closed: false,
+        }
+    }
+
+    /// Entries held now.
+    pub fn counts(&self) -> HubCounts {
+        let node = &self.node;
+        let engine = node.engine.stats();
+        let mut counts = HubCounts {
+            sessions: node.clients.len(),
+            users: node.users.len(),
+            channels: node.channels.len(),
+            history_streams: engine.streams,
+            presence_channels: engine.presence_channels,
+            ..HubCounts::default()
+        };
+        for shard in node.clients.each() {
+            counts.clients += shard.values().filter(|c| c.info().is_some()).count();
+        }
+        for shard in node.channels.each() {
+            counts.subscriptions += shard
+                .values()
+                .map(|c| {
+                    let s = lock(&c.subscribers);
+                    s.live.len() + s.parked.len()
+                })
+                .sum::<usize>();
+        }
+        counts
+    }
+
+    /// Engine entries.
+    pub fn engine_stats(&self) -> EngineStats {
+        self.node.engine.stats()
+    }
+
+    /// The metrics in the text format, with the sampled gauges updated.
+    pub fn metrics_text(&self) -> String {
+        let node = &self.node;
+        let queued: usize = node
+            .clients
+            .each()
+            .map(|s| s.values().map(|c| c.sink.queued()).sum::<usize>())
+            .sum();
+        node.metrics.queue_depth.set(queued as i64);
+        node.metrics
+            .history_streams
+            .set(node.engine.stats().streams as i64);
+        node.metrics.encode()
+    }
+
+    /// Whether the engine works.
+    pub async fn health(&self) -> Result<(), String> {
+        if self.node.shutting_down.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        self.node.engine.health().await.map_err(|e| e.to_string())
+    }
+
+    /// Seconds since start.
+    pub fn uptime(&self) -> Duration {
+        self.node.started.elapsed()
+    }
+
+    /// Publishes from the server (the HTTP API): no permission check
+    /// beyond the channel's validity.
+    ///
+    /// # Errors
+    /// 109 / 108 for the channel, 114 when the engine fails.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: Box<RawValue>,
+    ) -> Result<Option<StreamPosition>, ErrorReply> {
+        let options = self.node.channel_options(channel)?;
+        let publication = Publication {
+            offset: 0,
+            data,
+            info: None,
+        };
+        self.node
+            .engine
+            .publish(channel, publication, history_options(options))
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Who is present in a channel.
+    ///
+    /// # Errors
+    /// 108 / 109 for the channel, 112 when presence is off, 114.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<Arc<ClientInfo>>, ErrorReply> {
+        let options = self.node.channel_options(channel)?;
+        if !options.presence {
+            return Err(error(
+                ErrorCode::NotAvailable,
+                "presence is off for this namespace",
+            ));
+        }
+        self.node
+            .engine
+            .presence(channel)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Presence counts of a channel.
+    ///
+    /// # Errors
+    /// As [`presence`](Self::presence).
+    pub async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, ErrorReply> {
+        let options = self.node.channel_options(channel)?;
+        if !options.presence {
+            return Err(error(
+                ErrorCode::NotAvailable,
+                "presence is off for this namespace",
+            ));
+        }
+        self.node
+            .engine
+            .presence_stats(channel)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// History of a channel.
+    ///
+    /// # Errors
+    /// 108 / 109, 112 when history is off, 115 for a position of another
+    /// epoch, 114.
+    pub async fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, ErrorReply> {
+        self.node.history(request).await
+    }
+
+    /// Channels with subscribers on this node, with their subscriber
+    /// counts, sorted by name; `prefix` filters.
+    pub fn channels(&self, prefix: &str) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for shard in self.node.channels.each() {
+            for (name, channel) in shard.iter().filter(|(n, _)| n.starts_with(prefix)) {
+                let s = lock(&channel.subscribers);
+                out.push((name.clone(), s.live.len() + s.parked.len()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Disconnects a user's clients (or one of them). Returns how many.
+    pub fn disconnect_user(
+        &self,
+        user: &str,
+        client: Option<&str>,
+        disconnect: &Disconnect,
+    ) -> usize {
+        let clients = self.node.clients_of(user, client);
+        for c in &clients {
+            c.disconnect(disconnect);
+        }
+        clients.len()
+    }
+
+    /// Unsubscribes a user's clients (or one of them) from a channel, with
+    /// an `unsubscribe` push. Returns how many were subscribed.
+    pub async fn unsubscribe_user(&self, user: &str, channel: &str, client: Option<&str>) -> usize {
+        let why = Unsubscribed {
+            code: 2000,
+            reason: "unsubscribed by the server".into(),
+        };
+        let mut count = 0;
+        for c in self.node.clients_of(user, client) {
+            let removed = {
+                let mut st = lock(&c.state);
+                let before = st.subscriptions.len();
+                st.subscriptions.retain(|s| s != channel);
+                st.subscriptions.len() != before
+            };
+            if removed {
+                self.node.leave_channel(&c, channel).await;
+                c.send(protocol::encode_unsubscribe(channel, &why));
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// Graceful shutdown: every client gets a `disconnect` push (3001,
+    /// reconnect) and its connection is closed with 1001; new connections
+    /// are refused.
+    pub fn shutdown(&self) {
+        self.node.shutting_down.store(true, Ordering::Relaxed);
+        let disconnect = Disconnect::new(DisconnectCode::Shutdown, "server shutting down");
+        let frame = protocol::encode_disconnect(&disconnect);
+        for shard in self.node.clients.each() {
+            for client in shard.values() {
+                client.sink.send(frame.clone(), FrameKind::Control);
+                client.sink.close(1001, "server shutting down");
+            }
+        }
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.node.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+fn unavailable(e: crate::engine::EngineError) -> ErrorReply {
+    tracing::warn!("{e}");
+    error(
+        ErrorCode::Unavailable,
+        "the engine is unavailable; retry later",
+    )
+}
+
+/// A history reply.
+#[derive(Debug, Serialize)]
+pub struct HistoryReply {
+    /// The publications.
+    pub publications: Vec<Arc<Publication>>,
+    /// The stream's current offset.
+    pub offset: u64,
+    /// The stream's epoch.
+    pub epoch: Arc<str>,
+}
+
+impl Node {
+    fn channel_options(&self, channel: &str) -> Result<&ChannelOptions, ErrorReply> {
+        let max = self.config.client.max_channel_length;
+        if channel.is_empty() || channel.len() > max {
+            return Err(error(
+                ErrorCode::InvalidChannel,
+                format!("a channel name has 1 to {max} bytes"),
+            ));
+        }
+        if channel.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(error(
+                ErrorCode::InvalidChannel,
+                "a channel name has no spaces or control characters",
+            ));
+        }
+        self.config.channel_options(channel).map_err(|ns| {
+            error(
+                ErrorCode::UnknownNamespace,
+                format!("namespace {ns:?} is not configured"),
+            )
+        })
+    }
+
+    /// A user's connected clients, or the one with id `client` (which
+    /// must belong to `user`; "" finds anonymous clients by id).
+    fn clients_of(&self, user: &str, client: Option<&str>) -> Vec<Arc<Client>> {
+        if let Some(client) = client {
+            let Ok(id) = u64::from_str_radix(client, 16) else {
+                return Vec::new();
+            };
+            let found = self.clients.lock(&id).get(&id).cloned();
+            return found
+                .filter(|c| c.info().is_some_and(|info| info.user == user))
+                .into_iter()
+                .collect();
+        }
+        if user.is_empty() {
+            return Vec::new();
+        }
+        let ids: Vec<u64> = self.users.lock(user).get(user).cloned().unwrap_or_default();
+        ids.into_iter()
+            .filter_map(|id| self.clients.lock(&id).get(&id).cloned())
+            .collect()
+    }
+
+    /// Adds a parked subscriber; true when the channel is new on this node.
+    fn park(&self, channel: &str, client: u64) -> bool {
+        let mut shard = self.channels.lock(channel);
+        let mut created = false;
+        let ch = shard.entry(channel.to_owned()).or_insert_with(|| {
+            created = true;
+            Arc::default()
+        });
+        lock(&ch.subscribers).parked.push((client, Vec::new()));
+        created
+    }
+
+    /// Sends the subscribe reply and what was parked after `after`, then
+    /// makes the subscriber live, all under the channel's lock (so that no
+    /// publication slips between). When the subscriber was removed
+    /// meanwhile (unsubscribed by the server), only the reply goes out.
+    fn go_live(&self, channel: &str, client: &Client, reply: Frame, after: u64) {
+        let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
+            client.sink.send(reply, FrameKind::Control);
+            return;
+        };
+        let mut subs = lock(&ch.subscribers);
+        let Some(parked) = subs.take_parked(client.id) else {
+            client.sink.send(reply, FrameKind::Control);
+            return;
+        };
+        client.sink.send(reply, FrameKind::Control);
+        for (offset, frame) in parked {
+            if offset > after {
+                client.sink.send(frame, FrameKind::Publication);
+            }
+        }
+        subs.add_live(client.id, client.sink.clone());
+    }
+
+    /// Adds a live subscriber and sends the reply under the channel's
+    /// lock; true when the channel is new on this node.
+    fn attach(&self, channel: &str, client: &Client, reply: Frame) -> bool {
+        let mut shard = self.channels.lock(channel);
+        let mut created = false;
+        let ch = shard.entry(channel.to_owned()).or_insert_with(|| {
+            created = true;
+            Arc::default()
+        });
+        let mut subs = lock(&ch.subscribers);
+        client.sink.send(reply, FrameKind::Control);
+        subs.add_live(client.id, client.sink.clone());
+        created
+    }
+
+    /// Removes a subscriber; true when the channel emptied and was removed.
+    fn detach(&self, channel: &str, client: u64) -> (bool, bool) {
+        let mut shard = self.channels.lock(channel);
+        let Some(ch) = shard.get(channel) else {
+            return (false, false);
+        };
+        let mut subs = lock(&ch.subscribers);
+        let removed = subs.remove(client);
+        let empty = subs.is_empty();
+        drop(subs);
+        if empty {
+            shard.remove(channel);
+        }
+        (removed, empty)
+    }
+
+    /// Everything that leaving a channel entails (the client's own list
+    /// was already updated by the caller).
+    async fn leave_channel(&self, client: &Client, channel: &str) {
+        let (removed, emptied) = self.detach(channel, client.id);
+        if removed {
+            self.metrics.subscriptions.dec();
+        }
+        if emptied {
+            self.metrics.channels.dec();
+            if let Err(e) = self.engine.unsubscribe(channel).await {
+                tracing::warn!("{e}");
+            }
+        }
+        let (Ok(options), Some(info)) = (self.config.channel_options(channel), client.info())
+        else {
+            return;
+        };
+        if options.presence {
+            if let Err(e) = self.engine.remove_presence(channel, &info.client).await {
+                tracing::warn!("{e}");
+            }
+        }
+        if options.join_leave {
+            if let Err(e) = self.engine.publish_leave(channel, info).await {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    async fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, ErrorReply> {
+        let options = self.channel_options(&request.channel)?;
+        if !options.has_history() {
+            return Err(error(
+                ErrorCode::NotAvailable,
+                "history is off for this namespace",
+            ));
+        }
+        let max = self.config.client.max_history_limit;
+        let result = self
+            .engine
+            .history(
+                &request.channel,
+                HistoryQuery {
+                    since: request.since.as_ref().map(|p| p.offset),
+                    limit: request.limit.unwrap_or(max).min(max),
+                    reverse: request.reverse,
+                    options: history_options(options),
+                },
+            )
+            .await
+            .map_err(unavailable)?;
+        if let Some(since) = &request.since {
+            if *since.epoch != *result.position.epoch {
+                return Err(error(
+                    ErrorCode::StalePosition,
+                    "the position is from another epoch of the stream",
+                ));
+            }
+        }
+        Ok(HistoryReply {
+            publications: result.publications,
+            offset: result.position.offset,
+            epoch: result.position.epoch,
+        })
+    }
+
+    fn fan_out(&self, channel: &str, frame: impl FnOnce() -> Frame, park: Option<u64>) {
+        let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
+            return;
+        };
+        let frame = frame();
+        let mut subs = lock(&ch.subscribers);
+        if let Some(offset) = park {
+            for (_, parked) in subs.parked.iter_mut() {
+                parked.push((offset, frame.clone()));
+            }
+        }
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        for (_, sink) in &subs.live {
+            match sink.send(frame.clone(), FrameKind::Publication) {
+                SendOutcome::Queued => delivered += 1,
+                SendOutcome::Dropped => dropped += 1,
+                SendOutcome::Closed => {}
+            }
+        }
+        drop(subs);
+        self.metrics.deliveries.inc_by(delivered);
+        if dropped > 0 {
+            self.metrics.dropped.inc_by(dropped);
+        }
+    }
+}
+
+impl EngineEvents for Node {
+    fn publication(&self, channel: &str, publication: &Arc<Publication>) {
+        self.metrics.publications.inc();
+        self.fan_out(
+            channel,
+            || protocol::encode_publication(channel, publication),
+            Some(publication.offset),
+        );
+    }
+
+    fn join(&self, channel: &str, info: &ClientInfo) {
+        self.fan_out(channel, || protocol::encode_join(channel, info), None);
+    }
+
+    fn leave(&self, channel: &str, info: &ClientInfo) {
+        self.fan_out(channel, || protocol::encode_leave(channel, info), None);
+    }
+}
+
+/// Token expiry, application pings and engine expiry, about once a second.
+async fn maintenance(node: Weak<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ping = Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        node.engine.maintain();
+        let now = Instant::now();
+        let interval = node.config.client.ping_interval;
+        let ping = !interval.is_zero() && now.duration_since(last_ping) >= interval;
+        if ping {
+            last_ping = now;
+        }
+        let grace = node.config.client.refresh_grace;
+        let unix = now_unix();
+        let ping_frame = protocol::ping_frame();
+        for shard in node.clients.each() {
+            for client in shard.values() {
+                let mut st = lock(&client.state);
+                if st.info.is_none() || st.closed {
+                    continue;
+                }
+                if ping {
+                    client.sink.send(ping_frame.clone(), FrameKind::Publication);
+                }
+                if st.expires_at.is_some_and(|exp| unix >= exp) {
+                    match st.refresh_deadline {
+                        None => {
+                            st.refresh_deadline = Some(now + grace);
+                            client.send(protocol::encode_refresh(grace.as_secs()));
+                        }
+                        Some(deadline) if now >= deadline => {
+                            st.expires_at = None;
+                            drop(st);
+                            client.disconnect(&Disconnect::new(
+                                DisconnectCode::TokenExpired,
+                                "connection token expired",
+                            ));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One connection's session with the hub; see the module docs.
+pub struct Session {
+    node: Arc<Node>,
+    client: Arc<Client>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("client", &format!("{:016x}", self.client.id))
+            .finish()
+    }
+}
+
+#[derive(Serialize)]
+struct ConnectReply<'a> {
+    client: &'a str,
+    user: &'a str,
+    version: u32,
+    /// Seconds between the server's application pings (0: none).
+    ping_interval: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct SubscribeReply<'a> {
+    recoverable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    publications: &'a [Arc<Publication>],
+}
+
+type Outcome = Result<Option<String>, ErrorReply>;
+
+fn body(value: &impl Serialize) -> Outcome {
+    Ok(Some(
+        serde_json::to_string(value).unwrap_or_else(|_| "{}".into()),
+    ))
+}
+
+impl Session {
+    /// The client id.
+    pub fn client_id(&self) -> String {
+        format!("{:016x}", self.client.id)
+    }
+
+    /// Whether `connect` succeeded.
+    pub fn is_connected(&self) -> bool {
+        self.client.info().is_some()
+    }
+
+    /// The connect timeout fired: disconnect.
+    pub fn connect_timeout(&self) {
+        self.client.disconnect(&Disconnect::new(
+            DisconnectCode::ConnectTimeout,
+            "no connect command in time",
+        ));
+    }
+
+    /// Handles one text message: a command, or a newline-separated batch.
+    pub async fn handle_text(&self, message: &str) {
+        let max = self.node.config.client.max_batch;
+        for (n, line) in protocol::split_batch(message).enumerate() {
+            if n == max {
+                self.reply_error(
+                    0,
+                    &error(
+                        ErrorCode::LimitExceeded,
+                        format!("at most {max} commands in one message; the rest was ignored"),
+                    ),
+                );
+                break;
+            }
+            match protocol::parse_command(line) {
+                Ok(command) => self.dispatch(command).await,
+                Err(e) => self.reply_error(e.id, &e.error),
+            }
+        }
+    }
+
+    /// A binary message: not part of the protocol.
+    pub fn handle_binary(&self) {
+        self.reply_error(
+            0,
+            &error(
+                ErrorCode::BadRequest,
+                "binary messages are not part of the protocol: send JSON text",
+            ),
+        );
+    }
+
+    fn reply_error(&self, id: u64, e: &ErrorReply) {
+        self.node.metrics.error(e.code);
+        self.client.send(protocol::encode_error(id, e));
+    }
+
+    async fn dispatch(&self, command: Command) {
+        let Command { id, request } = command;
+        let name = request.name();
+        self.node
+            .metrics
+            .commands
+            .get_or_create(&MethodLabel { method: name })
+            .inc();
+        let connected = self.is_connected();
+        let outcome = match request {
+            Request::Connect(r) => self.connect(r).await,
+            _ if !connected => Err(error(ErrorCode::NotConnected, "send connect first")),
+            Request::Subscribe(r) => self.subscribe(id, r).await,
+            Request::Unsubscribe(r) => self.unsubscribe(&r.channel).await,
+            Request::Publish(r) => self.publish(r).await,
+            Request::Presence(r) => self.presence(&r.channel).await,
+            Request::PresenceStats(r) => self.presence_stats(&r.channel).await,
+            Request::History(r) => self.history(r).await,
+            Request::Refresh(r) => self.refresh(&r.token).await,
+            Request::Ping => Ok(Some("{}".into())),
+        };
+        match outcome {
+            Ok(Some(result)) if id != 0 => {
+                let frame = format!("{{\"id\":{id},\"{name}\":{result}}}");
+                self.client.send(frame.into());
+            }
+            Ok(_) => {}
+            Err(e) => self.reply_error(id, &e),
+        }
+    }
+
+    async fn connect(&self, request: ConnectRequest) -> Outcome {
+        let node = &self.node;
+        if self.is_connected() {
+            return Err(error(ErrorCode::AlreadyConnected, "already connected"));
+        }
+        if node.shutting_down.load(Ordering::Relaxed) {
+            return Err(error(ErrorCode::Unavailable, "the server is shutting down"));
+        }
+        let client_id = self.client_id();
+        let mut claims = match &request.token {
+            Some(token) => node.verifier.connection(token).await?,
+            None => Default::default(),
+        };
+        let mut granted_by_proxy = false;
+        if let Some(proxy) = &node.proxy {
+            let call = ConnectCall {
+                client: &client_id,
+                transport: "websocket",
+                user: &claims.user,
+                data: request.data.as_deref(),
+            };
+            if let Some(result) = proxy.connect(&call).await? {
+                granted_by_proxy = result.user.is_some();
+                if let Some(user) = result.user {
+                    claims.user = user;
+                }
+                if let Some(info) = result.info {
+                    claims.info = Some(info);
+                }
+                if let Some(exp) = result.expire_at {
+                    claims.expires_at = Some(exp);
+                }
+                if let Some(channels) = result.channels {
+                    claims.channels = channels;
+                }
+            }
+        }
+        if request.token.is_none() && !granted_by_proxy && !node.config.client.anonymous {
+            return Err(error(
+                ErrorCode::Unauthorized,
+                "a connection token is required",
+            ));
+        }
+        let info = Arc::new(ClientInfo {
+            client: client_id.clone(),
+            user: claims.user.clone(),
+            info: claims.info,
+        });
+        {
+            let mut st = lock(&self.client.state);
+            if st.closed {
+                return Err(error(ErrorCode::Unavailable, "the connection is closing"));
+            }
+            st.info = Some(info);
+            st.granted = claims.channels;
+            st.expires_at = claims.expires_at;
+        }
+        if !claims.user.is_empty() {
+            let mut users = node.users.lock(claims.user.as_str());
+            let ids = users.entry(claims.user.clone()).or_default();
+            if ids.is_empty() {
+                node.metrics.users.inc();
+            }
+            ids.push(self.client.id);
+        }
+        node.metrics.clients.inc();
+        body(&ConnectReply {
+            client: &client_id,
+            user: &claims.user,
+            version: protocol::VERSION,
+            ping_interval: node.config.client.ping_interval.as_secs(),
+            expires_in: claims.expires_at.map(|exp| exp.saturating_sub(now_unix())),
+        })
+    }
+
+    async fn can_subscribe(
+        &self,
+        channel: &str,
+        options: &ChannelOptions,
+        token: Option<&str>,
+        info: &ClientInfo,
+    ) -> Result<(), ErrorReply> {
+        let denied = |m: &str| Err(error(ErrorCode::PermissionDenied, m));
+        if let Some(mut users) = personal_users(channel) {
+            return if !info.user.is_empty() && users.any(|u| u == info.user) {
+                Ok(())
+            } else {
+                denied("this personal channel belongs to another user")
+            };
+        }
+        if let Some(token) = token {
+            let claims = self.node.verifier.subscription(token).await?;
+            if claims.channel != channel || claims.user != info.user {
+                return denied("the subscription token is for another channel or user");
+            }
+            return Ok(());
+        }
+        match options.subscribe {
+            SubscribeRule::Anonymous => Ok(()),
+            SubscribeRule::Authenticated if !info.user.is_empty() => Ok(()),
+            SubscribeRule::Authenticated => denied("this namespace is for authenticated users"),
+            SubscribeRule::Token => {
+                if claim_grants(&lock(&self.client.state).granted, channel) {
+                    Ok(())
+                } else {
+                    denied("this channel needs a token that grants it")
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&self, id: u64, request: SubscribeRequest) -> Outcome {
+        let node = &self.node;
+        let channel = request.channel.as_str();
+        let options = node.channel_options(channel)?;
+        let info = self.client.info().expect("connected");
+        self.can_subscribe(channel, options, request.token.as_deref(), &info)
+            .await?;
+        {
+            let mut st = lock(&self.client.state);
+            if st.subscriptions.iter().any(|s| s == channel) {
+                return Err(error(ErrorCode::AlreadySubscribed, "already subscribed"));
+            }
+            if st.subscriptions.len() >= node.config.client.max_subscriptions {
+                return Err(error(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "at most {} subscriptions per client",
+                        node.config.client.max_subscriptions
+                    ),
+                ));
+            }
+            st.subscriptions.push(channel.to_owned());
+        }
+        if options.presence {
+            if let Err(e) = node.engine.add_presence(channel, info.clone()).await {
+                lock(&self.client.state)
+                    .subscriptions
+                    .retain(|s| s != channel);
+                return Err(unavailable(e));
+            }
+        }
+        let created = if options.has_history() {
+            self.subscribe_positioned(id, &request, options).await?
+        } else {
+            let reply = SubscribeReply {
+                recoverable: false,
+                epoch: None,
+                offset: None,
+                recovered: None,
+                publications: &[],
+            };
+            let frame = protocol::encode_reply(id, "subscribe", &reply);
+            node.attach(channel, &self.client, frame)
+        };
+        node.metrics.subscriptions.inc();
+        if created {
+            node.metrics.channels.inc();
+            if let Err(e) = node.engine.subscribe(channel).await {
+                tracing::warn!("{e}");
+            }
+        }
+        // Unsubscribed by the server meanwhile: undo, leave nothing behind.
+        if !lock(&self.client.state)
+            .subscriptions
+            .iter()
+            .any(|s| s == channel)
+        {
+            node.leave_channel(&self.client, channel).await;
+            return Ok(None);
+        }
+        if options.join_leave {
+            if let Err(e) = node.engine.publish_join(channel, info).await {
+                tracing::warn!("{e}");
+            }
+        }
+        Ok(None)
+    }
+
+    /// Subscribes to a channel with history: park, read the position (and
+    /// what was missed), reply, then go live. Returns whether the channel
+    /// is new on this node.
+    async fn subscribe_positioned(
+        &self,
+        id: u64,
+        request: &SubscribeRequest,
+        options: &ChannelOptions,
+    ) -> Result<bool, ErrorReply> {
+        let node = &self.node;
+        let channel = request.channel.as_str();
+        let since = (request.recover && options.has_recovery()).then(|| Position {
+            offset: request.offset.unwrap_or(0),
+            epoch: request.epoch.clone().unwrap_or_default(),
+        });
+        let created = node.park(channel, self.client.id);
+        let query = HistoryQuery {
+            since: since.as_ref().map(|p| p.offset),
+            limit: if since.is_some() {
+                options.history_size
+            } else {
+                0
+            },
+            reverse: false,
+            options: history_options(options),
+        };
+        let result = match node.engine.history(channel, query).await {
+            Ok(result) => result,
+            Err(e) => {
+                lock(&self.client.state)
+                    .subscriptions
+                    .retain(|s| s != channel);
+                node.leave_channel(&self.client, channel).await;
+                return Err(unavailable(e));
+            }
+        };
+        let recovered = since.as_ref().map(|p| result.recovers(p));
+        let publications: &[Arc<Publication>] = if recovered == Some(true) {
+            &result.publications
+        } else {
+            &[]
+        };
+        let reply = SubscribeReply {
+            recoverable: options.has_recovery(),
+            epoch: Some(&result.position.epoch),
+            offset: Some(result.position.offset),
+            recovered: request.recover.then_some(recovered == Some(true)),
+            publications,
+        };
+        let frame = protocol::encode_reply(id, "subscribe", &reply);
+        node.go_live(channel, &self.client, frame, result.position.offset);
+        Ok(created)
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Outcome {
+        let removed = {
+            let mut st = lock(&self.client.state);
+            let before = st.subscriptions.len();
+            st.subscriptions.retain(|s| s != channel);
+            st.subscriptions.len() != before
+        };
+        if !removed {
+            return Err(error(ErrorCode::NotSubscribed, "not subscribed"));
+        }
+        self.node.leave_channel(&self.client, channel).await;
+        Ok(Some("{}".into()))
+    }
+
+    fn is_subscribed(&self, channel: &str) -> bool {
+        lock(&self.client.state)
+            .subscriptions
+            .iter()
+            .any(|s| s == channel)
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Outcome {
+        let node = &self.node;
+        let channel = request.channel.as_str();
+        let options = node.channel_options(channel)?;
+        match options.publish {
+            PublishRule::Server => {
+                return Err(error(
+                    ErrorCode::PermissionDenied,
+                    "only the server publishes to this namespace",
+                ))
+            }
+            PublishRule::Subscribers if !self.is_subscribed(channel) => {
+                return Err(error(
+                    ErrorCode::PermissionDenied,
+                    "subscribe to the channel to publish to it",
+                ))
+            }
+            _ => {}
+        }
+        let info = self.client.info().expect("connected");
+        let mut data = request.data;
+        if let Some(proxy) = &node.proxy {
+            let call = PublishCall {
+                client: &info.client,
+                user: &info.user,
+                channel,
+                data: &data,
+            };
+            if let Some(result) = proxy.publish(&call).await? {
+                if let Some(replacement) = result.data {
+                    data = replacement;
+                }
+            }
+        }
+        let publication = Publication {
+            offset: 0,
+            data,
+            info: Some(info),
+        };
+        let position = node
+            .engine
+            .publish(channel, publication, history_options(options))
+            .await
+            .map_err(unavailable)?;
+        match position {
+            Some(p) => body(&serde_json::json!({"offset": p.offset, "epoch": &*p.epoch})),
+            None => Ok(Some("{}".into())),
+        }
+    }
+
+    fn must_be_subscribed(&self, channel: &str) -> Result<(), ErrorReply> {
+        if self.is_subscribed(channel) {
+            Ok(())
+        } else {
+            Err(error(
+                ErrorCode::PermissionDenied,
+                "subscribe to the channel first",
+            ))
+        }
+    }
+
+    async fn presence(&self, channel: &str) -> Outcome {
+        let hub = Hub {
+            node: self.node.clone(),
+        };
+        hub.node.channel_options(channel)?;
+        self.must_be_subscribed(channel)?;
+        let clients = hub.presence(channel).await?;
+        body(&serde_json::json!({ "clients": clients }))
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Outcome {
+        let hub = Hub {
+            node: self.node.clone(),
+        };
+        hub.node.channel_options(channel)?;
+        self.must_be_subscribed(channel)?;
+        let stats = hub.presence_stats(channel).await?;
+        body(&serde_json::json!({ "clients": stats.clients, "users": stats.users }))
+    }
+
+    async fn history(&self, request: HistoryRequest) -> Outcome {
+        self.node.channel_options(&request.channel)?;
+        self.must_be_subscribed(&request.channel)?;
+        body(&self.node.history(&request).await?)
+    }
+
+    async fn refresh(&self, token: &str) -> Outcome {
+        let claims = self.node.verifier.connection(token).await?;
+        let mut st = lock(&self.client.state);
+        let user = st.info.as_ref().map(|i| i.user.clone()).unwrap_or_default();
+        if claims.user != user {
+            return Err(error(
+                ErrorCode::Unauthorized,
+                "the new token is for another user",
+            ));
+        }
+        st.expires_at = claims.expires_at;
+        st.refresh_deadline = None;
+        body(&serde_json::json!({
+            "expires_in": claims.expires_at.map(|exp| exp.saturating_sub(now_unix()))
+        }))
+    }
+
+    /// The connection ended: leave every channel, forget the client.
+    pub async fn close(mut self) {
+        self.closed = true;
+        Box::pin(cleanup(self.node.clone(), self.client.clone())).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.closed {
+            // The front's task was cancelled: clean up anyway.
+            let (node, client) = (self.node.clone(), self.client.clone());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(cleanup(node, client));
+            }
+        }
+    }
+}
+
+async fn cleanup(node: Arc<Node>, client: Arc<Client>) {
+    let (subscriptions, info) = {
+        let mut st = lock(&client.state);
+        st.closed = true;
+        (std::mem::take(&mut st.subscriptions), st.info.clone())
+    };
+    for channel in &subscriptions {
+        node.leave_channel(&client, channel).await;
+    }
+    node.clients.lock(&client.id).remove(&client.id);
+    node.metrics.connections.dec();
+    if let Some(info) = info {
+        node.metrics.clients.dec();
+        if !info.user.is_empty() {
+            let mut users = node.users.lock(info.user.as_str());
+            if let Some(ids) = users.get_mut(&info.user) {
+                ids.retain(|id| *id != client.id);
+                if ids.is_empty() {
+                    users.remove(&info.user);
+                    node.metrics.users.dec();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! # tidewire-hub
+//!
+//! The real-time hub behind `tidewire serve`: clients connect over
+//! WebSocket with a JSON protocol (`docs/protocol.md`), subscribe to
+//! channels, publish, see presence and history, and recover what they
+//! missed after a reconnect; the application publishes through the HTTP
+//! API (`docs/api.md`).
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | defaults, TOML, environment; namespace options |
+//! | [`protocol`] | the JSON wire types and the table of codes |
+//! | [`engine`] | offsets, epochs, history, recovery, presence; [`engine::MemoryEngine`] |
+//! | [`hub`] | clients, subscriptions, permissions, presence, join/leave, fan-out |
+//! | [`auth`] | JWT connection and subscription tokens (HS256, RS256, ES256, JWKS) |
+//! | [`proxy`] | HTTP callbacks to the application on connect and publish |
+//! | [`ws`] | the WebSocket front: a session per connection |
+//! | [`api`] | the HTTP API handlers |
+//! | [`metrics`] | Prometheus metrics |
+//! | [`server`] | the axum router and the accept loop (limits, TLS, shutdown) |
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod engine;
+mod http_client;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod proxy;
+pub mod server;
+mod shards;
+pub mod ws;
+
+pub use config::Config;
+pub use engine::{Engine, MemoryEngine};
+pub use hub::{Hub, HubCounts};

@@ -1,0 +1,347 @@
+//! The HTTP server of the hub: the axum [`Router`] (`/connection/websocket`,
+//! `/api/*`, `/health`, `/metrics`, `/`) and the accept loop around it:
+//! connection limits (503 overall, 429 per IP), TLS with one deadline for
+//! the TLS handshake and the request head, and graceful shutdown.
+//!
+//! Shutdown: stop accepting; every client gets a `disconnect` push (3001,
+//! reconnect) and close 1001; wait for the sessions to end, at most the
+//! shutdown timeout.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use http::{header, HeaderMap, Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tidewire::axum::WebSocketUpgrade;
+use tidewire::{
+    CancellationToken, Config as WsProtocolConfig, IoOptions, OriginPolicy, ServerConfig,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::protocol::SUBPROTOCOL;
+use crate::shards::lock;
+
+/// The landing page served at `/`.
+const LANDING_PAGE: &str = include_str!("landing.html");
+
+/// The path of the WebSocket endpoint.
+pub const WEBSOCKET_PATH: &str = "/connection/websocket";
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) hub: Hub,
+    pub(crate) api_key: Arc<str>,
+    ws_config: ServerConfig,
+    origins: Option<OriginPolicy>,
+    shutdown: CancellationToken,
+}
+
+/// The router of a hub: mount it in an axum app, or run it with [`serve`].
+/// `api_key` guards `/api`; `shutdown` ends WebSocket sessions (1001).
+pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
+    let config = hub.config();
+    let settings = &config.server;
+    let ws_config = ServerConfig {
+        protocol: WsProtocolConfig {
+            max_message_size: config.client.max_message_size,
+            max_frame_size: config.client.max_message_size,
+            deflate: settings.deflate.then(Default::default),
+            ..WsProtocolConfig::default()
+        },
+        io: IoOptions {
+            ping_interval: (!settings.ping_interval.is_zero()).then_some(settings.ping_interval),
+            pong_timeout: settings.pong_timeout,
+            idle_timeout: (!settings.idle_timeout.is_zero()).then_some(settings.idle_timeout),
+            send_queue: crate::ws::queue_limits(&config.client),
+            ..IoOptions::default()
+        },
+        handshake_timeout: settings.handshake_timeout,
+    };
+    let origins = (!settings.allowed_origins.is_empty())
+        .then(|| OriginPolicy::allow(settings.allowed_origins.clone()));
+    let state = AppState {
+        hub,
+        api_key: api_key.into(),
+        ws_config,
+        origins,
+        shutdown,
+    };
+    Router::new()
+        .route("/", get(landing))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route(WEBSOCKET_PATH, get(websocket))
+        .merge(crate::api::routes())
+        .with_state(state)
+}
+
+async fn landing() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        LANDING_PAGE,
+    )
+}
+
+async fn health(State(app): State<AppState>) -> Response {
+    match app.hub.health().await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {e}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        app.hub.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn websocket(
+    State(app): State<AppState>,
+    slot: Option<Extension<ConnectionSlot>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Some(origins) = &app.origins {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !origins.permits(origin) {
+            let text = format!("origin {} is not allowed\n", origin.unwrap_or("(none)"));
+            return (StatusCode::FORBIDDEN, text).into_response();
+        }
+    }
+    if app.hub.is_shutting_down() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let hub = app.hub.clone();
+    let shutdown = app.shutdown.child_token();
+    let (response, upgrading) = upgrade
+        .protocols([SUBPROTOCOL])
+        .config(app.ws_config.clone())
+        .into_response_and_future();
+    // One short task waits for the upgrade, then starts the session in a
+    // task of its own: an idle connection's task holds only the session,
+    // not the (larger) state of the upgrade.
+    tokio::spawn(async move {
+        match upgrading.await {
+            Ok(mut ws) => {
+                ws.set_shutdown(shutdown);
+                // The connection's limit slot lives as long as the WebSocket.
+                tokio::spawn(crate::ws::run_session(hub, ws, slot));
+            }
+            Err(e) => tracing::debug!("WebSocket upgrade failed: {e}"),
+        }
+    });
+    response
+}
+
+/// Counts connections for the limits; dropped when the connection (and
+/// any WebSocket upgraded from it) ends.
+#[derive(Clone)]
+pub(crate) struct ConnectionSlot(#[allow(dead_code)] Arc<Slot>);
+
+struct Slot {
+    limiter: Arc<Limiter>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.limiter.current.fetch_sub(1, Ordering::Relaxed);
+        let mut per_ip = lock(&self.limiter.per_ip);
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Limiter {
+    max: usize,
+    max_per_ip: usize,
+    current: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Limiter {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, (StatusCode, &'static str)> {
+        let current = self.current.fetch_add(1, Ordering::Relaxed) + 1;
+        *lock(&self.per_ip).entry(ip).or_default() += 1;
+        let slot = Slot {
+            limiter: self.clone(),
+            ip,
+        };
+        if current > self.max {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server at its connection limit; retry later",
+            ));
+        }
+        if self.max_per_ip > 0
+            && lock(&self.per_ip).get(&ip).copied().unwrap_or(0) > self.max_per_ip
+        {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from your address",
+            ));
+        }
+        Ok(slot)
+    }
+}
+
+/// Serves the hub on `listener` until `shutdown` is cancelled, then shuts
+/// down gracefully (see the module docs).
+///
+/// # Errors
+/// Only when the listener itself fails for good.
+pub async fn serve(
+    hub: Hub,
+    listener: TcpListener,
+    api_key: &str,
+    tls: Option<tidewire::tls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let config: Arc<Config> = Arc::new(hub.config().clone());
+    let sessions_token = CancellationToken::new();
+    let router = router(hub.clone(), api_key, sessions_token.clone());
+    let limiter = Arc::new(Limiter {
+        max: config.server.max_connections,
+        max_per_ip: config.server.max_connections_per_ip,
+        ..Limiter::default()
+    });
+    let tracker = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let slot = match limiter.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err((status, text)) => {
+                tracing::debug!(%peer, %status, "connection refused");
+                tokio::spawn(refuse(tcp, status, text));
+                continue;
+            }
+        };
+        let (router, tls, config, shutdown) = (
+            router.clone(),
+            tls.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        tracker.spawn(async move {
+            let slot = ConnectionSlot(Arc::new(slot));
+            let deadline = config.server.handshake_timeout;
+            match tls {
+                None => serve_connection(tcp, peer, slot, router, deadline, shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, slot, router, deadline, shutdown).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timeout"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(sessions = hub.counts().sessions, "shutting down");
+    hub.shutdown();
+    tracker.close();
+    let deadline = tokio::time::Instant::now() + config.server.shutdown_timeout;
+    let drained = async {
+        tracker.wait().await;
+        while hub.counts().sessions > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, drained).await.is_err() {
+        tracing::warn!(
+            sessions = hub.counts().sessions,
+            "shutdown timeout: dropping the remaining connections"
+        );
+        sessions_token.cancel();
+    }
+    Ok(())
+}
+
+async fn refuse(mut tcp: TcpStream, status: StatusCode, text: &str) {
+    let response = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{text}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        text.len() + 1,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    })
+    .await;
+}
+
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+    router: Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(slot.clone());
+        request.extensions_mut().insert(peer);
+        let mut router = router.clone();
+        async move {
+            let response: Result<Response<Body>, Infallible> = router.call(request).await;
+            response
+        }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, "HTTP connection: {e}");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        }
+    }
+}

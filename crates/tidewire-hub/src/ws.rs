@@ -1,0 +1,167 @@
+//! The WebSocket front: one task per connection reads text messages and
+//! hands them to its hub [`Session`]; everything the hub sends goes
+//! through the connection's bounded tidewire [`Sender`] queue, in one
+//! order (replies, publications and control pushes alike).
+//!
+//! A full queue: the connection's tidewire queue always drops (the fan-out
+//! never waits); the hub's slow-consumer policy then decides. `close`
+//! (default) queues a close 1013 behind what is queued: the client gets
+//! every publication that fit, then the close, reconnects and recovers the
+//! rest from history. `drop` drops the publication and goes on. A reply or
+//! control push that cannot be queued always closes (1013): the client
+//! would be out of step.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tidewire::{CloseCode, Message, SendError, Sender, WebSocket};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use crate::config::SlowConsumerPolicy;
+use crate::hub::{ClientSink, FrameKind, Hub, SendOutcome, Session};
+use crate::protocol::Frame;
+
+/// The close code of a connection whose send queue overflowed.
+pub const SLOW_CONSUMER_CLOSE: CloseCode = CloseCode::TRY_AGAIN_LATER;
+
+struct WsSink {
+    sender: Sender,
+    hub: Hub,
+    /// The slow-consumer policy is `close`.
+    close_on_overflow: bool,
+    /// Closing (asked by the hub, or after an overflow).
+    closing: AtomicBool,
+}
+
+impl WsSink {
+    fn overflow(&self) -> SendOutcome {
+        if !self.closing.swap(true, Ordering::Relaxed) {
+            self.hub.metrics().slow_consumers.inc();
+            let _ = self.sender.close(SLOW_CONSUMER_CLOSE, "send queue full");
+        }
+        SendOutcome::Closed
+    }
+}
+
+impl ClientSink for WsSink {
+    fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
+        match self.sender.try_send(Message::Text(frame)) {
+            Ok(()) => SendOutcome::Queued,
+            Err(SendError::Dropped | SendError::Full(_)) => {
+                if kind == FrameKind::Publication && !self.close_on_overflow {
+                    SendOutcome::Dropped
+                } else {
+                    self.overflow()
+                }
+            }
+            Err(_) => SendOutcome::Closed,
+        }
+    }
+
+    fn close(&self, code: u16, reason: &str) {
+        self.closing.store(true, Ordering::Relaxed);
+        let _ = self.sender.close(CloseCode(code), reason);
+    }
+
+    fn queued(&self) -> usize {
+        self.sender.queued_messages()
+    }
+}
+
+/// The queue limits a hub connection needs: the hub's bounds, and `drop`
+/// in the server layer (see the module docs).
+pub fn queue_limits(settings: &crate::config::ClientSettings) -> tidewire::QueueLimits {
+    tidewire::QueueLimits {
+        max_messages: settings.queue_messages,
+        max_bytes: settings.queue_bytes,
+        policy: tidewire::SlowConsumer::Drop,
+    }
+}
+
+/// Runs a hub session over an open WebSocket until it ends; `guard` (a
+/// connection-limit slot, say) is dropped at the end.
+///
+/// Not an `async fn`: the WebSocket is captured once by the returned
+/// future (an `async fn` keeps its arguments twice in its state), which
+/// keeps an idle connection's task small (a test guards it).
+#[allow(clippy::manual_async_fn)]
+pub fn run_session<S, G>(hub: Hub, mut ws: WebSocket<S>, guard: G) -> impl Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async move {
+        let sink = Arc::new(WsSink {
+            sender: ws.sender(),
+            hub: hub.clone(),
+            close_on_overflow: hub.config().client.slow_consumer == SlowConsumerPolicy::Close,
+            closing: AtomicBool::new(false),
+        });
+        let session = hub.open(sink);
+        run(&session, &mut ws, &hub).await;
+        session.close().await;
+        drop(guard);
+    }
+}
+
+async fn run<S>(session: &Session, ws: &mut WebSocket<S>, hub: &Hub)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // Until `connect` succeeds, the connection has connect_timeout.
+    let mut deadline = Some(Instant::now() + hub.config().client.connect_timeout);
+    loop {
+        let next = match deadline {
+            Some(at) if !session.is_connected() => {
+                match tokio::time::timeout_at(at, ws.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        deadline = None;
+                        session.connect_timeout();
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                deadline = None;
+                ws.recv().await
+            }
+        };
+        match next {
+            None => return,
+            // Boxed: command handling's state is on the heap while it
+            // runs, not part of every idle connection's task.
+            Some(Ok(Message::Text(text))) => Box::pin(session.handle_text(text.as_str())).await,
+            Some(Ok(Message::Binary(_))) => session.handle_binary(),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(client = %session.client_id(), "connection ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, F: FnOnce(A, B, C) -> Fut, Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// An idle connection's task is the session future: the WebSocket
+    /// plus a few hundred bytes (the WebSocket once, not twice; command
+    /// handling boxed).
+    #[test]
+    fn an_idle_session_is_little_more_than_its_websocket() {
+        type S = tidewire::hyper::UpgradedStream;
+        let ws = std::mem::size_of::<WebSocket<S>>();
+        let session = future_size(run_session::<S, ()>);
+        assert!(
+            session < ws + 512,
+            "session future {session} bytes, WebSocket {ws}"
+        );
+    }
+}

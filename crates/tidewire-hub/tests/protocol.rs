@@ -1,0 +1,821 @@
+//! Every command of the client protocol against a real hub on loopback:
+//! replies, pushes, error codes, recovery, and cleanup under churn.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tidewire_hub::config::{ChannelOptions, PublishRule};
+
+#[tokio::test]
+async fn connect_reply_carries_client_user_and_ping_interval() {
+    let server = start(config()).await;
+    let (_client, reply) = Client::connect(&server, None).await;
+    assert_eq!(reply["user"], "");
+    assert_eq!(reply["version"], 1);
+    assert_eq!(reply["ping_interval"], 25);
+    assert_eq!(reply["client"].as_str().unwrap().len(), 16);
+    assert!(reply.get("expires_in").is_none());
+    let (mut authed, reply) = Client::connect(&server, Some(&token("42", 600, &[]))).await;
+    assert_eq!(reply["user"], "42");
+    let expires_in = reply["expires_in"].as_u64().unwrap();
+    assert!((590..=600).contains(&expires_in), "{expires_in}");
+    assert_eq!(authed.error_code("connect", json!({})).await, 104);
+    assert_eq!(authed.ok("ping", json!({})).await, json!({}));
+}
+
+#[tokio::test]
+async fn malformed_and_premature_commands_get_codes_and_the_connection_survives() {
+    let server = start(config()).await;
+    let mut c = Client::open(&server).await;
+    assert_eq!(
+        c.error_code("subscribe", json!({"channel": "a"})).await,
+        103
+    );
+    assert_eq!(c.error_code("ping", json!({})).await, 103);
+    c.send_raw("this is not json").await;
+    let reply = c.next_message().await.unwrap();
+    assert_eq!(reply["error"]["code"], 101);
+    assert!(reply.get("id").is_none());
+    c.send_raw(r#"{"id":7,"dance":{}}"#).await;
+    let reply = c.reply_to(7).await;
+    assert_eq!(reply["error"]["code"], 102);
+    c.send_raw(r#"{"id":8,"subscribe":{"chanel":"typo"}}"#)
+        .await;
+    assert_eq!(c.reply_to(8).await["error"]["code"], 101);
+    c.ws.send_binary(vec![1u8, 2, 3]).await.unwrap();
+    assert_eq!(c.next_message().await.unwrap()["error"]["code"], 101);
+    // Still alive: connect works.
+    c.ok("connect", json!({})).await;
+    assert_eq!(c.error_code("publish", json!({"channel": "a"})).await, 101);
+    c.ok("ping", json!({})).await;
+}
+
+#[tokio::test]
+async fn batched_commands_are_answered_in_order_and_bounded() {
+    let mut cfg = config();
+    cfg.client.max_batch = 3;
+    let server = start(cfg).await;
+    let mut c = Client::open(&server).await;
+    c.send_raw("{\"id\":1,\"connect\":{}}\n{\"id\":2,\"ping\":{}}\n\n{\"id\":3,\"ping\":{}}\n")
+        .await;
+    for id in 1..=3 {
+        let reply = c.next_message().await.unwrap();
+        assert_eq!(reply["id"], id);
+    }
+    c.send_raw("{\"id\":4,\"ping\":{}}\n{\"id\":5,\"ping\":{}}\n{\"id\":6,\"ping\":{}}\n{\"id\":7,\"ping\":{}}")
+        .await;
+    for id in 4..=6 {
+        assert_eq!(c.next_message().await.unwrap()["id"], id);
+    }
+    assert_eq!(c.next_message().await.unwrap()["error"]["code"], 113);
+    c.ok("ping", json!({})).await;
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_closes_with_1009() {
+    let mut cfg = config();
+    cfg.client.max_message_size = 1024;
+    let server = start(cfg).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    let big = format!(
+        r#"{{"id":1,"publish":{{"channel":"a","data":"{}"}}}}"#,
+        "x".repeat(2000)
+    );
+    c.send_raw(&big).await;
+    assert_eq!(c.closed().await, Some(1009));
+}
+
+#[tokio::test]
+async fn publications_reach_every_subscriber_once_with_offsets() {
+    let server = start(config()).await;
+    let (mut a, _) = Client::connect(&server, Some(&token("ann", 600, &[]))).await;
+    let (mut b, _) = Client::connect(&server, None).await;
+    let sub = a.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    assert_eq!(sub["recoverable"], true);
+    assert_eq!(
+        (sub["offset"].clone(), sub["epoch"].clone()),
+        (json!(0), json!(""))
+    );
+    b.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    let ack = a
+        .ok(
+            "publish",
+            json!({"channel": "chat:lobby", "data": {"text": "hi"}}),
+        )
+        .await;
+    assert_eq!(ack["offset"], 1);
+    let epoch = ack["epoch"].as_str().unwrap().to_string();
+    assert_eq!(epoch.len(), 12);
+    for client in [&mut a, &mut b] {
+        let p = client.publication("chat:lobby").await;
+        assert_eq!(p["data"], json!({"text": "hi"}));
+        assert_eq!(p["offset"], 1);
+        assert_eq!(p["info"]["user"], "ann");
+        assert_eq!(p["info"]["info"], json!({"name": "user ann"}));
+    }
+    let ack = b
+        .ok(
+            "publish",
+            json!({"channel": "chat:lobby", "data": [1, 2, 3]}),
+        )
+        .await;
+    assert_eq!(
+        (ack["offset"].clone(), ack["epoch"].clone()),
+        (json!(2), json!(epoch))
+    );
+    assert_eq!(a.publication("chat:lobby").await["data"], json!([1, 2, 3]));
+    // Unsubscribed: nothing more arrives.
+    b.publication("chat:lobby").await;
+    b.ok("unsubscribe", json!({"channel": "chat:lobby"})).await;
+    a.ok("publish", json!({"channel": "chat:lobby", "data": 3}))
+        .await;
+    assert_eq!(a.publication("chat:lobby").await["offset"], 3);
+    b.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn order_per_channel_holds_for_every_subscriber_with_concurrent_publishers() {
+    let server = start(config()).await;
+    let mut subscribers = Vec::new();
+    for _ in 0..3 {
+        let (mut c, _) = Client::connect(&server, None).await;
+        c.ok("subscribe", json!({"channel": "race"})).await;
+        subscribers.push(c);
+    }
+    let mut publishers = Vec::new();
+    for p in 0..3 {
+        let url = server.url();
+        let _ = url;
+        let (mut c, _) = Client::connect(&server, None).await;
+        c.ok("subscribe", json!({"channel": "race"})).await;
+        publishers.push(tokio::spawn(async move {
+            for i in 0..50 {
+                c.ok(
+                    "publish",
+                    json!({"channel": "race", "data": {"p": p, "i": i}}),
+                )
+                .await;
+            }
+            c
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut sequences = Vec::new();
+    for c in &mut subscribers {
+        let mut offsets = Vec::new();
+        let mut data = Vec::new();
+        for _ in 0..150 {
+            let p = c.publication("race").await;
+            offsets.push(p["offset"].as_u64().unwrap());
+            data.push(p["data"].clone());
+        }
+        assert_eq!(offsets, (1..=150).collect::<Vec<u64>>());
+        sequences.push(data);
+    }
+    assert!(sequences.windows(2).all(|w| w[0] == w[1]));
+}
+
+#[tokio::test]
+async fn join_leave_presence_and_presence_stats() {
+    let server = start(config()).await;
+    let (mut a, ra) = Client::connect(&server, Some(&token("ann", 600, &[]))).await;
+    let (mut b, rb) = Client::connect(&server, Some(&token("bob", 600, &[]))).await;
+    a.ok("subscribe", json!({"channel": "room"})).await;
+    let join = a.push().await;
+    assert_eq!(join["join"]["client"], ra["client"]);
+    b.ok("subscribe", json!({"channel": "room"})).await;
+    let join = a.push().await;
+    assert_eq!(join["channel"], "room");
+    assert_eq!(join["join"]["user"], "bob");
+    assert_eq!(join["join"]["client"], rb["client"]);
+    assert_eq!(join["join"]["info"], json!({"name": "user bob"}));
+    let presence = a.ok("presence", json!({"channel": "room"})).await;
+    let mut users: Vec<String> = presence["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["user"].as_str().unwrap().to_string())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["ann", "bob"]);
+    let stats = a.ok("presence_stats", json!({"channel": "room"})).await;
+    assert_eq!(stats, json!({"clients": 2, "users": 2}));
+    b.ok("unsubscribe", json!({"channel": "room"})).await;
+    let leave = loop {
+        let p = a.push().await;
+        if p.get("leave").is_some() {
+            break p;
+        }
+    };
+    assert_eq!(leave["leave"]["user"], "bob");
+    let stats = a.ok("presence_stats", json!({"channel": "room"})).await;
+    assert_eq!(stats, json!({"clients": 1, "users": 1}));
+    // A client that goes away leaves too.
+    b.ok("subscribe", json!({"channel": "room"})).await;
+    b.close().await;
+    eventually("bob's leave", || true).await;
+    loop {
+        let p = a.push().await;
+        if p.get("leave").is_some() {
+            assert_eq!(p["leave"]["user"], "bob");
+            break;
+        }
+    }
+    // Presence and history need a subscription.
+    let (mut c, _) = Client::connect(&server, None).await;
+    assert_eq!(
+        c.error_code("presence", json!({"channel": "room"})).await,
+        107
+    );
+    assert_eq!(
+        c.error_code("history", json!({"channel": "room"})).await,
+        107
+    );
+}
+
+#[tokio::test]
+async fn history_latest_since_and_reverse() {
+    let server = start(config()).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    c.ok("subscribe", json!({"channel": "feed"})).await;
+    let mut epoch = String::new();
+    for i in 1..=5 {
+        let ack = c.ok("publish", json!({"channel": "feed", "data": i})).await;
+        epoch = ack["epoch"].as_str().unwrap().into();
+    }
+    let offsets = |h: &serde_json::Value| -> Vec<u64> {
+        h["publications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["offset"].as_u64().unwrap())
+            .collect()
+    };
+    let h = c.ok("history", json!({"channel": "feed"})).await;
+    assert_eq!(offsets(&h), [1, 2, 3, 4, 5]);
+    assert_eq!(
+        (h["offset"].clone(), h["epoch"].clone()),
+        (json!(5), json!(epoch))
+    );
+    assert_eq!(h["publications"][0]["data"], 1);
+    let h = c
+        .ok(
+            "history",
+            json!({"channel": "feed", "limit": 2, "reverse": true}),
+        )
+        .await;
+    assert_eq!(offsets(&h), [5, 4]);
+    let h = c
+        .ok(
+            "history",
+            json!({"channel": "feed", "since": {"offset": 3, "epoch": epoch}}),
+        )
+        .await;
+    assert_eq!(offsets(&h), [4, 5]);
+    let h = c
+        .ok(
+            "history",
+            json!({"channel": "feed", "limit": 2, "since": {"offset": 3, "epoch": epoch}, "reverse": true}),
+        )
+        .await;
+    assert_eq!(offsets(&h), [2, 1]);
+    let stale = json!({"channel": "feed", "since": {"offset": 3, "epoch": "another"}});
+    assert_eq!(c.error_code("history", stale).await, 115);
+}
+
+/// Reads a subscribe reply's position.
+fn position(reply: &serde_json::Value) -> (u64, String) {
+    (
+        reply["offset"].as_u64().unwrap(),
+        reply["epoch"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn recovery_after_a_reconnect_returns_exactly_the_missed_publications_in_order() {
+    let server = start(config()).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    for i in 1..=2 {
+        api(
+            &server,
+            "publish",
+            json!({"channel": "chat:lobby", "data": {"n": i}}),
+        )
+        .await;
+    }
+    let mut last = (0, String::new());
+    for _ in 1..=2 {
+        let p = c.publication("chat:lobby").await;
+        last.0 = p["offset"].as_u64().unwrap();
+    }
+    let (_, epoch) = position(
+        &c.ok("history", json!({"channel": "chat:lobby", "limit": 0}))
+            .await,
+    );
+    last.1 = epoch;
+    assert_eq!(last.0, 2);
+    c.close().await;
+    // Missed while away.
+    for i in 3..=5 {
+        let (status, _) = api(
+            &server,
+            "publish",
+            json!({"channel": "chat:lobby", "data": {"n": i}}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (mut c, _) = Client::connect(&server, None).await;
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "chat:lobby", "recover": true, "offset": last.0, "epoch": last.1}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], true);
+    let recovered: Vec<(u64, serde_json::Value)> = reply["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["offset"].as_u64().unwrap(), p["data"]["n"].clone()))
+        .collect();
+    assert_eq!(
+        recovered,
+        [(3, json!(3)), (4, json!(4)), (5, json!(5))],
+        "exactly the missed publications, in order"
+    );
+    assert_eq!(position(&reply), (5, last.1.clone()));
+    // Then live, with nothing repeated.
+    api(
+        &server,
+        "publish",
+        json!({"channel": "chat:lobby", "data": {"n": 6}}),
+    )
+    .await;
+    assert_eq!(c.publication("chat:lobby").await["offset"], 6);
+    // Nothing missed: recovered with no publications.
+    let (mut d, _) = Client::connect(&server, None).await;
+    let reply = d
+        .ok(
+            "subscribe",
+            json!({"channel": "chat:lobby", "recover": true, "offset": 6, "epoch": last.1}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], true);
+    assert!(reply.get("publications").is_none());
+}
+
+#[tokio::test]
+async fn recovery_fails_with_another_epoch_or_a_gap_in_history() {
+    let mut cfg = config();
+    cfg.namespaces.insert(
+        "short".into(),
+        ChannelOptions {
+            history_size: 3,
+            ..ChannelOptions::default()
+        },
+    );
+    let server = start(cfg).await;
+    let mut epoch = String::new();
+    for i in 1..=10 {
+        let (_, ack) = api(&server, "publish", json!({"channel": "short:a", "data": i})).await;
+        epoch = ack["epoch"].as_str().unwrap().into();
+    }
+    let (mut c, _) = Client::connect(&server, None).await;
+    // Offsets 3..=7 are gone (history of 3 keeps 8, 9, 10).
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "short:a", "recover": true, "offset": 2, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], false);
+    assert!(reply.get("publications").is_none());
+    assert_eq!(position(&reply), (10, epoch.clone()));
+    c.ok("unsubscribe", json!({"channel": "short:a"})).await;
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "short:a", "recover": true, "offset": 9, "epoch": "not-this-one"}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], false);
+    c.ok("unsubscribe", json!({"channel": "short:a"})).await;
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "short:a", "recover": true, "offset": 7, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], true);
+    assert_eq!(reply["publications"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn recovery_while_publishing_has_no_gap_and_no_repeat() {
+    let server = start(config()).await;
+    let (_, ack) = api(&server, "publish", json!({"channel": "busy", "data": 0})).await;
+    let epoch = ack["epoch"].as_str().unwrap().to_string();
+    let publisher = {
+        let (mut p, _) = Client::connect(&server, None).await;
+        p.ok("subscribe", json!({"channel": "busy"})).await;
+        tokio::spawn(async move {
+            for i in 1..=200 {
+                p.ok("publish", json!({"channel": "busy", "data": i})).await;
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let (mut c, _) = Client::connect(&server, None).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "busy", "recover": true, "offset": 1, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], true);
+    if let Some(pubs) = reply["publications"].as_array() {
+        seen.extend(pubs.iter().map(|p| p["offset"].as_u64().unwrap()));
+    }
+    let top = reply["offset"].as_u64().unwrap();
+    assert_eq!(seen.last().copied().unwrap_or(1), top);
+    publisher.await.unwrap();
+    while seen.last().copied().unwrap_or(1) < 201 {
+        seen.push(c.publication("busy").await["offset"].as_u64().unwrap());
+    }
+    let expected: Vec<u64> = (2..=201).collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn without_history_publications_have_no_offset_and_recovery_is_off() {
+    let mut cfg = config();
+    cfg.namespaces.insert(
+        "live".into(),
+        ChannelOptions {
+            history_size: 0,
+            ..ChannelOptions::default()
+        },
+    );
+    let server = start(cfg).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "live:x", "recover": true, "offset": 1, "epoch": "e"}),
+        )
+        .await;
+    assert_eq!(reply, json!({"recoverable": false}));
+    let ack = c
+        .ok("publish", json!({"channel": "live:x", "data": 1}))
+        .await;
+    assert_eq!(ack, json!({}));
+    let p = c.publication("live:x").await;
+    assert!(p.get("offset").is_none());
+    assert_eq!(
+        c.error_code("history", json!({"channel": "live:x"})).await,
+        112
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_subscribe_unsubscribe_cycles_leave_nothing_behind() {
+    let server = start(config()).await;
+    let mut clients = Vec::new();
+    for user in 0..10 {
+        let t = token(&format!("churn-{user}"), 600, &[]);
+        clients.push(Client::connect(&server, Some(&t)).await.0);
+    }
+    // 10 clients × 1,000 cycles, over 500 channel names, batched.
+    let mut handles = Vec::new();
+    for (n, mut c) in clients.into_iter().enumerate() {
+        handles.push(tokio::spawn(async move {
+            let mut id = 1000;
+            for round in 0..10 {
+                let mut batch = String::new();
+                for i in 0..50 {
+                    let channel = format!("churn:{}", (n * 7 + round * 50 + i) % 500);
+                    id += 1;
+                    batch.push_str(&format!(
+                        "{{\"id\":{id},\"subscribe\":{{\"channel\":\"{channel}\"}}}}\n"
+                    ));
+                    id += 1;
+                    batch.push_str(&format!(
+                        "{{\"id\":{id},\"unsubscribe\":{{\"channel\":\"{channel}\"}}}}\n"
+                    ));
+                }
+                c.send_raw(&batch).await;
+                c.reply_to(id).await;
+            }
+            // The batch above was 100 commands at most: the default batch limit.
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for h in handles {
+        clients.push(h.await.unwrap());
+    }
+    // 10 × 10 × 50 = 5,000 cycles so far; 5,000 more from fresh sessions.
+    for n in 0..50 {
+        let t = token(&format!("fresh-{n}"), 600, &[]);
+        let (mut c, _) = Client::connect(&server, Some(&t)).await;
+        let mut batch = String::new();
+        for i in 0..50 {
+            batch.push_str(&format!(
+                "{{\"id\":{},\"subscribe\":{{\"channel\":\"fresh:{n}:{i}\"}}}}\n",
+                2 * i + 1
+            ));
+            batch.push_str(&format!(
+                "{{\"id\":{},\"unsubscribe\":{{\"channel\":\"fresh:{n}:{i}\"}}}}\n",
+                2 * i + 2
+            ));
+        }
+        c.send_raw(&batch).await;
+        c.reply_to(100).await;
+        // Half of them leave while still subscribed: disconnect cleans up.
+        for i in 0..50 {
+            c.ok("subscribe", json!({"channel": format!("fresh:{n}:x{i}")}))
+                .await;
+            if n % 2 == 0 {
+                c.ok("unsubscribe", json!({"channel": format!("fresh:{n}:x{i}")}))
+                    .await;
+            }
+        }
+        c.close().await;
+    }
+    let hub = server.hub.clone();
+    eventually("no channel left", || {
+        let c = hub.counts();
+        c.channels == 0 && c.subscriptions == 0 && c.presence_channels == 0 && c.sessions == 10
+    })
+    .await;
+    for c in clients {
+        c.close().await;
+    }
+    eventually("every entry gone", || {
+        let c = hub.counts();
+        c == tidewire_hub::HubCounts::default()
+    })
+    .await;
+    assert_eq!(server.hub.engine_stats(), Default::default());
+}
+
+#[tokio::test]
+async fn permission_rules_of_namespaces() {
+    let mut cfg = config();
+    cfg.namespaces.insert(
+        "news".into(),
+        ChannelOptions {
+            publish: PublishRule::Server,
+            ..ChannelOptions::default()
+        },
+    );
+    cfg.namespaces.insert(
+        "open".into(),
+        ChannelOptions {
+            publish: PublishRule::Clients,
+            presence: false,
+            ..ChannelOptions::default()
+        },
+    );
+    cfg.namespaces.insert(
+        "members".into(),
+        ChannelOptions {
+            subscribe: tidewire_hub::config::SubscribeRule::Authenticated,
+            ..ChannelOptions::default()
+        },
+    );
+    cfg.namespaces.insert(
+        "private".into(),
+        ChannelOptions {
+            subscribe: tidewire_hub::config::SubscribeRule::Token,
+            ..ChannelOptions::default()
+        },
+    );
+    cfg.unknown_namespaces = tidewire_hub::config::UnknownNamespaces::Reject;
+    cfg.client.max_subscriptions = 3;
+    let server = start(cfg).await;
+    let (mut anon, _) = Client::connect(&server, None).await;
+
+    // A forbidden publish gets 107 and the connection survives.
+    anon.ok("subscribe", json!({"channel": "news:eu"})).await;
+    let forbidden = json!({"channel": "news:eu", "data": "x"});
+    assert_eq!(anon.error_code("publish", forbidden).await, 107);
+    anon.ok("ping", json!({})).await;
+    let (status, _) = api(
+        &server,
+        "publish",
+        json!({"channel": "news:eu", "data": "ok"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(anon.publication("news:eu").await["data"], "ok");
+
+    // Subscribers rule: subscribe first.
+    let (mut other, _) = Client::connect(&server, None).await;
+    assert_eq!(
+        other
+            .error_code("publish", json!({"channel": "lobby", "data": 1}))
+            .await,
+        107
+    );
+    // Clients rule: any connected client.
+    other
+        .ok("publish", json!({"channel": "open:x", "data": 1}))
+        .await;
+    // Presence off.
+    other.ok("subscribe", json!({"channel": "open:x"})).await;
+    assert_eq!(
+        other
+            .error_code("presence", json!({"channel": "open:x"}))
+            .await,
+        112
+    );
+
+    // Authenticated rule.
+    assert_eq!(
+        anon.error_code("subscribe", json!({"channel": "members:a"}))
+            .await,
+        107
+    );
+    let (mut ann, _) = Client::connect(
+        &server,
+        Some(&token("ann", 600, &["private:ann-*", "private:team:*"])),
+    )
+    .await;
+    ann.ok("subscribe", json!({"channel": "members:a"})).await;
+
+    // Token rule: the channels claim (exact or ns:*), or a subscription token.
+    assert_eq!(
+        ann.error_code("subscribe", json!({"channel": "private:x"}))
+            .await,
+        107
+    );
+    let (mut bob, _) = Client::connect(&server, Some(&token("bob", 600, &["private:*"]))).await;
+    bob.ok("subscribe", json!({"channel": "private:x"})).await;
+    let sub = subscription_token("ann", "private:x", 600);
+    ann.ok("subscribe", json!({"channel": "private:x", "token": sub}))
+        .await;
+    let wrong_channel = subscription_token("ann", "private:y", 600);
+    assert_eq!(
+        ann.error_code(
+            "subscribe",
+            json!({"channel": "private:z", "token": wrong_channel})
+        )
+        .await,
+        107
+    );
+    let not_hers = subscription_token("bob", "private:y", 600);
+    assert_eq!(
+        ann.error_code(
+            "subscribe",
+            json!({"channel": "private:y", "token": not_hers})
+        )
+        .await,
+        107
+    );
+    let expired = subscription_token("ann", "private:y", -5);
+    assert_eq!(
+        ann.error_code(
+            "subscribe",
+            json!({"channel": "private:y", "token": expired})
+        )
+        .await,
+        106
+    );
+    // A connection token is not a subscription token.
+    let conn_token = token("ann", 600, &[]);
+    assert_eq!(
+        ann.error_code(
+            "subscribe",
+            json!({"channel": "private:y", "token": conn_token})
+        )
+        .await,
+        105
+    );
+    // Limit of subscriptions (3): members:a, private:x, and one more.
+    ann.ok("subscribe", json!({"channel": "lobby2"})).await;
+    assert_eq!(
+        ann.error_code("subscribe", json!({"channel": "lobby3"}))
+            .await,
+        113
+    );
+
+    // Names and namespaces.
+    assert_eq!(
+        anon.error_code("subscribe", json!({"channel": "nope:a"}))
+            .await,
+        108
+    );
+    let long = "x".repeat(256);
+    assert_eq!(
+        anon.error_code("subscribe", json!({"channel": long})).await,
+        109
+    );
+    assert_eq!(
+        anon.error_code("subscribe", json!({"channel": "a b"}))
+            .await,
+        109
+    );
+    assert_eq!(
+        anon.error_code("subscribe", json!({"channel": ""})).await,
+        109
+    );
+    assert_eq!(
+        anon.error_code("subscribe", json!({"channel": "news:eu"}))
+            .await,
+        110
+    );
+    assert_eq!(
+        anon.error_code("unsubscribe", json!({"channel": "lobby"}))
+            .await,
+        111
+    );
+    anon.ok("ping", json!({})).await;
+}
+
+#[tokio::test]
+async fn personal_channels_belong_to_their_users() {
+    let server = start(config()).await;
+    let (mut u42, _) = Client::connect(&server, Some(&token("42", 600, &[]))).await;
+    let (mut u43, _) = Client::connect(&server, Some(&token("43", 600, &[]))).await;
+    let (mut anon, _) = Client::connect(&server, None).await;
+    u42.ok("subscribe", json!({"channel": "notify:#42"})).await;
+    assert_eq!(
+        u43.error_code("subscribe", json!({"channel": "notify:#42"}))
+            .await,
+        107
+    );
+    assert_eq!(
+        anon.error_code("subscribe", json!({"channel": "notify:#42"}))
+            .await,
+        107
+    );
+    assert_eq!(
+        anon.error_code("subscribe", json!({"channel": "notify:#"}))
+            .await,
+        107
+    );
+    // Shared by the users listed.
+    u42.ok("subscribe", json!({"channel": "dm:#42,43"})).await;
+    u43.ok("subscribe", json!({"channel": "dm:#42,43"})).await;
+    api(
+        &server,
+        "publish",
+        json!({"channel": "notify:#42", "data": {"note": "hi"}}),
+    )
+    .await;
+    assert_eq!(u42.publication("notify:#42").await["data"]["note"], "hi");
+}
+
+#[tokio::test]
+async fn the_connect_timeout_disconnects_silent_connections() {
+    let mut cfg = config();
+    cfg.client.connect_timeout = Duration::from_millis(300);
+    let server = start(cfg).await;
+    let mut c = Client::open(&server).await;
+    assert_eq!(c.closed().await, Some(3002));
+    let push = c.push().await;
+    assert_eq!(push["disconnect"]["code"], 3002);
+    assert_eq!(push["disconnect"]["reconnect"], true);
+}
+
+#[tokio::test]
+async fn application_pings_are_pushed_at_the_announced_interval() {
+    let mut cfg = config();
+    cfg.client.ping_interval = Duration::from_secs(1);
+    let server = start(cfg).await;
+    let (mut c, reply) = Client::connect(&server, None).await;
+    assert_eq!(reply["ping_interval"], 1);
+    let ping = tokio::time::timeout(LIMIT, async {
+        loop {
+            if let Some(Ok(tidewire::Message::Text(t))) = c.ws.recv().await {
+                return t.to_string();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(ping, r#"{"push":{"ping":{}}}"#);
+}
+
+#[tokio::test]
+async fn plain_websocket_without_subprotocol_speaks_the_same_protocol() {
+    let server = start(config()).await;
+    let (mut ws, response) = tidewire::connect(&server.url()).await.unwrap();
+    assert!(response.headers().get("sec-websocket-protocol").is_none());
+    ws.send_text(r#"{"id":1,"connect":{}}"#).await.unwrap();
+    let Some(Ok(tidewire::Message::Text(reply))) = ws.recv().await else {
+        panic!("no reply")
+    };
+    let reply: serde_json::Value = serde_json::from_str(reply.as_str()).unwrap();
+    assert_eq!(reply["id"], 1);
+    assert!(reply["connect"]["client"].is_string());
+}
