@@ -12,6 +12,9 @@
 //! once, even in the middle of a frame. A complete single-frame message is
 //! split off the read buffer without copying.
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::close::{CloseFrame, MAX_REASON_LEN};
@@ -119,6 +122,10 @@ pub struct Connection {
     config: Config,
     state: State,
     input: BytesMut,
+    /// Output written before `output`: sealed parts of it and large
+    /// payloads queued by reference (see `send_binary_bytes`).
+    output_chunks: VecDeque<Bytes>,
+    /// The output being appended to.
     output: BytesMut,
     frame: Option<IncomingFrame>,
     message: Option<IncomingMessage>,
@@ -163,6 +170,7 @@ impl Connection {
             config,
             state: State::Open,
             input: BytesMut::new(),
+            output_chunks: VecDeque::new(),
             output: BytesMut::new(),
             frame: None,
             message: None,
@@ -222,6 +230,20 @@ impl Connection {
     pub fn receive_data(&mut self, data: &[u8]) {
         if !self.receiving_done() {
             self.input.extend_from_slice(data);
+        }
+    }
+
+    /// Like [`receive_data`](Connection::receive_data), taking the buffer:
+    /// when nothing is buffered it becomes the input as is, so a large read
+    /// is parsed (and its messages split off) without a copy.
+    pub fn receive_buffer(&mut self, data: BytesMut) {
+        if self.receiving_done() {
+            return;
+        }
+        if self.input.is_empty() {
+            self.input = data;
+        } else {
+            self.input.extend_from_slice(&data);
         }
     }
 
@@ -475,24 +497,69 @@ impl Connection {
 
     // ---- sending ---------------------------------------------------------
 
-    /// Bytes waiting to be written to the network.
+    /// The next bytes waiting to be written to the network (the first
+    /// chunk of the output: write it, then [`consume_output`]; or write
+    /// them all at once with [`pending_output_slices`]).
+    ///
+    /// [`consume_output`]: Connection::consume_output
+    /// [`pending_output_slices`]: Connection::pending_output_slices
     pub fn pending_output(&self) -> &[u8] {
-        &self.output
+        match self.output_chunks.front() {
+            Some(chunk) => chunk,
+            None => &self.output,
+        }
     }
 
-    /// Marks the first `n` pending bytes as written.
-    pub fn consume_output(&mut self, n: usize) {
-        self.output.advance(n);
+    /// Fills `slices` with the pending output, in order, for a vectored
+    /// write; returns how many were filled.
+    pub fn pending_output_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let chunks = self.output_chunks.iter().map(|c| &c[..]);
+        let all = chunks.chain(std::iter::once(&self.output[..]));
+        let mut n = 0;
+        for (slot, chunk) in slices.iter_mut().zip(all.filter(|c| !c.is_empty())) {
+            *slot = IoSlice::new(chunk);
+            n += 1;
+        }
+        n
+    }
+
+    /// How many bytes are waiting to be written.
+    pub fn pending_output_len(&self) -> usize {
+        self.output_chunks.iter().map(Bytes::len).sum::<usize>() + self.output.len()
+    }
+
+    /// Marks the first `n` pending bytes as written (they may span chunks).
+    pub fn consume_output(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(chunk) = self.output_chunks.front_mut() else {
+                self.output.advance(n);
+                return;
+            };
+            if n < chunk.len() {
+                chunk.advance(n);
+                return;
+            }
+            n -= chunk.len();
+            self.output_chunks.pop_front();
+        }
     }
 
     /// Takes all pending output at once.
     pub fn take_output(&mut self) -> BytesMut {
-        self.output.split()
+        if self.output_chunks.is_empty() {
+            return self.output.split();
+        }
+        let mut all = BytesMut::with_capacity(self.pending_output_len());
+        for chunk in self.output_chunks.drain(..) {
+            all.extend_from_slice(&chunk);
+        }
+        all.extend_from_slice(&self.output.split());
+        all
     }
 
     /// Whether anything is waiting to be written.
     pub fn has_pending_output(&self) -> bool {
-        !self.output.is_empty()
+        !self.output_chunks.is_empty() || !self.output.is_empty()
     }
 
     fn check_can_send(&self) -> Result<(), UsageError> {
@@ -511,6 +578,55 @@ impl Connection {
     /// Queues a binary message (compressed when negotiated and long enough).
     pub fn send_binary(&mut self, data: &[u8]) -> Result<(), UsageError> {
         self.send_message(OpCode::Binary, data)
+    }
+
+    /// Queues a binary message held in `Bytes`: like [`send_binary`], but a
+    /// large uncompressed payload from the server side is queued by
+    /// reference, not copied (written with a vectored write; a server
+    /// echoing or fanning out a message never copies its payload).
+    ///
+    /// [`send_binary`]: Connection::send_binary
+    pub fn send_binary_bytes(&mut self, data: Bytes) -> Result<(), UsageError> {
+        self.send_message_bytes(OpCode::Binary, data)
+    }
+
+    /// Queues a text message held in [`Utf8Text`], without copying a large
+    /// payload (see [`send_binary_bytes`](Connection::send_binary_bytes)).
+    pub fn send_text_bytes(&mut self, text: Utf8Text) -> Result<(), UsageError> {
+        self.send_message_bytes(OpCode::Text, text.into_bytes())
+    }
+
+    fn send_message_bytes(&mut self, opcode: OpCode, data: Bytes) -> Result<(), UsageError> {
+        // Below this, copying costs less than a separate chunk.
+        const BY_REFERENCE_MIN: usize = 4096;
+        let compressed = self
+            .compression
+            .as_ref()
+            .is_some_and(|c| data.len() >= c.threshold);
+        if data.len() < BY_REFERENCE_MIN || compressed || self.role == Role::Client {
+            return self.send_message(opcode, &data);
+        }
+        self.check_can_send()?;
+        if self.sending_fragmented {
+            return Err(UsageError::FragmentOrder(
+                "a fragmented message is still being sent",
+            ));
+        }
+        FrameHeader {
+            fin: true,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask: None,
+            payload_len: data.len() as u64,
+        }
+        .encode(&mut self.output);
+        // Seal what is buffered (the header included); the rest of the
+        // buffer's capacity stays for what follows.
+        self.output_chunks.push_back(self.output.split().freeze());
+        self.output_chunks.push_back(data);
+        Ok(())
     }
 
     fn send_message(&mut self, opcode: OpCode, data: &[u8]) -> Result<(), UsageError> {

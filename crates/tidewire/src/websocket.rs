@@ -17,6 +17,7 @@
 //! [`Message::Close`] or error handed to the application.
 
 use std::future::{poll_fn, Future};
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -206,11 +207,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     fn poll_write_out_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
             while self.conn.has_pending_output() {
-                let written = Pin::new(&mut self.io).poll_write(cx, self.conn.pending_output());
+                let written = if self.io.is_write_vectored() {
+                    // Headers and payloads queued by reference go out in
+                    // one system call.
+                    let mut slices = [IoSlice::new(&[]); 64];
+                    let n = self.conn.pending_output_slices(&mut slices);
+                    Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n])
+                } else {
+                    Pin::new(&mut self.io).poll_write(cx, self.conn.pending_output())
+                };
                 let n = match written {
                     Poll::Ready(result) => result?,
                     Poll::Pending => {
-                        let output = self.conn.pending_output().len();
+                        let output = self.conn.pending_output_len();
                         if output != self.published_output {
                             self.outbox.lock().output = output;
                             self.published_output = output;
@@ -237,7 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// Moves queued messages into the protocol output, up to the high-water
     /// mark. Returns whether anything was encoded.
     fn pump_outbox(&mut self) -> bool {
-        let output = self.conn.pending_output().len();
+        let output = self.conn.pending_output_len();
         // Fast path: nothing queued, and the output level did not change in
         // a way a Sender could be waiting on (empty vs not, or by a lot).
         if !self.outbox.work.load(std::sync::atomic::Ordering::Acquire)
@@ -259,7 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             self.outbox.notify_space();
             return true;
         }
-        while self.conn.pending_output().len() < self.options.write_high_water {
+        while self.conn.pending_output_len() < self.options.write_high_water {
             let Some(message) = st.queue.pop_front() else {
                 break;
             };
@@ -273,7 +282,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 .work
                 .store(false, std::sync::atomic::Ordering::Release);
         }
-        st.output = self.conn.pending_output().len();
+        st.output = self.conn.pending_output_len();
         self.published_output = st.output;
         let drained = st.queue.is_empty() && st.output == 0;
         drop(st);
@@ -377,23 +386,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// buffer at all; the rest of a large frame is read straight into the
     /// connection's buffer, without the extra copy.
     fn poll_read_input(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        /// Reads at least this large are handed to the connection rather
+        /// than copied out of the per-thread buffer.
+        const HAND_OVER_MIN: usize = 16 * 1024;
         let wanted = self.conn.bytes_wanted();
-        if wanted >= self.options.read_chunk {
+        if wanted >= HAND_OVER_MIN.min(self.options.read_chunk) {
+            // The rest of a large frame (and the start of the next) goes
+            // straight into the connection's buffer.
             let buf = self.conn.input_buffer();
-            buf.reserve(wanted.min(1 << 20));
+            buf.reserve(wanted.min(1 << 20) + HAND_OVER_MIN);
             return tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf);
         }
         self.conn.release_idle_buffers();
         READ_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             scratch.clear();
-            scratch.reserve(self.options.read_chunk);
+            // A partial frame already buffered (always short here) goes in
+            // front, so that a large read can be handed over whole.
+            let leftover = self.conn.input_buffer().len();
+            scratch.reserve(leftover + self.options.read_chunk);
+            scratch.extend_from_slice(self.conn.input_buffer());
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.io),
                 cx,
                 &mut *scratch
             ))?;
-            self.conn.receive_data(&scratch[..n]);
+            if n >= HAND_OVER_MIN {
+                // A large read: the connection takes the bytes without a
+                // copy (the thread's buffer gets a new allocation).
+                self.conn.input_buffer().clear();
+                self.conn.receive_buffer(scratch.split());
+            } else {
+                self.conn.receive_data(&scratch[leftover..]);
+            }
             Poll::Ready(Ok(n))
         })
     }
@@ -408,7 +433,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             // Output is written when it grows large, or (below) before
             // waiting for input: everything answered from one read goes out
             // in one write.
-            if self.conn.pending_output().len() >= self.options.write_high_water
+            if self.conn.pending_output_len() >= self.options.write_high_water
                 || self.outbox.work.load(std::sync::atomic::Ordering::Acquire)
             {
                 if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
@@ -581,7 +606,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn poll_ready(&mut self, cx: &mut Context<'_>, side: Side) -> Poll<Result<(), Error>> {
-        if self.conn.pending_output().len() >= self.options.write_high_water {
+        if self.conn.pending_output_len() >= self.options.write_high_water {
             ready!(self.poll_write_out(cx, side))?;
         }
         Poll::Ready(Ok(()))
@@ -601,8 +626,8 @@ fn encode_counted(
 
 fn encode(conn: &mut Connection, message: Message) -> Result<(), Error> {
     match message {
-        Message::Text(t) => conn.send_text(&t)?,
-        Message::Binary(b) => conn.send_binary(&b)?,
+        Message::Text(t) => conn.send_text_bytes(t)?,
+        Message::Binary(b) => conn.send_binary_bytes(b)?,
         Message::Ping(b) => conn.send_ping(&b)?,
         Message::Pong(b) => conn.send_pong(&b)?,
         Message::Close(frame) => conn.send_close(frame)?,
@@ -812,7 +837,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Bytes queued for sending and not yet written (like the browser's
     /// `bufferedAmount`).
     pub fn buffered_amount(&self) -> usize {
-        self.inner.conn.pending_output().len() + self.inner.outbox.lock().bytes
+        self.inner.conn.pending_output_len() + self.inner.outbox.lock().bytes
     }
 
     /// Splits into a reader and a writer usable from separate tasks. The
@@ -911,7 +936,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketWriter<S> {
     pub fn buffered_amount(&self) -> usize {
         let inner = lock(&self.shared);
         let queued = inner.outbox.lock().bytes;
-        inner.conn.pending_output().len() + queued
+        inner.conn.pending_output_len() + queued
     }
 }
 
