@@ -456,6 +456,13 @@ impl Hub {
         for c in &clients {
             c.disconnect(disconnect);
         }
+        tracing::info!(
+            user,
+            client,
+            code = disconnect.code,
+            count = clients.len(),
+            "disconnected by the API"
+        );
         clients.len()
     }
 
@@ -782,6 +789,7 @@ async fn maintenance(node: Weak<Node>) {
                         Some(deadline) if now >= deadline => {
                             st.expires_at = None;
                             drop(st);
+                            tracing::debug!(client = %format!("{:016x}", client.id), "token expired");
                             client.disconnect(&Disconnect::new(
                                 DisconnectCode::TokenExpired,
                                 "connection token expired",
@@ -995,6 +1003,7 @@ impl Session {
             ids.push(self.client.id);
         }
         node.metrics.clients.inc();
+        tracing::debug!(client = %client_id, user = %claims.user, "connected");
         body(&ConnectReply {
             client: &client_id,
             user: &claims.user,
