@@ -31,6 +31,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the real-time hub: channels, presence, history, HTTP API.
+    #[command(
+        after_help = "Server flags (from --host on) apply only when given: their [default] \
+        values are those of `tidewire echo`. Without them, serve uses its configuration: \
+        defaults < tidewire.toml (or --config) < TIDEWIRE_* variables < flags. \
+        See README.md and docs/protocol.md."
+    )]
     Serve(serve::ServeArgs),
     /// Print a development token (HS256) for the hub.
     Token(token::TokenArgs),

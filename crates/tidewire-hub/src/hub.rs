@@ -191,6 +191,8 @@ struct ClientState {
     /// Channels granted by the connection token.
     granted: Vec<String>,
     subscriptions: Vec<String>,
+    /// Subscriptions granted by a subscription token with an expiry.
+    expiring: Vec<(String, u64)>,
     /// Token expiry (seconds since the Unix epoch).
     expires_at: Option<u64>,
     /// After expiry: when the client is disconnected unless it refreshed.
@@ -456,6 +458,13 @@ impl Hub {
         for c in &clients {
             c.disconnect(disconnect);
         }
+        tracing::info!(
+            user,
+            client,
+            code = disconnect.code,
+            count = clients.len(),
+            "disconnected by the API"
+        );
         clients.len()
     }
 
@@ -468,15 +477,7 @@ impl Hub {
         };
         let mut count = 0;
         for c in self.node.clients_of(user, client) {
-            let removed = {
-                let mut st = lock(&c.state);
-                let before = st.subscriptions.len();
-                st.subscriptions.retain(|s| s != channel);
-                st.subscriptions.len() != before
-            };
-            if removed {
-                self.node.leave_channel(&c, channel).await;
-                c.send(protocol::encode_unsubscribe(channel, &why));
+            if self.node.server_unsubscribe(&c, channel, &why).await {
                 count += 1;
             }
         }
@@ -634,6 +635,23 @@ impl Node {
         (removed, empty)
     }
 
+    /// Unsubscribes a client on the server's initiative, with an
+    /// `unsubscribe` push; false when it was not subscribed.
+    async fn server_unsubscribe(&self, client: &Client, channel: &str, why: &Unsubscribed) -> bool {
+        let removed = {
+            let mut st = lock(&client.state);
+            let before = st.subscriptions.len();
+            st.subscriptions.retain(|s| s != channel);
+            st.expiring.retain(|(s, _)| s != channel);
+            st.subscriptions.len() != before
+        };
+        if removed {
+            self.leave_channel(client, channel).await;
+            client.send(protocol::encode_unsubscribe(channel, why));
+        }
+        removed
+    }
+
     /// Everything that leaving a channel entails (the client's own list
     /// was already updated by the caller).
     async fn leave_channel(&self, client: &Client, channel: &str) {
@@ -773,6 +791,25 @@ async fn maintenance(node: Weak<Node>) {
                 if ping {
                     client.sink.send(ping_frame.clone(), FrameKind::Publication);
                 }
+                if st.expiring.iter().any(|(_, exp)| unix >= *exp) {
+                    let expired: Vec<String> = st
+                        .expiring
+                        .iter()
+                        .filter(|(_, exp)| unix >= *exp)
+                        .map(|(channel, _)| channel.clone())
+                        .collect();
+                    st.expiring.retain(|(_, exp)| unix < *exp);
+                    let (node, client) = (node.clone(), client.clone());
+                    tokio::spawn(async move {
+                        let why = Unsubscribed {
+                            code: 2001,
+                            reason: "subscription token expired".into(),
+                        };
+                        for channel in expired {
+                            node.server_unsubscribe(&client, &channel, &why).await;
+                        }
+                    });
+                }
                 if st.expires_at.is_some_and(|exp| unix >= exp) {
                     match st.refresh_deadline {
                         None => {
@@ -782,6 +819,7 @@ async fn maintenance(node: Weak<Node>) {
                         Some(deadline) if now >= deadline => {
                             st.expires_at = None;
                             drop(st);
+                            tracing::debug!(client = %format!("{:016x}", client.id), "token expired");
                             client.disconnect(&Disconnect::new(
                                 DisconnectCode::TokenExpired,
                                 "connection token expired",
@@ -995,6 +1033,7 @@ impl Session {
             ids.push(self.client.id);
         }
         node.metrics.clients.inc();
+        tracing::debug!(client = %client_id, user = %claims.user, "connected");
         body(&ConnectReply {
             client: &client_id,
             user: &claims.user,
@@ -1010,11 +1049,11 @@ impl Session {
         options: &ChannelOptions,
         token: Option<&str>,
         info: &ClientInfo,
-    ) -> Result<(), ErrorReply> {
+    ) -> Result<Option<u64>, ErrorReply> {
         let denied = |m: &str| Err(error(ErrorCode::PermissionDenied, m));
         if let Some(mut users) = personal_users(channel) {
             return if !info.user.is_empty() && users.any(|u| u == info.user) {
-                Ok(())
+                Ok(None)
             } else {
                 denied("this personal channel belongs to another user")
             };
@@ -1024,15 +1063,16 @@ impl Session {
             if claims.channel != channel || claims.user != info.user {
                 return denied("the subscription token is for another channel or user");
             }
-            return Ok(());
+            // The subscription ends when its token expires.
+            return Ok(claims.expires_at);
         }
         match options.subscribe {
-            SubscribeRule::Anonymous => Ok(()),
-            SubscribeRule::Authenticated if !info.user.is_empty() => Ok(()),
+            SubscribeRule::Anonymous => Ok(None),
+            SubscribeRule::Authenticated if !info.user.is_empty() => Ok(None),
             SubscribeRule::Authenticated => denied("this namespace is for authenticated users"),
             SubscribeRule::Token => {
                 if claim_grants(&lock(&self.client.state).granted, channel) {
-                    Ok(())
+                    Ok(None)
                 } else {
                     denied("this channel needs a token that grants it")
                 }
@@ -1045,7 +1085,8 @@ impl Session {
         let channel = request.channel.as_str();
         let options = node.channel_options(channel)?;
         let info = self.client.info().expect("connected");
-        self.can_subscribe(channel, options, request.token.as_deref(), &info)
+        let expires_at = self
+            .can_subscribe(channel, options, request.token.as_deref(), &info)
             .await?;
         {
             let mut st = lock(&self.client.state);
@@ -1062,6 +1103,9 @@ impl Session {
                 ));
             }
             st.subscriptions.push(channel.to_owned());
+            if let Some(exp) = expires_at {
+                st.expiring.push((channel.to_owned(), exp));
+            }
         }
         if options.presence {
             if let Err(e) = node.engine.add_presence(channel, info.clone()).await {
@@ -1167,6 +1211,7 @@ impl Session {
             let mut st = lock(&self.client.state);
             let before = st.subscriptions.len();
             st.subscriptions.retain(|s| s != channel);
+            st.expiring.retain(|(s, _)| s != channel);
             st.subscriptions.len() != before
         };
         if !removed {

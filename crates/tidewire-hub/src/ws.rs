@@ -100,6 +100,7 @@ where
         });
         let session = hub.open(sink);
         run(&session, &mut ws, &hub).await;
+        tracing::debug!(client = %session.client_id(), "session ended");
         session.close().await;
         drop(guard);
     }

@@ -603,6 +603,15 @@ async fn connection_limits_and_origins() {
     eventually("slots released", || hub.counts().sessions == 0).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (_ws, _) = tidewire::connect(&server.url()).await.unwrap();
+
+    // The overall limit: 503 for the connection beyond it.
+    let mut cfg = config();
+    cfg.server.max_connections = 2;
+    let server = start(cfg).await;
+    let (_a, _) = tidewire::connect(&server.url()).await.unwrap();
+    let (_b, _) = tidewire::connect(&server.url()).await.unwrap();
+    let third = tidewire::connect(&server.url()).await.unwrap_err();
+    assert!(third.to_string().contains("503"), "{third}");
 }
 
 #[tokio::test]

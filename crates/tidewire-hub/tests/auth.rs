@@ -145,3 +145,45 @@ async fn es256_tokens_with_keys_from_a_jwks_url() {
     let mut c = Client::open(&server).await;
     assert_eq!(c.error_code("connect", json!({"token": token})).await, 105);
 }
+
+#[tokio::test]
+async fn a_subscription_ends_when_its_token_expires() {
+    let mut cfg = config();
+    cfg.namespaces.insert(
+        "private".into(),
+        tidewire_hub::config::ChannelOptions {
+            subscribe: tidewire_hub::config::SubscribeRule::Token,
+            ..Default::default()
+        },
+    );
+    let server = start(cfg).await;
+    let (mut c, _) = Client::connect(&server, Some(&token("42", 600, &[]))).await;
+    let short = subscription_token("42", "private:plans", 1);
+    c.ok(
+        "subscribe",
+        json!({"channel": "private:plans", "token": short}),
+    )
+    .await;
+    let push = loop {
+        let p = c.push().await;
+        if p.get("unsubscribe").is_some() {
+            break p;
+        }
+    };
+    assert_eq!(push["channel"], "private:plans");
+    assert_eq!(push["unsubscribe"]["code"], 2001);
+    assert_eq!(
+        c.error_code("unsubscribe", json!({"channel": "private:plans"}))
+            .await,
+        111
+    );
+    let hub = server.hub.clone();
+    eventually("the channel gone", || hub.counts().channels == 0).await;
+    // A fresh token subscribes again; the connection was never at risk.
+    let fresh = subscription_token("42", "private:plans", 600);
+    c.ok(
+        "subscribe",
+        json!({"channel": "private:plans", "token": fresh}),
+    )
+    .await;
+}
