@@ -207,7 +207,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     fn poll_write_out_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
             while self.conn.has_pending_output() {
-                let written = if self.io.is_write_vectored() {
+                let first = self.conn.pending_output().len();
+                let written = if self.io.is_write_vectored()
+                    && first < self.conn.pending_output_len()
+                {
                     // Headers and payloads queued by reference go out in
                     // one system call.
                     let mut slices = [IoSlice::new(&[]); 64];
