@@ -91,6 +91,12 @@ pub struct ServerArgs {
     /// Don't offer permessage-deflate compression.
     #[arg(long)]
     pub no_deflate: bool,
+    /// permessage-deflate without context takeover, both ways: each message
+    /// is compressed on its own, so no compression memory is held between
+    /// messages (about 300 KiB per active connection otherwise), at some
+    /// cost in ratio.
+    #[arg(long, conflicts_with = "no_deflate")]
+    pub deflate_no_context_takeover: bool,
     /// How long graceful shutdown (Ctrl-C, SIGTERM) waits for closing handshakes.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub shutdown_timeout: Duration,
@@ -104,7 +110,11 @@ impl ServerArgs {
             protocol: Config {
                 max_message_size: self.max_message_size,
                 max_frame_size: self.max_frame_size.min(self.max_message_size),
-                deflate: (!self.no_deflate).then(DeflateConfig::default),
+                deflate: (!self.no_deflate).then(|| DeflateConfig {
+                    server_no_context_takeover: self.deflate_no_context_takeover,
+                    client_no_context_takeover: self.deflate_no_context_takeover,
+                    ..DeflateConfig::default()
+                }),
                 ..Config::default()
             },
             io: IoOptions {

@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// Idle mode: open the connections and hold them; report how many stand.
     #[arg(long)]
     idle: bool,
+    /// Idle mode: each connection first sends one message of --size bytes
+    /// and waits for its echo (memory after use, e.g. of compression).
+    #[arg(long, requires = "idle")]
+    warm: bool,
     /// Source addresses to connect from, comma-separated (e.g.
     /// 127.0.0.1,127.0.0.2), round-robin: each gives ~28k ports.
     #[arg(long = "source", value_delimiter = ',')]
@@ -326,7 +330,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
             notified.await;
             let (_, deadline) = *started_at.get().expect("clock started");
             Ok(if args.idle {
-                hold(ws, release).await
+                hold(ws, args.warm.then_some(args.size), release).await
             } else {
                 echo(ws, &args, deadline, &live, &histogram).await
             })
@@ -752,12 +756,41 @@ async fn echo(
     outcome
 }
 
-async fn hold(mut ws: WebSocket<Stream>, release: tidewire::CancellationToken) -> Outcome {
+async fn hold(
+    mut ws: WebSocket<Stream>,
+    warm: Option<usize>,
+    release: tidewire::CancellationToken,
+) -> Outcome {
     let mut outcome = Outcome {
         samples: Vec::new(),
         echoed: 0,
         errors: BTreeMap::new(),
     };
+    if let Some(size) = warm {
+        let sent = Payloads::new(size).make(0);
+        let echoed = async {
+            ws.send(Message::Binary(sent.clone())).await?;
+            loop {
+                match ws.recv().await {
+                    Some(Ok(Message::Binary(b))) => return Ok(b == sent),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(_)) | None => return Ok(false),
+                    Some(Err(e)) => return Err(e),
+                }
+            }
+        };
+        match echoed.await {
+            Ok(true) => outcome.echoed = 1,
+            Ok(false) => {
+                *outcome.errors.entry("echo mismatch".into()).or_default() += 1;
+                return outcome;
+            }
+            Err(e) => {
+                *outcome.errors.entry(error_kind(&e)).or_default() += 1;
+                return outcome;
+            }
+        }
+    }
     // recv answers pings; anything ending the connection early is an error.
     let ended = async {
         loop {
