@@ -104,6 +104,10 @@ fn configuration(args: &ServeArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
     if given(matches, "no_deflate") {
         server.deflate = false;
     }
+    if given(matches, "deflate_no_context_takeover") {
+        server.deflate = true;
+        server.deflate_no_context_takeover = true;
+    }
     if given(matches, "shutdown_timeout") {
         server.shutdown_timeout = s.shutdown_timeout;
     }

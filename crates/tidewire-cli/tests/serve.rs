@@ -328,3 +328,53 @@ async fn serve_refuses_a_bad_configuration_file_clearly() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn deflate_without_context_takeover_is_negotiated_when_asked() {
+    let dir = empty_dir("deflate");
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits";
+    let upgrade = |addr: &str| {
+        format!(
+            "GET /connection/websocket HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n{offer}\r\n\r\n"
+        )
+    };
+    let head = |addr: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(upgrade(&addr).as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the response head");
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).to_lowercase()
+    };
+    // Off by default: no extension in the answer.
+    let served = serve(&dir, &["--listen", "127.0.0.1:0"], &[]).await;
+    let response = tokio::time::timeout(LIMIT, head(served.addr.clone()))
+        .await
+        .unwrap();
+    assert!(response.starts_with("http/1.1 101"), "{response}");
+    assert!(!response.contains("permessage-deflate"), "{response}");
+    drop(served);
+    let served = serve(
+        &dir,
+        &["--listen", "127.0.0.1:0", "--deflate-no-context-takeover"],
+        &[],
+    )
+    .await;
+    let response = tokio::time::timeout(LIMIT, head(served.addr.clone()))
+        .await
+        .unwrap();
+    assert!(response.starts_with("http/1.1 101"), "{response}");
+    for parameter in [
+        "permessage-deflate",
+        "server_no_context_takeover",
+        "client_no_context_takeover",
+    ] {
+        assert!(response.contains(parameter), "{parameter}: {response}");
+    }
+}

@@ -230,6 +230,10 @@ pub struct ServerSettings {
     pub pong_timeout: Duration,
     /// Offer permessage-deflate.
     pub deflate: bool,
+    /// permessage-deflate without context takeover both ways: no
+    /// compression memory is held between messages (one context per
+    /// thread is shared), at some cost in ratio.
+    pub deflate_no_context_takeover: bool,
     /// How long graceful shutdown waits.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
@@ -250,6 +254,7 @@ impl Default for ServerSettings {
             // Off by default: a compressor per connection costs far more
             // than the 4 KiB per idle connection we aim for.
             deflate: false,
+            deflate_no_context_takeover: false,
             shutdown_timeout: Duration::from_secs(10),
         }
     }

@@ -23,7 +23,8 @@ use http::{header, HeaderMap, Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tidewire::axum::WebSocketUpgrade;
 use tidewire::{
-    CancellationToken, Config as WsProtocolConfig, IoOptions, OriginPolicy, ServerConfig,
+    CancellationToken, Config as WsProtocolConfig, DeflateConfig, IoOptions, OriginPolicy,
+    ServerConfig,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,7 +60,11 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         protocol: WsProtocolConfig {
             max_message_size: config.client.max_message_size,
             max_frame_size: config.client.max_message_size,
-            deflate: settings.deflate.then(Default::default),
+            deflate: settings.deflate.then(|| DeflateConfig {
+                server_no_context_takeover: settings.deflate_no_context_takeover,
+                client_no_context_takeover: settings.deflate_no_context_takeover,
+                ..DeflateConfig::default()
+            }),
             ..WsProtocolConfig::default()
         },
         io: IoOptions {

@@ -208,17 +208,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         loop {
             while self.conn.has_pending_output() {
                 let first = self.conn.pending_output().len();
-                let written = if self.io.is_write_vectored()
-                    && first < self.conn.pending_output_len()
-                {
-                    // Headers and payloads queued by reference go out in
-                    // one system call.
-                    let mut slices = [IoSlice::new(&[]); 64];
-                    let n = self.conn.pending_output_slices(&mut slices);
-                    Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n])
-                } else {
-                    Pin::new(&mut self.io).poll_write(cx, self.conn.pending_output())
-                };
+                let written =
+                    if self.io.is_write_vectored() && first < self.conn.pending_output_len() {
+                        // Headers and payloads queued by reference go out in
+                        // one system call.
+                        let mut slices = [IoSlice::new(&[]); 64];
+                        let n = self.conn.pending_output_slices(&mut slices);
+                        Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n])
+                    } else {
+                        Pin::new(&mut self.io).poll_write(cx, self.conn.pending_output())
+                    };
                 let n = match written {
                     Poll::Ready(result) => result?,
                     Poll::Pending => {
