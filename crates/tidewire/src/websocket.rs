@@ -80,7 +80,9 @@ impl Default for IoOptions {
 }
 
 /// Message and byte counters, shared by many connections (a server's
-/// totals) or kept per connection. Payload sizes, before compression.
+/// totals) or kept per connection. Payload sizes, before compression. A
+/// connection adds its counts once per batch of input it handles (before it
+/// waits for more) and when it is dropped, not once per message.
 #[derive(Debug, Default)]
 pub struct TrafficCounters {
     /// Data messages received.
@@ -97,22 +99,58 @@ impl TrafficCounters {
     fn count(counter: &AtomicU64, by: usize) {
         counter.fetch_add(by as u64, Ordering::Relaxed);
     }
+}
 
-    fn sent(&self, message: &Message) {
+/// A connection's share of a [`TrafficCounters`], added to it once per read
+/// batch (and when dropped): an atomic add per message on counters that
+/// every connection shares would bounce their cache line between cores.
+struct Counting {
+    shared: Arc<TrafficCounters>,
+    messages_in: u32,
+    messages_out: u32,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Counting {
+    fn sent(&mut self, message: &Message) {
         if message.is_data() {
-            Self::count(&self.messages_out, 1);
-            Self::count(&self.bytes_out, message.as_bytes().len());
+            self.messages_out += 1;
+            self.bytes_out += message.as_bytes().len() as u64;
         }
     }
 
-    fn received(&self, event: &Event) {
+    fn received(&mut self, event: &Event) {
         let len = match event {
             Event::Text(t) => t.len(),
             Event::Binary(b) => b.len(),
             _ => return,
         };
-        Self::count(&self.messages_in, 1);
-        Self::count(&self.bytes_in, len);
+        self.messages_in += 1;
+        self.bytes_in += len as u64;
+    }
+
+    fn flush(&mut self) {
+        if self.messages_in > 0 {
+            TrafficCounters::count(&self.shared.messages_in, self.messages_in as usize);
+            TrafficCounters::count(&self.shared.bytes_in, self.bytes_in as usize);
+        }
+        if self.messages_out > 0 {
+            TrafficCounters::count(&self.shared.messages_out, self.messages_out as usize);
+            TrafficCounters::count(&self.shared.bytes_out, self.bytes_out as usize);
+        }
+        (
+            self.messages_in,
+            self.messages_out,
+            self.bytes_in,
+            self.bytes_out,
+        ) = (0, 0, 0, 0);
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -180,7 +218,7 @@ pub(crate) struct Inner<S> {
     /// A data message arrived since `last_data` was last set.
     data_unstamped: bool,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    counters: Option<Arc<TrafficCounters>>,
+    counters: Option<Counting>,
     /// The output level last published to Senders (`buffered_amount`).
     published_output: usize,
 }
@@ -276,7 +314,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             };
             st.bytes -= message.as_bytes().len();
             // A message queued after our close is dropped, as the browser does.
-            let _ = encode_counted(&mut self.conn, &self.counters, message);
+            let _ = encode_counted(&mut self.conn, &mut self.counters, message);
             moved = true;
         }
         if st.queue.is_empty() {
@@ -457,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     self.start_draining(Ok(Message::Close(frame)), false)
                 }
                 Ok(Some(event)) => {
-                    if let Some(counters) = &self.counters {
+                    if let Some(counters) = &mut self.counters {
                         counters.received(&event);
                     }
                     // Stamped once per batch, in poll_timers: reading the
@@ -467,8 +505,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 }
                 Err(e) => self.start_draining(Err(e.into()), false),
                 Ok(None) => {
-                    // The batch is handled: timers and shutdown are checked
-                    // here, once per read rather than once per message.
+                    // The batch is handled: counters, timers and shutdown
+                    // are updated here, once per read rather than per message.
+                    if let Some(counters) = &mut self.counters {
+                        counters.flush();
+                    }
                     if let Some(err) = self.poll_timers(cx) {
                         self.start_draining(Err(err), true);
                         continue;
@@ -593,7 +634,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         }
         drop(st);
         for message in queued {
-            let _ = encode_counted(&mut self.conn, &self.counters, message);
+            let _ = encode_counted(&mut self.conn, &mut self.counters, message);
         }
         self.outbox.notify_space();
     }
@@ -604,7 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         if self.outbox.work.load(std::sync::atomic::Ordering::Acquire) {
             self.encode_all_queued(false);
         }
-        encode_counted(&mut self.conn, &self.counters, message)
+        encode_counted(&mut self.conn, &mut self.counters, message)
     }
 
     fn poll_ready(&mut self, cx: &mut Context<'_>, side: Side) -> Poll<Result<(), Error>> {
@@ -617,7 +658,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
 
 fn encode_counted(
     conn: &mut Connection,
-    counters: &Option<Arc<TrafficCounters>>,
+    counters: &mut Option<Counting>,
     message: Message,
 ) -> Result<(), Error> {
     if let Some(counters) = counters {
@@ -708,7 +749,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Counts this connection's messages and bytes into `counters` (which
     /// may be shared by many connections).
     pub fn set_counters(&mut self, counters: Arc<TrafficCounters>) {
-        self.inner.counters = Some(counters);
+        self.inner.counters = Some(Counting {
+            shared: counters,
+            messages_in: 0,
+            messages_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        });
     }
 
     /// Receives the next message. `None` once the connection is over.
