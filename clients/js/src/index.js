@@ -520,7 +520,16 @@ export class Client extends Emitter {
       code = advice.code;
       reason = advice.reason;
     }
-    if (code === 3003) this._token = null; // token expired: get a new one
+    if (code === 3003) {
+      // The token expired: reconnect with a new one, if we can get one
+      // (never silently as an anonymous client).
+      this._token = null;
+      if (!this._options.getToken) {
+        this._log('token expired and no getToken');
+        this._transportLost(disconnectedCodes.unauthorized, 'token expired', false);
+        return;
+      }
+    }
     this._log('transport closed', code, reason, reconnect ? 'reconnecting' : 'not reconnecting');
     this._transportLost(code, reason, reconnect);
   }

@@ -88,15 +88,19 @@ describe('tokens', { timeout: 90000 }, () => {
     assert.equal(errors[0].error.code, 106);
   });
 
-  test('without getToken, an expired connection ends (3003), then unauthorized', async () => {
+  test('without getToken, an expired connection ends (3003) and does not come back anonymous', async () => {
     const client = newClient(server.wsUrl, { ...FAST, token: token({ sub: '8', exp: nowSecs() + 1 }) });
-    const log = record(client, ['connecting', 'disconnected']);
+    const log = record(client, ['connecting', 'connected', 'disconnected', 'error']);
     client.connect();
     await client.ready(5000);
     const disconnected = await nextEvent(client, 'disconnected', () => true, 10000);
-    assert.equal(log[1].event, 'connecting');
-    assert.equal(log[1].code, 3003, 'disconnected by the server: token expired');
-    assert.equal(disconnected.code, disconnectedCodes.unauthorized);
+    assert.deepEqual(disconnected, { code: disconnectedCodes.unauthorized, reason: 'token expired' });
+    // The client said it could not refresh (the server's refresh push), then stopped.
+    assert.ok(log.some((e) => e.event === 'error' && e.type === 'refresh'));
+    assert.deepEqual(
+      log.filter((e) => e.event !== 'error').map((e) => e.event),
+      ['connecting', 'connected', 'disconnected'],
+    );
     assert.equal(client.state, State.Disconnected);
   });
 
