@@ -90,6 +90,30 @@ async fn http(
     .unwrap()
 }
 
+/// `GET path`: the status, the Content-Type and the body.
+async fn get(addr: &str, path: &str) -> (u16, String, String) {
+    tokio::time::timeout(LIMIT, async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let response = String::from_utf8_lossy(&response).to_string();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type:")
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        (head[9..12].parse().unwrap(), content_type, body.to_string())
+    })
+    .await
+    .unwrap()
+}
+
 async fn api(addr: &str, key: &str, method: &str, body: Value) -> (u16, Value) {
     let auth = format!("apikey {key}");
     let (status, body) = http(
@@ -135,6 +159,35 @@ async fn serve_with_no_configuration_in_an_empty_folder() {
         page.contains("tidewire") && page.contains("/connection/websocket"),
         "{page}"
     );
+    // `/` is the demo chat; it, the ticker and the JavaScript client are
+    // embedded in the binary.
+    assert!(
+        page.contains("demo chat") && page.contains("demo/chat.js"),
+        "{page}"
+    );
+    for (path, content_type, marker) in [
+        ("/demo/chat.js", "text/javascript", "newSubscription"),
+        ("/demo/ticker.js", "text/javascript", "ticker:prices"),
+        ("/demo/style.css", "text/css", ".state"),
+        ("/ticker.html", "text/html", "demo/ticker.js"),
+        ("/about.html", "text/html", "/connection/websocket"),
+        (
+            "/client/tidewire.js",
+            "text/javascript",
+            "export class Client",
+        ),
+        (
+            "/client/tidewire.d.ts",
+            "text/plain",
+            "export declare class Client",
+        ),
+    ] {
+        let (status, ty, body) = get(&addr, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(ty.starts_with(content_type), "{path}: {ty}");
+        assert!(body.contains(marker), "{path}: {body}");
+    }
+    assert_eq!(get(&addr, "/nothing-here.js").await.0, 404);
     assert_eq!(
         http(&addr, "GET", "/health", &[], "").await,
         (200, "ok\n".into())

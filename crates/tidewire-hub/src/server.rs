@@ -1,5 +1,6 @@
 //! The HTTP server of the hub: the axum [`Router`] (`/connection/websocket`,
-//! `/api/*`, `/health`, `/metrics`, `/`) and the accept loop around it:
+//! `/api/*`, `/health`, `/metrics`, the demo app at `/` and the JavaScript
+//! client at `/client/tidewire.js`) and the accept loop around it:
 //! connection limits (503 overall, 429 per IP), TLS with one deadline for
 //! the TLS handshake and the request head, and graceful shutdown.
 //!
@@ -36,8 +37,51 @@ use crate::hub::Hub;
 use crate::protocol::SUBPROTOCOL;
 use crate::shards::lock;
 
-/// The landing page served at `/`.
+/// The page that says what this server is and shows the raw protocol,
+/// served at `/about.html` (the demo chat is at `/`).
 const LANDING_PAGE: &str = include_str!("landing.html");
+
+const HTML: &str = "text/html; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+
+/// The files served as they are, embedded in the binary so that a
+/// `tidewire serve` in an empty folder serves them: the demo app
+/// (`web/demo`) and the JavaScript client (`clients/js`). Path, content
+/// type, body.
+const STATIC_FILES: &[(&str, &str, &str)] = &[
+    ("/", HTML, include_str!("../../../web/demo/index.html")),
+    (
+        "/ticker.html",
+        HTML,
+        include_str!("../../../web/demo/ticker.html"),
+    ),
+    ("/about.html", HTML, LANDING_PAGE),
+    (
+        "/demo/chat.js",
+        JS,
+        include_str!("../../../web/demo/chat.js"),
+    ),
+    (
+        "/demo/ticker.js",
+        JS,
+        include_str!("../../../web/demo/ticker.js"),
+    ),
+    (
+        "/demo/style.css",
+        "text/css; charset=utf-8",
+        include_str!("../../../web/demo/style.css"),
+    ),
+    (
+        "/client/tidewire.js",
+        JS,
+        include_str!("../../../clients/js/src/index.js"),
+    ),
+    (
+        "/client/tidewire.d.ts",
+        "text/plain; charset=utf-8",
+        include_str!("../../../clients/js/src/index.d.ts"),
+    ),
+];
 
 /// The path of the WebSocket endpoint.
 pub const WEBSOCKET_PATH: &str = "/connection/websocket";
@@ -85,8 +129,11 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         origins,
         shutdown,
     };
-    Router::new()
-        .route("/", get(landing))
+    let mut router = Router::new();
+    for &(path, content_type, body) in STATIC_FILES {
+        router = router.route(path, get(move || static_file(content_type, body)));
+    }
+    router
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route(WEBSOCKET_PATH, get(websocket))
@@ -94,10 +141,14 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         .with_state(state)
 }
 
-async fn landing() -> impl IntoResponse {
+async fn static_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        LANDING_PAGE,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
     )
 }
 

@@ -1,0 +1,221 @@
+// End to end: the demo app served by a real `tidewire serve` (embedded
+// defaults), in headless Chromium (Debian's /usr/bin/chromium) driven by
+// playwright-core (tests/interop's, pinned by its package-lock.json).
+//
+//   node --test tests/e2e/
+//
+// Environment: TIDEWIRE_BIN (default target/debug/tidewire), CHROMIUM_PATH
+// (default /usr/bin/chromium), TIDEWIRE_TEST_ARTIFACTS (screenshots;
+// default test-artifacts/) under which screenshots go to e2e/.
+
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { existsSync, mkdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+
+import { API_KEY, Server, sleep } from '../../clients/js/test/helpers.js';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const require = createRequire(path.join(root, 'tests/interop/package.json'));
+const { chromium } = require('playwright-core');
+
+const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const artifacts = path.join(process.env.TIDEWIRE_TEST_ARTIFACTS || path.join(root, 'test-artifacts'), 'e2e');
+const WAIT = 15000;
+
+/** The texts of the chat messages (not the system lines) a page shows, in order. */
+const messages = (page) => page.$$eval('#messages li.msg .text', (els) => els.map((e) => e.textContent));
+const presence = (page) => page.$$eval('#presence li', (els) => els.map((e) => e.textContent).sort());
+const state = (page) => page.$eval('#state', (e) => e.dataset.state);
+
+async function waitText(page, selector, text, timeout = WAIT) {
+  await page.waitForFunction(
+    ([sel, t]) => [...document.querySelectorAll(sel)].some((e) => e.textContent.includes(t)),
+    [selector, text],
+    { timeout, polling: 50 },
+  );
+}
+
+async function waitState(page, want, timeout = WAIT) {
+  await page.waitForFunction((s) => document.getElementById('state').dataset.state === s, want, {
+    timeout,
+    polling: 50,
+  });
+}
+
+async function waitPresence(page, names, timeout = WAIT) {
+  await page.waitForFunction(
+    (want) => {
+      const got = [...document.querySelectorAll('#presence li')].map((e) => e.textContent).sort();
+      return JSON.stringify(got) === JSON.stringify(want);
+    },
+    [...names].sort(),
+    { timeout, polling: 50 },
+  );
+}
+
+async function send(page, text) {
+  await page.fill('#text', text);
+  await page.press('#text', 'Enter');
+}
+
+describe('demo app in headless Chromium', { timeout: 180000 }, () => {
+  let server;
+  let browser;
+  const pageErrors = [];
+
+  before(async () => {
+    assert.ok(existsSync(executablePath), `${executablePath} not found (scripts/install-deps installs chromium)`);
+    mkdirSync(artifacts, { recursive: true });
+    server = await Server.start(''); // the embedded defaults
+    browser = await chromium.launch({
+      executablePath,
+      headless: true,
+      timeout: 60000,
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--no-first-run'],
+    });
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.close();
+  });
+
+  async function open(nick, room) {
+    const context = await browser.newContext({ viewport: { width: 1100, height: 700 } });
+    const page = await context.newPage();
+    page.on('pageerror', (e) => pageErrors.push(`${nick}: ${e.message}`));
+    await page.goto(`${server.httpUrl}/?nick=${nick}#${room}`, { waitUntil: 'load' });
+    await waitState(page, 'connected');
+    return { context, page };
+  }
+
+  test('two pages chat; one goes offline and recovers every missed message once, in order; a server restart; presence on leave', async () => {
+    const ann = await open('Ann', 'e2e');
+    const bob = await open('Bob', 'e2e');
+    const { page: a } = ann;
+    const { page: b } = bob;
+
+    // Presence: each page sees both (nicknames from their hello messages).
+    await waitPresence(a, ['Ann', 'Bob']);
+    await waitPresence(b, ['Ann', 'Bob']);
+    assert.equal(await a.textContent('#count'), '2');
+
+    // Chat in one room.
+    await send(a, 'hello from Ann');
+    await waitText(b, '#messages li.msg .text', 'hello from Ann');
+    await send(b, 'hi Ann');
+    await waitText(a, '#messages li.msg .text', 'hi Ann');
+    assert.deepEqual(await messages(a), ['hello from Ann', 'hi Ann']);
+    assert.deepEqual(await messages(b), ['hello from Ann', 'hi Ann']);
+    // Bob's page loaded the room's history when it joined: it shows that Ann was there first.
+    await waitText(b, '#messages li.sys .text', 'Ann joined');
+    await a.screenshot({ path: path.join(artifacts, 'chat-two-pages-ann.png') });
+    await b.screenshot({ path: path.join(artifacts, 'chat-two-pages-bob.png') });
+
+    // Ann's browser goes offline; Bob keeps writing.
+    await ann.context.setOffline(true);
+    await waitState(a, 'connecting');
+    assert.equal(await a.textContent('#state'), 'reconnecting…');
+    const missed = ['missed 1', 'missed 2', 'missed 3', 'missed 4', 'missed 5'];
+    for (const text of missed) {
+      await send(b, text);
+      await waitText(b, '#messages li.msg .text', text);
+    }
+    await sleep(300);
+    assert.equal(await state(a), 'connecting', 'still offline');
+    assert.deepEqual(await messages(a), ['hello from Ann', 'hi Ann'], 'nothing arrives while offline');
+    await a.screenshot({ path: path.join(artifacts, 'chat-offline.png') });
+
+    // Back online: Ann's page reconnects and shows each missed message once, in order.
+    await ann.context.setOffline(false);
+    await waitState(a, 'connected');
+    await waitText(a, '#notice', '5 missed messages recovered');
+    await send(b, 'welcome back');
+    await waitText(a, '#messages li.msg .text', 'welcome back');
+    const expected = ['hello from Ann', 'hi Ann', ...missed, 'welcome back'];
+    assert.deepEqual(await messages(a), expected);
+    assert.deepEqual(await messages(b), expected);
+    await a.screenshot({ path: path.join(artifacts, 'chat-recovered.png') });
+
+    // A server restart: both pages reconnect by themselves and say so.
+    await server.restart();
+    for (const page of [a, b]) {
+      await waitState(page, 'connected');
+      await waitText(page, '#notice', 'server restart');
+    }
+    await waitPresence(a, ['Ann', 'Bob']);
+    await send(a, 'after the restart');
+    await waitText(b, '#messages li.msg .text', 'after the restart');
+    assert.deepEqual(await messages(b), ['after the restart']);
+    await a.screenshot({ path: path.join(artifacts, 'chat-after-restart.png') });
+
+    // Bob leaves: Ann's presence list updates, and the chat says so.
+    await bob.context.close();
+    await waitPresence(a, ['Ann']);
+    assert.equal(await a.textContent('#count'), '1');
+    await waitText(a, '#messages li.sys .text', 'Bob left');
+    await a.screenshot({ path: path.join(artifacts, 'chat-bob-left.png') });
+    await ann.context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+
+  test('an API disconnect (reconnect allowed) while the other page writes: recovered once, in order', async () => {
+    const ann = await open('Ann', 'api');
+    const bob = await open('Bob', 'api');
+    const { page: a } = ann;
+    const { page: b } = bob;
+    await waitPresence(a, ['Ann', 'Bob']);
+    const id = await a.evaluate(() => window.demo.client.clientId);
+    const sending = (async () => {
+      for (let i = 1; i <= 10; i++) await send(b, `m${i}`);
+    })();
+    await server.api('disconnect', { user: '', client: id, reconnect: true });
+    await sending;
+    await waitText(b, '#messages li.msg .text', 'm10');
+    await waitText(a, '#messages li.msg .text', 'm10');
+    await waitText(a, '#notice', 'Reconnected');
+    const want = Array.from({ length: 10 }, (_, i) => `m${i + 1}`);
+    assert.deepEqual(await messages(a), want);
+    assert.deepEqual(await messages(b), want);
+    await ann.context.close();
+    await bob.context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+
+  test('the live ticker shows prices published through the HTTP API by examples/ticker.mjs', async () => {
+    const feed = (count) =>
+      promisify(execFile)(
+        process.execPath,
+        [path.join(root, 'examples/ticker.mjs'), '--url', server.httpUrl, '--key', API_KEY, '--interval', '100', '--count', String(count)],
+        { timeout: 30000 },
+      );
+    await feed(2); // before the page opens: it shows the latest from history
+    const context = await browser.newContext({ viewport: { width: 900, height: 600 } });
+    const page = await context.newPage();
+    page.on('pageerror', (e) => pageErrors.push(`ticker: ${e.message}`));
+    await page.goto(`${server.httpUrl}/ticker.html`, { waitUntil: 'load' });
+    await waitState(page, 'connected');
+    await page.waitForFunction(() => document.querySelectorAll('#prices tr[data-symbol]').length === 5, null, {
+      timeout: WAIT,
+    });
+    assert.equal(await page.textContent('#updates'), '1');
+    await feed(3);
+    await page.waitForFunction(() => document.getElementById('updates').textContent === '4', null, { timeout: WAIT });
+    const rows = await page.$$eval('#prices tr[data-symbol]', (els) =>
+      els.map((e) => [e.dataset.symbol, Number(e.cells[1].textContent)]),
+    );
+    assert.deepEqual(
+      rows.map(([s]) => s),
+      ['ACME', 'GLOBX', 'INITECH', 'UMBRL', 'TIDE'],
+    );
+    assert.ok(rows.every(([, p]) => p > 0));
+    await page.screenshot({ path: path.join(artifacts, 'ticker.png') });
+    await context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+});
