@@ -23,8 +23,9 @@
 //! - `socketio`: Socket.IO 4 over Engine.IO 4 on a WebSocket
 //!   (`bench/node/fanout_socketio.js`): open packet `0{…}`, connect `40`,
 //!   join with the event `42["join","CH"]` (the server answers
-//!   `42["joined"]`), publications are `42["pub","…"]` events from the
-//!   publisher, which the server emits to the room; pings `2` get `3`.
+//!   `42["joined"]`); the publisher sends `42["pub","CH","…"]` events,
+//!   which the server emits to the room as `42["pub","…"]`; pings `2` get
+//!   `3`.
 //!
 //! `--rate 0` publishes nothing: the subscribers are held for the duration
 //! and, with `--server-pid`, the report gives the server's memory per idle
@@ -653,7 +654,10 @@ impl Publisher {
                         serde_json::to_string(channel).expect("a string")
                     ),
                     Protocol::WsBroadcast => data.to_owned(),
-                    Protocol::Socketio => format!("42[\"pub\",\"{data}\"]"),
+                    Protocol::Socketio => format!(
+                        "42[\"pub\",{},\"{data}\"]",
+                        serde_json::to_string(channel).expect("a string")
+                    ),
                 };
                 client_frame(OpCode::Text, message.as_bytes(), &mut sub.out);
                 let out = std::mem::take(&mut sub.out);
