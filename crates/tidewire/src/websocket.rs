@@ -281,6 +281,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             self.outbox
                 .work
                 .store(false, std::sync::atomic::Ordering::Release);
+            // An idle connection holds no queue memory.
+            if st.queue.capacity() > 0 {
+                st.queue = std::collections::VecDeque::new();
+            }
         }
         st.output = self.conn.pending_output_len();
         self.published_output = st.output;
