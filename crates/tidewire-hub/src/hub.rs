@@ -1102,6 +1102,9 @@ impl Session {
                     ),
                 ));
             }
+            // Most clients hold one or two subscriptions: grow one at a
+            // time (a first push would reserve four).
+            st.subscriptions.reserve_exact(1);
             st.subscriptions.push(channel.to_owned());
             if let Some(exp) = expires_at {
                 st.expiring.push((channel.to_owned(), exp));

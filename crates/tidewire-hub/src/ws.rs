@@ -115,7 +115,9 @@ where
     loop {
         let next = match deadline {
             Some(at) if !session.is_connected() => {
-                match tokio::time::timeout_at(at, ws.recv()).await {
+                // Boxed: the timer lives on the heap until `connect`, not
+                // in every connected session's task.
+                match Box::pin(tokio::time::timeout_at(at, ws.recv())).await {
                     Ok(next) => next,
                     Err(_) => {
                         deadline = None;
