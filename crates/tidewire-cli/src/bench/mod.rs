@@ -68,6 +68,12 @@ pub struct BenchArgs {
     /// deliveries/s and delivery latency.
     #[arg(long, conflicts_with_all = ["idle", "compression"])]
     fanout: bool,
+    /// With --fanout: the generator never sleeps while it measures (it
+    /// polls its sockets in a loop), so that on loopback the server's
+    /// writes do not pay for waking the generator's thread (see
+    /// docs/benchmarks.md). The generator's CPU share then reads 100 %.
+    #[arg(long, requires = "fanout")]
+    busy_poll: bool,
     /// The channel (or Socket.IO room) of --fanout.
     #[arg(long, default_value = "bench")]
     channel: String,
