@@ -13,7 +13,7 @@
 //! shared bytes on every subscriber's sink, under the lock of that one
 //! channel only (other channels never wait), without waking the
 //! subscribers' tasks. A dispatcher task then wakes the subscribers that
-//! became due, in waves of [`WAKE_WAVE`], yielding between waves: each
+//! became due, in waves of 128 (`WAKE_WAVE`), yielding between waves: each
 //! subscriber is woken once for however many publications queued up for
 //! it (its task writes them in one system call), and a publisher's next
 //! command waits behind one wave of writes, not behind the whole fan-out
