@@ -263,7 +263,10 @@ impl Connection {
         if self.output.is_empty() && self.output.capacity() > 0 {
             self.output = BytesMut::new();
         }
-        if self.output_chunks.is_empty() && self.output_chunks.capacity() > 0 {
+        if self.output_chunks.is_empty()
+            && self.output_chunks.capacity() > 0
+            && self.output_chunks.capacity() <= 16
+        {
             self.output_chunks = VecDeque::new();
         }
     }
