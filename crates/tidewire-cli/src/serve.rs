@@ -167,39 +167,7 @@ fn tls_acceptor(
     Ok(Some(acceptor))
 }
 
-/// Keeps the heap of a server holding many connections compact (glibc).
-///
-/// Each connection passes through short-lived blocks of 4-8 KiB (the HTTP
-/// connection's task and read buffer, until the WebSocket upgrade) while
-/// its long-lived state is a few hundred bytes. In glibc's heap the small
-/// long-lived blocks settle in the holes the large ones leave, so the heap
-/// only grows: 19,000 idle subscribed connections cost 4.8 KiB of RSS
-/// each. Served from `mmap` (blocks of 4 KiB and more), the short-lived
-/// blocks go back to the system when freed, and the same connections cost
-/// about 2.7 KiB each. Hot paths do not allocate blocks that large (small
-/// messages are copied into the output; the read buffer is per thread).
-/// An explicit `MALLOC_MMAP_THRESHOLD_` in the environment wins.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn compact_heap() {
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
-        return;
-    }
-    extern "C" {
-        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
-    }
-    const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
-    // SAFETY: mallopt only changes a tunable of glibc's allocator; it is
-    // called before the server allocates per-connection state.
-    unsafe {
-        mallopt(M_MMAP_THRESHOLD, 4096);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn compact_heap() {}
-
 pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result<()> {
-    compact_heap();
     let mut config = configuration(&args, matches.as_ref())?;
     let generated_key = config.api.key.is_none();
     let api_key: Arc<str> = match &config.api.key {
