@@ -9,9 +9,15 @@
 //! never knows the transport.
 //!
 //! The fan-out path: the engine hands a publication to [`Node`] (as
-//! [`EngineEvents`]), which encodes the push once and gives the same
-//! shared bytes to every subscriber's sink, under the lock of that one
-//! channel only (other channels never wait). Subscribing with a position
+//! [`EngineEvents`]), which encodes the push once and queues the same
+//! shared bytes on every subscriber's sink, under the lock of that one
+//! channel only (other channels never wait), without waking the
+//! subscribers' tasks. A dispatcher task then wakes the subscribers that
+//! became due, in waves of 128 (`WAKE_WAVE`), yielding between waves: each
+//! subscriber is woken once for however many publications queued up for
+//! it (its task writes them in one system call), and a publisher's next
+//! command waits behind one wave of writes, not behind the whole fan-out
+//! (which on one core is one write per subscriber). Subscribing with a position
 //! parks the subscriber for the time of the history read: publications
 //! that arrive meanwhile wait in its parking buffer and follow the reply,
 //! without duplicates, so a recovered stream has neither gaps nor repeats.
@@ -73,6 +79,16 @@ pub trait ClientSink: Send + Sync + 'static {
     fn close(&self, code: u16, reason: &str);
     /// Frames waiting to be written.
     fn queued(&self) -> usize;
+    /// Queues a frame like [`send`](Self::send) without waking the
+    /// connection's writer (the fan-out queues a publication on every
+    /// subscriber first and wakes them after, a wave at a time). The flag
+    /// says whether the sink must be woken with [`wake`](Self::wake): it
+    /// was not already due.
+    fn send_deferred(&self, frame: Frame, kind: FrameKind) -> (SendOutcome, bool) {
+        (self.send(frame, kind), false)
+    }
+    /// Wakes the writer after [`send_deferred`](Self::send_deferred).
+    fn wake(&self) {}
 }
 
 /// Entries the hub holds, for metrics, `/api/info` and leak tests.
@@ -121,6 +137,54 @@ pub struct Node {
     channels: Shards<String, Arc<Channel>>,
     shutting_down: AtomicBool,
     started: Instant,
+    /// Subscribers with publications queued, waiting for their wake-up
+    /// (see [`dispatch_wakes`]).
+    wakes: Mutex<std::collections::VecDeque<Arc<dyn ClientSink>>>,
+    wake_signal: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Lets the wake dispatcher see that the node is gone.
+        self.wake_signal.notify_one();
+    }
+}
+
+/// Subscribers woken per wave: between two waves every other task that is
+/// ready (a publisher's next command, say) gets its turn, so a command
+/// waits behind at most one wave of subscriber writes rather than behind
+/// the whole fan-out.
+const WAKE_WAVE: usize = 128;
+
+/// Wakes subscribers whose publications were queued by the fan-out, a
+/// wave at a time, in the order they became due. Each subscriber is woken
+/// once however many publications were queued for it meanwhile, so its
+/// task writes them all in one go.
+async fn dispatch_wakes(node: Weak<Node>, signal: Arc<tokio::sync::Notify>) {
+    let mut wave: Vec<Arc<dyn ClientSink>> = Vec::with_capacity(WAKE_WAVE);
+    loop {
+        signal.notified().await;
+        loop {
+            let Some(node) = node.upgrade() else { return };
+            {
+                let mut due = lock(&node.wakes);
+                let n = due.len().min(WAKE_WAVE);
+                wave.extend(due.drain(..n));
+                if due.is_empty() && due.capacity() > 4 * WAKE_WAVE {
+                    // Give back the memory of a big fan-out.
+                    *due = std::collections::VecDeque::new();
+                }
+            }
+            drop(node);
+            if wave.is_empty() {
+                break;
+            }
+            for sink in wave.drain(..) {
+                sink.wake();
+            }
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -256,10 +320,16 @@ impl Hub {
             channels: Shards::default(),
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
+            wakes: Mutex::default(),
+            wake_signal: Arc::default(),
         });
         let events: Arc<dyn EngineEvents> = node.clone();
         node.engine.set_events(Arc::downgrade(&events));
         tokio::spawn(maintenance(Arc::downgrade(&node)));
+        tokio::spawn(dispatch_wakes(
+            Arc::downgrade(&node),
+            node.wake_signal.clone(),
+        ));
         Ok(Hub { node })
     }
 
@@ -730,14 +800,25 @@ impl Node {
             }
         }
         let (mut delivered, mut dropped) = (0u64, 0u64);
+        // Queued on every subscriber first; the ones not already due are
+        // woken afterwards by the dispatcher, a wave at a time.
+        let mut due = Vec::new();
         for (_, sink) in &subs.live {
-            match sink.send(frame.clone(), FrameKind::Publication) {
+            let (outcome, wake) = sink.send_deferred(frame.clone(), FrameKind::Publication);
+            match outcome {
                 SendOutcome::Queued => delivered += 1,
                 SendOutcome::Dropped => dropped += 1,
                 SendOutcome::Closed => {}
             }
+            if wake {
+                due.push(sink.clone());
+            }
         }
         drop(subs);
+        if !due.is_empty() {
+            lock(&self.wakes).extend(due);
+            self.wake_signal.notify_one();
+        }
         self.metrics.deliveries.inc_by(delivered);
         if dropped > 0 {
             self.metrics.dropped.inc_by(dropped);
@@ -1102,6 +1183,9 @@ impl Session {
                     ),
                 ));
             }
+            // Most clients hold one or two subscriptions: grow one at a
+            // time (a first push would reserve four).
+            st.subscriptions.reserve_exact(1);
             st.subscriptions.push(channel.to_owned());
             if let Some(exp) = expires_at {
                 st.expiring.push((channel.to_owned(), exp));

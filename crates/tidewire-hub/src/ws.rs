@@ -33,9 +33,26 @@ struct WsSink {
     close_on_overflow: bool,
     /// Closing (asked by the hub, or after an overflow).
     closing: AtomicBool,
+    /// Publications were queued without a wake-up, and the hub's
+    /// dispatcher will wake the connection.
+    wake_due: AtomicBool,
 }
 
 impl WsSink {
+    fn outcome(&self, sent: Result<(), SendError>, kind: FrameKind) -> SendOutcome {
+        match sent {
+            Ok(()) => SendOutcome::Queued,
+            Err(SendError::Dropped | SendError::Full(_)) => {
+                if kind == FrameKind::Publication && !self.close_on_overflow {
+                    SendOutcome::Dropped
+                } else {
+                    self.overflow()
+                }
+            }
+            Err(_) => SendOutcome::Closed,
+        }
+    }
+
     fn overflow(&self) -> SendOutcome {
         if !self.closing.swap(true, Ordering::Relaxed) {
             self.hub.metrics().slow_consumers.inc();
@@ -47,17 +64,20 @@ impl WsSink {
 
 impl ClientSink for WsSink {
     fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
-        match self.sender.try_send(Message::Text(frame)) {
-            Ok(()) => SendOutcome::Queued,
-            Err(SendError::Dropped | SendError::Full(_)) => {
-                if kind == FrameKind::Publication && !self.close_on_overflow {
-                    SendOutcome::Dropped
-                } else {
-                    self.overflow()
-                }
-            }
-            Err(_) => SendOutcome::Closed,
-        }
+        self.outcome(self.sender.try_send(Message::Text(frame)), kind)
+    }
+
+    fn send_deferred(&self, frame: Frame, kind: FrameKind) -> (SendOutcome, bool) {
+        let outcome = self.outcome(self.sender.try_send_deferred(Message::Text(frame)), kind);
+        let wake = outcome == SendOutcome::Queued
+            && !self.wake_due.load(Ordering::Relaxed)
+            && !self.wake_due.swap(true, Ordering::AcqRel);
+        (outcome, wake)
+    }
+
+    fn wake(&self) {
+        self.wake_due.store(false, Ordering::Release);
+        self.sender.wake();
     }
 
     fn close(&self, code: u16, reason: &str) {
@@ -97,6 +117,7 @@ where
             hub: hub.clone(),
             close_on_overflow: hub.config().client.slow_consumer == SlowConsumerPolicy::Close,
             closing: AtomicBool::new(false),
+            wake_due: AtomicBool::new(false),
         });
         let session = hub.open(sink);
         run(&session, &mut ws, &hub).await;
@@ -115,7 +136,9 @@ where
     loop {
         let next = match deadline {
             Some(at) if !session.is_connected() => {
-                match tokio::time::timeout_at(at, ws.recv()).await {
+                // Boxed: the timer lives on the heap until `connect`, not
+                // in every connected session's task.
+                match Box::pin(tokio::time::timeout_at(at, ws.recv())).await {
                     Ok(next) => next,
                     Err(_) => {
                         deadline = None;

@@ -263,6 +263,12 @@ impl Connection {
         if self.output.is_empty() && self.output.capacity() > 0 {
             self.output = BytesMut::new();
         }
+        if self.output_chunks.is_empty()
+            && self.output_chunks.capacity() > 0
+            && self.output_chunks.capacity() <= 16
+        {
+            self.output_chunks = VecDeque::new();
+        }
     }
 
     /// How many more bytes the frame being received needs (a hint for read

@@ -150,6 +150,12 @@ impl Outbox {
     }
 
     fn push(&self, message: Message) -> Result<(), SendError> {
+        self.push_and(message, true)
+    }
+
+    /// Queues a message; wakes the driver only when `wake` (see
+    /// [`Sender::try_send_deferred`]).
+    fn push_and(&self, message: Message, wake: bool) -> Result<(), SendError> {
         let len = message.as_bytes().len();
         let mut st = self.lock();
         if st.closed || st.overflow.is_some() {
@@ -179,10 +185,19 @@ impl Outbox {
         st.bytes += len;
         st.queue.push_back(message);
         self.work.store(true, Ordering::Release);
-        if let Some(w) = st.driver.take() {
-            w.wake();
+        if wake {
+            if let Some(w) = st.driver.take() {
+                w.wake();
+            }
         }
         Ok(())
+    }
+
+    fn wake_driver(&self) {
+        let waker = self.lock().driver.take();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 }
 
@@ -200,6 +215,22 @@ impl Sender {
     /// (`Wait` hands the message back in [`SendError::Full`]).
     pub fn try_send(&self, message: impl Into<Message>) -> Result<(), SendError> {
         self.outbox.push(message.into())
+    }
+
+    /// Queues a message like [`try_send`](Self::try_send) without waking the
+    /// connection's task: it writes the message the next time it runs, or
+    /// after [`wake`](Self::wake). For fan-out to many connections: queue
+    /// a message on each, then wake them at a pace of your choosing, so
+    /// that the tasks run (and write) once per batch of messages and other
+    /// tasks get their turn in between.
+    pub fn try_send_deferred(&self, message: impl Into<Message>) -> Result<(), SendError> {
+        self.outbox.push_and(message.into(), false)
+    }
+
+    /// Wakes the connection's task if it waits, so that it writes what
+    /// [`try_send_deferred`](Self::try_send_deferred) queued.
+    pub fn wake(&self) {
+        self.outbox.wake_driver();
     }
 
     /// Queues a message; with [`SlowConsumer::Wait`] waits for room.

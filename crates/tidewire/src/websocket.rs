@@ -321,6 +321,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             self.outbox
                 .work
                 .store(false, std::sync::atomic::Ordering::Release);
+            // An idle connection holds no queue memory (a busy one keeps a
+            // grown queue rather than growing it again every batch).
+            if st.queue.capacity() > 0 && st.queue.capacity() <= 16 {
+                st.queue = std::collections::VecDeque::new();
+            }
         }
         st.output = self.conn.pending_output_len();
         self.published_output = st.output;

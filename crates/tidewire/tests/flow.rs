@@ -69,6 +69,36 @@ async fn senders_from_other_tasks_keep_order() {
     tokio::time::timeout(LIMIT, driver).await.unwrap().unwrap();
 }
 
+#[tokio::test]
+async fn deferred_sends_wait_for_a_wake_and_go_out_in_one_batch() {
+    let (server, url) = serve_one(IoOptions::default()).await;
+    let (mut client, _) = tidewire::connect(&url).await.unwrap();
+    let mut ws = server.await.unwrap();
+    let sender = ws.sender();
+    let driver = tokio::spawn(async move { while ws.recv().await.is_some() {} });
+    // Let the driver wait for input.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..10 {
+        sender
+            .try_send_deferred(Message::text(format!("{i}")))
+            .unwrap();
+    }
+    // Queued, not written: the driver was not woken.
+    let early = tokio::time::timeout(Duration::from_millis(100), client.recv()).await;
+    assert!(early.is_err(), "a deferred message went out without a wake");
+    assert_eq!(sender.queued_messages(), 10);
+    sender.wake();
+    for i in 0..10 {
+        assert_eq!(
+            client.recv().await.unwrap().unwrap(),
+            Message::text(format!("{i}"))
+        );
+    }
+    sender.close(1000u16, "done").unwrap();
+    let _ = client.recv().await;
+    tokio::time::timeout(LIMIT, driver).await.unwrap().unwrap();
+}
+
 /// A client that completes the handshake and then does not read.
 async fn stalled_client(url: &str) -> TcpStream {
     let (ws, _) = tidewire::connect(url).await.unwrap();

@@ -5,6 +5,8 @@
 //! percentiles (HdrHistogram). Idle mode opens C connections and holds them,
 //! spreading them over several source addresses to pass the ~28k ephemeral
 //! ports of one address. Both raise the process's file-descriptor limit.
+//! Fan-out mode (`--fanout`, in `fanout.rs`) subscribes C connections to one
+//! channel and publishes to it at `--rate`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -28,6 +30,7 @@ use tokio::sync::Semaphore;
 
 use crate::server_args::duration;
 
+mod fanout;
 mod wire;
 
 #[derive(Args, Debug, Clone)]
@@ -49,7 +52,9 @@ pub struct BenchArgs {
     /// Send text messages instead of binary.
     #[arg(long)]
     text: bool,
-    /// Total send rate in messages per second (default: as fast as echoes come back).
+    /// Total send rate in messages per second (default: as fast as echoes
+    /// come back); with --fanout, publications per second (default 100; 0:
+    /// none, to measure idle subscribed connections).
     #[arg(long)]
     rate: Option<f64>,
     /// Offer permessage-deflate.
@@ -62,6 +67,33 @@ pub struct BenchArgs {
     /// and waits for its echo (memory after use, e.g. of compression).
     #[arg(long, requires = "idle")]
     warm: bool,
+    /// Fan-out mode: the connections subscribe to --channel, one more
+    /// client (or the HTTP API) publishes to it at --rate; reports
+    /// deliveries/s and delivery latency.
+    #[arg(long, conflicts_with_all = ["idle", "compression"])]
+    fanout: bool,
+    /// With --fanout: the generator never sleeps while it measures (it
+    /// polls its sockets in a loop), so that on loopback the server's
+    /// writes do not pay for waking the generator's thread (see
+    /// docs/benchmarks.md). The generator's CPU share then reads 100 %.
+    #[arg(long, requires = "fanout")]
+    busy_poll: bool,
+    /// The channel (or Socket.IO room) of --fanout.
+    #[arg(long, default_value = "bench")]
+    channel: String,
+    /// The server's protocol, for --fanout.
+    #[arg(long, value_enum, default_value = "tidewire")]
+    protocol: fanout::Protocol,
+    /// How --fanout publishes: a WebSocket client or the hub's HTTP API.
+    #[arg(long, value_enum, default_value = "ws")]
+    publish_via: fanout::PublishVia,
+    /// The hub's HTTP API base, for --publish-via api
+    /// (http://127.0.0.1:8080/api).
+    #[arg(long)]
+    api_url: Option<String>,
+    /// The hub's API key, for --publish-via api.
+    #[arg(long)]
+    api_key: Option<String>,
     /// Source addresses to connect from, comma-separated (e.g.
     /// 127.0.0.1,127.0.0.2), round-robin: each gives ~28k ports.
     #[arg(long = "source", value_delimiter = ',')]
@@ -210,6 +242,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .enable_all()
             .build()?
     };
+    if args.fanout {
+        return runtime.block_on(fanout::bench(args));
+    }
     let report = runtime.block_on(bench(args.clone()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
