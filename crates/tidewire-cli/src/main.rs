@@ -36,8 +36,24 @@ mod token;
     about = "WebSocket toolkit: real-time hub, echo server, interactive client, load generator"
 )]
 struct Cli {
+    /// Log format on stderr: text for people, json for log shippers (one
+    /// object per line). RUST_LOG sets the level (default info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TIDEWIRE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -66,12 +82,15 @@ fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let serve_matches = matches.subcommand_matches("serve").cloned();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let args = match cli.command {
         // The generator builds its own runtime (its thread count is a flag).
         Command::Bench(args) => return bench::run(args),

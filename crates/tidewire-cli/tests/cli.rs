@@ -6,7 +6,7 @@ use std::process::Stdio;
 
 use common::{run_connect, start_echo, LIMIT};
 use tidewire::Message;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 #[tokio::test]
@@ -141,4 +141,48 @@ async fn sigterm_shuts_down_gracefully_with_1001() {
     assert!(exit.success(), "{exit:?}");
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["echo", "--port", "0", "--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
+    tokio::time::timeout(LIMIT, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            if line.contains("listening on") {
+                return;
+            }
+        }
+        panic!("tidewire echo exited before listening");
+    })
+    .await
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let output = tokio::time::timeout(LIMIT, server.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "INFO" && e["fields"]["message"] == "shutdown requested"),
+        "{stderr}"
+    );
 }
