@@ -111,6 +111,23 @@ struct Report {
     server_kib_per_connection: Option<f64>,
     generator_cpu_seconds: f64,
     server_cpu_seconds: Option<f64>,
+    /// CPU time of the whole machine over the publishing time that was
+    /// neither the generator's nor the server's (other processes; some
+    /// kernel work for the sockets too), in seconds; with --server-pid.
+    others_cpu_seconds: Option<f64>,
+}
+
+/// Busy time of all CPUs (everything but idle and iowait), in seconds.
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = v.iter().take(8).sum::<f64>() - v.get(3)? - v.get(4)?;
+    Some(busy / 100.0)
 }
 
 /// Shared by the subscribers of a run.
@@ -959,6 +976,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             }
         });
     }
+    let machine_start = machine_busy_seconds();
     let cpu_start = cpu_seconds();
     let server_cpu_start = server_pid.as_deref().and_then(cpu_seconds_of);
     let t0 = Instant::now();
@@ -996,6 +1014,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let publish_end = Instant::now();
     let generator_cpu_seconds = cpu_seconds() - cpu_start;
+    let machine_busy = machine_start
+        .zip(machine_busy_seconds())
+        .map(|(a, b)| b - a);
     let server_cpu_seconds = server_cpu_start
         .zip(server_pid.as_deref().and_then(cpu_seconds_of))
         .map(|(start, end)| end - start);
@@ -1088,6 +1109,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         },
         generator_cpu_seconds,
         server_cpu_seconds,
+        others_cpu_seconds: machine_busy
+            .zip(server_cpu_seconds)
+            .map(|(busy, server)| (busy - server - generator_cpu_seconds).max(0.0)),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
