@@ -110,6 +110,7 @@ describe('demo app in headless Chromium', { timeout: 180000 }, () => {
     await waitText(b, '#messages li.msg .text', 'hello from Ann');
     await send(b, 'hi Ann');
     await waitText(a, '#messages li.msg .text', 'hi Ann');
+    await waitText(b, '#messages li.msg .text', 'hi Ann');
     assert.deepEqual(await messages(a), ['hello from Ann', 'hi Ann']);
     assert.deepEqual(await messages(b), ['hello from Ann', 'hi Ann']);
     // Bob's page loaded the room's history when it joined: it shows that Ann was there first.
@@ -136,7 +137,9 @@ describe('demo app in headless Chromium', { timeout: 180000 }, () => {
     await waitState(a, 'connected');
     await waitText(a, '#notice', '5 missed messages recovered');
     await send(b, 'welcome back');
+    // Each page shows it when the hub delivers it (Bob's own page too).
     await waitText(a, '#messages li.msg .text', 'welcome back');
+    await waitText(b, '#messages li.msg .text', 'welcome back');
     const expected = ['hello from Ann', 'hi Ann', ...missed, 'welcome back'];
     assert.deepEqual(await messages(a), expected);
     assert.deepEqual(await messages(b), expected);
