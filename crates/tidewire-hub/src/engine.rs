@@ -339,16 +339,14 @@ impl MemoryEngine {
     }
 
     fn history_now(&self, channel: &str, query: &HistoryQuery) -> HistoryResult {
-        if !query.options.enabled() {
-            return HistoryResult {
-                publications: Vec::new(),
-                position: StreamPosition {
-                    offset: 0,
-                    epoch: "".into(),
-                },
-            };
-        }
-        let Some(stream) = self.streams.lock(channel).get(channel).cloned() else {
+        // Without history, or before the channel's first publication: no
+        // publications, and the position {0, ""} (no stream yet).
+        let stream = query
+            .options
+            .enabled()
+            .then(|| self.streams.lock(channel).get(channel).cloned())
+            .flatten();
+        let Some(stream) = stream else {
             return HistoryResult {
                 publications: Vec::new(),
                 position: StreamPosition {

@@ -1152,46 +1152,18 @@ fn print_report(r: &Report) {
             None => println!(),
         }
     }
-    println!(
-        "  generator  {:.2} s of CPU ({:.0}% of one core)",
+    super::print_cpu_and_errors(
+        r.seconds,
         r.generator_cpu_seconds,
-        100.0 * r.generator_cpu_seconds / r.seconds
+        r.server_cpu_seconds,
+        &r.errors,
     );
-    if let Some(server) = r.server_cpu_seconds {
-        println!(
-            "  server     {:.2} s of CPU ({:.0}% of one core)",
-            server,
-            100.0 * server / r.seconds
-        );
-    }
-    if r.errors.is_empty() {
-        println!("  errors     none");
-    } else {
-        for (kind, n) in &r.errors {
-            println!("  error      {n} × {kind}");
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn server_frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        FrameHeader {
-            fin,
-            rsv1: false,
-            rsv2: false,
-            rsv3: false,
-            opcode,
-            mask: None,
-            payload_len: payload.len() as u64,
-        }
-        .encode(&mut out);
-        out.extend_from_slice(payload);
-        out.to_vec()
-    }
+    use crate::bench::wire::tests::server_frame;
 
     #[test]
     fn payloads_carry_their_stamp_and_size() {

@@ -902,22 +902,38 @@ fn print_report(r: &Report) {
             None => println!(),
         }
     }
+    print_cpu_and_errors(
+        r.seconds,
+        r.generator_cpu_seconds,
+        r.server_cpu_seconds,
+        &r.errors,
+    );
+}
+
+/// The last lines of a report, the same in every mode: who used how much
+/// CPU (the bottleneck is the side near 100 %), and the errors by kind.
+fn print_cpu_and_errors(
+    seconds: f64,
+    generator_cpu_seconds: f64,
+    server_cpu_seconds: Option<f64>,
+    errors: &BTreeMap<String, u64>,
+) {
     println!(
         "  generator  {:.2} s of CPU ({:.0}% of one core)",
-        r.generator_cpu_seconds,
-        100.0 * r.generator_cpu_seconds / r.seconds
+        generator_cpu_seconds,
+        100.0 * generator_cpu_seconds / seconds
     );
-    if let Some(server) = r.server_cpu_seconds {
+    if let Some(server) = server_cpu_seconds {
         println!(
             "  server     {:.2} s of CPU ({:.0}% of one core)",
             server,
-            100.0 * server / r.seconds
+            100.0 * server / seconds
         );
     }
-    if r.errors.is_empty() {
+    if errors.is_empty() {
         println!("  errors     none");
     } else {
-        for (kind, n) in &r.errors {
+        for (kind, n) in errors {
             println!("  error      {n} × {kind}");
         }
     }

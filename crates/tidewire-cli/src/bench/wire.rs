@@ -456,11 +456,11 @@ pub(super) async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Server frames carrying the given payloads, unmasked.
-    fn server_frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+    pub(in crate::bench) fn server_frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
         let mut out = BytesMut::new();
         FrameHeader {
             fin,
