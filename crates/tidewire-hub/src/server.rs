@@ -91,6 +91,8 @@ pub(crate) struct AppState {
     pub(crate) hub: Hub,
     pub(crate) api_key: Arc<str>,
     ws_config: ServerConfig,
+    /// `ws_config.io`, shared by every connection rather than copied into each.
+    ws_io: Arc<IoOptions>,
     origins: Option<OriginPolicy>,
     shutdown: CancellationToken,
 }
@@ -125,6 +127,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
     let state = AppState {
         hub,
         api_key: api_key.into(),
+        ws_io: Arc::new(ws_config.io.clone()),
         ws_config,
         origins,
         shutdown,
@@ -188,6 +191,7 @@ async fn websocket(
     let (response, upgrading) = upgrade
         .protocols([SUBPROTOCOL])
         .config(app.ws_config.clone())
+        .shared_io_options(app.ws_io.clone())
         .into_response_and_future();
     // One short task waits for the upgrade, then starts the session in a
     // task of its own: an idle connection's task holds only the session,

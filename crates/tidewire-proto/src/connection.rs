@@ -137,7 +137,8 @@ pub struct Connection {
     deflate_params: Option<DeflateParams>,
     close_received: bool,
     close_sent: bool,
-    failure: Option<ProtocolError>,
+    /// Boxed: rare, and every idle connection would carry its size.
+    failure: Option<Box<ProtocolError>>,
 }
 
 impl Connection {
@@ -215,7 +216,7 @@ impl Connection {
 
     /// The protocol error that failed the connection, if one did.
     pub fn failure(&self) -> Option<&ProtocolError> {
-        self.failure.as_ref()
+        self.failure.as_deref()
     }
 
     // ---- receiving -------------------------------------------------------
@@ -494,7 +495,7 @@ impl Connection {
             }
             self.queue_close(Some(&CloseFrame::new(err.close_code(), reason)));
         }
-        self.failure = Some(err);
+        self.failure = Some(Box::new(err));
         self.state = State::Closed;
         self.input = BytesMut::new();
         self.frame = None;

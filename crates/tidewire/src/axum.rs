@@ -41,6 +41,7 @@
 //! HTTP/2).
 
 use std::future::Future;
+use std::sync::Arc;
 
 use ::axum::body::Body;
 use ::axum::extract::{FromRequestParts, OptionalFromRequestParts};
@@ -51,7 +52,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tidewire_proto::{Config, HandshakeError, ServerHandshake};
 
 use crate::hyper::{head_of, is_upgrade, take_on_upgrade, UpgradedWebSocket, Upgrading};
-use crate::{Error, ServerConfig};
+use crate::{Error, IoOptions, ServerConfig};
 
 /// Extractor for a WebSocket upgrade request, validated (RFC 6455 §4.2.1).
 ///
@@ -63,6 +64,8 @@ pub struct WebSocketUpgrade {
     handshake: ServerHandshake,
     on_upgrade: OnUpgrade,
     config: ServerConfig,
+    /// Overrides `config.io`, shared by the connections of a server.
+    shared_io: Option<Arc<IoOptions>>,
     protocols: Vec<String>,
     headers: HeaderMap,
     on_failed_upgrade: Option<Box<dyn FnOnce(Error) + Send>>,
@@ -102,6 +105,14 @@ impl WebSocketUpgrade {
     /// the request already.
     pub fn config(mut self, config: ServerConfig) -> WebSocketUpgrade {
         self.config = config;
+        self
+    }
+
+    /// I/O options shared by many connections, instead of `config.io`: a
+    /// server that holds many connections makes them once, rather than a
+    /// copy per connection.
+    pub fn shared_io_options(mut self, io: Arc<IoOptions>) -> WebSocketUpgrade {
+        self.shared_io = Some(io);
         self
     }
 
@@ -170,7 +181,8 @@ impl WebSocketUpgrade {
         let protocol = self.selected_protocol().map(str::to_owned);
         let handshake = self.handshake.with_config(self.config.protocol.clone());
         let (response, connection) = handshake.into_response(protocol.as_deref(), &self.headers);
-        let upgrading = Upgrading::new(self.on_upgrade, connection, protocol, self.config.io);
+        let io = self.shared_io.unwrap_or_else(|| Arc::new(self.config.io));
+        let upgrading = Upgrading::new(self.on_upgrade, connection, protocol, io);
         (response.map(|()| Body::empty()), upgrading)
     }
 }
@@ -187,6 +199,7 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
             handshake,
             on_upgrade,
             config: ServerConfig::default(),
+            shared_io: None,
             protocols: Vec::new(),
             headers: HeaderMap::new(),
             on_failed_upgrade: None,

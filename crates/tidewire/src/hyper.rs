@@ -49,6 +49,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use ::hyper::upgrade::{OnUpgrade, Upgraded};
@@ -120,7 +121,7 @@ where
     let on_upgrade = take_on_upgrade(request.extensions_mut())?;
     Ok((
         response.map(|()| R::default()),
-        Upgrading::new(on_upgrade, connection, protocol, config.io),
+        Upgrading::new(on_upgrade, connection, protocol, Arc::new(config.io)),
     ))
 }
 
@@ -173,7 +174,7 @@ pub(crate) fn take_on_upgrade(
 #[must_use = "the WebSocket is only available by awaiting the future"]
 pub struct Upgrading {
     on_upgrade: OnUpgrade,
-    parts: Option<(Connection, Option<String>, IoOptions)>,
+    parts: Option<(Connection, Option<String>, Arc<IoOptions>)>,
 }
 
 impl Upgrading {
@@ -181,7 +182,7 @@ impl Upgrading {
         on_upgrade: OnUpgrade,
         connection: Connection,
         protocol: Option<String>,
-        io: IoOptions,
+        io: Arc<IoOptions>,
     ) -> Upgrading {
         Upgrading {
             on_upgrade,

@@ -22,6 +22,7 @@ use tidewire_proto::handshake::{self, http_response, ServerHandshake};
 use tidewire_proto::HandshakeError;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, info, warn, Instrument};
@@ -152,6 +153,8 @@ pub struct Server {
 
 struct Shared {
     config: ServerConfig,
+    /// `config.io`, shared by every connection rather than copied into each.
+    io: Arc<crate::websocket::IoOptions>,
     limits: Limits,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsAcceptor>,
@@ -245,6 +248,7 @@ impl ServerBuilder {
     pub fn build(self) -> Server {
         Server {
             shared: Arc::new(Shared {
+                io: Arc::new(self.config.io.clone()),
                 config: self.config,
                 limits: self.limits,
                 #[cfg(feature = "tls")]
@@ -266,6 +270,30 @@ impl ServerBuilder {
 struct Slot {
     shared: Arc<Shared>,
     ip: Option<IpAddr>,
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's handler and its slot, as one task's future. Not an
+    /// `async` block: one that awaited a captured future would store it
+    /// twice (as the capture and as the awaited value).
+    struct Running<F> {
+        #[pin]
+        handler: F,
+        slot: Option<Slot>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Running<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = self.project();
+        std::task::ready!(this.handler.poll(cx));
+        if let Some(slot) = this.slot.take() {
+            slot.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+        }
+        std::task::Poll::Ready(())
+    }
 }
 
 impl Drop for Slot {
@@ -342,16 +370,26 @@ impl Server {
             // open. The handler's future is boxed too: moving the session
             // through nested futures would copy it into each. The task
             // itself then holds little more than two pointers.
-            let opening = Box::pin(open(shared.clone(), stream, peer));
+            let opening = Box::pin(open(shared, stream, peer));
+            let handlers = tracker.clone();
             tracker.spawn(async move {
-                let running = opening
-                    .await
-                    .map(|(session, span)| Box::pin(handler(session).instrument(span)));
-                if let Some(running) = running {
-                    running.await;
-                    shared.stats.closed.fetch_add(1, Ordering::Relaxed);
-                }
-                drop(slot);
+                let Some((session, span)) = opening.await else {
+                    drop(slot);
+                    return;
+                };
+                // The handler gets a task of its own, its future stored in
+                // the task's allocation: the handshake's task and state are
+                // gone once it runs. A span is attached only when enabled
+                // (an enabled one is boxed with the future).
+                let handler = if span.is_disabled() {
+                    Either::Left(handler(session))
+                } else {
+                    Either::Right(Box::pin(handler(session).instrument(span)))
+                };
+                handlers.spawn(Running {
+                    handler,
+                    slot: Some(slot),
+                });
             });
         }
         drop(listener);
@@ -549,7 +587,7 @@ async fn open(
         return None;
     }
     let mut ws =
-        WebSocket::from_parts(stream, conn, &leftover, protocol.clone(), config.io.clone());
+        WebSocket::from_parts(stream, conn, &leftover, protocol.clone(), shared.io.clone());
     drop(leftover);
     // The server's own token, not a child: a child token is a node of its
     // own per connection, and nothing cancels one connection through it.
@@ -623,37 +661,41 @@ async fn write_response(
 /// each final `recv` outcome (handlers built on [`Server`] get this for
 /// free through [`echo`]).
 pub fn record_close(stats: &ServerStats, outcome: &Option<Result<Message, Error>>) {
-    let code = match outcome {
-        Some(Ok(Message::Close(Some(frame)))) => frame.code.0,
-        Some(Ok(Message::Close(None))) => 1005,
-        Some(Err(Error::Protocol(e))) => e.close_code().0,
+    stats.closed_with(outcome.as_ref().map_or(1006, close_code));
+}
+
+/// The close code a connection's last outcome stands for (1006: none).
+fn close_code(outcome: &Result<Message, Error>) -> u16 {
+    match outcome {
+        Ok(Message::Close(Some(frame))) => frame.code.0,
+        Ok(Message::Close(None)) => 1005,
+        Err(Error::Protocol(e)) => e.close_code().0,
         _ => 1006,
-    };
-    stats.closed_with(code);
+    }
 }
 
 /// A handler that echoes every data message (optionally with a prefix on
 /// text), after an optional welcome message. Used by `tidewire echo`.
 #[allow(clippy::manual_async_fn)] // on purpose: see the comment in the body
 pub fn echo(
-    mut session: Session,
+    session: Session,
     welcome: Option<Arc<str>>,
     prefix: Arc<str>,
     stats: Arc<ServerStats>,
 ) -> impl Future<Output = ()> + Send {
-    // Not an `async fn`: its arguments would be stored twice in the future
-    // (as arguments and as locals); the block uses the session in place.
+    // Not an `async fn`: its arguments would be stored in the future for
+    // its whole life. The echo needs only the socket: the request headers
+    // are freed here, and the future holds the socket alone.
+    let mut ws = session.ws;
     async move {
-        // The echo needs only the socket: free the request headers now.
-        let ws = &mut session.ws;
-        drop(std::mem::take(&mut session.request));
-        drop(std::mem::take(&mut session.identity));
         if let Some(welcome) = welcome {
-            if ws.send_text(welcome.to_string()).await.is_err() {
+            // Fed, not sent: recv writes it before it waits for input (an
+            // awaited send would add its future's size to every connection).
+            if ws.feed(Message::text(welcome.to_string())).is_err() {
                 return;
             }
         }
-        let mut last: Option<Result<Message, Error>> = None;
+        let mut code = 1006;
         while let Some(msg) = ws.recv().await {
             match msg {
                 // Replies are fed, not flushed: recv writes them in one go when
@@ -666,9 +708,9 @@ pub fn echo(
                     let _ = ws.feed(m);
                 }
                 Ok(Message::Ping(_) | Message::Pong(_)) => {}
-                other => last = Some(other),
+                other => code = close_code(&other),
             }
         }
-        record_close(&stats, &last);
+        stats.closed_with(code);
     }
 }

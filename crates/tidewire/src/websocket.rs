@@ -20,7 +20,7 @@ use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
@@ -157,13 +157,16 @@ impl Drop for Counting {
 enum ReadState {
     Open,
     /// The outcome is known; finishing the transport before reporting it.
-    Draining {
-        result: Result<Message, Error>,
-        shut_down: bool,
-        /// Don't wait for the peer (it is unresponsive).
-        abort: bool,
-    },
+    /// Boxed: every idle connection would otherwise carry its size.
+    Draining(Box<Draining>),
     Done,
+}
+
+struct Draining {
+    result: Result<Message, Error>,
+    shut_down: bool,
+    /// Don't wait for the peer (it is unresponsive).
+    abort: bool,
 }
 
 /// Which task polls a write: the reader (flushing pongs and close replies)
@@ -195,27 +198,44 @@ impl Timer {
     }
 }
 
+/// Keepalive state, boxed in `Inner` (a connection without keepalive pays
+/// a pointer for it).
 struct Keepalive {
     interval: Duration,
     timeout: Duration,
     timer: Timer,
     ping_sent: Option<Instant>,
+    /// When the peer last sent anything.
+    last_seen: Instant,
 }
 
+/// Idle-timeout state, boxed in `Inner` like [`Keepalive`].
+struct IdleTimeout {
+    timer: Timer,
+    /// When the peer last sent a data message.
+    last_data: Instant,
+}
+
+/// A connection's state. Idle connections are counted in thousands, so
+/// what only some connections use (keepalive, idle timeout, the send queue
+/// of [`Sender`] handles, the closing sequence) sits behind a pointer, and
+/// the options are shared.
 pub(crate) struct Inner<S> {
     io: S,
     conn: Connection,
-    options: IoOptions,
+    options: Arc<IoOptions>,
     read_state: ReadState,
     deadline: Option<Pin<Box<Sleep>>>,
     write_wakers: [Option<Waker>; 2],
-    protocol: Option<String>,
-    outbox: Arc<Outbox>,
-    keepalive: Option<Keepalive>,
-    idle: Option<Timer>,
-    last_seen: Instant,
-    last_data: Instant,
-    /// A data message arrived since `last_data` was last set.
+    protocol: Option<Box<str>>,
+    /// Created by the first [`Sender`] handle.
+    outbox: OnceLock<Arc<Outbox>>,
+    /// The task waiting for input while there is no outbox yet: a Sender
+    /// created meanwhile (from the other half of a split) must wake it.
+    parked_driver: Option<Waker>,
+    keepalive: Option<Box<Keepalive>>,
+    idle: Option<Box<IdleTimeout>>,
+    /// A data message arrived since the idle timeout's `last_data` was set.
     data_unstamped: bool,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     counters: Option<Counting>,
@@ -261,7 +281,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     Poll::Pending => {
                         let output = self.conn.pending_output_len();
                         if output != self.published_output {
-                            self.outbox.lock().output = output;
+                            if let Some(outbox) = self.outbox.get() {
+                                outbox.lock().output = output;
+                            }
                             self.published_output = output;
                         }
                         return Poll::Pending;
@@ -287,15 +309,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// mark. Returns whether anything was encoded.
     fn pump_outbox(&mut self) -> bool {
         let output = self.conn.pending_output_len();
+        let Some(outbox) = self.outbox.get() else {
+            // No Sender was ever made: nothing queued, nobody to tell.
+            self.published_output = output;
+            return false;
+        };
         // Fast path: nothing queued, and the output level did not change in
         // a way a Sender could be waiting on (empty vs not, or by a lot).
-        if !self.outbox.work.load(std::sync::atomic::Ordering::Acquire)
+        if !outbox.work.load(std::sync::atomic::Ordering::Acquire)
             && (output == 0) == (self.published_output == 0)
             && output.abs_diff(self.published_output) < 16 * 1024
         {
             return false;
         }
-        let mut st = self.outbox.lock();
+        let mut st = outbox.lock();
         let mut moved = false;
         if let Some(code) = st.overflow.take() {
             st.closed = true;
@@ -305,7 +332,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     .conn
                     .send_close(Some(CloseFrame::new(code, "send queue full")));
             }
-            self.outbox.notify_space();
+            outbox.notify_space();
             return true;
         }
         while self.conn.pending_output_len() < self.options.write_high_water {
@@ -318,7 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             moved = true;
         }
         if st.queue.is_empty() {
-            self.outbox
+            outbox
                 .work
                 .store(false, std::sync::atomic::Ordering::Release);
             // An idle connection holds no queue memory (a busy one keeps a
@@ -332,12 +359,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         let drained = st.queue.is_empty() && st.output == 0;
         drop(st);
         if moved {
-            self.outbox.notify_space();
+            outbox.notify_space();
         }
         if drained {
-            self.outbox.notify_drained();
+            outbox.notify_drained();
         }
         moved
+    }
+
+    /// Whether a Sender queued something (or an overflow is pending).
+    fn outbox_has_work(&self) -> bool {
+        self.outbox
+            .get()
+            .is_some_and(|o| o.work.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Refuses further messages from Senders and releases their waiters.
+    fn shut_outbox(&self) {
+        if let Some(outbox) = self.outbox.get() {
+            outbox.shut();
+        }
+    }
+
+    /// The send queue, made on first use (by the first [`Sender`]).
+    fn outbox(&self) -> &Arc<Outbox> {
+        self.outbox.get_or_init(|| {
+            let outbox = Outbox::new(self.options.send_queue);
+            {
+                let mut st = outbox.lock();
+                st.output = self.published_output;
+                st.driver = self.parked_driver.clone();
+            }
+            if !matches!(self.read_state, ReadState::Open) {
+                outbox.shut();
+            }
+            outbox
+        })
+    }
+
+    /// Payload bytes queued by Senders and not yet encoded.
+    fn queued_bytes(&self) -> usize {
+        self.outbox.get().map_or(0, |o| o.lock().bytes)
     }
 
     fn arm_deadline(&mut self) {
@@ -353,12 +415,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     }
 
     fn start_draining(&mut self, result: Result<Message, Error>, abort: bool) {
-        self.read_state = ReadState::Draining {
+        self.read_state = ReadState::Draining(Box::new(Draining {
             result,
             shut_down: false,
             abort,
-        };
-        self.outbox.shut();
+        }));
+        self.shut_outbox();
         self.deadline = None;
         self.arm_deadline();
     }
@@ -387,20 +449,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         }
         let now = Instant::now();
         if std::mem::take(&mut self.data_unstamped) {
-            self.last_data = now;
+            if let Some(idle) = self.idle.as_mut() {
+                idle.last_data = now;
+            }
         }
         if let Some(ka) = self.keepalive.as_mut() {
             while ka.timer.poll(cx) {
                 match ka.ping_sent {
-                    Some(sent) if self.last_seen < sent => {
+                    Some(sent) if ka.last_seen < sent => {
                         // Nothing from the peer since the ping: it is gone.
                         self.keepalive = None;
                         self.begin_close(CloseCode::INTERNAL_ERROR, "keepalive timeout");
                         return Some(Error::KeepaliveTimeout);
                     }
-                    _ if self.last_seen + ka.interval > now => {
+                    _ if ka.last_seen + ka.interval > now => {
                         ka.ping_sent = None;
-                        ka.timer.reset(self.last_seen + ka.interval);
+                        let at = ka.last_seen + ka.interval;
+                        ka.timer.reset(at);
                     }
                     _ => {
                         if self.conn.state() == State::Open && !self.conn.close_sent() {
@@ -413,9 +478,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             }
         }
         if let (Some(idle), Some(limit)) = (self.idle.as_mut(), self.options.idle_timeout) {
-            while idle.poll(cx) {
-                if self.last_data + limit > now {
-                    idle.reset(self.last_data + limit);
+            while idle.timer.poll(cx) {
+                if idle.last_data + limit > now {
+                    let at = idle.last_data + limit;
+                    idle.timer.reset(at);
                 } else {
                     self.idle = None;
                     self.begin_close(CloseCode::GOING_AWAY, "idle timeout");
@@ -472,18 +538,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         loop {
             match &mut self.read_state {
                 ReadState::Done => return Poll::Ready(None),
-                ReadState::Draining { .. } => return self.poll_drain(cx).map(Some),
+                ReadState::Draining(_) => return self.poll_drain(cx).map(Some),
                 ReadState::Open => {}
             }
             // Output is written when it grows large, or (below) before
             // waiting for input: everything answered from one read goes out
             // in one write.
             if self.conn.pending_output_len() >= self.options.write_high_water
-                || self.outbox.work.load(std::sync::atomic::Ordering::Acquire)
+                || self.outbox_has_work()
             {
                 if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
                     self.read_state = ReadState::Done;
-                    self.outbox.shut();
+                    self.shut_outbox();
                     return Poll::Ready(Some(Err(e)));
                 }
             }
@@ -521,33 +587,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     }
                     // About to wait for input: write what is pending first,
                     // and let Senders wake this task.
-                    {
-                        let mut st = self.outbox.lock();
-                        if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                            st.driver = Some(cx.waker().clone());
+                    match self.outbox.get() {
+                        Some(outbox) => {
+                            let mut st = outbox.lock();
+                            if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                                st.driver = Some(cx.waker().clone());
+                            }
+                        }
+                        None => {
+                            if !self
+                                .parked_driver
+                                .as_ref()
+                                .is_some_and(|w| w.will_wake(cx.waker()))
+                            {
+                                self.parked_driver = Some(cx.waker().clone());
+                            }
                         }
                     }
                     if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
                         self.read_state = ReadState::Done;
-                        self.outbox.shut();
+                        self.shut_outbox();
                         return Poll::Ready(Some(Err(e)));
                     }
                     match ready!(self.poll_read_input(cx)) {
                         Ok(0) => {
                             self.conn.receive_eof();
                             self.read_state = ReadState::Done;
-                            self.outbox.shut();
+                            self.shut_outbox();
                             return Poll::Ready(Some(Err(Error::AbnormalClosure)));
                         }
                         Ok(_) => {
-                            if self.keepalive.is_some() {
-                                self.last_seen = Instant::now();
+                            if let Some(ka) = self.keepalive.as_mut() {
+                                ka.last_seen = Instant::now();
                             }
                         }
                         Err(e) => {
                             self.conn.receive_eof();
                             self.read_state = ReadState::Done;
-                            self.outbox.shut();
+                            self.shut_outbox();
                             return Poll::Ready(Some(Err(e.into())));
                         }
                     }
@@ -559,9 +636,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// Flushes the close reply, shuts the transport down in the right order
     /// and waits (bounded) for the peer's EOF, then yields the outcome.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, Error>> {
-        let ReadState::Draining { abort, .. } = self.read_state else {
+        let ReadState::Draining(ref draining) = self.read_state else {
             unreachable!("poll_drain outside Draining")
         };
+        let abort = draining.abort;
         let close_first = self.conn.role() == Role::Server || self.conn.failure().is_some();
         if abort {
             // The peer is unresponsive: one attempt to write what is pending
@@ -576,15 +654,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         {
             return self.finish_drain();
         }
-        if close_first && !timed_out {
-            if let ReadState::Draining {
-                shut_down: false, ..
-            } = self.read_state
-            {
-                let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
-                if let ReadState::Draining { shut_down, .. } = &mut self.read_state {
-                    *shut_down = true;
-                }
+        if close_first
+            && !timed_out
+            && matches!(&self.read_state, ReadState::Draining(d) if !d.shut_down)
+        {
+            let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
+            if let ReadState::Draining(d) = &mut self.read_state {
+                d.shut_down = true;
             }
         }
         if !timed_out {
@@ -606,12 +682,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
 
     fn finish_drain(&mut self) -> Poll<Result<Message, Error>> {
         let state = std::mem::replace(&mut self.read_state, ReadState::Done);
-        let ReadState::Draining {
-            result, shut_down, ..
-        } = state
-        else {
+        let ReadState::Draining(draining) = state else {
             unreachable!("finish_drain outside Draining")
         };
+        let Draining {
+            result, shut_down, ..
+        } = *draining;
         if !shut_down {
             // Best effort, without waiting: the peer is gone or done.
             let waker = Waker::noop();
@@ -627,13 +703,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
     /// Encodes everything Sender handles queued, regardless of the
     /// high-water mark; `close` also stops the queue taking more.
     fn encode_all_queued(&mut self, close: bool) {
-        let mut st = self.outbox.lock();
+        let Some(outbox) = self.outbox.get() else {
+            return;
+        };
+        let mut st = outbox.lock();
         let queued: Vec<Message> = st.queue.drain(..).collect();
         st.bytes = 0;
         st.closed |= close;
         if st.overflow.is_none() {
             // An overflow still pending keeps the flag for pump_outbox.
-            self.outbox
+            outbox
                 .work
                 .store(false, std::sync::atomic::Ordering::Release);
         }
@@ -641,13 +720,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         for message in queued {
             let _ = encode_counted(&mut self.conn, &mut self.counters, message);
         }
-        self.outbox.notify_space();
+        outbox.notify_space();
     }
 
     fn start_send(&mut self, message: Message) -> Result<(), Error> {
         // Keep order with messages queued by Sender handles; the atomic
         // flag spares the lock when nobody queued anything.
-        if self.outbox.work.load(std::sync::atomic::Ordering::Acquire) {
+        if self.outbox_has_work() {
             self.encode_all_queued(false);
         }
         encode_counted(&mut self.conn, &mut self.counters, message)
@@ -711,31 +790,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         mut conn: Connection,
         leftover: &[u8],
         protocol: Option<String>,
-        options: IoOptions,
+        options: impl Into<Arc<IoOptions>>,
     ) -> WebSocket<S> {
+        let options = options.into();
         conn.receive_data(leftover);
         let now = Instant::now();
-        let keepalive = options.ping_interval.map(|interval| Keepalive {
-            interval,
-            timeout: options.pong_timeout,
-            timer: Timer::new(now + interval),
-            ping_sent: None,
+        let keepalive = options.ping_interval.map(|interval| {
+            Box::new(Keepalive {
+                interval,
+                timeout: options.pong_timeout,
+                timer: Timer::new(now + interval),
+                ping_sent: None,
+                last_seen: now,
+            })
         });
-        let idle = options.idle_timeout.map(|t| Timer::new(now + t));
+        let idle = options.idle_timeout.map(|t| {
+            Box::new(IdleTimeout {
+                timer: Timer::new(now + t),
+                last_data: now,
+            })
+        });
         WebSocket {
             inner: Inner {
                 io,
                 conn,
-                outbox: Outbox::new(options.send_queue),
+                outbox: OnceLock::new(),
+                parked_driver: None,
                 options,
                 read_state: ReadState::Open,
                 deadline: None,
                 write_wakers: [None, None],
-                protocol,
+                protocol: protocol.map(String::into_boxed_str),
                 keepalive,
                 idle,
-                last_seen: now,
-                last_data: now,
                 data_unstamped: false,
                 shutdown: None,
                 counters: None,
@@ -862,7 +949,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// slow-consumer policy of [`IoOptions::send_queue`]).
     pub fn sender(&self) -> Sender {
         Sender {
-            outbox: self.inner.outbox.clone(),
+            outbox: self.inner.outbox().clone(),
         }
     }
 
@@ -884,14 +971,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Gives the transport back (bytes buffered but not yet processed or
     /// written are dropped).
     pub fn into_inner(self) -> S {
-        self.inner.outbox.shut();
+        self.inner.shut_outbox();
         self.inner.io
     }
 
     /// Bytes queued for sending and not yet written (like the browser's
     /// `bufferedAmount`).
     pub fn buffered_amount(&self) -> usize {
-        self.inner.conn.pending_output_len() + self.inner.outbox.lock().bytes
+        self.inner.conn.pending_output_len() + self.inner.queued_bytes()
     }
 
     /// Splits into a reader and a writer usable from separate tasks. The
@@ -982,14 +1069,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketWriter<S> {
     /// A handle that queues messages from other tasks.
     pub fn sender(&self) -> Sender {
         Sender {
-            outbox: lock(&self.shared).outbox.clone(),
+            outbox: lock(&self.shared).outbox().clone(),
         }
     }
 
     /// Bytes queued for sending and not yet written.
     pub fn buffered_amount(&self) -> usize {
         let inner = lock(&self.shared);
-        let queued = inner.outbox.lock().bytes;
+        let queued = inner.queued_bytes();
         inner.conn.pending_output_len() + queued
     }
 }

@@ -372,3 +372,47 @@ async fn drained_fires_when_the_queue_is_written() {
     assert_eq!(sender.queued_messages(), 0);
     reader.await.unwrap();
 }
+
+/// The send queue is made by the first Sender. One made from the writer half
+/// while the reader half already waits for input must still wake the reader
+/// (which drives the connection), or the message would wait for the peer.
+#[tokio::test]
+async fn a_sender_made_while_the_reader_waits_wakes_it() {
+    let (server, url) = serve_one(IoOptions::default()).await;
+    let (mut client, _) = tidewire::connect(&url).await.unwrap();
+    let ws = server.await.unwrap();
+    let (mut reader, writer) = ws.split();
+    let driver = tokio::spawn(async move { while reader.recv().await.is_some() {} });
+    // Let the reader park on the socket before the queue exists.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sender = writer.sender();
+    sender.try_send(Message::text("late queue")).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), client.recv())
+        .await
+        .expect("the queued message was not written: the reader was not woken")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Message::text("late queue"));
+    assert_eq!(writer.buffered_amount(), 0);
+    client.close(1000u16, "").await.unwrap();
+    tokio::time::timeout(LIMIT, driver).await.unwrap().unwrap();
+}
+
+/// A Sender made after the connection ended refuses messages at once.
+#[tokio::test]
+async fn a_sender_made_after_the_end_is_closed() {
+    let (server, url) = serve_one(IoOptions::default()).await;
+    let (mut client, _) = tidewire::connect(&url).await.unwrap();
+    let mut ws = server.await.unwrap();
+    let closing = tokio::spawn(async move { client.close(1000u16, "bye").await });
+    while ws.recv().await.is_some() {}
+    assert!(matches!(
+        ws.sender().try_send(Message::text("too late")),
+        Err(SendError::Closed)
+    ));
+    tokio::time::timeout(LIMIT, closing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
