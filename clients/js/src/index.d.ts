@@ -84,7 +84,11 @@ export type Json = null | boolean | number | string | Json[] | { [key: string]: 
 /** A position in a channel's stream. */
 export interface StreamPosition {
   offset: number;
-  /** `""` while the channel has never had a publication. */
+  /**
+   * Names the channel's stream; offsets compare only within one epoch. The subscribe reply names
+   * it also before the channel's first publication (offset 0). A position with epoch `""` never
+   * recovers.
+   */
   epoch: string;
 }
 

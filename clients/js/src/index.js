@@ -929,7 +929,6 @@ export class Subscription extends Emitter {
     this._inflight = false;
     this._attempt = 0;
     this._retryTimer = null;
-    this._learningEpoch = false;
   }
 
   /** The last position seen, `{offset, epoch}`, or null (no history in this namespace, or not subscribed yet). */
@@ -993,10 +992,7 @@ export class Subscription extends Emitter {
   /** Publishes to this channel (waits until subscribed, at most the client's `timeout`). */
   async publish(data) {
     await this._methodReady();
-    return this.client._call('publish', { channel: this.channel, data }).then((r) => {
-      this._learnEpochFrom(r);
-      return r;
-    });
+    return this.client._call('publish', { channel: this.channel, data });
   }
 
   /** Who is here: `{clients: [{client, user, info}]}`. */
@@ -1155,6 +1151,10 @@ export class Subscription extends Emitter {
     const recovered = wasRecovering && result.recovered === true;
     const publications = recovered ? result.publications || [] : [];
     if (positioned) {
+      // The stream's epoch, also before its first publication: the
+      // publications that follow (pushes carry no epoch) belong to it. An
+      // epoch "" (a server older than that rule) is kept as it is: such a
+      // position gets `recovered: false`, never a wrong `true`.
       this._epoch = result.epoch;
       // Recovered publications advance the offset one by one below.
       this._offset = recovered ? previous : result.offset;
@@ -1179,7 +1179,6 @@ export class Subscription extends Emitter {
     }
     if (positioned && this.state === SubscriptionState.Subscribed) {
       this._offset = Math.max(this._offset ?? 0, result.offset);
-      if (this._epoch === '' && this._offset > 0) this._learnEpoch();
     }
   }
 
@@ -1193,7 +1192,6 @@ export class Subscription extends Emitter {
         return;
       }
       this._offset = pub.offset;
-      if (this._epoch === '') this._learnEpoch();
     }
     const ctx = publicationContext(this.channel, pub);
     this._emit('publication', ctx);
@@ -1234,37 +1232,6 @@ export class Subscription extends Emitter {
     this._setSubscribing(code, reason);
     this._sendUnsubscribe();
     this._sendSubscribe();
-  }
-
-  /**
-   * The channel had no publication when we subscribed (epoch ""): learn
-   * the epoch its first publication started, so that a later recovery
-   * can name it.
-   */
-  _learnEpoch() {
-    if (this._learningEpoch) return;
-    this._learningEpoch = true;
-    const gen = this._gen;
-    const seen = this._offset;
-    this.client
-      ._call('history', { channel: this.channel, limit: 0 })
-      .then(
-        (r) => {
-          // Offsets only grow within an epoch: one at least as far as what
-          // we saw is the epoch of what we saw.
-          if (gen === this._gen && this._epoch === '' && r.epoch && r.offset >= seen) this._epoch = r.epoch;
-        },
-        () => {},
-      )
-      .finally(() => {
-        this._learningEpoch = false;
-      });
-  }
-
-  _learnEpochFrom(result) {
-    if (this._epoch === '' && result && result.epoch && this._offset !== null && result.offset >= this._offset) {
-      this._epoch = result.epoch;
-    }
   }
 
   _emitError(type, code, message) {

@@ -51,13 +51,15 @@ describe('client against tidewire serve', { timeout: 60000 }, () => {
     assert.equal(ctx.recoverable, true);
     assert.equal(ctx.positioned, true);
     assert.equal(ctx.wasRecovering, false);
-    assert.deepEqual(ctx.streamPosition, { offset: 0, epoch: '' });
+    // Nothing published yet: offset 0 of the epoch the publications will have.
+    assert.equal(ctx.streamPosition.offset, 0);
+    assert.match(ctx.streamPosition.epoch, /^[0-9a-f]{12}$/);
+    assert.deepEqual(sub.position, ctx.streamPosition);
 
     const got = [];
     sub.on('publication', (p) => got.push(p));
     const r1 = await sub.publish({ text: 'hello' });
-    assert.equal(r1.offset, 1);
-    assert.match(r1.epoch, /^[0-9a-f]+$/);
+    assert.deepEqual(r1, { offset: 1, epoch: ctx.streamPosition.epoch });
     await server.api('publish', { channel: 'basic:one', data: { text: 'from the API' } });
     await waitFor(() => got.length === 2, 'two publications');
     assert.deepEqual(got[0], {

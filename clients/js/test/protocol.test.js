@@ -1,5 +1,6 @@
 // The client's protocol logic against a scripted fake WebSocket (no
-// server): batching, duplicate and gap handling, epoch learning, the
+// server): batching, duplicate and gap handling, the epoch of a fresh
+// channel's position, the
 // server's disconnect advice, the ping watchdog, backoff delays, refresh
 // pushes, error replies.
 
@@ -166,23 +167,27 @@ describe('protocol logic', { timeout: 30000 }, () => {
     assert.deepEqual(sub.position, { offset: 11, epoch: 'E' });
   });
 
-  test('subscribed at epoch "": the epoch is learned after the first publication', async () => {
+  test('subscribed before the first publication: the reply\'s epoch is the position\'s, nothing else is asked', async () => {
     const client = fakeClient();
     const ws = await connect(client);
     const sub = client.newSubscription('fresh');
     sub.subscribe();
     const s = await ws.next('subscribe');
-    ws.reply(s, { recoverable: true, epoch: '', offset: 0 });
+    ws.reply(s, { recoverable: true, epoch: 'E', offset: 0 });
+    assert.deepEqual(sub.position, { offset: 0, epoch: 'E' });
     ws.push(pub('fresh', 1));
-    const h = await ws.next('history');
-    assert.deepEqual(h.history, { channel: 'fresh', limit: 0 });
-    ws.reply(h, { publications: [], offset: 1, epoch: 'NEW' });
-    await waitFor(() => sub.position.epoch === 'NEW', 'the epoch');
+    ws.push(pub('fresh', 2));
+    assert.deepEqual(sub.position, { offset: 2, epoch: 'E' });
     // After a drop, it recovers from there.
     ws.drop();
     const ws2 = await connect(client);
     const s2 = await ws2.next('subscribe');
-    assert.deepEqual(s2.subscribe, { channel: 'fresh', recover: true, offset: 1, epoch: 'NEW' });
+    assert.deepEqual(s2.subscribe, { channel: 'fresh', recover: true, offset: 2, epoch: 'E' });
+    assert.deepEqual(
+      [...ws.commands, ...ws2.commands].filter((c) => c.history),
+      [],
+      'no history call to learn the epoch',
+    );
   });
 
   test('the disconnect push decides: reconnect: false stops with its code, reconnect: true reconnects', async () => {

@@ -1,7 +1,9 @@
 // Reconnection, resubscription and recovery against a real server:
 // a dropped connection (no close frame) and an API disconnect recover
-// every missed publication once, in order; a server restart (history gone,
-// new epoch) reconnects, resubscribes and says `recovered: false`.
+// every missed publication once, in order, also the first ones of a
+// channel subscribed before it had any; a server restart (history gone,
+// new epoch) reconnects, resubscribes and says `recovered: false`, also
+// to a subscription that had seen no publication.
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
@@ -42,13 +44,15 @@ describe('reconnect and recover', { timeout: 90000 }, () => {
   test('a dropped connection recovers every missed publication once, in order', async () => {
     const proxy = await Proxy.start(server.addr);
     try {
-      // A fresh channel: subscribed at epoch "", the client learns the
-      // epoch from the first publications, so it can recover later.
+      // A fresh channel: the subscribe reply names its epoch already.
       const { client, sub, got, events } = await subscriber(newClient, proxy.wsUrl, 'drop:one');
+      const epoch = sub.position.epoch;
+      assert.match(epoch, /^[0-9a-f]{12}$/);
+      assert.equal(sub.position.offset, 0);
       const log = record(client, ['connecting', 'connected']);
       await publish('drop:one', 0, 5);
       await waitFor(() => got.length === 5, 'the first five');
-      await waitFor(() => sub.position.epoch !== '', 'the epoch to be learned');
+      assert.deepEqual(sub.position, { offset: 5, epoch });
 
       // The network fails: no close frame; reconnecting fails for a while.
       const refused = proxy.refuse();
@@ -75,6 +79,29 @@ describe('reconnect and recover', { timeout: 90000 }, () => {
       assert.equal(log.filter((e) => e.event === 'connected').length, 1);
       assert.equal(events.filter((e) => e.event === 'subscribing').at(-1).code, subscribingCodes.transportClosed);
       assert.ok(proxy.connections >= 2);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test('subscribed before the first publication and away during the first ones: they are recovered', async () => {
+    const proxy = await Proxy.start(server.addr);
+    try {
+      const { client, sub, got } = await subscriber(newClient, proxy.wsUrl, 'drop:first');
+      const epoch = sub.position.epoch;
+      const refused = proxy.refuse();
+      proxy.cut();
+      await refused;
+      await nextEvent(client, 'connecting');
+      await publish('drop:first', 0, 2); // the channel's first publications, missed
+      const resubscribed = nextEvent(sub, 'subscribed', (ctx) => ctx.wasRecovering);
+      await proxy.accept();
+      const ctx = await resubscribed;
+      assert.equal(ctx.recovered, true, 'recovered');
+      assert.deepEqual(ctx.streamPosition, { offset: 2, epoch });
+      await waitFor(() => got.length === 2, 'the two missed');
+      await sleep(100);
+      assert.deepEqual(got, [0, 1]);
     } finally {
       await proxy.close();
     }
@@ -115,6 +142,8 @@ describe('reconnect and recover', { timeout: 90000 }, () => {
     await publish('restart:one', 0, 3);
     await waitFor(() => a.got.length === 3, 'three');
     const oldEpoch = a.sub.position.epoch;
+    const bPosition = b.sub.position;
+    assert.equal(bPosition.offset, 0);
     const connecting = nextEvent(a.client, 'connecting');
     const resubscribed = nextEvent(a.sub, 'subscribed', (ctx) => ctx.wasRecovering);
     const bResubscribed = nextEvent(b.sub, 'subscribed', (ctx) => ctx.wasRecovering);
@@ -125,8 +154,13 @@ describe('reconnect and recover', { timeout: 90000 }, () => {
     assert.equal(ctx.recovered, false, 'history is gone: not recovered');
     assert.equal(ctx.recoverable, true);
     assert.equal(a.client.state, State.Connected);
-    // b had seen no publication (position 0, ""): nothing was lost.
-    assert.equal((await bResubscribed).recovered, true);
+    // b had seen no publication, but its position is of the lost stream:
+    // what was published there before the restart cannot be told, so
+    // not recovered either.
+    const bCtx = await bResubscribed;
+    assert.equal(bCtx.recovered, false);
+    assert.notEqual(bCtx.streamPosition.epoch, bPosition.epoch);
+    assert.deepEqual(b.sub.position, bCtx.streamPosition);
 
     await publish('restart:one', 100, 102);
     await waitFor(() => a.got.length === 5, 'the new publications');

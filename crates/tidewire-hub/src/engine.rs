@@ -10,6 +10,15 @@
 //!
 //! Order: an engine calls [`EngineEvents::publication`] for the
 //! publications of one channel one at a time, in offset order.
+//!
+//! Streams: a channel's stream (its epoch, newest offset and kept
+//! publications) starts with its first publication, or with a history
+//! read that asks for it ([`HistoryQuery::start_stream`]: a subscribe
+//! does, so that its reply names a real epoch before anything was
+//! published). It is forgotten [`HistoryOptions::ttl`] after the latest of
+//! its last publication, the last read that asked to start it and the last
+//! node's unsubscribe, never while a node is subscribed. A stream started
+//! again gets a new epoch: no position from before can match it.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -56,8 +65,8 @@ pub struct HistoryOptions {
     /// Publications kept (0: none; publications get no offset).
     pub size: usize,
     /// How long they are kept; the stream itself (its epoch and offset)
-    /// is forgotten this long after the last publication once no node
-    /// has subscribers.
+    /// is forgotten this long after its last publication, start or
+    /// unsubscribe once no node has subscribers (see the module docs).
     pub ttl: Duration,
 }
 
@@ -83,6 +92,13 @@ pub struct HistoryQuery {
     pub limit: usize,
     /// Newest first.
     pub reverse: bool,
+    /// Start the channel's stream (a new epoch, offset 0) when it has
+    /// none, in the same step as the read, so that the answer's position
+    /// names a stream that later publications continue. A subscribe asks
+    /// for this: its reply gives the epoch that publication pushes (which
+    /// carry none) belong to. Plain history reads do not: reading alone
+    /// leaves nothing behind.
+    pub start_stream: bool,
     /// The channel's history options.
     pub options: HistoryOptions,
 }
@@ -93,8 +109,8 @@ pub struct HistoryResult {
     /// The publications, in the order asked for.
     pub publications: Vec<Arc<Publication>>,
     /// The stream's current position: `{0, ""}` when the channel has no
-    /// stream (nothing published yet, or it expired). Reading never
-    /// creates a stream, so subscribers alone leave nothing behind.
+    /// stream (nothing published yet, or it expired) and the query did
+    /// not start one, or when the channel keeps no history.
     pub position: StreamPosition,
 }
 
@@ -103,12 +119,14 @@ impl HistoryResult {
     /// that was published after `since`: same epoch, no gap at the start,
     /// nothing newer left out.
     ///
-    /// The position `{offset: 0, epoch: ""}` (nothing seen, subscribed
-    /// before the stream had a publication) matches any epoch: it
-    /// recovers the stream from its first publication while that is kept.
+    /// Only a position in the stream's current epoch recovers. An empty
+    /// epoch names no stream (a position from before subscribe replies
+    /// named one, or an answer without a stream): it never recovers, even
+    /// at offset 0, because a stream may have started, had publications
+    /// and been lost (a restart, an expiry) since, and nothing tells.
     pub fn recovers(&self, since: &Position) -> bool {
-        let from_start = since.offset == 0 && since.epoch.is_empty();
-        if (!from_start && *since.epoch != *self.position.epoch)
+        if since.epoch.is_empty()
+            || *since.epoch != *self.position.epoch
             || since.offset > self.position.offset
         {
             return false;
@@ -184,7 +202,15 @@ pub trait Engine: Send + Sync + 'static {
         info: Arc<ClientInfo>,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
 
-    /// Reads history (and the current position).
+    /// Reads history and the stream's current position, in one step
+    /// (no publication slips between the two).
+    ///
+    /// Without a stream the position is `{0, ""}`, unless
+    /// `query.start_stream`: then the engine starts the stream (a new
+    /// epoch, offset 0) and answers with it; two such reads that race get
+    /// the same epoch. A stream started so is forgotten like any other
+    /// (see the module docs): a broker engine stores its epoch with the
+    /// expiry `options.ttl`, which publications and unsubscribes extend.
     fn history<'a>(
         &'a self,
         channel: &'a str,
@@ -339,13 +365,15 @@ impl MemoryEngine {
     }
 
     fn history_now(&self, channel: &str, query: &HistoryQuery) -> HistoryResult {
-        // Without history, or before the channel's first publication: no
-        // publications, and the position {0, ""} (no stream yet).
-        let stream = query
-            .options
-            .enabled()
-            .then(|| self.streams.lock(channel).get(channel).cloned())
-            .flatten();
+        // Without history, or without a stream that the query does not
+        // start: no publications, and the position {0, ""}.
+        let stream = if !query.options.enabled() {
+            None
+        } else if query.start_stream {
+            Some(self.stream(channel, query.options))
+        } else {
+            self.streams.lock(channel).get(channel).cloned()
+        };
         let Some(stream) = stream else {
             return HistoryResult {
                 publications: Vec::new(),
@@ -356,8 +384,15 @@ impl MemoryEngine {
             };
         };
         let mut stream = lock(&stream);
+        let now = Instant::now();
         stream.options = query.options;
-        stream.trim(Instant::now());
+        if query.start_stream {
+            // The reader subscribes next: a stream past its expiry but not
+            // yet dropped must not go before, or the epoch just answered
+            // would not be the one of the next publications.
+            stream.expires = stream.expires.max(now + query.options.ttl);
+        }
+        stream.trim(now);
         let entries = stream.entries.iter().map(|(_, p)| p);
         let publications = if query.reverse {
             let before = query.since.unwrap_or(u64::MAX);
@@ -576,7 +611,23 @@ mod tests {
             since,
             limit,
             reverse,
+            start_stream: false,
             options: KEEP,
+        }
+    }
+
+    /// The read of a subscribe: recovers from `since`, starts the stream.
+    fn subscribe_read(since: u64) -> HistoryQuery {
+        HistoryQuery {
+            start_stream: true,
+            ..query(Some(since), KEEP.size, false)
+        }
+    }
+
+    fn at(offset: u64, epoch: &str) -> Position {
+        Position {
+            offset,
+            epoch: epoch.into(),
         }
     }
 
@@ -708,27 +759,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reading_creates_no_stream_and_the_start_position_recovers_from_offset_1() {
+    async fn a_plain_read_creates_no_stream_and_its_empty_epoch_recovers_nothing() {
         let engine = MemoryEngine::new();
-        let start = Position {
-            offset: 0,
-            epoch: String::new(),
-        };
         let r = engine
             .history("a", query(Some(0), 10, false))
             .await
             .unwrap();
         assert_eq!((r.position.offset, &*r.position.epoch), (0, ""));
-        assert!(r.recovers(&start));
+        assert!(!r.recovers(&at(0, "")), "no stream proves nothing");
         assert_eq!(engine.stats().streams, 0);
         engine.publish("a", publication("1"), KEEP).await.unwrap();
-        engine.publish("a", publication("2"), KEEP).await.unwrap();
         let r = engine
             .history("a", query(Some(0), 10, false))
             .await
             .unwrap();
-        assert!(r.recovers(&start));
+        assert_eq!(offsets(&r), [1]);
+        assert!(
+            !r.recovers(&at(0, "")),
+            "an empty epoch matches no stream, not even from its start"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subscribe_read_starts_the_stream_at_offset_0_and_publications_continue_it() {
+        let engine = MemoryEngine::new();
+        let r = engine.history("a", subscribe_read(0)).await.unwrap();
+        let epoch = r.position.epoch.to_string();
+        assert_eq!(r.position.offset, 0);
+        assert_eq!(epoch.len(), 12);
+        assert!(r.recovers(&at(0, &epoch)));
+        assert_eq!(engine.stats().streams, 1);
+        // A second subscriber gets the same stream.
+        let again = engine.history("a", subscribe_read(0)).await.unwrap();
+        assert_eq!(again.position, r.position);
+        for i in 1..=2 {
+            let p = engine
+                .publish("a", publication(&i.to_string()), KEEP)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((p.offset, &*p.epoch), (i, epoch.as_str()));
+        }
+        let r = engine.history("a", subscribe_read(0)).await.unwrap();
         assert_eq!(offsets(&r), [1, 2]);
+        assert!(r.recovers(&at(0, &epoch)));
+        assert!(!r.recovers(&at(0, "")));
         for i in 3..=5 {
             engine
                 .publish("a", publication(&i.to_string()), KEEP)
@@ -736,11 +811,27 @@ mod tests {
                 .unwrap();
         }
         // Offset 1 is gone (history of 3): not recoverable from the start.
-        let r = engine
-            .history("a", query(Some(0), 10, false))
+        let r = engine.history("a", subscribe_read(0)).await.unwrap();
+        assert!(!r.recovers(&at(0, &epoch)));
+    }
+
+    #[tokio::test]
+    async fn a_position_from_before_a_restart_does_not_recover() {
+        let before = MemoryEngine::new();
+        let seen = before.history("a", subscribe_read(0)).await.unwrap();
+        // The restarted engine: the stream starts anew, with another epoch.
+        let after = MemoryEngine::new();
+        after.publish("a", publication("1"), KEEP).await.unwrap();
+        let r = after.history("a", subscribe_read(0)).await.unwrap();
+        assert_ne!(r.position.epoch, seen.position.epoch);
+        assert_eq!(offsets(&r), [1]);
+        assert!(!r.recovers(&at(0, &seen.position.epoch)));
+        // Nothing published since the restart: still another stream.
+        let empty = MemoryEngine::new()
+            .history("a", subscribe_read(0))
             .await
             .unwrap();
-        assert!(!r.recovers(&start));
+        assert!(!empty.recovers(&at(0, &seen.position.epoch)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -778,6 +869,49 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         engine.maintain();
         assert_eq!(engine.stats(), EngineStats::default());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_started_by_a_subscribe_is_forgotten_like_any_other() {
+        let engine = MemoryEngine::new();
+        // Never subscribed (the subscribe failed after its read): forgotten
+        // ttl after its start.
+        engine.history("a", subscribe_read(0)).await.unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        engine.maintain();
+        assert_eq!(engine.stats().streams, 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        engine.maintain();
+        assert_eq!(engine.stats(), EngineStats::default());
+        // Subscribed: kept however long; forgotten ttl after the unsubscribe.
+        let epoch = engine
+            .history("a", subscribe_read(0))
+            .await
+            .unwrap()
+            .position
+            .epoch;
+        engine.subscribe("a").await.unwrap();
+        tokio::time::advance(Duration::from_secs(600)).await;
+        engine.maintain();
+        assert_eq!(engine.stats().streams, 1);
+        engine.unsubscribe("a").await.unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        engine.maintain();
+        assert_eq!(engine.stats().streams, 1);
+        // Past its expiry but not dropped yet: a subscribe's read keeps it
+        // another ttl, the epoch it answers stays the stream's.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let kept = engine.history("a", subscribe_read(0)).await.unwrap();
+        assert_eq!(kept.position.epoch, epoch);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        engine.maintain();
+        assert_eq!(engine.stats().streams, 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        engine.maintain();
+        assert_eq!(engine.stats(), EngineStats::default());
+        let r = engine.history("a", subscribe_read(0)).await.unwrap();
+        assert_ne!(r.position.epoch, epoch, "started anew");
+        assert!(!r.recovers(&at(0, &epoch)));
     }
 
     #[tokio::test]

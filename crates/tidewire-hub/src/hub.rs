@@ -590,7 +590,8 @@ pub struct HistoryReply {
     pub publications: Vec<Arc<Publication>>,
     /// The stream's current offset.
     pub offset: u64,
-    /// The stream's epoch.
+    /// The stream's epoch: `""` when the channel has no stream (no
+    /// publication and no subscriber yet, or it expired).
     pub epoch: Arc<str>,
 }
 
@@ -768,6 +769,10 @@ impl Node {
                     since: request.since.as_ref().map(|p| p.offset),
                     limit: request.limit.unwrap_or(max).min(max),
                     reverse: request.reverse,
+                    // Reads leave nothing behind: a client's subscribe
+                    // started the stream already; an API read of a channel
+                    // without one gets {0, ""}.
+                    start_stream: false,
                     options: history_options(options),
                 },
             )
@@ -1237,8 +1242,8 @@ impl Session {
     }
 
     /// Subscribes to a channel with history: park, read the position (and
-    /// what was missed), reply, then go live. Returns whether the channel
-    /// is new on this node.
+    /// what was missed), starting the stream if there is none, reply, then
+    /// go live. Returns whether the channel is new on this node.
     async fn subscribe_positioned(
         &self,
         id: u64,
@@ -1260,6 +1265,10 @@ impl Session {
                 0
             },
             reverse: false,
+            // The reply's epoch is the one of the publications that follow
+            // (pushes carry none): it must be the stream's, even before the
+            // first publication.
+            start_stream: true,
             options: history_options(options),
         };
         let result = match node.engine.history(channel, query).await {

@@ -95,20 +95,22 @@ async fn publications_reach_every_subscriber_once_with_offsets() {
     let (mut b, _) = Client::connect(&server, None).await;
     let sub = a.ok("subscribe", json!({"channel": "chat:lobby"})).await;
     assert_eq!(sub["recoverable"], true);
-    assert_eq!(
-        (sub["offset"].clone(), sub["epoch"].clone()),
-        (json!(0), json!(""))
-    );
-    b.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    // Before the first publication: offset 0 of a real epoch, the one of
+    // the publications that follow.
+    let (offset, epoch) = position(&sub);
+    assert_eq!((offset, epoch.len()), (0, 12));
+    let sub = b.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    assert_eq!(position(&sub), (0, epoch.clone()));
     let ack = a
         .ok(
             "publish",
             json!({"channel": "chat:lobby", "data": {"text": "hi"}}),
         )
         .await;
-    assert_eq!(ack["offset"], 1);
-    let epoch = ack["epoch"].as_str().unwrap().to_string();
-    assert_eq!(epoch.len(), 12);
+    assert_eq!(
+        (ack["offset"].clone(), ack["epoch"].clone()),
+        (json!(1), json!(epoch))
+    );
     for client in [&mut a, &mut b] {
         let p = client.publication("chat:lobby").await;
         assert_eq!(p["data"], json!({"text": "hi"}));
@@ -300,7 +302,8 @@ fn position(reply: &serde_json::Value) -> (u64, String) {
 async fn recovery_after_a_reconnect_returns_exactly_the_missed_publications_in_order() {
     let server = start(config()).await;
     let (mut c, _) = Client::connect(&server, None).await;
-    c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    let sub = c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    let mut last = position(&sub);
     for i in 1..=2 {
         api(
             &server,
@@ -309,16 +312,10 @@ async fn recovery_after_a_reconnect_returns_exactly_the_missed_publications_in_o
         )
         .await;
     }
-    let mut last = (0, String::new());
     for _ in 1..=2 {
         let p = c.publication("chat:lobby").await;
         last.0 = p["offset"].as_u64().unwrap();
     }
-    let (_, epoch) = position(
-        &c.ok("history", json!({"channel": "chat:lobby", "limit": 0}))
-            .await,
-    );
-    last.1 = epoch;
     assert_eq!(last.0, 2);
     c.close().await;
     // Missed while away.
@@ -369,6 +366,138 @@ async fn recovery_after_a_reconnect_returns_exactly_the_missed_publications_in_o
         .await;
     assert_eq!(reply["recovered"], true);
     assert!(reply.get("publications").is_none());
+}
+
+/// Publishes `{"n": i}` for each `i` through the HTTP API.
+async fn publish_numbered(server: &TestServer, channel: &str, ns: std::ops::RangeInclusive<u64>) {
+    for n in ns {
+        let (status, _) = api(
+            server,
+            "publish",
+            json!({"channel": channel, "data": {"n": n}}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+}
+
+/// The offsets and `n`s of a subscribe reply's recovered publications.
+fn recovered(reply: &serde_json::Value) -> Vec<(u64, u64)> {
+    reply["publications"]
+        .as_array()
+        .map(|pubs| {
+            pubs.iter()
+                .map(|p| {
+                    (
+                        p["offset"].as_u64().unwrap(),
+                        p["data"]["n"].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn subscribed_before_the_first_publication_the_position_recovers_when_up_to_date() {
+    let server = start(config()).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    let sub = c.ok("subscribe", json!({"channel": "fresh:a"})).await;
+    let (offset, epoch) = position(&sub);
+    assert_eq!((offset, epoch.len()), (0, 12), "offset 0 of a real epoch");
+    publish_numbered(&server, "fresh:a", 1..=3).await;
+    for n in 1..=3 {
+        let p = c.publication("fresh:a").await;
+        assert_eq!(
+            (p["offset"].as_u64(), p["data"]["n"].as_u64()),
+            (Some(n), Some(n))
+        );
+    }
+    c.close().await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "fresh:a", "recover": true, "offset": 3, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], true);
+    assert_eq!(recovered(&reply), [], "nothing was missed");
+    assert_eq!(position(&reply), (3, epoch));
+}
+
+#[tokio::test]
+async fn subscribed_before_the_first_publication_offset_0_recovers_everything_missed() {
+    let server = start(config()).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    let (_, epoch) = position(&c.ok("subscribe", json!({"channel": "fresh:b"})).await);
+    c.close().await;
+    // Once the subscriber left, its stream is kept (the namespace's TTL).
+    eventually("the subscriber gone", || server.hub.counts().channels == 0).await;
+    assert_eq!(server.hub.engine_stats().streams, 1);
+    publish_numbered(&server, "fresh:b", 1..=2).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "fresh:b", "recover": true, "offset": 0, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], true);
+    assert_eq!(
+        recovered(&reply),
+        [(1, 1), (2, 2)],
+        "exactly what was missed, in order"
+    );
+    assert_eq!(position(&reply), (2, epoch));
+    publish_numbered(&server, "fresh:b", 3..=3).await;
+    assert_eq!(c.publication("fresh:b").await["offset"], 3);
+}
+
+#[tokio::test]
+async fn a_position_from_before_a_restart_or_without_epoch_never_recovers() {
+    let server = start(config()).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    let (_, epoch) = position(&c.ok("subscribe", json!({"channel": "fresh:c"})).await);
+    let (_, epoch_d) = position(&c.ok("subscribe", json!({"channel": "fresh:d"})).await);
+    c.close().await;
+    // The server restarts: a new hub with a new in-memory engine, which
+    // has publications the client never saw.
+    server.shutdown.cancel();
+    let restarted = start(config()).await;
+    publish_numbered(&restarted, "fresh:c", 1..=2).await;
+    let (mut c, _) = Client::connect(&restarted, None).await;
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "fresh:c", "recover": true, "offset": 0, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], false);
+    assert_eq!(recovered(&reply), []);
+    let (offset, new_epoch) = position(&reply);
+    assert_eq!(offset, 2);
+    assert_ne!(new_epoch, epoch);
+    // Nothing published since the restart: another stream all the same.
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "fresh:d", "recover": true, "offset": 0, "epoch": epoch_d}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], false);
+    let (offset, new_epoch) = position(&reply);
+    assert_eq!(offset, 0);
+    assert_ne!(new_epoch, epoch_d);
+    // An empty epoch names no stream: never recovered, even from offset 0.
+    let reply = c
+        .ok(
+            "subscribe",
+            json!({"channel": "fresh:e", "recover": true, "offset": 0, "epoch": ""}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], false);
+    assert_ne!(position(&reply).1, "");
 }
 
 #[tokio::test]
@@ -487,7 +616,19 @@ async fn without_history_publications_have_no_offset_and_recovery_is_off() {
 
 #[tokio::test]
 async fn ten_thousand_subscribe_unsubscribe_cycles_leave_nothing_behind() {
-    let server = start(config()).await;
+    // Every subscribe starts its channel's stream, forgotten the history
+    // TTL after the last unsubscribe: a short one, to see them all go.
+    let mut cfg = config();
+    for ns in ["churn", "fresh"] {
+        cfg.namespaces.insert(
+            ns.into(),
+            ChannelOptions {
+                history_ttl: Duration::from_secs(1),
+                ..ChannelOptions::default()
+            },
+        );
+    }
+    let server = start(cfg).await;
     let mut clients = Vec::new();
     for user in 0..10 {
         let t = token(&format!("churn-{user}"), 600, &[]);
@@ -559,6 +700,7 @@ async fn ten_thousand_subscribe_unsubscribe_cycles_leave_nothing_behind() {
     for c in clients {
         c.close().await;
     }
+    // The streams go last, a second after their last unsubscribe.
     eventually("every entry gone", || {
         let c = hub.counts();
         c == tidewire_hub::HubCounts::default()
