@@ -187,7 +187,9 @@ async fn websocket(
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     let hub = app.hub.clone();
-    let shutdown = app.shutdown.child_token();
+    // The server's token itself, not a child: a child is a tree node of its
+    // own per connection, and no connection is cancelled on its own.
+    let shutdown = app.shutdown.clone();
     let (response, upgrading) = upgrade
         .protocols([SUBPROTOCOL])
         .config(app.ws_config.clone())
