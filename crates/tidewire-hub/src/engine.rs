@@ -173,9 +173,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// This node has its first subscriber to `channel` (a broker engine
     /// subscribes to the channel's topic).
+    ///
+    /// The calls for one channel can overlap: when its last subscriber
+    /// leaves while another client subscribes, the new `subscribe` may
+    /// arrive before the old `unsubscribe`. An engine therefore counts
+    /// them and stays subscribed while subscribes outnumber unsubscribes;
+    /// acting on the order of arrival would leave a node with subscribers
+    /// unsubscribed from the channel.
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>>;
 
-    /// This node has no subscriber left in `channel`.
+    /// This node has no subscriber left in `channel` (see
+    /// [`subscribe`](Engine::subscribe) for the counting).
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// Publishes: assigns the next offset when the channel keeps history,
@@ -307,7 +315,8 @@ pub struct MemoryEngine {
     events: OnceLock<Weak<dyn EngineEvents>>,
     streams: Shards<String, Arc<Mutex<Stream>>>,
     presence: Shards<String, HashMap<String, Arc<ClientInfo>>>,
-    subscribed: Shards<String, ()>,
+    /// Per channel: subscribes less unsubscribes (see `Engine::subscribe`).
+    subscribed: Shards<String, usize>,
 }
 
 impl MemoryEngine {
@@ -423,12 +432,24 @@ impl Engine for MemoryEngine {
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.subscribed.lock(channel).insert(channel.to_owned(), ());
+        *self
+            .subscribed
+            .lock(channel)
+            .entry(channel.to_owned())
+            .or_default() += 1;
         Box::pin(async { Ok(()) })
     }
 
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.subscribed.lock(channel).remove(channel);
+        {
+            let mut subscribed = self.subscribed.lock(channel);
+            if let Some(count) = subscribed.get_mut(channel) {
+                *count -= 1;
+                if *count == 0 {
+                    subscribed.remove(channel);
+                }
+            }
+        }
         if let Some(stream) = self.streams.lock(channel).get(channel) {
             // The stream's TTL counts from the last subscriber leaving too.
             let mut stream = lock(stream);
@@ -863,6 +884,26 @@ mod tests {
         engine.subscribe("a").await.unwrap();
         engine.publish("a", publication("1"), KEEP).await.unwrap();
         tokio::time::advance(Duration::from_secs(120)).await;
+        engine.maintain();
+        assert_eq!(engine.stats().streams, 1);
+        engine.unsubscribe("a").await.unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        engine.maintain();
+        assert_eq!(engine.stats(), EngineStats::default());
+    }
+
+    /// One client leaves a channel as another joins it: the node's
+    /// subscribe can come before the unsubscribe of the previous subscriber.
+    /// The node still has a subscriber, so the stream stays.
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_subscribe_and_unsubscribe_are_counted() {
+        let engine = MemoryEngine::new();
+        engine.subscribe("a").await.unwrap();
+        engine.publish("a", publication("1"), KEEP).await.unwrap();
+        engine.subscribe("a").await.unwrap();
+        engine.unsubscribe("a").await.unwrap();
+        assert_eq!(engine.stats().subscribed_channels, 1);
+        tokio::time::advance(Duration::from_secs(600)).await;
         engine.maintain();
         assert_eq!(engine.stats().streams, 1);
         engine.unsubscribe("a").await.unwrap();
