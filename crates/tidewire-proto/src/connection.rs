@@ -24,6 +24,9 @@ use crate::frame::{FrameHeader, OpCode};
 use crate::mask::apply_mask;
 use crate::utf8::{Utf8Text, Utf8Validator};
 
+/// The capacity an empty output buffer starts with.
+const OUTPUT_START: usize = 16 * 1024;
+
 /// Which end of the connection this is: it decides the masking direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -107,6 +110,31 @@ struct IncomingMessage {
     utf8: Utf8Validator,
 }
 
+/// What a connection holds only while bytes are in flight, boxed in
+/// [`Connection`]: an idle connection pays a pointer for it, not its
+/// 176 bytes (idle connections are counted in thousands).
+#[derive(Debug, Default)]
+struct InFlight {
+    input: BytesMut,
+    /// Output written before `output`: sealed parts of it and large
+    /// payloads queued by reference (see `send_binary_bytes`).
+    output_chunks: VecDeque<Bytes>,
+    /// The output being appended to.
+    output: BytesMut,
+    frame: Option<IncomingFrame>,
+    message: Option<IncomingMessage>,
+}
+
+impl InFlight {
+    fn is_idle(&self) -> bool {
+        self.input.is_empty()
+            && self.output.is_empty()
+            && self.output_chunks.is_empty()
+            && self.frame.is_none()
+            && self.message.is_none()
+    }
+}
+
 #[derive(Debug)]
 struct Compression {
     threshold: usize,
@@ -121,14 +149,9 @@ pub struct Connection {
     role: Role,
     config: Config,
     state: State,
-    input: BytesMut,
-    /// Output written before `output`: sealed parts of it and large
-    /// payloads queued by reference (see `send_binary_bytes`).
-    output_chunks: VecDeque<Bytes>,
-    /// The output being appended to.
-    output: BytesMut,
-    frame: Option<IncomingFrame>,
-    message: Option<IncomingMessage>,
+    /// Made when bytes come in or go out; given back by
+    /// `release_idle_buffers` once all of it is empty.
+    flight: Option<Box<InFlight>>,
     /// Whether a fragmented message is being sent, and whether it is text.
     sending_fragmented: bool,
     /// Boxed: a connection without permessage-deflate pays 8 bytes for it,
@@ -170,11 +193,7 @@ impl Connection {
             role,
             config,
             state: State::Open,
-            input: BytesMut::new(),
-            output_chunks: VecDeque::new(),
-            output: BytesMut::new(),
-            frame: None,
-            message: None,
+            flight: None,
             sending_fragmented: false,
             compression,
             deflate_params: deflate,
@@ -224,13 +243,23 @@ impl Connection {
     /// The buffer network bytes are read into. Call
     /// [`next_event`](Self::next_event) after adding to it.
     pub fn input_buffer(&mut self) -> &mut BytesMut {
-        &mut self.input
+        &mut self.flight().input
+    }
+
+    /// Bytes received and not parsed yet.
+    pub fn input_len(&self) -> usize {
+        self.flight.as_ref().map_or(0, |f| f.input.len())
+    }
+
+    /// The in-flight state, made on first use.
+    fn flight(&mut self) -> &mut InFlight {
+        self.flight.get_or_insert_with(Box::default)
     }
 
     /// Appends bytes received from the network.
     pub fn receive_data(&mut self, data: &[u8]) {
-        if !self.receiving_done() {
-            self.input.extend_from_slice(data);
+        if !self.receiving_done() && !data.is_empty() {
+            self.flight().input.extend_from_slice(data);
         }
     }
 
@@ -241,10 +270,11 @@ impl Connection {
         if self.receiving_done() {
             return;
         }
-        if self.input.is_empty() {
-            self.input = data;
+        let input = &mut self.flight().input;
+        if input.is_empty() {
+            *input = data;
         } else {
-            self.input.extend_from_slice(&data);
+            input.extend_from_slice(&data);
         }
     }
 
@@ -258,33 +288,44 @@ impl Connection {
     /// allocator, so an idle connection holds none (call it before waiting
     /// for input). Received messages keep their own bytes.
     pub fn release_idle_buffers(&mut self) {
-        if self.input.is_empty() && self.input.capacity() > 0 {
-            self.input = BytesMut::new();
+        let Some(f) = self.flight.as_deref_mut() else {
+            return;
+        };
+        if f.is_idle() && f.output_chunks.capacity() <= 16 {
+            self.flight = None;
+            return;
         }
-        if self.output.is_empty() && self.output.capacity() > 0 {
-            self.output = BytesMut::new();
+        if f.input.is_empty() && f.input.capacity() > 0 {
+            f.input = BytesMut::new();
         }
-        if self.output_chunks.is_empty()
-            && self.output_chunks.capacity() > 0
-            && self.output_chunks.capacity() <= 16
+        if f.output.is_empty() && f.output.capacity() > 0 {
+            f.output = BytesMut::new();
+        }
+        if f.output_chunks.is_empty()
+            && f.output_chunks.capacity() > 0
+            && f.output_chunks.capacity() <= 16
         {
-            self.output_chunks = VecDeque::new();
+            f.output_chunks = VecDeque::new();
         }
     }
 
     /// How many more bytes the frame being received needs (a hint for read
     /// buffer sizing; 0 when no frame is in progress).
     pub fn bytes_wanted(&self) -> usize {
-        self.frame
-            .map(|f| (f.header.payload_len as usize).saturating_sub(self.input.len()))
-            .unwrap_or(0)
+        self.flight.as_ref().map_or(0, |f| {
+            f.frame.map_or(0, |frame| {
+                (frame.header.payload_len as usize).saturating_sub(f.input.len())
+            })
+        })
     }
 
     /// The transport ended (EOF). The connection is closed; if no close frame
     /// was received, the close was abnormal (1006).
     pub fn receive_eof(&mut self) {
         self.state = State::Closed;
-        self.input.clear();
+        if let Some(f) = self.flight.as_deref_mut() {
+            f.input.clear();
+        }
     }
 
     /// Parses the next event from the buffered input. `Ok(None)`: more bytes
@@ -293,7 +334,12 @@ impl Connection {
     /// state becomes [`State::Closed`] and the error is returned once.
     pub fn next_event(&mut self) -> Result<Option<Event>, ProtocolError> {
         if self.receiving_done() {
-            self.input.clear();
+            if let Some(f) = self.flight.as_deref_mut() {
+                f.input.clear();
+            }
+            return Ok(None);
+        }
+        if self.flight.is_none() {
             return Ok(None);
         }
         match self.parse() {
@@ -307,14 +353,14 @@ impl Connection {
 
     fn parse(&mut self) -> Result<Option<Event>, ProtocolError> {
         loop {
-            let mut frame = match self.frame {
+            let mut frame = match self.flight().frame {
                 Some(frame) => frame,
                 None => {
-                    let Some((header, len)) = FrameHeader::decode(&self.input)? else {
+                    let Some((header, len)) = FrameHeader::decode(&self.flight().input)? else {
                         return Ok(None);
                     };
                     let validate = self.check_header(&header)?;
-                    self.input.advance(len);
+                    self.flight().input.advance(len);
                     IncomingFrame {
                         header,
                         ready: 0,
@@ -323,17 +369,15 @@ impl Connection {
                 }
             };
             let len = frame.header.payload_len as usize;
-            let available = self.input.len().min(len);
+            let f = self.flight();
+            let available = f.input.len().min(len);
             if available > frame.ready {
-                let fresh = &mut self.input[frame.ready..available];
+                let fresh = &mut f.input[frame.ready..available];
                 if let Some(key) = frame.header.mask {
                     apply_mask(fresh, key, frame.ready);
                 }
                 if frame.validate {
-                    let message = self
-                        .message
-                        .as_mut()
-                        .expect("text frame belongs to a message");
+                    let message = f.message.as_mut().expect("text frame belongs to a message");
                     message
                         .utf8
                         .feed(fresh)
@@ -342,11 +386,11 @@ impl Connection {
                 frame.ready = available;
             }
             if available < len {
-                self.frame = Some(frame);
+                f.frame = Some(frame);
                 return Ok(None);
             }
-            self.frame = None;
-            let payload = self.input.split_to(len);
+            f.frame = None;
+            let payload = f.input.split_to(len);
             if let Some(event) = self.complete_frame(frame.header, payload)? {
                 return Ok(Some(event));
             }
@@ -386,7 +430,7 @@ impl Connection {
         }
         let len = h.payload_len as usize;
         let limit = self.config.max_message_size;
-        match (h.opcode, &mut self.message) {
+        match (h.opcode, &mut self.flight().message) {
             (OpCode::Continuation, None) => Err(ProtocolError::UnexpectedContinuation),
             (OpCode::Continuation, Some(m)) => {
                 m.size = m.size.saturating_add(len);
@@ -401,7 +445,7 @@ impl Connection {
                     return Err(ProtocolError::MessageTooBig { limit });
                 }
                 let text = opcode == OpCode::Text;
-                self.message = Some(IncomingMessage {
+                self.flight().message = Some(IncomingMessage {
                     text,
                     compressed: h.rsv1,
                     buf: Vec::new(),
@@ -435,7 +479,7 @@ impl Connection {
                     self.queue_close(reply.as_ref());
                 }
                 self.state = State::Closed;
-                self.input.clear();
+                self.flight().input.clear();
                 Ok(Some(Event::Close(frame)))
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
@@ -450,7 +494,8 @@ impl Connection {
         payload: BytesMut,
     ) -> Result<Option<Event>, ProtocolError> {
         let limit = self.config.max_message_size;
-        let message = self.message.as_mut().expect("checked in check_header");
+        let f = self.flight.as_deref_mut().expect("a frame is in flight");
+        let message = f.message.as_mut().expect("checked in check_header");
         if message.compressed {
             let compression = self.compression.as_mut().expect("rsv1 only with deflate");
             let start = message.buf.len();
@@ -470,7 +515,7 @@ impl Connection {
             }
         } else if h.fin && message.buf.is_empty() {
             // The whole message is this frame: hand out the read buffer's bytes.
-            let message = self.message.take().expect("present");
+            let message = f.message.take().expect("present");
             return Ok(Some(finish_message(message, payload.freeze())?));
         } else {
             message.buf.extend_from_slice(&payload);
@@ -478,7 +523,7 @@ impl Connection {
         if !h.fin {
             return Ok(None);
         }
-        let mut message = self.message.take().expect("present");
+        let mut message = f.message.take().expect("present");
         let data = Bytes::from(std::mem::take(&mut message.buf));
         Ok(Some(finish_message(message, data)?))
     }
@@ -497,9 +542,11 @@ impl Connection {
         }
         self.failure = Some(Box::new(err));
         self.state = State::Closed;
-        self.input = BytesMut::new();
-        self.frame = None;
-        self.message = None;
+        if let Some(f) = self.flight.as_deref_mut() {
+            f.input = BytesMut::new();
+            f.frame = None;
+            f.message = None;
+        }
     }
 
     // ---- sending ---------------------------------------------------------
@@ -511,17 +558,23 @@ impl Connection {
     /// [`consume_output`]: Connection::consume_output
     /// [`pending_output_slices`]: Connection::pending_output_slices
     pub fn pending_output(&self) -> &[u8] {
-        match self.output_chunks.front() {
+        let Some(f) = self.flight.as_deref() else {
+            return &[];
+        };
+        match f.output_chunks.front() {
             Some(chunk) => chunk,
-            None => &self.output,
+            None => &f.output,
         }
     }
 
     /// Fills `slices` with the pending output, in order, for a vectored
     /// write; returns how many were filled.
     pub fn pending_output_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
-        let chunks = self.output_chunks.iter().map(|c| &c[..]);
-        let all = chunks.chain(std::iter::once(&self.output[..]));
+        let Some(f) = self.flight.as_deref() else {
+            return 0;
+        };
+        let chunks = f.output_chunks.iter().map(|c| &c[..]);
+        let all = chunks.chain(std::iter::once(&f.output[..]));
         let mut n = 0;
         for (slot, chunk) in slices.iter_mut().zip(all.filter(|c| !c.is_empty())) {
             *slot = IoSlice::new(chunk);
@@ -532,14 +585,19 @@ impl Connection {
 
     /// How many bytes are waiting to be written.
     pub fn pending_output_len(&self) -> usize {
-        self.output_chunks.iter().map(Bytes::len).sum::<usize>() + self.output.len()
+        self.flight.as_deref().map_or(0, |f| {
+            f.output_chunks.iter().map(Bytes::len).sum::<usize>() + f.output.len()
+        })
     }
 
     /// Marks the first `n` pending bytes as written (they may span chunks).
     pub fn consume_output(&mut self, mut n: usize) {
+        let Some(f) = self.flight.as_deref_mut() else {
+            return;
+        };
         while n > 0 {
-            let Some(chunk) = self.output_chunks.front_mut() else {
-                self.output.advance(n);
+            let Some(chunk) = f.output_chunks.front_mut() else {
+                f.output.advance(n);
                 return;
             };
             if n < chunk.len() {
@@ -547,26 +605,32 @@ impl Connection {
                 return;
             }
             n -= chunk.len();
-            self.output_chunks.pop_front();
+            f.output_chunks.pop_front();
         }
     }
 
     /// Takes all pending output at once.
     pub fn take_output(&mut self) -> BytesMut {
-        if self.output_chunks.is_empty() {
-            return self.output.split();
+        let len = self.pending_output_len();
+        let Some(f) = self.flight.as_deref_mut() else {
+            return BytesMut::new();
+        };
+        if f.output_chunks.is_empty() {
+            return f.output.split();
         }
-        let mut all = BytesMut::with_capacity(self.pending_output_len());
-        for chunk in self.output_chunks.drain(..) {
+        let mut all = BytesMut::with_capacity(len);
+        for chunk in f.output_chunks.drain(..) {
             all.extend_from_slice(&chunk);
         }
-        all.extend_from_slice(&self.output.split());
+        all.extend_from_slice(&f.output.split());
         all
     }
 
     /// Whether anything is waiting to be written.
     pub fn has_pending_output(&self) -> bool {
-        !self.output_chunks.is_empty() || !self.output.is_empty()
+        self.flight
+            .as_deref()
+            .is_some_and(|f| !f.output_chunks.is_empty() || !f.output.is_empty())
     }
 
     fn check_can_send(&self) -> Result<(), UsageError> {
@@ -628,11 +692,13 @@ impl Connection {
             mask: None,
             payload_len: data.len() as u64,
         }
-        .encode(&mut self.output);
+        .encode(&mut self.flight().output);
         // Seal what is buffered (the header included); the rest of the
         // buffer's capacity stays for what follows.
-        self.output_chunks.push_back(self.output.split().freeze());
-        self.output_chunks.push_back(data);
+        let f = self.flight();
+        let sealed = f.output.split().freeze();
+        f.output_chunks.push_back(sealed);
+        f.output_chunks.push_back(data);
         Ok(())
     }
 
@@ -757,12 +823,21 @@ impl Connection {
             mask,
             payload_len: payload.len() as u64,
         };
-        self.output.reserve(header.encoded_len() + payload.len());
-        header.encode(&mut self.output);
-        let start = self.output.len();
-        self.output.extend_from_slice(payload);
+        let output = &mut self.flight().output;
+        let needed = header.encoded_len() + payload.len();
+        if output.capacity() == 0 {
+            // The output is given back whenever it is written out (an idle
+            // connection holds none): start a burst with room for several
+            // frames rather than growing (and copying) it frame by frame.
+            output.reserve(needed.max(OUTPUT_START));
+        } else {
+            output.reserve(needed);
+        }
+        header.encode(output);
+        let start = output.len();
+        output.extend_from_slice(payload);
         if let Some(key) = mask {
-            apply_mask(&mut self.output[start..], key, 0);
+            apply_mask(&mut output[start..], key, 0);
         }
     }
 }

@@ -146,6 +146,41 @@ fn rfc6455_5_2_frames_delivered_one_byte_at_a_time() {
     assert_eq!(s.pending_output(), b"\x8a\x02hi");
 }
 
+/// The I/O layer gives back the in-flight state (buffers, the frame and
+/// message being assembled) before every read when it is all empty; a
+/// frame split across reads, a fragmented message and pending output must
+/// survive that.
+#[test]
+fn releasing_idle_state_between_reads_loses_nothing() {
+    let mut input = Vec::new();
+    input.extend(masked(0x01, "κό".as_bytes()));
+    input.extend(masked(0x89, b"hi"));
+    input.extend(masked(0x80, "σμε".as_bytes()));
+    input.extend(masked(0x82, &[7u8; 300]));
+    let mut s = server();
+    let mut events = Vec::new();
+    for b in &input {
+        s.release_idle_buffers();
+        events.extend(feed(&mut s, std::slice::from_ref(b)));
+    }
+    s.release_idle_buffers();
+    assert_eq!(
+        events,
+        [
+            Ok(Event::Ping(Bytes::from_static(b"hi"))),
+            text("κόσμε"),
+            binary(&[7u8; 300]),
+        ]
+    );
+    assert_eq!(s.pending_output(), b"\x8a\x02hi");
+    s.consume_output(4);
+    s.release_idle_buffers();
+    assert!(!s.has_pending_output());
+    assert_eq!((s.input_len(), s.bytes_wanted()), (0, 0));
+    // Idle again: the next message is parsed as usual.
+    assert_eq!(feed(&mut s, &masked(0x81, b"again")), [text("again")]);
+}
+
 // ---- §5.4: fragmentation ---------------------------------------------------
 
 #[test]

@@ -228,11 +228,11 @@ pub(crate) struct Inner<S> {
     deadline: Option<Pin<Box<Sleep>>>,
     write_wakers: [Option<Waker>; 2],
     protocol: Option<Box<str>>,
-    /// Created by the first [`Sender`] handle.
+    /// Created by the first [`Sender`] handle (or by `split`: a Sender
+    /// made from the writer half must be able to wake a reader already
+    /// waiting for input; an unsplit WebSocket cannot make one while it
+    /// waits, as `recv` borrows it).
     outbox: OnceLock<Arc<Outbox>>,
-    /// The task waiting for input while there is no outbox yet: a Sender
-    /// created meanwhile (from the other half of a split) must wake it.
-    parked_driver: Option<Waker>,
     keepalive: Option<Box<Keepalive>>,
     idle: Option<Box<IdleTimeout>>,
     /// A data message arrived since the idle timeout's `last_data` was set.
@@ -388,7 +388,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             {
                 let mut st = outbox.lock();
                 st.output = self.published_output;
-                st.driver = self.parked_driver.clone();
             }
             if !matches!(self.read_state, ReadState::Open) {
                 outbox.shut();
@@ -514,9 +513,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             scratch.clear();
             // A partial frame already buffered (always short here) goes in
             // front, so that a large read can be handed over whole.
-            let leftover = self.conn.input_buffer().len();
+            // (Read without `input_buffer`, which would make the in-flight
+            // state that `release_idle_buffers` just gave back.)
+            let leftover = self.conn.input_len();
             scratch.reserve(leftover + self.options.read_chunk);
-            scratch.extend_from_slice(self.conn.input_buffer());
+            if leftover > 0 {
+                scratch.extend_from_slice(self.conn.input_buffer());
+            }
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.io),
                 cx,
@@ -525,7 +528,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             if n >= HAND_OVER_MIN {
                 // A large read: the connection takes the bytes without a
                 // copy (the thread's buffer gets a new allocation).
-                self.conn.input_buffer().clear();
+                if leftover > 0 {
+                    self.conn.input_buffer().clear();
+                }
                 self.conn.receive_buffer(scratch.split());
             } else {
                 self.conn.receive_data(&scratch[leftover..]);
@@ -587,21 +592,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                     }
                     // About to wait for input: write what is pending first,
                     // and let Senders wake this task.
-                    match self.outbox.get() {
-                        Some(outbox) => {
-                            let mut st = outbox.lock();
-                            if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                                st.driver = Some(cx.waker().clone());
-                            }
-                        }
-                        None => {
-                            if !self
-                                .parked_driver
-                                .as_ref()
-                                .is_some_and(|w| w.will_wake(cx.waker()))
-                            {
-                                self.parked_driver = Some(cx.waker().clone());
-                            }
+                    if let Some(outbox) = self.outbox.get() {
+                        let mut st = outbox.lock();
+                        if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            st.driver = Some(cx.waker().clone());
                         }
                     }
                     if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
@@ -815,7 +809,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 io,
                 conn,
                 outbox: OnceLock::new(),
-                parked_driver: None,
                 options,
                 read_state: ReadState::Open,
                 deadline: None,
@@ -984,6 +977,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Splits into a reader and a writer usable from separate tasks. The
     /// reader still answers pings and closes by itself.
     pub fn split(self) -> (WebSocketReader<S>, WebSocketWriter<S>) {
+        // The halves may wait in different tasks: the queue must exist
+        // before the reader waits (see `Inner::outbox`).
+        self.inner.outbox();
         let shared = Arc::new(Mutex::new(self.inner));
         (
             WebSocketReader {
