@@ -825,10 +825,12 @@ impl Connection {
         };
         let output = &mut self.flight().output;
         let needed = header.encoded_len() + payload.len();
-        if output.capacity() == 0 {
+        if output.capacity() == 0 && !opcode.is_control() {
             // The output is given back whenever it is written out (an idle
-            // connection holds none): start a burst with room for several
-            // frames rather than growing (and copying) it frame by frame.
+            // connection holds none): start a burst of messages with room
+            // for several rather than growing (and copying) it frame by
+            // frame. Not for control frames: a close or a ping sent to
+            // thousands of idle connections at once must stay small.
             output.reserve(needed.max(OUTPUT_START));
         } else {
             output.reserve(needed);
