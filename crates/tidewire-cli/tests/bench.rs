@@ -2,27 +2,8 @@
 
 mod common;
 
-use common::{start_echo, LIMIT};
+use common::{run_bench, start_echo};
 use tokio::process::Command;
-
-async fn bench(args: &[&str]) -> serde_json::Value {
-    let output = tokio::time::timeout(
-        LIMIT,
-        Command::new(env!("CARGO_BIN_EXE_tidewire"))
-            .arg("bench")
-            .args(args)
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
 
 #[tokio::test]
 async fn echo_mode_checks_every_echo_and_reports_latency() {
@@ -42,7 +23,7 @@ async fn echo_mode_checks_every_echo_and_reports_latency() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let report = bench(&args).await;
+        let report = run_bench(&args).await;
         assert_eq!(report["connected"], 4, "{report}");
         assert!(report["messages"].as_u64().unwrap() > 100, "{report}");
         assert_eq!(report["errors"].as_object().unwrap().len(), 0, "{report}");
@@ -55,7 +36,7 @@ async fn echo_mode_checks_every_echo_and_reports_latency() {
 #[tokio::test]
 async fn rate_limits_the_load() {
     let (_server, addr) = start_echo(&[]).await;
-    let report = bench(&[
+    let report = run_bench(&[
         &format!("ws://{addr}/"),
         "-c",
         "2",
@@ -74,7 +55,7 @@ async fn rate_limits_the_load() {
 async fn idle_mode_holds_connections_from_several_sources_and_reads_server_memory() {
     let (server, addr) = start_echo(&[]).await;
     let pid = server.id().unwrap().to_string();
-    let report = bench(&[
+    let report = run_bench(&[
         &format!("ws://{addr}/"),
         "--idle",
         "-c",

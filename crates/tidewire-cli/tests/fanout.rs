@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::LIMIT;
+use common::{run_bench, LIMIT};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -37,25 +37,6 @@ async fn serve() -> (Child, String) {
     (child, addr)
 }
 
-async fn bench(args: &[&str]) -> serde_json::Value {
-    let output = tokio::time::timeout(
-        LIMIT,
-        Command::new(env!("CARGO_BIN_EXE_tidewire"))
-            .arg("bench")
-            .args(args)
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 fn assert_every_publication_arrived(report: &serde_json::Value, subscribers: u64) {
     assert_eq!(report["mode"], "fanout", "{report}");
     assert_eq!(report["connected"], subscribers, "{report}");
@@ -82,7 +63,7 @@ async fn fanout_through_a_publishing_client_reaches_every_subscriber() {
     let pid = server.id().unwrap().to_string();
     let url = format!("ws://{addr}/connection/websocket");
     // More subscribers than the hub wakes in one wave (128).
-    let report = bench(&[
+    let report = run_bench(&[
         &url,
         "--fanout",
         "-c",
@@ -109,7 +90,7 @@ async fn fanout_through_the_http_api_reaches_every_subscriber() {
     let (_server, addr) = serve().await;
     let url = format!("ws://{addr}/connection/websocket");
     let api = format!("http://{addr}/api");
-    let report = bench(&[
+    let report = run_bench(&[
         &url,
         "--fanout",
         "-c",
@@ -138,7 +119,7 @@ async fn rate_zero_holds_idle_subscriptions_and_reads_server_memory() {
     let (server, addr) = serve().await;
     let pid = server.id().unwrap().to_string();
     let url = format!("ws://{addr}/connection/websocket");
-    let report = bench(&[
+    let report = run_bench(&[
         &url,
         "--fanout",
         "-c",
@@ -166,7 +147,7 @@ async fn rate_zero_holds_idle_subscriptions_and_reads_server_memory() {
 #[tokio::test]
 async fn a_wrong_api_key_is_reported() {
     let (_server, addr) = serve().await;
-    let report = bench(&[
+    let report = run_bench(&[
         &format!("ws://{addr}/connection/websocket"),
         "--fanout",
         "-c",

@@ -865,9 +865,7 @@ mod tests {
         let r = engine.history("a", query(None, 10, false)).await.unwrap();
         assert_eq!(offsets(&r), [2]);
         let epoch = r.position.epoch.clone();
-        tokio::time::advance(Duration::from_secs(30)).await;
-        engine.maintain();
-        assert_eq!(engine.stats(), EngineStats::default());
+        assert_eq!(maintain_after(&engine, 30).await, EngineStats::default());
         // A new stream: new epoch, offsets from 1.
         let p = engine
             .publish("a", publication("3"), KEEP)
@@ -878,18 +876,22 @@ mod tests {
         assert_ne!(p.epoch, epoch);
     }
 
+    /// Lets `secs` pass (paused clock), runs the engine's upkeep and
+    /// returns what it holds then.
+    async fn maintain_after(engine: &MemoryEngine, secs: u64) -> EngineStats {
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        engine.maintain();
+        engine.stats()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_subscribed_stream_is_kept_past_its_ttl() {
         let engine = MemoryEngine::new();
         engine.subscribe("a").await.unwrap();
         engine.publish("a", publication("1"), KEEP).await.unwrap();
-        tokio::time::advance(Duration::from_secs(120)).await;
-        engine.maintain();
-        assert_eq!(engine.stats().streams, 1);
+        assert_eq!(maintain_after(&engine, 120).await.streams, 1);
         engine.unsubscribe("a").await.unwrap();
-        tokio::time::advance(Duration::from_secs(61)).await;
-        engine.maintain();
-        assert_eq!(engine.stats(), EngineStats::default());
+        assert_eq!(maintain_after(&engine, 61).await, EngineStats::default());
     }
 
     /// One client leaves a channel as another joins it: the node's
@@ -903,13 +905,9 @@ mod tests {
         engine.subscribe("a").await.unwrap();
         engine.unsubscribe("a").await.unwrap();
         assert_eq!(engine.stats().subscribed_channels, 1);
-        tokio::time::advance(Duration::from_secs(600)).await;
-        engine.maintain();
-        assert_eq!(engine.stats().streams, 1);
+        assert_eq!(maintain_after(&engine, 600).await.streams, 1);
         engine.unsubscribe("a").await.unwrap();
-        tokio::time::advance(Duration::from_secs(61)).await;
-        engine.maintain();
-        assert_eq!(engine.stats(), EngineStats::default());
+        assert_eq!(maintain_after(&engine, 61).await, EngineStats::default());
     }
 
     #[tokio::test(start_paused = true)]
@@ -918,12 +916,8 @@ mod tests {
         // Never subscribed (the subscribe failed after its read): forgotten
         // ttl after its start.
         engine.history("a", subscribe_read(0)).await.unwrap();
-        tokio::time::advance(Duration::from_secs(59)).await;
-        engine.maintain();
-        assert_eq!(engine.stats().streams, 1);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        engine.maintain();
-        assert_eq!(engine.stats(), EngineStats::default());
+        assert_eq!(maintain_after(&engine, 59).await.streams, 1);
+        assert_eq!(maintain_after(&engine, 2).await, EngineStats::default());
         // Subscribed: kept however long; forgotten ttl after the unsubscribe.
         let epoch = engine
             .history("a", subscribe_read(0))
@@ -932,24 +926,16 @@ mod tests {
             .position
             .epoch;
         engine.subscribe("a").await.unwrap();
-        tokio::time::advance(Duration::from_secs(600)).await;
-        engine.maintain();
-        assert_eq!(engine.stats().streams, 1);
+        assert_eq!(maintain_after(&engine, 600).await.streams, 1);
         engine.unsubscribe("a").await.unwrap();
-        tokio::time::advance(Duration::from_secs(59)).await;
-        engine.maintain();
-        assert_eq!(engine.stats().streams, 1);
+        assert_eq!(maintain_after(&engine, 59).await.streams, 1);
         // Past its expiry but not dropped yet: a subscribe's read keeps it
         // another ttl, the epoch it answers stays the stream's.
         tokio::time::advance(Duration::from_secs(2)).await;
         let kept = engine.history("a", subscribe_read(0)).await.unwrap();
         assert_eq!(kept.position.epoch, epoch);
-        tokio::time::advance(Duration::from_secs(59)).await;
-        engine.maintain();
-        assert_eq!(engine.stats().streams, 1);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        engine.maintain();
-        assert_eq!(engine.stats(), EngineStats::default());
+        assert_eq!(maintain_after(&engine, 59).await.streams, 1);
+        assert_eq!(maintain_after(&engine, 2).await, EngineStats::default());
         let r = engine.history("a", subscribe_read(0)).await.unwrap();
         assert_ne!(r.position.epoch, epoch, "started anew");
         assert!(!r.recovers(&at(0, &epoch)));

@@ -123,26 +123,31 @@ fn rfc6455_5_2_lengths_7_16_and_64_bit() {
     assert_eq!(events, [binary(b"abc")]);
 }
 
-#[test]
-fn rfc6455_5_2_frames_delivered_one_byte_at_a_time() {
+/// A fragmented text message with a ping between its fragments, then a
+/// binary message; and the events it gives.
+fn fragments_with_a_ping() -> (Vec<u8>, [Result<Event, ProtocolError>; 3]) {
     let mut input = Vec::new();
     input.extend(masked(0x01, "κό".as_bytes()));
     input.extend(masked(0x89, b"hi"));
     input.extend(masked(0x80, "σμε".as_bytes()));
     input.extend(masked(0x82, &[7u8; 300]));
+    let events = [
+        Ok(Event::Ping(Bytes::from_static(b"hi"))),
+        text("κόσμε"),
+        binary(&[7u8; 300]),
+    ];
+    (input, events)
+}
+
+#[test]
+fn rfc6455_5_2_frames_delivered_one_byte_at_a_time() {
+    let (input, expected) = fragments_with_a_ping();
     let mut s = server();
     let mut events = Vec::new();
     for b in &input {
         events.extend(feed(&mut s, std::slice::from_ref(b)));
     }
-    assert_eq!(
-        events,
-        [
-            Ok(Event::Ping(Bytes::from_static(b"hi"))),
-            text("κόσμε"),
-            binary(&[7u8; 300]),
-        ]
-    );
+    assert_eq!(events, expected);
     assert_eq!(s.pending_output(), b"\x8a\x02hi");
 }
 
@@ -152,11 +157,7 @@ fn rfc6455_5_2_frames_delivered_one_byte_at_a_time() {
 /// survive that.
 #[test]
 fn releasing_idle_state_between_reads_loses_nothing() {
-    let mut input = Vec::new();
-    input.extend(masked(0x01, "κό".as_bytes()));
-    input.extend(masked(0x89, b"hi"));
-    input.extend(masked(0x80, "σμε".as_bytes()));
-    input.extend(masked(0x82, &[7u8; 300]));
+    let (input, expected) = fragments_with_a_ping();
     let mut s = server();
     let mut events = Vec::new();
     for b in &input {
@@ -164,14 +165,7 @@ fn releasing_idle_state_between_reads_loses_nothing() {
         events.extend(feed(&mut s, std::slice::from_ref(b)));
     }
     s.release_idle_buffers();
-    assert_eq!(
-        events,
-        [
-            Ok(Event::Ping(Bytes::from_static(b"hi"))),
-            text("κόσμε"),
-            binary(&[7u8; 300]),
-        ]
-    );
+    assert_eq!(events, expected);
     assert_eq!(s.pending_output(), b"\x8a\x02hi");
     s.consume_output(4);
     s.release_idle_buffers();

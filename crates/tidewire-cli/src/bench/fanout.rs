@@ -43,18 +43,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use bytes::BytesMut;
 use clap::ValueEnum;
 use serde::Serialize;
 use tidewire::proto::frame::{FrameHeader, OpCode};
 use tidewire::proto::handshake::Target;
-use tidewire::proto::mask::apply_mask;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Semaphore;
 
+use super::wire::masked_frame;
 use super::{
-    connect_transport, cpu_seconds, cpu_seconds_of, human, new_histogram, open_raw, rss_kib,
-    BenchArgs, Latency, Stream,
+    connect_transport, cpu_seconds, cpu_seconds_of, human, new_histogram, open_raw, progress_bar,
+    rss_kib, wait_until_standing, BenchArgs, Latency, Stream,
 };
 
 /// The server's protocol, for `--fanout`.
@@ -180,26 +179,6 @@ fn stamp(message: &[u8]) -> Option<(u64, u64)> {
     Some((numbers[0], numbers[1]))
 }
 
-/// A masked client frame.
-fn client_frame(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
-    let key: [u8; 4] = rand::random();
-    let mut frame = BytesMut::with_capacity(payload.len() + 14);
-    FrameHeader {
-        fin: true,
-        rsv1: false,
-        rsv2: false,
-        rsv3: false,
-        opcode,
-        mask: Some(key),
-        payload_len: payload.len() as u64,
-    }
-    .encode(&mut frame);
-    let at = frame.len();
-    frame.extend_from_slice(payload);
-    apply_mask(&mut frame[at..], key, 0);
-    out.extend_from_slice(&frame);
-}
-
 /// Where a subscriber stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -255,7 +234,7 @@ impl Subscriber {
                 "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{}}}}}",
                 serde_json::to_string(channel).expect("a string")
             );
-            client_frame(OpCode::Text, join.as_bytes(), &mut s.out);
+            masked_frame(OpCode::Text, join.as_bytes(), &mut s.out);
         }
         s
     }
@@ -299,7 +278,7 @@ impl Subscriber {
             let payload = &data[at + len..end];
             at = end;
             match header.opcode {
-                OpCode::Ping => client_frame(OpCode::Pong, payload, &mut self.out),
+                OpCode::Ping => masked_frame(OpCode::Pong, payload, &mut self.out),
                 OpCode::Pong => {}
                 OpCode::Close => {
                     let code =
@@ -350,9 +329,9 @@ impl Subscriber {
             }
             Protocol::WsBroadcast => {}
             Protocol::Socketio => match (self.phase, message) {
-                (_, b"2") => client_frame(OpCode::Text, b"3", &mut self.out),
+                (_, b"2") => masked_frame(OpCode::Text, b"3", &mut self.out),
                 (Phase::Open, m) if m.starts_with(b"0") => {
-                    client_frame(OpCode::Text, b"40", &mut self.out);
+                    masked_frame(OpCode::Text, b"40", &mut self.out);
                     self.phase = Phase::Connect;
                 }
                 (Phase::Connect, m) if m.starts_with(b"40") => {
@@ -360,7 +339,7 @@ impl Subscriber {
                         "42[\"join\",{}]",
                         serde_json::to_string(&self.channel).expect("a string")
                     );
-                    client_frame(OpCode::Text, join.as_bytes(), &mut self.out);
+                    masked_frame(OpCode::Text, join.as_bytes(), &mut self.out);
                     self.phase = Phase::Joining;
                 }
                 (Phase::Connect, m) if m.starts_with(b"44") => {
@@ -524,7 +503,7 @@ async fn subscriber(setup: Arc<Setup>, source: IpAddr) -> anyhow::Result<Outcome
     if error.is_none() {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let mut close = Vec::new();
-            client_frame(OpCode::Close, &1000u16.to_be_bytes(), &mut close);
+            masked_frame(OpCode::Close, &1000u16.to_be_bytes(), &mut close);
             stream.write_all(&close).await?;
             stream.flush().await?;
             let mut buf = [0u8; 4096];
@@ -599,7 +578,7 @@ impl Publisher {
         match setup.protocol {
             Protocol::Tidewire => {
                 // Connect; the reply has id 1.
-                client_frame(OpCode::Text, b"{\"id\":1,\"connect\":{}}", &mut sub.out);
+                masked_frame(OpCode::Text, b"{\"id\":1,\"connect\":{}}", &mut sub.out);
                 stream.write_all(&std::mem::take(&mut sub.out)).await?;
                 let mut input = leftover;
                 let mut buf = vec![0u8; 16 * 1024];
@@ -676,7 +655,7 @@ impl Publisher {
                         serde_json::to_string(channel).expect("a string")
                     ),
                 };
-                client_frame(OpCode::Text, message.as_bytes(), &mut sub.out);
+                masked_frame(OpCode::Text, message.as_bytes(), &mut sub.out);
                 let out = std::mem::take(&mut sub.out);
                 stream.write_all(&out).await?;
                 Ok(())
@@ -911,50 +890,31 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         opening: Arc::new(Semaphore::new(256)),
         release: tidewire::CancellationToken::new(),
     });
-    let progress = (!args.quiet && !args.json).then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
-                .expect("template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    });
+    let progress = progress_bar(&args);
 
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.connections {
         let source = sources[i % sources.len()];
         tasks.spawn(subscriber(setup.clone(), source));
     }
-    // Wait until every subscriber stands or has failed.
-    let mut errors = BTreeMap::<String, u64>::new();
     let mut outcomes = Vec::new();
-    loop {
-        let ready = shared.ready.load(Ordering::Relaxed) as usize;
-        let failed: u64 = errors.values().sum();
-        if let Some(bar) = &progress {
-            bar.set_message(format!(
-                "subscribing: {ready}/{} subscribed, {failed} failed",
-                args.connections
-            ));
-        }
-        if ready + failed as usize >= args.connections {
-            break;
-        }
-        tokio::select! {
-            done = tasks.join_next() => match done {
-                Some(Ok(Err(e))) => *errors.entry(format!("subscribe: {e:#}")).or_default() += 1,
-                Some(Ok(Ok(outcome))) => {
-                    // Ended before the start: counted as an error.
-                    *errors.entry(outcome.error.clone().unwrap_or_else(|| "ended early".into())).or_default() += 1;
-                    outcomes.push(outcome);
-                }
-                Some(Err(e)) => *errors.entry(format!("task: {e}")).or_default() += 1,
-                None => break,
-            },
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
+    let mut errors = wait_until_standing(
+        &mut tasks,
+        &shared.ready,
+        args.connections,
+        progress.as_ref(),
+        ("subscribing", "subscribe", "subscribed"),
+        |outcome: Outcome| {
+            // Ended before the start: counted as an error.
+            let error = outcome
+                .error
+                .clone()
+                .unwrap_or_else(|| "ended early".into());
+            outcomes.push(outcome);
+            error
+        },
+    )
+    .await;
     let connected = shared.ready.load(Ordering::Relaxed) as usize;
 
     let mut publisher = if rate > 0.0 {
@@ -1053,13 +1013,6 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let q = |p: f64| {
-        if histogram.is_empty() {
-            0
-        } else {
-            histogram.value_at_quantile(p)
-        }
-    };
     let last_us = shared.last_delivery_us.load(Ordering::Relaxed);
     let delivery_seconds = match first_us {
         Some(first) if last_us > first => (last_us - first) as f64 / 1e6,
@@ -1089,17 +1042,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             0.0
         },
         delivery_seconds,
-        latency: Latency {
-            p50_us: q(0.5),
-            p90_us: q(0.9),
-            p99_us: q(0.99),
-            p999_us: q(0.999),
-            max_us: if histogram.is_empty() {
-                0
-            } else {
-                histogram.max()
-            },
-        },
+        latency: Latency::of(&histogram),
         errors,
         server_rss_kib_before: rss_before,
         server_rss_kib_after: rss_after,

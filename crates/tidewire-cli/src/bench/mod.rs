@@ -127,6 +127,30 @@ struct Latency {
     max_us: u64,
 }
 
+impl Latency {
+    /// The percentiles of `histogram` (all 0 when it is empty).
+    fn of(histogram: &Histogram<u64>) -> Latency {
+        let q = |p: f64| {
+            if histogram.is_empty() {
+                0
+            } else {
+                histogram.value_at_quantile(p)
+            }
+        };
+        Latency {
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: if histogram.is_empty() {
+                0
+            } else {
+                histogram.max()
+            },
+        }
+    }
+}
+
 #[derive(Serialize, Debug)]
 struct Report {
     url: String,
@@ -198,6 +222,55 @@ struct Outcome {
 const SAMPLE_BATCH: usize = 512;
 
 type SharedHistogram = Arc<std::sync::Mutex<Histogram<u64>>>;
+
+/// The live progress line, unless `--quiet` or `--json`.
+fn progress_bar(args: &BenchArgs) -> Option<indicatif::ProgressBar> {
+    (!args.quiet && !args.json).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                .expect("template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    })
+}
+
+/// Waits until `target` connection tasks stand (counted in `standing`) or
+/// have failed, showing the count on the progress line; returns the
+/// failures by kind. `words`: what the progress line says it is doing,
+/// the prefix of a task's error, and what a standing task is ("connecting",
+/// "connect", "open"). A task that ends with `Ok` before the start is
+/// handed to `ended_early`, which names its failure.
+async fn wait_until_standing<T: 'static>(
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<T>>,
+    standing: &AtomicU64,
+    target: usize,
+    progress: Option<&indicatif::ProgressBar>,
+    (doing, verb, state): (&str, &str, &str),
+    mut ended_early: impl FnMut(T) -> String,
+) -> BTreeMap<String, u64> {
+    let mut failures = BTreeMap::<String, u64>::new();
+    loop {
+        let up = standing.load(Ordering::Relaxed) as usize;
+        let failed: u64 = failures.values().sum();
+        if let Some(bar) = progress {
+            bar.set_message(format!("{doing}: {up}/{target} {state}, {failed} failed"));
+        }
+        if up + failed as usize >= target {
+            return failures;
+        }
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                Some(Ok(Err(e))) => *failures.entry(format!("{verb}: {e:#}")).or_default() += 1,
+                Some(Ok(Ok(outcome))) => *failures.entry(ended_early(outcome)).or_default() += 1,
+                Some(Err(e)) => *failures.entry(format!("task: {e}")).or_default() += 1,
+                None => return failures,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
 
 fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
@@ -285,15 +358,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
     let server_pid = args.server_pid.map(|pid| pid.to_string());
     let release = tidewire::CancellationToken::new();
     let live = Arc::new(Live::default());
-    let progress = (!args.quiet && !args.json).then(|| {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
-                .expect("template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    });
+    let progress = progress_bar(&args);
 
     // Open every connection first (bounded concurrency), then start the clock.
     let config = Config {
@@ -371,30 +436,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
             })
         });
     }
-    // Wait until every connection is open or has failed.
-    let mut failures = BTreeMap::<String, u64>::new();
-    loop {
-        let open = live.open.load(Ordering::Relaxed) as usize;
-        let failed: u64 = failures.values().sum();
-        if let Some(bar) = &progress {
-            bar.set_message(format!(
-                "connecting: {open}/{} open, {failed} failed",
-                args.connections
-            ));
-        }
-        if open + failed as usize >= args.connections {
-            break;
-        }
-        tokio::select! {
-            done = tasks.join_next() => match done {
-                Some(Ok(Err(e))) => *failures.entry(format!("connect: {e:#}")).or_default() += 1,
-                Some(Ok(Ok(_))) => unreachable!("a connection finished before the start"),
-                Some(Err(e)) => *failures.entry(format!("task: {e}")).or_default() += 1,
-                None => break,
-            },
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
+    let failures = wait_until_standing(
+        &mut tasks,
+        &live.open,
+        args.connections,
+        progress.as_ref(),
+        ("connecting", "connect", "open"),
+        |_| unreachable!("a connection finished before the start"),
+    )
+    .await;
     let connected = live.open.load(Ordering::Relaxed) as usize;
     let cpu_start = cpu_seconds();
     let server_cpu_start = server_pid.as_deref().and_then(cpu_seconds_of);
@@ -467,13 +517,6 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         .min(args.duration.as_secs_f64() + 1.0);
     let seconds = seconds.max(args.duration.as_secs_f64()).max(1e-9);
     let histogram = histogram.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let q = |p: f64| {
-        if histogram.is_empty() {
-            0
-        } else {
-            histogram.value_at_quantile(p)
-        }
-    };
     Ok(Report {
         url: args.url.clone(),
         mode: if args.idle { "idle" } else { "echo" },
@@ -487,17 +530,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         messages: echoed,
         messages_per_sec: echoed as f64 / seconds,
         bytes_per_sec: echoed as f64 * args.size as f64 / seconds,
-        latency: Latency {
-            p50_us: q(0.5),
-            p90_us: q(0.9),
-            p99_us: q(0.99),
-            p999_us: q(0.999),
-            max_us: if histogram.is_empty() {
-                0
-            } else {
-                histogram.max()
-            },
-        },
+        latency: Latency::of(&histogram),
         errors,
         server_rss_kib_before: rss_before,
         server_rss_kib_after: rss_after,

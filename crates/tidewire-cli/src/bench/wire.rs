@@ -270,10 +270,10 @@ fn decode(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, Stop> {
     FrameHeader::decode(buf).map_err(|_| Stop::Protocol("bad frame header"))
 }
 
-/// Builds a masked control frame (pong or close).
-fn control_frame(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+/// Appends a masked client frame (data, pong or close) to `out`.
+pub(super) fn masked_frame(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
     let key: [u8; 4] = rand::random();
-    let mut frame = BytesMut::new();
+    let mut frame = BytesMut::with_capacity(payload.len() + 14);
     FrameHeader {
         fin: true,
         rsv1: false,
@@ -333,7 +333,7 @@ pub(super) async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(
         frames,
         leftover,
         |_| {},
-        |ping| control_frame(OpCode::Pong, ping, &mut pongs),
+        |ping| masked_frame(OpCode::Pong, ping, &mut pongs),
     ) {
         run.stop = Some(stop);
         return run;
@@ -410,7 +410,7 @@ pub(super) async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(
                             let at = sent_at[(seq % in_flight as u64) as usize];
                             on_latency(now.duration_since(at).as_micros().max(1) as u64);
                         },
-                        |ping| control_frame(OpCode::Pong, ping, &mut control_out),
+                        |ping| masked_frame(OpCode::Pong, ping, &mut control_out),
                     );
                     if let Err(stop) = fed {
                         return Poll::Ready(Err(Ok(stop)));
@@ -441,7 +441,7 @@ pub(super) async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 io.write_all(&frames.wire[from..from + finish]).await?;
                 let mut close = Vec::new();
-                control_frame(OpCode::Close, &1000u16.to_be_bytes(), &mut close);
+                masked_frame(OpCode::Close, &1000u16.to_be_bytes(), &mut close);
                 io.write_all(&close).await?;
                 io.flush().await?;
                 while io.read(&mut buf).await? > 0 {}

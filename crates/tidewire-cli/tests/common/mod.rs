@@ -74,3 +74,24 @@ pub async fn run_connect(args: &[&str], input: &[u8]) -> Output {
         .expect("tidewire connect did not finish")
         .unwrap()
 }
+
+/// Runs `tidewire bench ARGS...` (with `--json` among them), checks that it
+/// succeeded and returns its report.
+pub async fn run_bench(args: &[&str]) -> serde_json::Value {
+    let output = tokio::time::timeout(
+        LIMIT,
+        Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .arg("bench")
+            .args(args)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
