@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Args;
 use tidewire::http::{Response, StatusCode};
 use tokio::net::TcpListener;
@@ -58,11 +59,13 @@ pub async fn run(args: EchoArgs) -> anyhow::Result<()> {
     if let Some(note) = note {
         eprintln!("{note}");
     }
-    // Scripts wait for this line: it says the port is open.
+    let signal = shutdown_signal().context("installing the shutdown signal handlers")?;
+    // Scripts wait for this line: it says the port is open (and, from here
+    // on, that SIGTERM shuts down gracefully).
     println!("tidewire echo listening on {ws}://{addr}/ (browser page: {http}://{addr}/)");
     let token = server.shutdown_token();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signal.await;
         info!("shutdown requested");
         token.cancel();
     });

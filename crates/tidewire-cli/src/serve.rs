@@ -205,7 +205,9 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
         // operator who started the server can.
         println!("api key (generated for this run; set api.key or TIDEWIRE_API_KEY to choose one): {api_key}");
     }
-    // Scripts wait for this line: it says the port is open.
+    let signal = shutdown_signal().context("installing the shutdown signal handlers")?;
+    // Scripts wait for this line: it says the port is open (and, from here
+    // on, that SIGTERM shuts down gracefully).
     println!(
         "tidewire serve listening on {http}://{addr}/ (WebSocket: {ws}://{addr}{})",
         tidewire_hub::server::WEBSOCKET_PATH
@@ -213,7 +215,7 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signal.await;
         info!("shutdown requested");
         token.cancel();
     });

@@ -175,6 +175,8 @@ async fn json_logs_are_one_object_per_line() {
         .unwrap()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // SIGTERM right after the "listening" line: the handler is already there.
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
     let events: Vec<serde_json::Value> = stderr
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
