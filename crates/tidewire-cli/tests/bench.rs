@@ -9,7 +9,12 @@ use tokio::process::Command;
 async fn echo_mode_checks_every_echo_and_reports_latency() {
     let (_server, addr) = start_echo(&[]).await;
     let url = format!("ws://{addr}/");
-    for extra in [&["--text"][..], &["--compression"][..], &[][..]] {
+    for extra in [
+        &["--text"][..],
+        &["--compression"][..],
+        &["--busy-poll"][..],
+        &[][..],
+    ] {
         let mut args = vec![
             url.as_str(),
             "-c",

@@ -925,17 +925,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // Let the server settle after the subscription storm.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Busy polling: a task that always yields keeps the runtime from
-    // parking in epoll_wait, so server writes find the generator awake.
-    let spinning = tidewire::CancellationToken::new();
-    if args.busy_poll {
-        let spinning = spinning.clone();
-        tokio::spawn(async move {
-            while !spinning.is_cancelled() {
-                tokio::task::yield_now().await;
-            }
-        });
-    }
+    let spinning = args.busy_poll.then(super::busy_poll);
     let machine_start = machine_busy_seconds();
     let cpu_start = cpu_seconds();
     let server_cpu_start = server_pid.as_deref().and_then(cpu_seconds_of);
@@ -987,7 +977,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    spinning.cancel();
+    if let Some(spinning) = spinning {
+        spinning.abort();
+    }
     setup.release.cancel();
     drop(publisher);
     while let Some(done) = tasks.join_next().await {

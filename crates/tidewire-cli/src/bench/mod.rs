@@ -72,11 +72,11 @@ pub struct BenchArgs {
     /// deliveries/s and delivery latency.
     #[arg(long, conflicts_with_all = ["idle", "compression"])]
     fanout: bool,
-    /// With --fanout: the generator never sleeps while it measures (it
-    /// polls its sockets in a loop), so that on loopback the server's
-    /// writes do not pay for waking the generator's thread (see
-    /// docs/benchmarks.md). The generator's CPU share then reads 100 %.
-    #[arg(long, requires = "fanout")]
+    /// The generator never sleeps while it measures (it polls its sockets
+    /// in a loop), so that on loopback the server's writes do not pay for
+    /// waking the generator's thread (see docs/benchmarks.md). The
+    /// generator's CPU share then reads 100 %.
+    #[arg(long, conflicts_with = "idle")]
     busy_poll: bool,
     /// The channel (or Socket.IO room) of --fanout.
     #[arg(long, default_value = "bench")]
@@ -453,6 +453,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         .set((now, now + args.duration))
         .expect("set once");
     start_gate.notify_waiters();
+    let spinning = args.busy_poll.then(busy_poll);
 
     // Live progress until the deadline.
     if let Some(bar) = &progress {
@@ -490,6 +491,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         .map(|(start, end)| end - start);
     let rss_after = args.server_pid.and_then(rss_kib);
     release.cancel();
+    if let Some(spinning) = spinning {
+        spinning.abort();
+    }
 
     let mut echoed = 0;
     let mut errors = failures;
@@ -543,6 +547,19 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         generator_cpu_seconds,
         server_cpu_seconds,
     })
+}
+
+/// Keeps the runtime from parking in epoll_wait until the returned handle
+/// aborts it: a task that always yields makes every turn of the scheduler
+/// poll the sockets without sleeping, so server writes find the generator
+/// awake (`--busy-poll`).
+fn busy_poll() -> tokio::task::AbortHandle {
+    tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    })
+    .abort_handle()
 }
 
 type Stream = Box<dyn AsyncReadWrite>;
