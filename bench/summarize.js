@@ -144,7 +144,9 @@ if (echoConfigs.length) {
   for (const config of echoConfigs) {
     const texts = servers.map((s) => {
       const c = cell(config, s);
-      return c.p99 != null ? String(Math.round(c.p99)) : c.text;
+      if (c.p99 != null) return String(Math.round(c.p99));
+      // A generator that does not time echoes (epoll_generator) has no p99.
+      return c.value != null ? '—' : c.text;
     });
     p(`| ${row(config)} | ${texts.join(' | ')} |`);
   }
