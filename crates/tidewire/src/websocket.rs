@@ -237,6 +237,10 @@ pub(crate) struct Inner<S> {
     idle: Option<Box<IdleTimeout>>,
     /// A data message arrived since the idle timeout's `last_data` was set.
     data_unstamped: bool,
+    /// Reads ask for `read_chunk << read_boost` bytes: raised while reads
+    /// fill the buffer (a stream of large messages), lowered when they do
+    /// not, so small traffic never holds large read buffers.
+    read_boost: u8,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     counters: Option<Counting>,
     /// The output level last published to Senders (`buffered_amount`).
@@ -499,44 +503,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         /// Reads at least this large are handed to the connection rather
         /// than copied out of the per-thread buffer.
         const HAND_OVER_MIN: usize = 16 * 1024;
+        /// Reads grow up to `read_chunk << MAX_READ_BOOST` (1 MiB by
+        /// default): a few large frames per system call instead of one.
+        const MAX_READ_BOOST: u8 = 4;
+        let chunk = self.options.read_chunk << self.read_boost;
         let wanted = self.conn.bytes_wanted();
-        if wanted >= HAND_OVER_MIN.min(self.options.read_chunk) {
+        let (n, space) = if wanted >= HAND_OVER_MIN.min(self.options.read_chunk) {
             // The rest of a large frame (and the start of the next) goes
             // straight into the connection's buffer.
             let buf = self.conn.input_buffer();
-            buf.reserve(wanted.min(1 << 20) + HAND_OVER_MIN);
-            return tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf);
-        }
-        self.conn.release_idle_buffers();
-        READ_SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            scratch.clear();
-            // A partial frame already buffered (always short here) goes in
-            // front, so that a large read can be handed over whole.
-            // (Read without `input_buffer`, which would make the in-flight
-            // state that `release_idle_buffers` just gave back.)
-            let leftover = self.conn.input_len();
-            scratch.reserve(leftover + self.options.read_chunk);
-            if leftover > 0 {
-                scratch.extend_from_slice(self.conn.input_buffer());
-            }
+            buf.reserve(wanted.min(1 << 20).max(chunk) + HAND_OVER_MIN);
+            let space = buf.capacity() - buf.len();
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.io),
                 cx,
-                &mut *scratch
+                buf
             ))?;
-            if n >= HAND_OVER_MIN {
-                // A large read: the connection takes the bytes without a
-                // copy (the thread's buffer gets a new allocation).
-                if leftover > 0 {
-                    self.conn.input_buffer().clear();
+            (n, space)
+        } else {
+            self.conn.release_idle_buffers();
+            ready!(READ_SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.clear();
+                // A partial frame already buffered (always short here) goes
+                // in front, so that a large read can be handed over whole.
+                // (Read without `input_buffer`, which would make the
+                // in-flight state that `release_idle_buffers` just gave
+                // back.)
+                let leftover = self.conn.input_len();
+                if scratch.capacity() > 2 * (leftover + chunk) {
+                    // Grown for a stream of large messages that has ended.
+                    *scratch = BytesMut::new();
                 }
-                self.conn.receive_buffer(scratch.split());
-            } else {
-                self.conn.receive_data(&scratch[leftover..]);
-            }
-            Poll::Ready(Ok(n))
-        })
+                scratch.reserve(leftover + chunk);
+                if leftover > 0 {
+                    scratch.extend_from_slice(self.conn.input_buffer());
+                }
+                let space = scratch.capacity() - leftover;
+                let n = ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut self.io),
+                    cx,
+                    &mut *scratch
+                ))?;
+                if n >= HAND_OVER_MIN {
+                    // A large read: the connection takes the bytes without
+                    // a copy (the thread's buffer gets a new allocation).
+                    if leftover > 0 {
+                        self.conn.input_buffer().clear();
+                    }
+                    self.conn.receive_buffer(scratch.split());
+                } else {
+                    self.conn.receive_data(&scratch[leftover..]);
+                }
+                Poll::Ready(Ok::<_, std::io::Error>((n, space)))
+            }))?
+        };
+        // A read that filled the buffer left more behind: ask for more next
+        // time. One well short of the request: back towards `read_chunk`.
+        if n == space && n >= chunk {
+            self.read_boost = (self.read_boost + 1).min(MAX_READ_BOOST);
+        } else if n < chunk / 2 {
+            self.read_boost = self.read_boost.saturating_sub(1);
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
@@ -817,6 +846,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                 keepalive,
                 idle,
                 data_unstamped: false,
+                read_boost: 0,
                 shutdown: None,
                 counters: None,
                 published_output: 0,

@@ -477,3 +477,121 @@ async fn frames_sent_right_after_the_handshake_are_not_lost() {
     let msg = server.await.unwrap().unwrap().unwrap();
     assert_eq!(msg, Message::text("Hello"));
 }
+
+/// A transport that serves prepared bytes and records how many bytes each
+/// read asked for; writes are swallowed.
+struct RecordingTransport {
+    incoming: Vec<u8>,
+    at: usize,
+    /// Serve at most this many bytes per read from this offset on.
+    trickle_from: usize,
+    trickle: usize,
+    requested: Vec<usize>,
+}
+
+impl tokio::io::AsyncRead for RecordingTransport {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        this.requested.push(buf.remaining());
+        let mut n = buf.remaining().min(this.incoming.len() - this.at);
+        if this.at >= this.trickle_from {
+            n = n.min(this.trickle);
+        } else {
+            n = n.min(this.trickle_from - this.at);
+        }
+        buf.put_slice(&this.incoming[this.at..this.at + n]);
+        this.at += n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for RecordingTransport {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+fn masked_binary(payload: &[u8]) -> Vec<u8> {
+    let key = [0x12, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x82];
+    match payload.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn reads_grow_while_large_messages_stream_in_and_shrink_after() {
+    // 48 messages of 64 KiB all available at once, then 64 small messages
+    // arriving 100 bytes per read.
+    let large: Vec<Vec<u8>> = (0..48u8).map(|i| vec![i; 64 * 1024]).collect();
+    let small: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 40]).collect();
+    let mut incoming = Vec::new();
+    for m in &large {
+        incoming.extend(masked_binary(m));
+    }
+    let trickle_from = incoming.len();
+    for m in &small {
+        incoming.extend(masked_binary(m));
+    }
+    let transport = RecordingTransport {
+        incoming,
+        at: 0,
+        trickle_from,
+        trickle: 100,
+        requested: Vec::new(),
+    };
+    let options = IoOptions::default();
+    let chunk = options.read_chunk;
+    let conn =
+        tidewire::proto::Connection::new(tidewire::proto::Role::Server, Config::default(), None);
+    let mut ws = tidewire::WebSocket::from_parts(transport, conn, &[], None, options);
+    // Every message arrives whole and in order.
+    for m in large.iter().chain(&small) {
+        let got = tokio::time::timeout(LIMIT, ws.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, Message::binary(m.clone()));
+    }
+    let requested = &ws.get_ref().requested;
+    let largest = *requested.iter().max().unwrap();
+    // While reads came back full, the requests grew well past one chunk
+    // (several 64 KiB frames per read)...
+    assert!(largest >= 8 * chunk, "{requested:?}");
+    // ...and once reads came back short, they went back to about one chunk
+    // (the buffer may have doubled to carry a partial frame over).
+    let last = *requested.last().unwrap();
+    assert!(last <= 2 * chunk, "{requested:?}");
+}
