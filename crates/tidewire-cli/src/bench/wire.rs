@@ -317,7 +317,8 @@ pub(super) async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(
     // period so that `to` stays inside the doubled layout.
     let (mut from, mut to) = (0usize, 0usize);
     let mut control_out: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; (frames.frame_len * in_flight).clamp(4096, 64 * 1024)];
+    // Room for every echo in flight, so one read can take them all.
+    let mut buf = vec![0u8; (frames.frame_len * in_flight).clamp(4096, 1 << 20)];
     let mut stopping = false;
     let mut need_flush = false;
     let deadline_tokio = tokio::time::Instant::from_std(deadline);
