@@ -47,7 +47,8 @@ pub struct IoOptions {
     pub close_timeout: Duration,
     /// Bytes requested from the transport per read (through a buffer
     /// shared by the connections of a thread, so it costs no memory per
-    /// connection).
+    /// connection). While reads come back full (a stream of large
+    /// messages), a connection asks for up to four times as much.
     pub read_chunk: usize,
     /// Encoded output beyond which no more queued messages are encoded
     /// until the transport takes some (and `Sink::poll_ready` flushes).
@@ -503,9 +504,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         /// Reads at least this large are handed to the connection rather
         /// than copied out of the per-thread buffer.
         const HAND_OVER_MIN: usize = 16 * 1024;
-        /// Reads grow up to `read_chunk << MAX_READ_BOOST` (1 MiB by
+        /// Reads grow up to `read_chunk << MAX_READ_BOOST` (256 KiB by
         /// default): a few large frames per system call instead of one.
-        const MAX_READ_BOOST: u8 = 4;
+        /// Not more: a large read's buffer is shared by the messages split
+        /// from it, so a message the application keeps keeps the buffer.
+        const MAX_READ_BOOST: u8 = 2;
         let chunk = self.options.read_chunk << self.read_boost;
         let wanted = self.conn.bytes_wanted();
         let (n, space) = if wanted >= HAND_OVER_MIN.min(self.options.read_chunk) {

@@ -589,7 +589,7 @@ async fn reads_grow_while_large_messages_stream_in_and_shrink_after() {
     let largest = *requested.iter().max().unwrap();
     // While reads came back full, the requests grew well past one chunk
     // (several 64 KiB frames per read)...
-    assert!(largest >= 8 * chunk, "{requested:?}");
+    assert!(largest >= 4 * chunk, "{requested:?}");
     // ...and once reads came back short, they went back to about one chunk
     // (the buffer may have doubled to carry a partial frame over).
     let last = *requested.last().unwrap();
