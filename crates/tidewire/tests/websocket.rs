@@ -533,21 +533,21 @@ impl tokio::io::AsyncWrite for RecordingTransport {
 
 fn masked_binary(payload: &[u8]) -> Vec<u8> {
     let key = [0x12, 0x34, 0x56, 0x78];
-    let mut frame = vec![0x82];
-    match payload.len() {
-        n @ 0..=125 => frame.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
+    let mut frame = bytes::BytesMut::new();
+    tidewire::proto::frame::FrameHeader {
+        fin: true,
+        rsv1: false,
+        rsv2: false,
+        rsv3: false,
+        opcode: tidewire::OpCode::Binary,
+        mask: Some(key),
+        payload_len: payload.len() as u64,
     }
-    frame.extend_from_slice(&key);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    frame
+    .encode(&mut frame);
+    let at = frame.len();
+    frame.extend_from_slice(payload);
+    tidewire::proto::mask::apply_mask(&mut frame[at..], key, 0);
+    frame.to_vec()
 }
 
 #[tokio::test]
