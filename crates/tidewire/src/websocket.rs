@@ -580,8 +580,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             }
             // Output is written when it grows large, or (below) before
             // waiting for input: everything answered from one read goes out
-            // in one write.
-            if self.conn.pending_output_len() >= self.options.write_high_water
+            // in one write. "Large" grows with the reads: while large
+            // messages stream in, the answers to one read go out together.
+            if self.conn.pending_output_len() >= self.options.write_high_water << self.read_boost
                 || self.outbox_has_work()
             {
                 if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {

@@ -487,6 +487,8 @@ struct RecordingTransport {
     trickle_from: usize,
     trickle: usize,
     requested: Vec<usize>,
+    /// Bytes taken by each write call.
+    written: Vec<usize>,
 }
 
 impl tokio::io::AsyncRead for RecordingTransport {
@@ -511,11 +513,24 @@ impl tokio::io::AsyncRead for RecordingTransport {
 
 impl tokio::io::AsyncWrite for RecordingTransport {
     fn poll_write(
-        self: std::pin::Pin<&mut Self>,
+        mut self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.written.push(buf.len());
         std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let n = bufs.iter().map(|b| b.len()).sum();
+        self.written.push(n);
+        std::task::Poll::Ready(Ok(n))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
     }
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
@@ -570,6 +585,7 @@ async fn reads_grow_while_large_messages_stream_in_and_shrink_after() {
         trickle_from,
         trickle: 100,
         requested: Vec::new(),
+        written: Vec::new(),
     };
     let options = IoOptions::default();
     let chunk = options.read_chunk;
@@ -594,4 +610,48 @@ async fn reads_grow_while_large_messages_stream_in_and_shrink_after() {
     // (the buffer may have doubled to carry a partial frame over).
     let last = *requested.last().unwrap();
     assert!(last <= 2 * chunk, "{requested:?}");
+}
+
+#[tokio::test]
+async fn answers_to_one_large_read_go_out_in_one_write() {
+    // 32 messages of 64 KiB available at once, each echoed with `feed` (as
+    // the echo server does): once reads have grown, the echoes of one read
+    // leave together instead of one write per message.
+    let large: Vec<Vec<u8>> = (0..32u8).map(|i| vec![i; 64 * 1024]).collect();
+    let incoming: Vec<u8> = large.iter().flat_map(|m| masked_binary(m)).collect();
+    let transport = RecordingTransport {
+        trickle_from: incoming.len(),
+        incoming,
+        at: 0,
+        trickle: 0,
+        requested: Vec::new(),
+        written: Vec::new(),
+    };
+    let conn =
+        tidewire::proto::Connection::new(tidewire::proto::Role::Server, Config::default(), None);
+    let mut ws = tidewire::WebSocket::from_parts(transport, conn, &[], None, IoOptions::default());
+    for m in &large {
+        let got = tokio::time::timeout(LIMIT, ws.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, Message::binary(m.clone()));
+        ws.feed(got).unwrap();
+    }
+    tokio::time::timeout(LIMIT, ws.flush())
+        .await
+        .unwrap()
+        .unwrap();
+    let written = &ws.get_ref().written;
+    let echo = 64 * 1024 + 10; // a 64-bit length: 2 + 8 header bytes
+                               // Every echo went out, whole...
+    assert_eq!(
+        written.iter().sum::<usize>(),
+        large.len() * echo,
+        "{written:?}"
+    );
+    // ...and some writes carried several of them.
+    let largest = *written.iter().max().unwrap();
+    assert!(largest >= 3 * echo, "{written:?}");
 }
