@@ -52,6 +52,9 @@ pub struct IoOptions {
     pub read_chunk: usize,
     /// Encoded output beyond which no more queued messages are encoded
     /// until the transport takes some (and `Sink::poll_ready` flushes).
+    /// The reader writes out at this level, or at up to four times it
+    /// while large messages stream in (so a read's answers leave in one
+    /// write).
     pub write_high_water: usize,
     /// Send a ping after this long without hearing from the peer
     /// (`None`: no keepalive).
