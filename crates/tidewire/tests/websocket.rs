@@ -546,6 +546,42 @@ impl tokio::io::AsyncWrite for RecordingTransport {
     }
 }
 
+impl RecordingTransport {
+    /// Serves `incoming`, at most `trickle` bytes per read from
+    /// `trickle_from` on.
+    fn new(incoming: Vec<u8>, trickle_from: usize, trickle: usize) -> RecordingTransport {
+        RecordingTransport {
+            incoming,
+            at: 0,
+            trickle_from,
+            trickle,
+            requested: Vec::new(),
+            written: Vec::new(),
+        }
+    }
+
+    /// A server-side WebSocket over this transport.
+    fn server(self) -> tidewire::WebSocket<RecordingTransport> {
+        let conn = tidewire::proto::Connection::new(
+            tidewire::proto::Role::Server,
+            Config::default(),
+            None,
+        );
+        tidewire::WebSocket::from_parts(self, conn, &[], None, IoOptions::default())
+    }
+}
+
+/// Receives the next message and checks it is `expected`.
+async fn recv_binary(ws: &mut tidewire::WebSocket<RecordingTransport>, expected: &[u8]) -> Message {
+    let got = tokio::time::timeout(LIMIT, ws.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Message::binary(expected.to_vec()));
+    got
+}
+
 fn masked_binary(payload: &[u8]) -> Vec<u8> {
     let key = [0x12, 0x34, 0x56, 0x78];
     let mut frame = bytes::BytesMut::new();
@@ -579,27 +615,11 @@ async fn reads_grow_while_large_messages_stream_in_and_shrink_after() {
     for m in &small {
         incoming.extend(masked_binary(m));
     }
-    let transport = RecordingTransport {
-        incoming,
-        at: 0,
-        trickle_from,
-        trickle: 100,
-        requested: Vec::new(),
-        written: Vec::new(),
-    };
-    let options = IoOptions::default();
-    let chunk = options.read_chunk;
-    let conn =
-        tidewire::proto::Connection::new(tidewire::proto::Role::Server, Config::default(), None);
-    let mut ws = tidewire::WebSocket::from_parts(transport, conn, &[], None, options);
+    let chunk = IoOptions::default().read_chunk;
+    let mut ws = RecordingTransport::new(incoming, trickle_from, 100).server();
     // Every message arrives whole and in order.
     for m in large.iter().chain(&small) {
-        let got = tokio::time::timeout(LIMIT, ws.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, Message::binary(m.clone()));
+        recv_binary(&mut ws, m).await;
     }
     let requested = &ws.get_ref().requested;
     let largest = *requested.iter().max().unwrap();
@@ -619,24 +639,10 @@ async fn answers_to_one_large_read_go_out_in_one_write() {
     // leave together instead of one write per message.
     let large: Vec<Vec<u8>> = (0..32u8).map(|i| vec![i; 64 * 1024]).collect();
     let incoming: Vec<u8> = large.iter().flat_map(|m| masked_binary(m)).collect();
-    let transport = RecordingTransport {
-        trickle_from: incoming.len(),
-        incoming,
-        at: 0,
-        trickle: 0,
-        requested: Vec::new(),
-        written: Vec::new(),
-    };
-    let conn =
-        tidewire::proto::Connection::new(tidewire::proto::Role::Server, Config::default(), None);
-    let mut ws = tidewire::WebSocket::from_parts(transport, conn, &[], None, IoOptions::default());
+    let trickle_from = incoming.len();
+    let mut ws = RecordingTransport::new(incoming, trickle_from, 0).server();
     for m in &large {
-        let got = tokio::time::timeout(LIMIT, ws.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, Message::binary(m.clone()));
+        let got = recv_binary(&mut ws, m).await;
         ws.feed(got).unwrap();
     }
     tokio::time::timeout(LIMIT, ws.flush())
