@@ -139,14 +139,28 @@ fn fragments_with_a_ping() -> (Vec<u8>, [Result<Event, ProtocolError>; 3]) {
     (input, events)
 }
 
+/// Feeds `input` one byte at a time, releasing the idle state before each
+/// byte when asked (as the I/O layer does before every read).
+fn feed_bytewise(
+    s: &mut Connection,
+    input: &[u8],
+    release_between: bool,
+) -> Vec<Result<Event, ProtocolError>> {
+    let mut events = Vec::new();
+    for b in input {
+        if release_between {
+            s.release_idle_buffers();
+        }
+        events.extend(feed(s, std::slice::from_ref(b)));
+    }
+    events
+}
+
 #[test]
 fn rfc6455_5_2_frames_delivered_one_byte_at_a_time() {
     let (input, expected) = fragments_with_a_ping();
     let mut s = server();
-    let mut events = Vec::new();
-    for b in &input {
-        events.extend(feed(&mut s, std::slice::from_ref(b)));
-    }
+    let events = feed_bytewise(&mut s, &input, false);
     assert_eq!(events, expected);
     assert_eq!(s.pending_output(), b"\x8a\x02hi");
 }
@@ -159,11 +173,7 @@ fn rfc6455_5_2_frames_delivered_one_byte_at_a_time() {
 fn releasing_idle_state_between_reads_loses_nothing() {
     let (input, expected) = fragments_with_a_ping();
     let mut s = server();
-    let mut events = Vec::new();
-    for b in &input {
-        s.release_idle_buffers();
-        events.extend(feed(&mut s, std::slice::from_ref(b)));
-    }
+    let events = feed_bytewise(&mut s, &input, true);
     s.release_idle_buffers();
     assert_eq!(events, expected);
     assert_eq!(s.pending_output(), b"\x8a\x02hi");

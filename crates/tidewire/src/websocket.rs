@@ -512,7 +512,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         /// Not more: a large read's buffer is shared by the messages split
         /// from it, so a message the application keeps keeps the buffer.
         const MAX_READ_BOOST: u8 = 2;
-        let chunk = self.options.read_chunk.saturating_mul(1 << self.read_boost);
+        let chunk = self.boosted(self.options.read_chunk);
         let wanted = self.conn.bytes_wanted();
         let (n, space) = if wanted >= HAND_OVER_MIN.min(self.options.read_chunk) {
             // The rest of a large frame (and the start of the next) goes
@@ -574,6 +574,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// `size` scaled by the current read boost: what a read asks for, and
+    /// how much output the reader lets gather before writing.
+    fn boosted(&self, size: usize) -> usize {
+        size.saturating_mul(1 << self.read_boost)
+    }
+
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
         loop {
             match &mut self.read_state {
@@ -585,11 +591,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             // waiting for input: everything answered from one read goes out
             // in one write. "Large" grows with the reads: while large
             // messages stream in, the answers to one read go out together.
-            if self.conn.pending_output_len()
-                >= self
-                    .options
-                    .write_high_water
-                    .saturating_mul(1 << self.read_boost)
+            if self.conn.pending_output_len() >= self.boosted(self.options.write_high_water)
                 || self.outbox_has_work()
             {
                 if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
