@@ -81,11 +81,14 @@ pub struct ServerArgs {
     /// Per-connection send queue: most messages waiting.
     #[arg(long, default_value_t = 1024)]
     pub send_queue: usize,
-    /// Per-connection send queue: most bytes waiting.
+    /// Per-connection send queue: most bytes waiting. Also bounds output
+    /// the peer has not read yet: at it, the server stops reading that peer
+    /// (or closes it, with --slow-consumer close).
     #[arg(long, default_value_t = 4 << 20)]
     pub send_queue_bytes: usize,
     /// When a send queue is full: wait (the sender waits), drop (the message
-    /// is dropped and counted) or close (the connection is closed with 1008).
+    /// is dropped and counted) or close (the connection is closed with 1008,
+    /// also when a peer sends without reading the answers).
     #[arg(long, default_value = "wait")]
     pub slow_consumer: SlowConsumer,
     /// Don't offer permessage-deflate compression.

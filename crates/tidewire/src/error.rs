@@ -32,6 +32,14 @@ pub enum Error {
     /// keepalive ping; the connection was dropped.
     #[error("keepalive timeout: no answer to ping")]
     KeepaliveTimeout,
+    /// The peer did not read what was sent to it: the output waiting for
+    /// the transport reached the send queue's byte limit under the
+    /// [`SlowConsumer::Close`](crate::SlowConsumer::Close) policy, and the
+    /// connection was closed with this code.
+    #[error(
+        "slow consumer: output not read by the peer reached the send queue limit; closed with {0}"
+    )]
+    SlowConsumer(tidewire_proto::CloseCode),
     /// The opening handshake did not complete within its deadline.
     #[error("handshake timed out")]
     HandshakeTimeout,

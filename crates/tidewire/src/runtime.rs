@@ -670,6 +670,7 @@ fn close_code(outcome: &Result<Message, Error>) -> u16 {
         Ok(Message::Close(Some(frame))) => frame.code.0,
         Ok(Message::Close(None)) => 1005,
         Err(Error::Protocol(e)) => e.close_code().0,
+        Err(Error::SlowConsumer(code)) => code.0,
         _ => 1006,
     }
 }

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::outbox::{Outbox, QueueLimits, Sender};
+use crate::outbox::{Outbox, QueueLimits, Sender, SlowConsumer};
 use crate::{Error, Message};
 
 thread_local! {
@@ -574,6 +574,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// The most output (encoded, not yet written) before the reader stops
+    /// decoding input: the send queue's byte limit, and never below what
+    /// the reader lets gather before it writes.
+    fn output_limit(&self) -> usize {
+        self.options
+            .send_queue
+            .max_bytes
+            .max(self.boosted(self.options.write_high_water))
+    }
+
     /// `size` scaled by the current read boost: what a read asks for, and
     /// how much output the reader lets gather before writing.
     fn boosted(&self, size: usize) -> usize {
@@ -606,6 +616,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 if self.deadline_passed(cx) {
                     self.start_draining(Err(Error::AbnormalClosure), true);
                     continue;
+                }
+            }
+            // Output the transport cannot take is bounded by the send
+            // queue's byte limit: past it, no more input is decoded (each
+            // message may be answered, a ping always is), so the peer's own
+            // sends back up in TCP; or, with the close policy, the
+            // connection ends.
+            if self.conn.pending_output_len() >= self.output_limit() {
+                match self.poll_write_out(cx, Side::Reader) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => {
+                        self.read_state = ReadState::Done;
+                        self.shut_outbox();
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Poll::Pending => {
+                        if let SlowConsumer::Close(code) = self.options.send_queue.policy {
+                            self.begin_close(code, "send queue full");
+                            self.start_draining(Err(Error::SlowConsumer(code)), true);
+                            continue;
+                        }
+                        // Waiting for the transport (its waker is set):
+                        // shutdown and keepalive still act meanwhile.
+                        if let Some(err) = self.poll_timers(cx) {
+                            self.start_draining(Err(err), true);
+                            continue;
+                        }
+                        return Poll::Pending;
+                    }
                 }
             }
             match self.conn.next_event() {
@@ -895,13 +934,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// While waiting, this also writes what [`Sender`] handles queued and
     /// runs keepalive and the idle timeout, so keep calling it.
     ///
+    /// # Backpressure
+    /// Output the transport cannot take (answers fed, pongs, what Senders
+    /// queued) is bounded by the send queue's byte limit
+    /// ([`IoOptions::send_queue`]`.max_bytes`). At that limit `recv`
+    /// decodes no more input until the transport takes some: the peer's
+    /// own sends then back up in TCP (policies `Wait` and `Drop`), or,
+    /// with [`SlowConsumer::Close`], the connection is closed with its
+    /// code and `recv` returns [`Error::SlowConsumer`]. So a peer that
+    /// sends without reading holds at most that much output, plus its read
+    /// buffer, in memory.
+    ///
     /// # Cancel safety
     /// Cancel-safe: no received data is lost if the future is dropped.
     pub async fn recv(&mut self) -> Option<Result<Message, Error>> {
         poll_fn(|cx| self.inner.poll_recv(cx)).await
     }
 
-    /// Sends a message and flushes it to the transport.
+    /// Sends a message and flushes it to the transport: waits while the
+    /// transport does not take it (so a peer that does not read holds the
+    /// sender, not memory).
     ///
     /// # Errors
     /// [`Error::Usage`] after a close was sent; [`Error::Io`] when the
@@ -916,6 +968,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     }
 
     /// Queues a message without flushing (see [`flush`](Self::flush)).
+    ///
+    /// Never waits, so it never bounds memory by itself: a handler that
+    /// feeds answers to what it receives is bounded by `recv`, which stops
+    /// reading while the output is at the send queue's byte limit (see
+    /// [`recv`](Self::recv)); a loop that only feeds must `flush` or
+    /// `send` (which waits while the output is above
+    /// [`IoOptions::write_high_water`]) now and then.
     pub fn feed(&mut self, message: impl Into<Message>) -> Result<(), Error> {
         self.inner.start_send(message.into())
     }

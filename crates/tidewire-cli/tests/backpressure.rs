@@ -1,0 +1,189 @@
+//! Peers that send but never read, against `tidewire echo`: the server's
+//! memory (VmHWM of its process) grows by at most the send queue's byte
+//! limit per such peer plus a fixed allowance, and a normal client keeps
+//! getting its echoes meanwhile.
+
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{start_echo, LIMIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const MIB: u64 = 1 << 20;
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Peak resident memory of a process, in bytes.
+fn peak_bytes(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:") * 1024
+}
+
+/// A WebSocket client that completed the upgrade and reads nothing more,
+/// with a 4 KiB receive buffer (so the server's answers back up at once).
+async fn non_reader(addr: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    stream
+}
+
+/// How a non-reading peer's sending ended.
+#[derive(Debug, PartialEq)]
+enum Sending {
+    /// The server stopped reading: a write made no progress for 2 s.
+    Stalled,
+    /// The server dropped the connection.
+    Refused,
+    /// Everything was sent.
+    Finished,
+}
+
+/// Sends `total` bytes of 16 KiB binary messages (masked with a zero key:
+/// valid, and no work to mask) until done, stalled or refused; returns the
+/// outcome and the bytes sent.
+async fn send_without_reading(stream: &mut TcpStream, total: u64) -> (Sending, u64) {
+    const PAYLOAD: usize = 16 * 1024;
+    let mut frame = vec![0x82, 0xFE];
+    frame.extend_from_slice(&(PAYLOAD as u16).to_be_bytes());
+    frame.extend_from_slice(&[0; 4]);
+    frame.resize(frame.len() + PAYLOAD, b'x');
+    // 16 messages per write.
+    let batch = frame.repeat(16);
+    let mut sent = 0u64;
+    while sent < total {
+        match tokio::time::timeout(Duration::from_secs(2), stream.write_all(&batch)).await {
+            Err(_) => return (Sending::Stalled, sent),
+            Ok(Err(_)) => return (Sending::Refused, sent),
+            Ok(Ok(())) => sent += batch.len() as u64,
+        }
+    }
+    (Sending::Finished, sent)
+}
+
+/// A normal client gets `rounds` echoes, each in time.
+async fn echoes_still_flow(addr: &str, rounds: usize) {
+    let (mut ws, _) = tidewire::connect(&format!("ws://{addr}/")).await.unwrap();
+    for i in 0..rounds {
+        let text = format!("still here {i}");
+        ws.send_text(text.clone()).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(10), ws.recv())
+            .await
+            .expect("an echo in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, tidewire::Message::text(text));
+    }
+}
+
+/// Runs `peers` non-readers that send up to `per_peer` bytes each against
+/// a server started with `args`; returns the server's peak memory growth
+/// and the outcomes.
+async fn run(args: &[&str], peers: usize, per_peer: u64) -> (u64, Vec<(Sending, u64)>) {
+    let (server, addr) = start_echo(args).await;
+    let pid = server.id().unwrap();
+    // Warm up the steady state the growth is measured from.
+    echoes_still_flow(&addr, 3).await;
+    let before = peak_bytes(pid);
+    let mut streams = Vec::new();
+    for _ in 0..peers {
+        streams.push(non_reader(&addr).await);
+    }
+    let senders: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let outcome = send_without_reading(&mut s, per_peer).await;
+                (outcome, s)
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    let mut held = Vec::new();
+    for sender in senders {
+        let (outcome, stream) = tokio::time::timeout(LIMIT, sender).await.unwrap().unwrap();
+        outcomes.push(outcome);
+        held.push(stream);
+    }
+    // The hostile peers are still connected (or refused): a normal client
+    // is served meanwhile.
+    echoes_still_flow(&addr, 20).await;
+    let growth = peak_bytes(pid).saturating_sub(before);
+    drop(held);
+    (growth, outcomes)
+}
+
+#[tokio::test]
+async fn one_non_reader_is_held_to_the_send_queue_limit() {
+    let (growth, outcomes) = run(&["--no-deflate"], 1, 96 * MIB).await;
+    let (outcome, sent) = &outcomes[0];
+    // Default --send-queue-bytes is 4 MiB; 8 MiB for the rest (read
+    // buffers, allocator slack).
+    assert!(
+        growth <= 12 * MIB,
+        "server grew by {} KiB for one non-reader ({sent} bytes sent, {outcome:?})",
+        growth / 1024
+    );
+    // TCP pushed back: the peer could not send everything.
+    assert_eq!(*outcome, Sending::Stalled, "{sent} bytes sent");
+    assert!(*sent < 48 * MIB, "{sent} bytes sent");
+}
+
+#[tokio::test]
+async fn a_hundred_non_readers_are_each_held_to_the_send_queue_limit() {
+    let (growth, outcomes) = run(
+        &["--no-deflate", "--send-queue-bytes", "262144"],
+        100,
+        16 * MIB,
+    )
+    .await;
+    let sent: u64 = outcomes.iter().map(|(_, s)| s).sum();
+    // Per peer: 256 KiB of output, plus its read side (up to 256 KiB read
+    // and not yet decoded, and the 256 KiB read buffer the output's echoes
+    // still point into); plus a fixed 24 MiB.
+    assert!(
+        growth <= 100 * (256 + 512) * 1024 + 24 * MIB,
+        "server grew by {} KiB for 100 non-readers ({} MiB sent)",
+        growth / 1024,
+        sent / MIB
+    );
+}
+
+#[tokio::test]
+async fn with_slow_consumer_close_a_non_reader_is_dropped() {
+    let (growth, outcomes) = run(
+        &[
+            "--no-deflate",
+            "--slow-consumer",
+            "close",
+            "--send-queue-bytes",
+            "1048576",
+        ],
+        1,
+        96 * MIB,
+    )
+    .await;
+    let (outcome, sent) = &outcomes[0];
+    assert_eq!(*outcome, Sending::Refused, "{sent} bytes sent");
+    assert!(
+        growth <= 9 * MIB,
+        "server grew by {} KiB ({sent} bytes sent)",
+        growth / 1024
+    );
+}
