@@ -187,3 +187,206 @@ async fn with_slow_consumer_close_a_non_reader_is_dropped() {
         growth / 1024
     );
 }
+
+/// `tidewire connect` against a server that completes the upgrade and
+/// then never reads: the client's memory stays flat while its input backs
+/// up (stdin stops being taken), instead of buffering what it cannot send.
+#[tokio::test]
+async fn connect_holds_its_input_when_the_server_does_not_read() {
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(8).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.unwrap());
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Sec-WebSocket-Key: ")
+                    .or_else(|| l.strip_prefix("sec-websocket-key: "))
+            })
+            .expect("a key")
+            .trim()
+            .to_string();
+        let accept = tidewire::proto::handshake::accept_key(key.as_bytes());
+        stream
+            .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        // Never reads again; holds the connection until the test ends.
+        stream
+    });
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["connect", "--no-deflate", &format!("ws://{addr}/")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::time::timeout(LIMIT, async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.starts_with("Connected") {
+                return;
+            }
+        }
+        panic!("tidewire connect ended before connecting");
+    })
+    .await
+    .unwrap();
+    let before = peak_bytes(pid);
+    let mut stdin = child.stdin.take().unwrap();
+    let line = [vec![b'x'; 16 * 1024 - 1], vec![b'\n']].concat();
+    let batch = line.repeat(16);
+    let (mut sent, total) = (0u64, 96 * MIB);
+    let mut stalled = false;
+    while sent < total {
+        match tokio::time::timeout(Duration::from_secs(2), stdin.write_all(&batch)).await {
+            Err(_) => {
+                stalled = true;
+                break;
+            }
+            Ok(result) => result.unwrap(),
+        }
+        sent += batch.len() as u64;
+    }
+    let growth = peak_bytes(pid).saturating_sub(before);
+    assert!(stalled, "connect took all {sent} bytes of input");
+    assert!(
+        growth <= 8 * MIB,
+        "connect grew by {} KiB ({sent} bytes of input taken)",
+        growth / 1024
+    );
+    drop(stdin);
+    let _ = child.kill().await;
+    drop(server.await.unwrap());
+}
+
+/// Text frames masked with a zero key.
+fn text_frame(payload: &str) -> Vec<u8> {
+    let len = payload.len();
+    let mut frame = vec![0x81];
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(payload.as_bytes());
+    frame
+}
+
+/// A hub client that publishes and asks for history without reading the
+/// replies: the hub's memory stays within its send queue bound (the
+/// client is closed as a slow consumer or pushed back by TCP), and other
+/// clients are served meanwhile.
+#[tokio::test]
+async fn a_hub_client_that_never_reads_its_replies_is_bounded() {
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let dir = std::env::temp_dir().join(format!("tidewire-backpressure-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut hub = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(&dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("TIDEWIRE_API_KEY")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = hub.id().unwrap();
+    let mut lines = BufReader::new(hub.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(LIMIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest.split('/').next().unwrap().to_string();
+            }
+        }
+        panic!("tidewire serve exited before listening");
+    })
+    .await
+    .unwrap();
+    let url = format!("ws://{addr}/connection/websocket");
+    // A normal client, connected before and checked after.
+    let (mut normal, _) = tidewire::connect(&url).await.unwrap();
+    normal.send_text(r#"{"id":1,"connect":{}}"#).await.unwrap();
+    normal.recv().await.unwrap().unwrap();
+    let before = peak_bytes(pid);
+
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+    stream
+        .write_all(format!("GET /connection/websocket HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut opening = text_frame(r#"{"id":1,"connect":{}}"#);
+    opening.extend(text_frame(
+        r#"{"id":2,"subscribe":{"channel":"chat:lobby"}}"#,
+    ));
+    let text = "y".repeat(8000);
+    for id in 3..60 {
+        opening.extend(text_frame(&format!(
+            r#"{{"id":{id},"publish":{{"channel":"chat:lobby","data":{{"text":"{text}"}}}}}}"#
+        )));
+    }
+    stream.write_all(&opening).await.unwrap();
+    let mut batch = Vec::new();
+    for id in 0..16 {
+        batch.extend(text_frame(&format!(
+            r#"{{"id":{},"history":{{"channel":"chat:lobby","limit":100}}}}"#,
+            1000 + id
+        )));
+    }
+    let mut sent = 0u64;
+    while sent < 256 * MIB {
+        match tokio::time::timeout(Duration::from_secs(2), stream.write_all(&batch)).await {
+            Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(())) => sent += batch.len() as u64,
+        }
+    }
+    let growth = peak_bytes(pid).saturating_sub(before);
+    eprintln!("hub grew by {} KiB; {sent} bytes of requests sent", growth / 1024);
+    // client.queue_bytes is 1 MiB by default; 16 MiB for the rest (history
+    // of the channel, read buffers).
+    assert!(
+        growth <= 17 * MIB,
+        "hub grew by {} KiB ({sent} bytes of history requests sent)",
+        growth / 1024
+    );
+    // The normal client is still served.
+    normal
+        .send_text(r#"{"id":2,"presence":{"channel":"chat:lobby"}}"#)
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), normal.recv())
+        .await
+        .expect("a reply in time")
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(reply.as_bytes()).into_owned();
+    assert!(reply.contains(r#""id":2"#), "{reply}");
+    drop(stream);
+    let _ = hub.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
