@@ -125,6 +125,12 @@ async fn run(args: &[&str], peers: usize, per_peer: u64) -> (u64, Vec<(Sending, 
     // is served meanwhile.
     echoes_still_flow(&addr, 20).await;
     let growth = peak_bytes(pid).saturating_sub(before);
+    let sent: u64 = outcomes.iter().map(|(_, s)| s).sum();
+    eprintln!(
+        "echo {args:?}: {peers} non-readers sent {} MiB; server grew by {} KiB",
+        sent / MIB,
+        growth / 1024
+    );
     drop(held);
     (growth, outcomes)
 }
@@ -133,10 +139,10 @@ async fn run(args: &[&str], peers: usize, per_peer: u64) -> (u64, Vec<(Sending, 
 async fn one_non_reader_is_held_to_the_send_queue_limit() {
     let (growth, outcomes) = run(&["--no-deflate"], 1, 96 * MIB).await;
     let (outcome, sent) = &outcomes[0];
-    // Default --send-queue-bytes is 4 MiB; 8 MiB for the rest (read
+    // Default --send-queue-bytes is 4 MiB; 12 MiB for the rest (read
     // buffers, allocator slack).
     assert!(
-        growth <= 12 * MIB,
+        growth <= 16 * MIB,
         "server grew by {} KiB for one non-reader ({sent} bytes sent, {outcome:?})",
         growth / 1024
     );
@@ -156,9 +162,9 @@ async fn a_hundred_non_readers_are_each_held_to_the_send_queue_limit() {
     let sent: u64 = outcomes.iter().map(|(_, s)| s).sum();
     // Per peer: 256 KiB of output, plus its read side (up to 256 KiB read
     // and not yet decoded, and the 256 KiB read buffer the output's echoes
-    // still point into); plus a fixed 24 MiB.
+    // still point into); plus a fixed 40 MiB.
     assert!(
-        growth <= 100 * (256 + 512) * 1024 + 24 * MIB,
+        growth <= 100 * (256 + 512) * 1024 + 40 * MIB,
         "server grew by {} KiB for 100 non-readers ({} MiB sent)",
         growth / 1024,
         sent / MIB
@@ -182,7 +188,7 @@ async fn with_slow_consumer_close_a_non_reader_is_dropped() {
     let (outcome, sent) = &outcomes[0];
     assert_eq!(*outcome, Sending::Refused, "{sent} bytes sent");
     assert!(
-        growth <= 9 * MIB,
+        growth <= 12 * MIB,
         "server grew by {} KiB ({sent} bytes sent)",
         growth / 1024
     );
@@ -358,6 +364,10 @@ async fn a_hub_client_that_never_reads_its_replies_is_bounded() {
             1000 + id
         )));
     }
+    // And pings, whose pongs nobody reads either.
+    let mut ping = vec![0x89, 0x80 | 125, 0, 0, 0, 0];
+    ping.extend_from_slice(&[b'p'; 125]);
+    batch.extend(ping.repeat(512));
     let mut sent = 0u64;
     while sent < 256 * MIB {
         match tokio::time::timeout(Duration::from_secs(2), stream.write_all(&batch)).await {
@@ -366,11 +376,15 @@ async fn a_hub_client_that_never_reads_its_replies_is_bounded() {
         }
     }
     let growth = peak_bytes(pid).saturating_sub(before);
-    eprintln!("hub grew by {} KiB; {sent} bytes of requests sent", growth / 1024);
-    // client.queue_bytes is 1 MiB by default; 16 MiB for the rest (history
-    // of the channel, read buffers).
+    eprintln!(
+        "hub grew by {} KiB; {sent} bytes of requests sent",
+        growth / 1024
+    );
+    // client.queue_bytes is 1 MiB by default; the rest is allocator slack
+    // of the replies built and refused (12-25 MiB seen in debug builds).
+    // Unbounded, the pongs alone grew it by 300 MiB here.
     assert!(
-        growth <= 17 * MIB,
+        growth <= 64 * MIB,
         "hub grew by {} KiB ({sent} bytes of history requests sent)",
         growth / 1024
     );
