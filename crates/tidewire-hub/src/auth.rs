@@ -1,24 +1,27 @@
 //! JWT verification: connection tokens and subscription tokens.
 //!
-//! Algorithms: HS256 (shared secret), RS256 and ES256 (public keys in PEM,
-//! or from a JWKS URL by `kid`). Claims:
+//! Algorithms: HS256 (shared secret), RS256 and ES256 (public keys as PEM
+//! text or PEM files, read at start, or from a JWKS URL by `kid`). Claims:
 //!
 //! | claim | connection token | subscription token |
 //! |---|---|---|
-//! | `sub` | the user id | the user id it was issued to |
+//! | `sub` | the user id (the hub refuses none or `""` when anonymous clients are off) | the user id it was issued to (likewise) |
 //! | `exp` | enforced (no leeway); optional | enforced; optional |
 //! | `channels` | channels (or `ns:*` patterns) the client may subscribe to in `token` namespaces | – |
 //! | `channel` | must be absent | the channel it grants |
 //! | `info` | any JSON, shown in presence, join/leave and publications | – |
-//! | `aud`, `iss` | checked when configured | checked when configured |
+//! | `aud`, `iss` | required and checked when configured | required and checked when configured |
 //!
 //! A subscription token cannot be used to connect, nor a connection token
 //! to subscribe: the `channel` claim tells them apart.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Read as _;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use jsonwebtoken::{
     decode, decode_header, Algorithm, DecodingKey, EncodingKey, Header, Validation,
 };
@@ -110,23 +113,22 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// Builds the verifier from settings.
+    /// Builds the verifier from settings; key files are read here.
     ///
     /// # Errors
-    /// A key that is not valid PEM.
+    /// A key that cannot be read or is not a public key of its kind: the
+    /// message names the setting (`token.rsa_public_key`, ...) and why.
     pub fn new(settings: &TokenSettings) -> Result<Verifier, String> {
         let rsa = settings
             .rsa_public_key
             .as_deref()
-            .map(|pem| DecodingKey::from_rsa_pem(pem.as_bytes()))
-            .transpose()
-            .map_err(|e| format!("token.rsa_public_key: {e}"))?;
+            .map(|value| public_key("token.rsa_public_key", value, KeyKind::Rsa))
+            .transpose()?;
         let ecdsa = settings
             .ecdsa_public_key
             .as_deref()
-            .map(|pem| DecodingKey::from_ec_pem(pem.as_bytes()))
-            .transpose()
-            .map_err(|e| format!("token.ecdsa_public_key: {e}"))?;
+            .map(|value| public_key("token.ecdsa_public_key", value, KeyKind::Ecdsa))
+            .transpose()?;
         Ok(Verifier {
             hmac: settings
                 .hmac_secret
@@ -216,8 +218,14 @@ impl Verifier {
         validation.leeway = 0;
         validation.required_spec_claims = HashSet::new();
         validation.validate_exp = true;
+        // A configured audience or issuer is required, not only checked
+        // when present: a token without the claim (or with one that is not
+        // a string or a list of strings) is refused like a wrong one.
         match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
@@ -233,6 +241,155 @@ impl Verifier {
                 _ => unauthorized(format!("invalid token: {e}")),
             })
     }
+}
+
+/// Which public key a setting holds.
+#[derive(Debug, Clone, Copy)]
+enum KeyKind {
+    Rsa,
+    Ecdsa,
+}
+
+impl KeyKind {
+    fn name(self) -> &'static str {
+        match self {
+            KeyKind::Rsa => "an RSA public key (RS256)",
+            KeyKind::Ecdsa => "an ECDSA P-256 public key (ES256)",
+        }
+    }
+
+    fn parse(self, pem: &[u8]) -> jsonwebtoken::errors::Result<DecodingKey> {
+        match self {
+            KeyKind::Rsa => DecodingKey::from_rsa_pem(pem),
+            KeyKind::Ecdsa => DecodingKey::from_ec_pem(pem),
+        }
+    }
+}
+
+/// Public key files are a few KiB at most; this bounds what a wrong path
+/// (a log file, a device) can make the server read.
+const MAX_KEY_FILE: u64 = 64 * 1024;
+
+/// A public key setting: PEM text, or (when it does not start with
+/// `-----BEGIN`) the path of a PEM file, read now. Errors name the setting
+/// and say what is wrong in words.
+fn public_key(setting: &str, value: &str, kind: KeyKind) -> Result<DecodingKey, String> {
+    if value.trim_start().starts_with("-----BEGIN") {
+        return parse_public_key(value.as_bytes(), kind)
+            .map_err(|why| format!("{setting} (PEM text): {why}"));
+    }
+    let path = value.trim();
+    if path.is_empty() {
+        return Err(format!(
+            "{setting} is empty: give the PEM text or the path of a PEM file"
+        ));
+    }
+    let pem = read_key_file(Path::new(path))
+        .map_err(|why| format!("{setting}: cannot read the key file {path:?}: {why}"))?;
+    parse_public_key(&pem, kind).map_err(|why| format!("{setting} (file {path:?}): {why}"))
+}
+
+fn read_key_file(path: &Path) -> Result<Vec<u8>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut pem = Vec::new();
+    file.take(MAX_KEY_FILE + 1)
+        .read_to_end(&mut pem)
+        .map_err(|e| e.to_string())?;
+    if pem.len() as u64 > MAX_KEY_FILE {
+        return Err(format!(
+            "it is over {} KiB, too big for a public key",
+            MAX_KEY_FILE / 1024
+        ));
+    }
+    Ok(pem)
+}
+
+/// Parses a PEM public key; the error says, in words, what the PEM holds
+/// instead (jsonwebtoken itself says `InvalidKeyFormat` for all of it).
+fn parse_public_key(pem: &[u8], kind: KeyKind) -> Result<DecodingKey, String> {
+    let text = String::from_utf8_lossy(pem);
+    let Some(label) = pem_label(&text) else {
+        return Err(format!(
+            "not PEM: expected {} between -----BEGIN PUBLIC KEY----- and \
+             -----END PUBLIC KEY----- lines",
+            kind.name()
+        ));
+    };
+    // jsonwebtoken would take some private keys for public ones, and then
+    // refuse every token; a private key has no place on the hub anyway.
+    if label.contains("PRIVATE") {
+        return Err(format!(
+            "this is a private key (-----BEGIN {label}-----); configure its public key \
+             (`openssl pkey -in private.pem -pubout`)"
+        ));
+    }
+    // jsonwebtoken does not look at the key's algorithm and curve: an
+    // ECDSA key on another curve would load and then refuse every token.
+    let der = pem_der(&text).unwrap_or_default();
+    let names = |oid: &[u8]| der.windows(oid.len()).any(|w| w == oid);
+    match kind {
+        KeyKind::Rsa if names(OID_EC_PUBLIC_KEY) => {
+            return Err(
+                "this is an EC key, not an RSA key (ES256 keys go in token.ecdsa_public_key)"
+                    .to_owned(),
+            )
+        }
+        KeyKind::Ecdsa if names(OID_RSA_ENCRYPTION) => {
+            return Err(
+                "this is an RSA key, not an EC key (RS256 keys go in token.rsa_public_key)"
+                    .to_owned(),
+            )
+        }
+        KeyKind::Ecdsa if names(OID_EC_PUBLIC_KEY) && !names(OID_P256) => {
+            return Err("this EC key is not on the P-256 curve, the only one ES256 uses".to_owned())
+        }
+        _ => {}
+    }
+    kind.parse(pem).map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::InvalidKeyFormat => format!(
+            "the PEM block (-----BEGIN {label}-----) does not hold {}: it is damaged or of \
+             a form jsonwebtoken does not read",
+            kind.name()
+        ),
+        jsonwebtoken::errors::ErrorKind::InvalidRsaKey(why) => {
+            format!("not a usable RSA public key: {why}")
+        }
+        jsonwebtoken::errors::ErrorKind::InvalidEcdsaKey => {
+            "not a usable ECDSA public key".to_owned()
+        }
+        _ => format!("not {}: {e}", kind.name()),
+    })
+}
+
+/// DER object identifiers, tag and length included: rsaEncryption
+/// (1.2.840.113549.1.1.1), id-ecPublicKey (1.2.840.10045.2.1) and the
+/// P-256 curve (1.2.840.10045.3.1.7), as they appear in a
+/// SubjectPublicKeyInfo.
+const OID_RSA_ENCRYPTION: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The DER bytes of the first PEM block, if its base64 decodes.
+fn pem_der(text: &str) -> Option<Vec<u8>> {
+    let body: String = text
+        .lines()
+        .skip_while(|line| !line.trim_start().starts_with("-----BEGIN"))
+        .skip(1)
+        .take_while(|line| !line.trim_start().starts_with("-----END"))
+        .flat_map(|line| line.trim().chars())
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
+/// The label of the first PEM block (`PUBLIC KEY` in
+/// `-----BEGIN PUBLIC KEY-----`).
+fn pem_label(text: &str) -> Option<&str> {
+    let start = text.find("-----BEGIN ")? + "-----BEGIN ".len();
+    let rest = &text[start..];
+    let end = rest.find("-----")?;
+    Some(rest[..end].trim()).filter(|label| !label.contains('\n'))
 }
 
 impl Jwks {
@@ -427,6 +584,222 @@ mod tests {
             v.connection(&hs).await.unwrap_err().code,
             ErrorCode::Unauthorized
         );
+    }
+
+    const RSA_PUBLIC: &str = include_str!("../tests/fixtures/rsa_public.pem");
+    const RSA_PRIVATE: &str = include_str!("../tests/fixtures/rsa_private.pem");
+
+    fn sign(alg: Algorithm, key: &EncodingKey, claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(alg), claims, key).unwrap()
+    }
+
+    /// A file under the temporary folder, removed when dropped.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, contents: &[u8]) -> TempFile {
+            let path =
+                std::env::temp_dir().join(format!("tidewire-auth-{}-{name}", std::process::id()));
+            std::fs::write(&path, contents).unwrap();
+            TempFile(path)
+        }
+
+        fn path(&self) -> String {
+            self.0.to_str().unwrap().to_owned()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// For each algorithm, with an audience and an issuer configured: a
+    /// token needs both claims, with the configured values.
+    #[tokio::test]
+    async fn configured_audience_and_issuer_are_required() {
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cases = [
+            (
+                Algorithm::HS256,
+                TokenSettings {
+                    hmac_secret: Some("s3cret".into()),
+                    ..TokenSettings::default()
+                },
+                EncodingKey::from_secret(b"s3cret"),
+            ),
+            (
+                Algorithm::RS256,
+                TokenSettings {
+                    rsa_public_key: Some(RSA_PUBLIC.into()),
+                    ..TokenSettings::default()
+                },
+                EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+            ),
+            (
+                Algorithm::ES256,
+                TokenSettings {
+                    ecdsa_public_key: Some(ec.public_key_pem()),
+                    ..TokenSettings::default()
+                },
+                EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap(),
+            ),
+        ];
+        for (alg, settings, key) in cases {
+            let v = Verifier::new(&TokenSettings {
+                audience: Some("my-app".into()),
+                issuer: Some("https://auth.example".into()),
+                ..settings
+            })
+            .unwrap();
+            let token = |claims: serde_json::Value| sign(alg, &key, &claims);
+            let good = token(serde_json::json!({
+                "sub": "42", "aud": "my-app", "iss": "https://auth.example"
+            }));
+            assert_eq!(v.connection(&good).await.unwrap().user, "42", "{alg:?}");
+            let one_of_several = token(serde_json::json!({
+                "sub": "42", "aud": ["other", "my-app"], "iss": "https://auth.example"
+            }));
+            assert!(v.connection(&one_of_several).await.is_ok(), "{alg:?}");
+            for (what, claims) in [
+                (
+                    "no aud",
+                    serde_json::json!({"sub": "42", "iss": "https://auth.example"}),
+                ),
+                ("no iss", serde_json::json!({"sub": "42", "aud": "my-app"})),
+                ("neither", serde_json::json!({"sub": "42"})),
+                (
+                    "wrong aud",
+                    serde_json::json!({"sub": "42", "aud": "app2", "iss": "https://auth.example"}),
+                ),
+                (
+                    "wrong iss",
+                    serde_json::json!({"sub": "42", "aud": "my-app", "iss": "https://evil"}),
+                ),
+                (
+                    "aud not a string",
+                    serde_json::json!({"sub": "42", "aud": 7, "iss": "https://auth.example"}),
+                ),
+                (
+                    "iss not a string",
+                    serde_json::json!({"sub": "42", "aud": "my-app", "iss": {"x": 1}}),
+                ),
+            ] {
+                let err = v.connection(&token(claims.clone())).await.unwrap_err();
+                assert_eq!(err.code, ErrorCode::Unauthorized, "{alg:?}, {what}");
+                // Subscription tokens are held to the same rule.
+                let mut sub = claims;
+                sub["channel"] = "private:x".into();
+                let err = v.subscription(&token(sub)).await.unwrap_err();
+                assert_eq!(err.code, ErrorCode::Unauthorized, "{alg:?}, {what}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn public_keys_are_pem_text_or_a_file_path() {
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let rsa_file = TempFile::new("rsa.pem", RSA_PUBLIC.as_bytes());
+        let ec_file = TempFile::new("ec.pem", ec.public_key_pem().as_bytes());
+        let v = Verifier::new(&TokenSettings {
+            rsa_public_key: Some(rsa_file.path()),
+            ecdsa_public_key: Some(ec_file.path()),
+            ..TokenSettings::default()
+        })
+        .unwrap();
+        let claims = serde_json::json!({"sub": "42"});
+        let rs = sign(
+            Algorithm::RS256,
+            &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+            &claims,
+        );
+        let es = sign(
+            Algorithm::ES256,
+            &EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap(),
+            &claims,
+        );
+        assert_eq!(v.connection(&rs).await.unwrap().user, "42");
+        assert_eq!(v.connection(&es).await.unwrap().user, "42");
+        // PEM text with the leading newline a TOML or shell quote may add.
+        let inline = Verifier::new(&TokenSettings {
+            rsa_public_key: Some(format!("\n{RSA_PUBLIC}")),
+            ..TokenSettings::default()
+        })
+        .unwrap();
+        assert_eq!(inline.connection(&rs).await.unwrap().user, "42");
+    }
+
+    fn key_error(rsa: Option<String>, ecdsa: Option<String>) -> String {
+        Verifier::new(&TokenSettings {
+            rsa_public_key: rsa,
+            ecdsa_public_key: ecdsa,
+            ..TokenSettings::default()
+        })
+        .unwrap_err()
+    }
+
+    #[test]
+    fn a_key_that_fails_says_which_and_why() {
+        let missing = std::env::temp_dir().join("tidewire-auth-no-such-key.pem");
+        let missing = missing.to_str().unwrap();
+        let e = key_error(Some(missing.into()), None);
+        assert!(
+            e.starts_with("token.rsa_public_key: cannot read the key file"),
+            "{e}"
+        );
+        assert!(e.contains(missing), "{e}");
+        assert!(e.contains("No such file or directory"), "{e}");
+        let e = key_error(None, Some(missing.into()));
+        assert!(e.starts_with("token.ecdsa_public_key: "), "{e}");
+
+        let e = key_error(Some("  ".into()), None);
+        assert!(e.contains("token.rsa_public_key is empty"), "{e}");
+
+        // Damaged PEM text.
+        let damaged = RSA_PUBLIC.replace("MII", "MIX");
+        let e = key_error(Some(damaged), None);
+        assert!(
+            e.starts_with(
+                "token.rsa_public_key (PEM text): the PEM block (-----BEGIN PUBLIC KEY-----) \
+                 does not hold an RSA public key"
+            ),
+            "{e}"
+        );
+
+        // A file that holds no PEM at all.
+        let junk = TempFile::new("junk.pem", b"hello\n");
+        let e = key_error(None, Some(junk.path()));
+        assert!(e.starts_with("token.ecdsa_public_key (file "), "{e}");
+        assert!(e.contains(&junk.path()), "{e}");
+        assert!(e.contains("not PEM"), "{e}");
+
+        // A private key where the public one belongs.
+        let e = key_error(Some(RSA_PRIVATE.into()), None);
+        assert!(
+            e.contains("this is a private key (-----BEGIN PRIVATE KEY-----)"),
+            "{e}"
+        );
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let e = key_error(None, Some(ec.serialize_pem()));
+        assert!(e.contains("this is a private key"), "{e}");
+
+        // The other algorithm's key, and an EC key on another curve.
+        let e = key_error(None, Some(RSA_PUBLIC.into()));
+        assert!(
+            e.starts_with("token.ecdsa_public_key (PEM text): this is an RSA key"),
+            "{e}"
+        );
+        let e = key_error(Some(ec.public_key_pem()), None);
+        assert!(e.contains("this is an EC key, not an RSA key"), "{e}");
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let e = key_error(None, Some(p384.public_key_pem()));
+        assert!(e.contains("not on the P-256 curve"), "{e}");
+
+        // A path to something huge is not read whole.
+        let big = TempFile::new("big.pem", &vec![b'A'; 100 * 1024]);
+        let e = key_error(Some(big.path()), None);
+        assert!(e.contains("over 64 KiB"), "{e}");
     }
 
     #[test]

@@ -156,15 +156,18 @@ impl std::str::FromStr for SlowConsumerPolicy {
 pub struct TokenSettings {
     /// HS256 shared secret.
     pub hmac_secret: Option<String>,
-    /// RS256 public key (PEM text).
+    /// RS256 public key: PEM text, or the path of a PEM file (any value
+    /// that does not start with `-----BEGIN`), read at start.
     pub rsa_public_key: Option<String>,
-    /// ES256 public key (PEM text).
+    /// ES256 (P-256) public key: PEM text or the path of a PEM file, like
+    /// `rsa_public_key`.
     pub ecdsa_public_key: Option<String>,
     /// A JWKS document URL (RS256 / ES256 keys by `kid`).
     pub jwks_url: Option<String>,
-    /// Required `aud` claim, if set.
+    /// If set, tokens must have this `aud` (a token without `aud` is
+    /// refused like one with another).
     pub audience: Option<String>,
-    /// Required `iss` claim, if set.
+    /// If set, tokens must have this `iss` (likewise).
     pub issuer: Option<String>,
 }
 

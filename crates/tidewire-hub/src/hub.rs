@@ -1066,7 +1066,6 @@ impl Session {
             Some(token) => node.verifier.connection(token).await?,
             None => Default::default(),
         };
-        let mut granted_by_proxy = false;
         if let Some(proxy) = &node.proxy {
             let call = ConnectCall {
                 client: &client_id,
@@ -1075,7 +1074,6 @@ impl Session {
                 data: request.data.as_deref(),
             };
             if let Some(result) = proxy.connect(&call).await? {
-                granted_by_proxy = result.user.is_some();
                 if let Some(user) = result.user {
                     claims.user = user;
                 }
@@ -1090,10 +1088,18 @@ impl Session {
                 }
             }
         }
-        if request.token.is_none() && !granted_by_proxy && !node.config.client.anonymous {
+        // With anonymous clients off, every connection has a user: from the
+        // token's `sub` or from the connect proxy. A signed token without
+        // one (or with `sub: ""`) would otherwise connect as anonymous.
+        if claims.user.is_empty() && !node.config.client.anonymous {
             return Err(error(
                 ErrorCode::Unauthorized,
-                "a connection token is required",
+                if request.token.is_some() {
+                    "the token names no user (its sub claim is missing or empty), and \
+                     anonymous clients are not allowed"
+                } else {
+                    "a connection token is required"
+                },
             ));
         }
         let info = Arc::new(ClientInfo {
@@ -1146,6 +1152,13 @@ impl Session {
         }
         if let Some(token) = token {
             let claims = self.node.verifier.subscription(token).await?;
+            if claims.user.is_empty() && !self.node.config.client.anonymous {
+                return Err(error(
+                    ErrorCode::Unauthorized,
+                    "the subscription token names no user (its sub claim is missing or \
+                     empty), and anonymous clients are not allowed",
+                ));
+            }
             if claims.channel != channel || claims.user != info.user {
                 return denied("the subscription token is for another channel or user");
             }

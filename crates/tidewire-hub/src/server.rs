@@ -4,9 +4,11 @@
 //! connection limits (503 overall, 429 per IP), TLS with one deadline for
 //! the TLS handshake and the request head, and graceful shutdown.
 //!
-//! Shutdown: stop accepting; every client gets a `disconnect` push (3001,
-//! reconnect) and close 1001; wait for the sessions to end, at most the
-//! shutdown timeout.
+//! Shutdown: every client gets a `disconnect` push (3001, reconnect) and
+//! close 1001; wait for the sessions to end, at most the shutdown timeout.
+//! Meanwhile the listener stays open, so that load balancers see the hub
+//! leave: `/health` answers 503 "shutting down", WebSocket upgrades 503,
+//! the rest as usual; each of these connections serves one request.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -156,6 +158,9 @@ async fn static_file(content_type: &'static str, body: &'static str) -> impl Int
 }
 
 async fn health(State(app): State<AppState>) -> Response {
+    if app.hub.is_shutting_down() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
     match app.hub.health().await {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {e}\n")).into_response(),
@@ -268,6 +273,74 @@ impl Limiter {
     }
 }
 
+/// What an accepted connection needs; shared by the accept loop and the
+/// drain's.
+#[derive(Clone)]
+struct Front {
+    router: Router,
+    tls: Option<tidewire::tls::TlsAcceptor>,
+    limiter: Arc<Limiter>,
+    handshake_timeout: Duration,
+}
+
+impl Front {
+    /// The task that serves one connection, or `None` when the connection
+    /// limits refuse it (answered here). `shutdown` ends the connection
+    /// gracefully; without `keep_alive` it serves one request and closes.
+    fn connection(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        keep_alive: bool,
+        shutdown: CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let _ = tcp.set_nodelay(true);
+        let slot = match self.limiter.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err((status, text)) => {
+                tracing::debug!(%peer, %status, "connection refused");
+                tokio::spawn(refuse(tcp, status, text));
+                return None;
+            }
+        };
+        let front = self.clone();
+        Some(async move {
+            let slot = ConnectionSlot(Arc::new(slot));
+            let deadline = front.handshake_timeout;
+            let http = Http {
+                router: front.router,
+                header_timeout: deadline,
+                keep_alive,
+                shutdown,
+            };
+            match front.tls {
+                None => serve_connection(tcp, peer, slot, http).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, peer, slot, http).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timeout"),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// The next connection; accept errors (out of file descriptors and the
+/// like) are logged and retried after a pause, not spun on.
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serves the hub on `listener` until `shutdown` is cancelled, then shuts
 /// down gracefully (see the module docs).
 ///
@@ -282,59 +355,26 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let config: Arc<Config> = Arc::new(hub.config().clone());
     let sessions_token = CancellationToken::new();
-    let router = router(hub.clone(), api_key, sessions_token.clone());
-    let limiter = Arc::new(Limiter {
-        max: config.server.max_connections,
-        max_per_ip: config.server.max_connections_per_ip,
-        ..Limiter::default()
-    });
+    let front = Front {
+        router: router(hub.clone(), api_key, sessions_token.clone()),
+        tls,
+        limiter: Arc::new(Limiter {
+            max: config.server.max_connections,
+            max_per_ip: config.server.max_connections_per_ip,
+            ..Limiter::default()
+        }),
+        handshake_timeout: config.server.handshake_timeout,
+    };
     let tracker = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, don't spin.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            conn = accept(&listener) => conn,
         };
-        let _ = tcp.set_nodelay(true);
-        let slot = match limiter.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err((status, text)) => {
-                tracing::debug!(%peer, %status, "connection refused");
-                tokio::spawn(refuse(tcp, status, text));
-                continue;
-            }
-        };
-        let (router, tls, config, shutdown) = (
-            router.clone(),
-            tls.clone(),
-            config.clone(),
-            shutdown.clone(),
-        );
-        tracker.spawn(async move {
-            let slot = ConnectionSlot(Arc::new(slot));
-            let deadline = config.server.handshake_timeout;
-            match tls {
-                None => serve_connection(tcp, peer, slot, router, deadline, shutdown).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            serve_connection(stream, peer, slot, router, deadline, shutdown).await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timeout"),
-                    }
-                }
-            }
-        });
+        if let Some(connection) = front.connection(tcp, peer, true, shutdown.clone()) {
+            tracker.spawn(connection);
+        }
     }
-    drop(listener);
     tracing::info!(sessions = hub.counts().sessions, "shutting down");
     hub.shutdown();
     tracker.close();
@@ -345,13 +385,33 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    if tokio::time::timeout_at(deadline, drained).await.is_err() {
-        tracing::warn!(
-            sessions = hub.counts().sessions,
-            "shutdown timeout: dropping the remaining connections"
-        );
-        sessions_token.cancel();
+    // The listener stays open during the drain (503 on /health and on
+    // upgrades, see the module docs). These connections are not waited
+    // for: each serves one request, bounded by the header timeout; the
+    // guard ends those still open when this returns.
+    let draining = CancellationToken::new();
+    let _end_draining = draining.clone().drop_guard();
+    let answer_while_draining = async {
+        loop {
+            let (tcp, peer) = accept(&listener).await;
+            if let Some(connection) = front.connection(tcp, peer, false, draining.clone()) {
+                tokio::spawn(connection);
+            }
+        }
+    };
+    tokio::select! {
+        drained = tokio::time::timeout_at(deadline, drained) => {
+            if drained.is_err() {
+                tracing::warn!(
+                    sessions = hub.counts().sessions,
+                    "shutdown timeout: dropping the remaining connections"
+                );
+                sessions_token.cancel();
+            }
+        }
+        () = answer_while_draining => {}
     }
+    drop(listener);
     Ok(())
 }
 
@@ -370,16 +430,26 @@ async fn refuse(mut tcp: TcpStream, status: StatusCode, text: &str) {
     .await;
 }
 
-async fn serve_connection<I>(
-    io: I,
-    peer: SocketAddr,
-    slot: ConnectionSlot,
+/// How [`serve_connection`] serves HTTP on a connection.
+struct Http {
     router: Router,
     header_timeout: Duration,
+    /// Off during the drain: one request, then the connection closes.
+    keep_alive: bool,
+    /// Ends the connection gracefully (the request in progress finishes).
     shutdown: CancellationToken,
-) where
+}
+
+async fn serve_connection<I>(io: I, peer: SocketAddr, slot: ConnectionSlot, http: Http)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Http {
+        router,
+        header_timeout,
+        keep_alive,
+        shutdown,
+    } = http;
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(slot.clone());
         request.extensions_mut().insert(peer);
@@ -392,6 +462,7 @@ async fn serve_connection<I>(
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
+        .keep_alive(keep_alive)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);

@@ -187,3 +187,134 @@ async fn a_subscription_ends_when_its_token_expires() {
     )
     .await;
 }
+
+/// An HS256 token with exactly these claims.
+fn signed(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn without_anonymous_clients_a_token_must_name_a_user() {
+    let mut cfg = config();
+    cfg.client.anonymous = false;
+    cfg.namespaces.insert(
+        "private".into(),
+        tidewire_hub::config::ChannelOptions {
+            subscribe: tidewire_hub::config::SubscribeRule::Token,
+            ..Default::default()
+        },
+    );
+    let server = start(cfg).await;
+    let mut c = Client::open(&server).await;
+    let exp = now_unix() + 60;
+    for claims in [
+        json!({"exp": exp}),
+        json!({"sub": "", "exp": exp}),
+        json!({"sub": "", "channels": ["private:*"]}),
+    ] {
+        let reply = c.call("connect", json!({"token": signed(claims)})).await;
+        assert_eq!(reply["error"]["code"], 105, "{reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains("sub claim"), "{message}");
+    }
+    assert_eq!(server.hub.counts().clients, 0);
+    // A user connects; a subscription token naming nobody grants nothing.
+    c.ok("connect", json!({"token": token("42", 60, &[])}))
+        .await;
+    let nobody = signed(json!({"channel": "private:plans", "exp": exp}));
+    let reply = c
+        .call(
+            "subscribe",
+            json!({"channel": "private:plans", "token": nobody}),
+        )
+        .await;
+    assert_eq!(reply["error"]["code"], 105, "{reply}");
+    // A token for another user cannot take over the connection either.
+    let unnamed = signed(json!({"sub": "", "exp": exp}));
+    assert_eq!(
+        c.error_code("refresh", json!({"token": unnamed})).await,
+        105
+    );
+    c.ok(
+        "subscribe",
+        json!({"channel": "private:plans", "token": subscription_token("42", "private:plans", 60)}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn with_anonymous_clients_a_token_without_user_is_anonymous() {
+    // The embedded defaults: anonymous clients are allowed, so a token
+    // naming no user connects as the anonymous user, with its grants.
+    let server = start(config()).await;
+    let mut c = Client::open(&server).await;
+    let unnamed = signed(json!({"channels": ["private:*"]}));
+    let reply = c.ok("connect", json!({"token": unnamed})).await;
+    assert_eq!(reply["user"], "");
+}
+
+#[tokio::test]
+async fn without_anonymous_clients_the_connect_proxy_must_name_a_user() {
+    let backend = axum::Router::new().route(
+        "/connect",
+        axum::routing::post(
+            |axum::Json(call): axum::Json<serde_json::Value>| async move {
+                let user = call["data"]["as"].clone();
+                axum::Json(json!({"result": {"user": user}}))
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, backend).await });
+    let mut cfg = config();
+    cfg.client.anonymous = false;
+    cfg.proxy.connect_url = Some(format!("http://{backend_addr}/connect"));
+    let server = start(cfg).await;
+    let mut c = Client::open(&server).await;
+    assert_eq!(
+        c.error_code("connect", json!({"data": {"as": ""}})).await,
+        105
+    );
+    // The proxy may name the user of a token that names none.
+    let unnamed = signed(json!({"exp": now_unix() + 60}));
+    let reply = c
+        .ok("connect", json!({"token": unnamed, "data": {"as": "7"}}))
+        .await;
+    assert_eq!(reply["user"], "7");
+}
+
+#[tokio::test]
+async fn a_configured_audience_and_issuer_must_be_in_the_token() {
+    // RS256 with the key given as a file path, as operators mount keys.
+    let key_file =
+        std::env::temp_dir().join(format!("tidewire-hub-rsa-{}.pem", std::process::id()));
+    std::fs::write(&key_file, include_str!("fixtures/rsa_public.pem")).unwrap();
+    let mut cfg = config();
+    cfg.token.hmac_secret = None;
+    cfg.token.rsa_public_key = Some(key_file.to_str().unwrap().into());
+    cfg.token.audience = Some("my-app".into());
+    cfg.token.issuer = Some("https://auth.example".into());
+    let server = start(cfg).await;
+    let _ = std::fs::remove_file(&key_file);
+    let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/rsa_private.pem")).unwrap();
+    let rs256 = |claims: serde_json::Value| {
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap()
+    };
+    let mut c = Client::open(&server).await;
+    for claims in [
+        json!({"sub": "42", "iss": "https://auth.example"}),
+        json!({"sub": "42", "aud": "my-app"}),
+        json!({"sub": "42", "aud": "other", "iss": "https://auth.example"}),
+    ] {
+        let reply = c.call("connect", json!({"token": rs256(claims)})).await;
+        assert_eq!(reply["error"]["code"], 105, "{reply}");
+    }
+    let good = rs256(json!({"sub": "42", "aud": "my-app", "iss": "https://auth.example"}));
+    assert_eq!(c.ok("connect", json!({"token": good})).await["user"], "42");
+}

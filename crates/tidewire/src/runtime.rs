@@ -6,7 +6,9 @@
 //! HTTP requests on the same port, the origin allow-list (403), the
 //! authentication hook (401/403 with a reason, or an identity attached to the
 //! connection), subprotocol choice, and graceful shutdown (1001 to everyone,
-//! bounded wait). Counters of all of it are in [`ServerStats`].
+//! bounded wait; meanwhile the listener stays open and every new request,
+//! health checks and upgrades alike, gets 503 "shutting down"). Counters of
+//! all of it are in [`ServerStats`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -97,7 +99,7 @@ impl ServerStats {
     }
 
     /// Refused handshakes by reason (`limit_total`, `limit_ip`, `timeout`,
-    /// `bad_request`, `origin`, `auth`, `tls`).
+    /// `bad_request`, `origin`, `auth`, `tls`, `shutting_down`).
     pub fn rejections(&self) -> HashMap<&'static str, u64> {
         self.rejections
             .lock()
@@ -228,7 +230,8 @@ impl ServerBuilder {
     }
 
     /// Answers plain HTTP requests on the same port (health checks, pages).
-    /// Without it they get 426 Upgrade Required.
+    /// Without it they get 426 Upgrade Required. During graceful shutdown
+    /// it is not called: every request gets 503 "shutting down".
     pub fn http<F, Fut>(mut self, handler: F) -> Self
     where
         F: Fn(Request<()>) -> Fut + Send + Sync + 'static,
@@ -324,10 +327,12 @@ impl Server {
         self.shared.stats.clone()
     }
 
-    /// Cancelling this token starts graceful shutdown: `serve` stops
-    /// accepting, every connection gets close 1001 after its queued
-    /// messages, and `serve` returns when all have closed or the shutdown
-    /// timeout passed.
+    /// Cancelling this token starts graceful shutdown: every connection
+    /// gets close 1001 after its queued messages, and `serve` returns when
+    /// all have closed or the shutdown timeout passed. Until then the
+    /// listener stays open and answers every new request (plain HTTP,
+    /// `/health`, WebSocket upgrades) with 503 "shutting down", so that load
+    /// balancers see the server leave; it closes when `serve` returns.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shared.shutdown.clone()
     }
@@ -392,22 +397,59 @@ impl Server {
                 });
             });
         }
-        drop(listener);
         tracker.close();
         info!(
             connections = tracker.len(),
             "shutting down: waiting for closing handshakes"
         );
-        if tokio::time::timeout(self.shared.shutdown_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                remaining = tracker.len(),
-                "shutdown timeout: dropping the remaining connections"
-            );
+        // The listener stays open until the drain ends: health checks and
+        // new clients get 503 "shutting down" (a load balancer then takes
+        // this server out) rather than connection refused.
+        tokio::select! {
+            drained = tokio::time::timeout(self.shared.shutdown_timeout, tracker.wait()) => {
+                if drained.is_err() {
+                    warn!(
+                        remaining = tracker.len(),
+                        "shutdown timeout: dropping the remaining connections"
+                    );
+                }
+            }
+            never = self.refuse_while_draining(&listener) => match never {},
         }
+        drop(listener);
         Ok(())
+    }
+
+    /// The accept loop of the drain: every request on a new connection,
+    /// `/health` and WebSocket upgrades alike, gets 503 "shutting down".
+    /// Runs until the drain ends (the caller drops it).
+    async fn refuse_while_draining(&self, listener: &TcpListener) -> std::convert::Infallible {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.shared
+                .stats
+                .tcp_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            // The connection limits hold during the drain too.
+            let Some((stream, slot)) = self.admit(stream, peer).await else {
+                continue;
+            };
+            let shared = self.shared.clone();
+            // Not in the drain's tracker: the drain waits for the open
+            // connections, not for these; each is bounded by the handshake
+            // timeout and the write timeout.
+            tokio::spawn(async move {
+                answer_draining(&shared, stream, peer).await;
+                drop(slot);
+            });
+        }
     }
 
     /// Applies the connection limits; refused connections get their HTTP
@@ -472,20 +514,20 @@ async fn refuse(
     .await;
 }
 
-/// Takes a connection through TLS, the opening handshake, the origin policy
-/// and the authentication hook (or serves plain HTTP); returns the session
-/// and its tracing span when it opened as a WebSocket.
-async fn open(
-    shared: Arc<Shared>,
+/// Takes a connection through TLS and reads its request head, within the
+/// handshake deadline; failures are counted and answered (400) here.
+/// Returns the stream, the request, and the bytes read after its head.
+async fn read_request(
+    shared: &Shared,
     stream: TcpStream,
     peer: SocketAddr,
-) -> Option<(Session, tracing::Span)> {
-    let stats = shared.stats.clone();
+) -> Option<(ServerStream, Request<()>, BytesMut)> {
+    let stats = &shared.stats;
     let config = &shared.config;
     let max = config.protocol.max_handshake_size;
     // TLS and the request head share one deadline (slowloris).
     let opened = tokio::time::timeout(config.handshake_timeout, async {
-        let mut stream = match &shared_tls(&shared) {
+        let mut stream = match &shared_tls(shared) {
             #[cfg(feature = "tls")]
             Some(acceptor) => match acceptor.accept(stream).await {
                 Ok(tls) => MaybeTlsStream::ServerTls(Box::new(tls)),
@@ -499,7 +541,7 @@ async fn open(
         }
     })
     .await;
-    let (mut stream, (request, buf, len)) = match opened {
+    let (stream, (request, buf, len)) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err((None, e))) => {
             stats.reject("tls");
@@ -507,7 +549,7 @@ async fn open(
             return None;
         }
         Ok(Err((Some(mut stream), Error::Handshake(e)))) => {
-            refuse(&mut stream, &stats, "bad_request", &e).await;
+            refuse(&mut stream, stats, "bad_request", &e).await;
             return None;
         }
         Ok(Err((_, e))) => {
@@ -524,6 +566,45 @@ async fn open(
     // here, not held for the connection's lifetime).
     let leftover = BytesMut::from(&buf[len..]);
     drop(buf);
+    Some((stream, request, leftover))
+}
+
+/// Answers a connection accepted during the drain: 503 "shutting down" to
+/// its request, whatever it asks for.
+async fn answer_draining(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+    let Some((mut stream, request, _)) = read_request(shared, stream, peer).await else {
+        return;
+    };
+    let stats = &shared.stats;
+    if handshake::is_upgrade_request(&request) {
+        stats.reject("shutting_down");
+        debug!(%peer, "handshake refused: shutting down");
+    } else {
+        stats.http_requests.fetch_add(1, Ordering::Relaxed);
+    }
+    let response = http_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Retry-After: 1\r\n",
+        "shutting down",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Takes a connection through TLS, the opening handshake, the origin policy
+/// and the authentication hook (or serves plain HTTP); returns the session
+/// and its tracing span when it opened as a WebSocket.
+async fn open(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(Session, tracing::Span)> {
+    let stats = shared.stats.clone();
+    let config = &shared.config;
+    let (mut stream, request, leftover) = read_request(&shared, stream, peer).await?;
 
     if !handshake::is_upgrade_request(&request) {
         if let Some(http) = &shared.http {
