@@ -11,15 +11,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use http::{header, HeaderMap, StatusCode};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use crate::fields::{quoted, ListError, Object};
 use crate::hub::Hub;
 use crate::metrics::MethodLabel;
 use crate::protocol::{
-    Disconnect, DisconnectCode, ErrorCode, ErrorReply, HistoryRequest, Position,
+    ChannelRequest, Disconnect, DisconnectCode, ErrorCode, ErrorReply, HistoryRequest,
+    PublishRequest,
 };
 use crate::server::AppState;
 
@@ -131,79 +131,172 @@ async fn call(
     }
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ErrorReply> {
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
+/// An API call with its body read and checked: everything a method needs
+/// before it touches the hub.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ApiCall {
+    /// `publish`.
+    Publish(PublishRequest),
+    /// `broadcast`: at most [`MAX_BROADCAST`] channels.
+    Broadcast {
+        /// The channels, in order.
+        channels: Vec<String>,
+        /// Any JSON value.
+        data: Box<RawValue>,
+    },
+    /// `presence`.
+    Presence(ChannelRequest),
+    /// `presence_stats`.
+    PresenceStats(ChannelRequest),
+    /// `history`.
+    History(HistoryRequest),
+    /// `channels`: those whose name starts with `prefix`.
+    Channels {
+        /// `""` for all.
+        prefix: String,
+    },
+    /// `disconnect`.
+    Disconnect {
+        /// The user whose clients go.
+        user: String,
+        /// Only this client of the user.
+        client: Option<String>,
+        /// The push and close code, reason and advice.
+        disconnect: Disconnect,
+    },
+    /// `unsubscribe`.
+    Unsubscribe {
+        /// The user whose clients are unsubscribed.
+        user: String,
+        /// From this channel.
+        channel: String,
+        /// Only this client of the user.
+        client: Option<String>,
+    },
+    /// `info`.
+    Info,
+}
+
+/// Longest `reason` of a `disconnect` (it goes into the close frame, which
+/// has room for 123 bytes).
+pub const MAX_DISCONNECT_REASON: usize = 100;
+
+/// Reads the body of a call to `method`: an object with that method's
+/// fields (an empty body is `{}`).
+///
+/// # Errors
+/// 102 for an unknown method; 101 with a message naming the field at fault
+/// and what it must be; 113 for more than [`MAX_BROADCAST`] channels.
+pub fn parse_call(method: &str, body: &[u8]) -> Result<ApiCall, ErrorReply> {
+    let bad = |message: String| ErrorReply::new(ErrorCode::BadRequest, message);
+    if !METHODS.contains(&method) {
+        return Err(ErrorReply::new(
+            ErrorCode::UnknownCommand,
+            format!("unknown API method {}", quoted(method)),
+        ));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| {
+        bad(format!(
+            "the body is not UTF-8 text (byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let text = if text.trim().is_empty() { "{}" } else { text };
+    let o = Object::parse(text).map_err(|e| bad(format!("the body must be a JSON object: {e}")))?;
+    let call = || -> Result<ApiCall, BodyError> {
+        Ok(match method {
+            "publish" => ApiCall::Publish(PublishRequest::read(&o)?),
+            "broadcast" => {
+                o.only(&["channels", "data"])?;
+                let channels = match o.required_strings("channels", MAX_BROADCAST) {
+                    Ok(channels) => channels,
+                    Err(ListError::Invalid(message)) => return Err(message.into()),
+                    Err(ListError::TooLong(len)) => return Err(BodyError::TooManyChannels(len)),
+                };
+                ApiCall::Broadcast {
+                    channels,
+                    data: o.required_value("data")?,
+                }
+            }
+            "presence" => ApiCall::Presence(ChannelRequest::read(&o)?),
+            "presence_stats" => ApiCall::PresenceStats(ChannelRequest::read(&o)?),
+            "history" => ApiCall::History(HistoryRequest::read(&o)?),
+            "channels" => {
+                o.only(&["prefix"])?;
+                ApiCall::Channels {
+                    prefix: o.string("prefix")?.unwrap_or_default(),
+                }
+            }
+            "disconnect" => {
+                o.only(&["user", "client", "code", "reason", "reconnect"])?;
+                let mut disconnect = Disconnect::new(
+                    DisconnectCode::Server,
+                    o.string("reason")?
+                        .unwrap_or_else(|| "disconnected by the server".into()),
+                );
+                if let Some(code) = o.u64("code")? {
+                    disconnect.code = u16::try_from(code)
+                        .ok()
+                        .filter(|code| (3000..=4999).contains(code))
+                        .ok_or("\"code\" must be an integer in 3000..=4999")?;
+                }
+                if disconnect.reason.len() > MAX_DISCONNECT_REASON {
+                    return Err(
+                        format!("\"reason\" has at most {MAX_DISCONNECT_REASON} bytes").into(),
+                    );
+                }
+                if let Some(reconnect) = o.bool("reconnect")? {
+                    disconnect.reconnect = reconnect;
+                }
+                ApiCall::Disconnect {
+                    user: o.required_string("user")?,
+                    client: o.string("client")?,
+                    disconnect,
+                }
+            }
+            "unsubscribe" => {
+                o.only(&["user", "channel", "client"])?;
+                ApiCall::Unsubscribe {
+                    user: o.required_string("user")?,
+                    channel: o.required_string("channel")?,
+                    client: o.string("client")?,
+                }
+            }
+            _ => {
+                o.only(&[])?;
+                ApiCall::Info
+            }
+        })
     };
-    serde_json::from_slice(body).map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))
+    call().map_err(|e| match e {
+        BodyError::Field(message) => bad(message),
+        BodyError::TooManyChannels(len) => ErrorReply::new(
+            ErrorCode::LimitExceeded,
+            format!("at most {MAX_BROADCAST} channels in one broadcast, got {len}"),
+        ),
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishBody {
-    channel: String,
-    data: Box<RawValue>,
+/// Why a body was refused.
+enum BodyError {
+    /// A field is missing, unknown or of the wrong kind (101).
+    Field(String),
+    /// A `broadcast` to more than [`MAX_BROADCAST`] channels (113).
+    TooManyChannels(usize),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BroadcastBody {
-    channels: Vec<String>,
-    data: Box<RawValue>,
+impl From<String> for BodyError {
+    fn from(message: String) -> Self {
+        BodyError::Field(message)
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ChannelBody {
-    channel: String,
+impl From<&str> for BodyError {
+    fn from(message: &str) -> Self {
+        BodyError::Field(message.to_owned())
+    }
 }
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HistoryBody {
-    channel: String,
-    #[serde(default)]
-    limit: Option<usize>,
-    #[serde(default)]
-    since: Option<Position>,
-    #[serde(default)]
-    reverse: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct ChannelsBody {
-    prefix: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DisconnectBody {
-    user: String,
-    #[serde(default)]
-    client: Option<String>,
-    #[serde(default)]
-    code: Option<u16>,
-    #[serde(default)]
-    reason: Option<String>,
-    #[serde(default)]
-    reconnect: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UnsubscribeBody {
-    user: String,
-    channel: String,
-    #[serde(default)]
-    client: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
 
 fn position_json(position: Option<crate::engine::StreamPosition>) -> serde_json::Value {
     match position {
@@ -213,101 +306,58 @@ fn position_json(position: Option<crate::engine::StreamPosition>) -> serde_json:
 }
 
 async fn dispatch(hub: &Hub, method: &str, body: &[u8]) -> Result<serde_json::Value, ErrorReply> {
-    Ok(match method {
-        "publish" => {
-            let b: PublishBody = parse(body)?;
-            position_json(hub.publish(&b.channel, b.data).await?)
-        }
-        "broadcast" => {
-            let b: BroadcastBody = parse(body)?;
-            if b.channels.len() > MAX_BROADCAST {
-                return Err(ErrorReply::new(
-                    ErrorCode::LimitExceeded,
-                    format!("at most {MAX_BROADCAST} channels in one broadcast"),
-                ));
-            }
-            let mut results = Vec::with_capacity(b.channels.len());
-            for channel in &b.channels {
-                results.push(match hub.publish(channel, b.data.clone()).await {
+    Ok(match parse_call(method, body)? {
+        ApiCall::Publish(p) => position_json(hub.publish(&p.channel, p.data).await?),
+        ApiCall::Broadcast { channels, data } => {
+            let mut results = Vec::with_capacity(channels.len());
+            for channel in &channels {
+                results.push(match hub.publish(channel, data.clone()).await {
                     Ok(position) => position_json(position),
                     Err(e) => json!({ "error": e }),
                 });
             }
             json!({ "results": results })
         }
-        "presence" => {
-            let b: ChannelBody = parse(body)?;
-            json!({ "clients": hub.presence(&b.channel).await? })
-        }
-        "presence_stats" => {
-            let b: ChannelBody = parse(body)?;
-            let stats = hub.presence_stats(&b.channel).await?;
+        ApiCall::Presence(c) => json!({ "clients": hub.presence(&c.channel).await? }),
+        ApiCall::PresenceStats(c) => {
+            let stats = hub.presence_stats(&c.channel).await?;
             json!({ "clients": stats.clients, "users": stats.users })
         }
-        "history" => {
-            let b: HistoryBody = parse(body)?;
-            let request = HistoryRequest {
-                channel: b.channel,
-                limit: b.limit,
-                since: b.since,
-                reverse: b.reverse,
-            };
+        ApiCall::History(request) => {
             serde_json::to_value(hub.history(&request).await?).unwrap_or_default()
         }
-        "channels" => {
-            let b: ChannelsBody = parse(body)?;
+        ApiCall::Channels { prefix } => {
             let channels: Vec<_> = hub
-                .channels(&b.prefix)
+                .channels(&prefix)
                 .into_iter()
                 .map(|(channel, subscribers)| json!({"channel": channel, "subscribers": subscribers}))
                 .collect();
             json!({ "channels": channels })
         }
-        "disconnect" => {
-            let b: DisconnectBody = parse(body)?;
-            let mut disconnect = Disconnect::new(
-                DisconnectCode::Server,
-                b.reason
-                    .unwrap_or_else(|| "disconnected by the server".into()),
-            );
-            if let Some(code) = b.code {
-                if !(3000..=4999).contains(&code) {
-                    return Err(ErrorReply::new(
-                        ErrorCode::BadRequest,
-                        "code must be in 3000..=4999",
-                    ));
-                }
-                disconnect.code = code;
-            }
-            if disconnect.reason.len() > 100 {
-                return Err(ErrorReply::new(
-                    ErrorCode::BadRequest,
-                    "reason has at most 100 bytes",
-                ));
-            }
-            if let Some(reconnect) = b.reconnect {
-                disconnect.reconnect = reconnect;
-            }
-            let n = hub.disconnect_user(&b.user, b.client.as_deref(), &disconnect);
+        ApiCall::Disconnect {
+            user,
+            client,
+            disconnect,
+        } => {
+            let n = hub.disconnect_user(&user, client.as_deref(), &disconnect);
             json!({ "disconnected": n })
         }
-        "unsubscribe" => {
-            let b: UnsubscribeBody = parse(body)?;
+        ApiCall::Unsubscribe {
+            user,
+            channel,
+            client,
+        } => {
             let n = hub
-                .unsubscribe_user(&b.user, &b.channel, b.client.as_deref())
+                .unsubscribe_user(&user, &channel, client.as_deref())
                 .await;
             json!({ "unsubscribed": n })
         }
-        "info" => {
-            let _: Empty = parse(body)?;
-            json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "protocol": crate::protocol::VERSION,
-                "uptime_seconds": hub.uptime().as_secs(),
-                "counts": hub.counts(),
-            })
-        }
-        _ => unreachable!("METHODS lists every method"),
+        ApiCall::Info => json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": crate::protocol::VERSION,
+            "uptime_seconds": hub.uptime().as_secs(),
+            "counts": hub.counts(),
+        }),
     })
 }
 

@@ -41,9 +41,9 @@ use crate::engine::{
 };
 use crate::metrics::{MethodLabel, Metrics};
 use crate::protocol::{
-    self, ClientInfo, Command, ConnectRequest, Disconnect, DisconnectCode, ErrorCode, ErrorReply,
-    Frame, HistoryRequest, Position, Publication, PublishRequest, Request, SubscribeRequest,
-    Unsubscribed,
+    self, BatchItem, ClientInfo, Command, ConnectRequest, Disconnect, DisconnectCode, ErrorCode,
+    ErrorReply, Frame, HistoryRequest, Position, Publication, PublishRequest, Request,
+    SubscribeRequest, Unsubscribed,
 };
 use crate::proxy::{ConnectCall, Proxy, PublishCall};
 use crate::shards::{lock, Shards};
@@ -761,14 +761,18 @@ impl Node {
             ));
         }
         let max = self.config.client.max_history_limit;
-        let result = self
+        // Without `since`, `limit` counts from the newest end ("the last 50
+        // messages"), in the order asked for: read newest first, and turn
+        // the page around for oldest first.
+        let latest_oldest_first = request.since.is_none() && !request.reverse;
+        let mut result = self
             .engine
             .history(
                 &request.channel,
                 HistoryQuery {
                     since: request.since.as_ref().map(|p| p.offset),
                     limit: request.limit.unwrap_or(max).min(max),
-                    reverse: request.reverse,
+                    reverse: request.reverse || latest_oldest_first,
                     // Reads leave nothing behind: a client's subscribe
                     // started the stream already; an API read of a channel
                     // without one gets {0, ""}.
@@ -778,6 +782,9 @@ impl Node {
             )
             .await
             .map_err(unavailable)?;
+        if latest_oldest_first {
+            result.publications.reverse();
+        }
         if let Some(since) = &request.since {
             if *since.epoch != *result.position.epoch {
                 return Err(error(
@@ -986,23 +993,35 @@ impl Session {
     }
 
     /// Handles one text message: a command, or a newline-separated batch.
+    /// Commands past `client.max_batch` are not run; each gets error 113
+    /// with its id, and those without an id one 113 without id together.
+    /// Once the connection is closing (its queue overflowed, say), the rest
+    /// of the message is dropped unread.
     pub async fn handle_text(&self, message: &str) {
         let max = self.node.config.client.max_batch;
-        for (n, line) in protocol::split_batch(message).enumerate() {
-            if n == max {
-                self.reply_error(
-                    0,
-                    &error(
-                        ErrorCode::LimitExceeded,
-                        format!("at most {max} commands in one message; the rest was ignored"),
-                    ),
-                );
-                break;
+        let mut refused_without_id = 0;
+        for item in protocol::parse_batch(message, max) {
+            let outcome = match item {
+                BatchItem::Command(Ok(command)) => {
+                    self.dispatch(command).await;
+                    continue;
+                }
+                BatchItem::Command(Err(e)) => self.reply_error(e.id, &e.error),
+                BatchItem::Refused { id: 0, .. } => {
+                    refused_without_id += 1;
+                    continue;
+                }
+                BatchItem::Refused { id, number } => {
+                    self.reply_error(id, &protocol::batch_limit_error(max, number))
+                }
+            };
+            if outcome == SendOutcome::Closed {
+                return;
             }
-            match protocol::parse_command(line) {
-                Ok(command) => self.dispatch(command).await,
-                Err(e) => self.reply_error(e.id, &e.error),
-            }
+        }
+        if refused_without_id > 0 {
+            let e = protocol::batch_limit_error_without_id(max, refused_without_id);
+            self.reply_error(0, &e);
         }
     }
 
@@ -1017,9 +1036,11 @@ impl Session {
         );
     }
 
-    fn reply_error(&self, id: u64, e: &ErrorReply) {
+    fn reply_error(&self, id: u64, e: &ErrorReply) -> SendOutcome {
         self.node.metrics.error(e.code);
-        self.client.send(protocol::encode_error(id, e));
+        self.client
+            .sink
+            .send(protocol::encode_error(id, e), FrameKind::Control)
     }
 
     async fn dispatch(&self, command: Command) {
@@ -1049,7 +1070,9 @@ impl Session {
                 self.client.send(frame.into());
             }
             Ok(_) => {}
-            Err(e) => self.reply_error(id, &e),
+            Err(e) => {
+                self.reply_error(id, &e);
+            }
         }
     }
 
@@ -1348,7 +1371,11 @@ impl Session {
             PublishRule::Subscribers if !self.is_subscribed(channel) => {
                 return Err(error(
                     ErrorCode::PermissionDenied,
-                    "subscribe to the channel to publish to it",
+                    format!(
+                        "subscribe to {channel:?} before publishing to it: its namespace has \
+                         publish = \"subscribers\" (publish = \"clients\" lets any connected \
+                         client publish)"
+                    ),
                 ))
             }
             _ => {}

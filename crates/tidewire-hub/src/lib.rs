@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`config`] | defaults, TOML, environment; namespace options |
 //! | [`protocol`] | the JSON wire types and the table of codes |
+//! | `fields` | strict field-by-field reading of commands and API bodies, with errors for people |
 //! | [`engine`] | offsets, epochs, history, recovery, presence; [`engine::MemoryEngine`] |
 //! | [`hub`] | clients, subscriptions, permissions, presence, join/leave, fan-out |
 //! | [`auth`] | JWT connection and subscription tokens (HS256, RS256, ES256, JWKS) |
@@ -26,6 +27,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod engine;
+mod fields;
 mod http_client;
 pub mod hub;
 pub mod metrics;

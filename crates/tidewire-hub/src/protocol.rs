@@ -9,12 +9,13 @@
 //! JSON object with an optional numeric `id` and exactly one command key;
 //! anything else gets an error reply with a stable code.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+use crate::fields::{kind_of, quoted, Object};
 
 /// The subprotocol a client may ask for; plain `new WebSocket(url)` (no
 /// subprotocol) gets the same protocol.
@@ -292,48 +293,70 @@ impl Request {
 }
 
 /// `connect`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub struct ConnectRequest {
     /// A connection token (JWT); none for anonymous.
-    #[serde(default)]
     pub token: Option<String>,
     /// Anything, handed to the connect proxy.
-    #[serde(default)]
     pub data: Option<Box<RawValue>>,
 }
 
+impl ConnectRequest {
+    fn read(o: &Object) -> Result<Self, String> {
+        o.only(&["token", "data"])?;
+        Ok(ConnectRequest {
+            token: o.string("token")?,
+            data: o.value("data"),
+        })
+    }
+}
+
 /// `subscribe`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct SubscribeRequest {
     /// The channel.
     pub channel: String,
     /// Recover what was missed since `offset` in `epoch`.
-    #[serde(default)]
     pub recover: bool,
     /// The last offset seen (with `recover`).
-    #[serde(default)]
     pub offset: Option<u64>,
     /// The epoch of that offset (with `recover`).
-    #[serde(default)]
     pub epoch: Option<String>,
     /// A subscription token for the channel.
-    #[serde(default)]
     pub token: Option<String>,
 }
 
-/// A command that names just a channel.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl SubscribeRequest {
+    fn read(o: &Object) -> Result<Self, String> {
+        o.only(&["channel", "recover", "offset", "epoch", "token"])?;
+        Ok(SubscribeRequest {
+            channel: o.required_string("channel")?,
+            recover: o.bool("recover")?.unwrap_or(false),
+            offset: o.u64("offset")?,
+            epoch: o.string("epoch")?,
+            token: o.string("token")?,
+        })
+    }
+}
+
+/// A command (or API call) that names just a channel.
+#[derive(Debug)]
 pub struct ChannelRequest {
     /// The channel.
     pub channel: String,
 }
 
-/// `publish`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl ChannelRequest {
+    pub(crate) fn read(o: &Object) -> Result<Self, String> {
+        o.only(&["channel"])?;
+        Ok(ChannelRequest {
+            channel: o.required_string("channel")?,
+        })
+    }
+}
+
+/// `publish` (a command, and the HTTP API's `publish`).
+#[derive(Debug)]
 pub struct PublishRequest {
     /// The channel.
     pub channel: String,
@@ -341,36 +364,71 @@ pub struct PublishRequest {
     pub data: Box<RawValue>,
 }
 
-/// `history`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl PublishRequest {
+    pub(crate) fn read(o: &Object) -> Result<Self, String> {
+        o.only(&["channel", "data"])?;
+        Ok(PublishRequest {
+            channel: o.required_string("channel")?,
+            data: o.required_value("data")?,
+        })
+    }
+}
+
+/// `history` (a command, and the HTTP API's `history`).
+#[derive(Debug)]
 pub struct HistoryRequest {
     /// The channel.
     pub channel: String,
     /// Most publications returned (default and cap: the server's
     /// `max_history_limit`); 0 returns only the current position.
-    #[serde(default)]
     pub limit: Option<usize>,
     /// Only publications after this position (forward), or before it
-    /// (with `reverse`).
-    #[serde(default)]
+    /// (with `reverse`). Without it, `limit` counts from the newest end.
     pub since: Option<Position>,
     /// Newest first.
-    #[serde(default)]
     pub reverse: bool,
 }
 
+impl HistoryRequest {
+    pub(crate) fn read(o: &Object) -> Result<Self, String> {
+        o.only(&["channel", "limit", "since", "reverse"])?;
+        let since = match o.object("since")? {
+            Some(p) => {
+                p.only(&["offset", "epoch"])?;
+                Some(Position {
+                    offset: p.required_u64("offset")?,
+                    epoch: p.required_string("epoch")?,
+                })
+            }
+            None => None,
+        };
+        Ok(HistoryRequest {
+            channel: o.required_string("channel")?,
+            // Beyond usize: more than any cap, so the cap.
+            limit: o
+                .u64("limit")?
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            since,
+            reverse: o.bool("reverse")?.unwrap_or(false),
+        })
+    }
+}
+
 /// `refresh`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RefreshRequest {
     /// The new connection token.
     pub token: String,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
+impl RefreshRequest {
+    fn read(o: &Object) -> Result<Self, String> {
+        o.only(&["token"])?;
+        Ok(RefreshRequest {
+            token: o.required_string("token")?,
+        })
+    }
+}
 
 /// Why a message could not be taken as commands. `id` is the command's id
 /// when it could be read, so the error reply can echo it.
@@ -389,56 +447,88 @@ fn bad(id: u64, message: impl Into<String>) -> ParseError {
     }
 }
 
+/// The commands, as named on the wire.
+pub const COMMANDS: [&str; 9] = [
+    "connect",
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "presence",
+    "presence_stats",
+    "history",
+    "refresh",
+    "ping",
+];
+
 /// Parses one command (one line of a message).
 ///
 /// # Errors
-/// A [`ParseError`] with code 101 (bad request) or 102 (unknown command).
+/// A [`ParseError`] with code 101 (bad request) or 102 (unknown command),
+/// and a message that names the field at fault and what it must be.
 pub fn parse_command(line: &str) -> Result<Command, ParseError> {
-    let fields: BTreeMap<String, &RawValue> = serde_json::from_str(line)
-        .map_err(|e| bad(0, format!("a command is a JSON object: {e}")))?;
-    let mut id = 0;
+    const EXAMPLE: &str = r#"a command is one JSON object per line, like {"id":1,"ping":{}}"#;
+    let object = Object::parse(line).map_err(|e| bad(0, format!("{e}: {EXAMPLE}")))?;
+    // The id first: every error after this echoes it.
+    let mut ids = object.members().filter(|(key, _)| *key == "id");
+    let id = match (ids.next(), ids.next()) {
+        (None, _) => 0,
+        (Some(_), Some(_)) => return Err(bad(0, "\"id\" is given twice")),
+        (Some((_, value)), None) => serde_json::from_str::<u64>(value.get())
+            .map_err(|_| bad(0, "\"id\" must be a non-negative integer"))?,
+    };
     let mut command = None;
-    for (key, value) in &fields {
-        if key == "id" {
-            id = serde_json::from_str::<u64>(value.get())
-                .map_err(|_| bad(0, "id must be a non-negative integer"))?;
-        } else if command.replace((key.as_str(), *value)).is_some() {
-            return Err(bad(id, "a command has exactly one command key besides id"));
+    for (key, value) in object.members().filter(|(key, _)| *key != "id") {
+        if let Some((first, _)) = command.replace((key, value)) {
+            return Err(bad(
+                id,
+                format!(
+                    "a command has one command key besides \"id\"; got {} and {}",
+                    quoted(first),
+                    quoted(key)
+                ),
+            ));
         }
     }
     let Some((name, body)) = command else {
-        return Err(bad(id, "no command in the object"));
+        return Err(bad(
+            id,
+            format!(
+                "no command in the object; commands: {}",
+                COMMANDS.join(", ")
+            ),
+        ));
     };
-    fn body_of<'a, T: Deserialize<'a>>(
-        id: u64,
-        name: &str,
-        body: &'a RawValue,
-    ) -> Result<T, ParseError> {
-        serde_json::from_str(body.get()).map_err(|e| bad(id, format!("{name}: {e}")))
-    }
-    let request = match name {
-        "connect" => Request::Connect(body_of(id, name, body)?),
-        "subscribe" => Request::Subscribe(body_of(id, name, body)?),
-        "unsubscribe" => Request::Unsubscribe(body_of(id, name, body)?),
-        "publish" => Request::Publish(body_of(id, name, body)?),
-        "presence" => Request::Presence(body_of(id, name, body)?),
-        "presence_stats" => Request::PresenceStats(body_of(id, name, body)?),
-        "history" => Request::History(body_of(id, name, body)?),
-        "refresh" => Request::Refresh(body_of(id, name, body)?),
-        "ping" => {
-            let _: Empty = body_of(id, name, body)?;
-            Request::Ping
-        }
-        other => {
-            return Err(ParseError {
-                id,
-                error: ErrorReply::new(
-                    ErrorCode::UnknownCommand,
-                    format!("unknown command {other:?}"),
+    if !COMMANDS.contains(&name) {
+        return Err(ParseError {
+            id,
+            error: ErrorReply::new(
+                ErrorCode::UnknownCommand,
+                format!(
+                    "unknown command {}; commands: {}",
+                    quoted(name),
+                    COMMANDS.join(", ")
                 ),
-            })
-        }
-    };
+            ),
+        });
+    }
+    let body = Object::parse(body.get()).map_err(|_| {
+        bad(
+            id,
+            format!("{name:?} must be an object (got {})", kind_of(body.get())),
+        )
+    })?;
+    let request = match name {
+        "connect" => ConnectRequest::read(&body).map(Request::Connect),
+        "subscribe" => SubscribeRequest::read(&body).map(Request::Subscribe),
+        "unsubscribe" => ChannelRequest::read(&body).map(Request::Unsubscribe),
+        "publish" => PublishRequest::read(&body).map(Request::Publish),
+        "presence" => ChannelRequest::read(&body).map(Request::Presence),
+        "presence_stats" => ChannelRequest::read(&body).map(Request::PresenceStats),
+        "history" => HistoryRequest::read(&body).map(Request::History),
+        "refresh" => RefreshRequest::read(&body).map(Request::Refresh),
+        _ => body.only(&[]).map(|()| Request::Ping),
+    }
+    .map_err(|e| bad(id, format!("{name}: {e}")))?;
     Ok(Command { id, request })
 }
 
@@ -448,6 +538,59 @@ pub fn split_batch(message: &str) -> impl Iterator<Item = &str> {
         .split('\n')
         .map(|l| l.trim_end_matches('\r'))
         .filter(|l| !l.trim().is_empty())
+}
+
+/// One command line of a message, as the session must take it.
+#[derive(Debug)]
+pub enum BatchItem {
+    /// Within `client.max_batch`: the parsed command, or why it is not one.
+    Command(Result<Command, ParseError>),
+    /// Past `client.max_batch`: not run. `id` is what a full parse would
+    /// echo (0: none); nothing else of the line is kept.
+    Refused {
+        /// The command's id, 0 when it has none (or it cannot be read).
+        id: u64,
+        /// The command's place in the message, from 1.
+        number: usize,
+    },
+}
+
+/// The commands of a message, one item per non-blank line, parsed one by
+/// one as the iterator advances (so each runs before the next is read).
+/// Lines past `max_batch` are refused, each with its id: the client learns
+/// the fate of every command it sent. Reading a refused line costs a scan
+/// for its id and no allocation, so the work stays bounded by the message
+/// size.
+pub fn parse_batch(message: &str, max_batch: usize) -> impl Iterator<Item = BatchItem> + '_ {
+    split_batch(message).enumerate().map(move |(n, line)| {
+        if n < max_batch {
+            BatchItem::Command(parse_command(line))
+        } else {
+            BatchItem::Refused {
+                id: crate::fields::peek_id(line),
+                number: n + 1,
+            }
+        }
+    })
+}
+
+/// The error reply of a command refused for being past `client.max_batch`.
+pub fn batch_limit_error(max_batch: usize, number: usize) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::LimitExceeded,
+        format!("not run: at most {max_batch} commands in one message, this was command {number}"),
+    )
+}
+
+/// The one error reply (without id) for all the refused commands of a
+/// message that had no id.
+pub fn batch_limit_error_without_id(max_batch: usize, count: usize) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::LimitExceeded,
+        format!(
+            "{count} command(s) without an id not run: at most {max_batch} commands in one message"
+        ),
+    )
 }
 
 /// Who published or joined: the client, its user, and the `info` of its
@@ -649,6 +792,143 @@ mod tests {
             (8, 101)
         );
         assert_eq!(code_of(r#"{"id":9,"ping":{"a":1}}"#), (9, 101));
+    }
+
+    fn message_of(line: &str) -> String {
+        parse_command(line).unwrap_err().error.message
+    }
+
+    /// What a person reads names the field and what it must be, never the
+    /// JSON parser's internals.
+    #[test]
+    fn error_messages_name_the_field_and_what_it_must_be() {
+        let cases = [
+            (
+                r#"{"id":1,"history":{"channel":"a","limit":"ten"}}"#,
+                r#"history: "limit" must be a non-negative integer"#,
+            ),
+            (
+                r#"{"id":1,"history":{"channel":"a","limit":-1}}"#,
+                r#"history: "limit" must be a non-negative integer"#,
+            ),
+            (
+                r#"{"id":1,"history":{"channel":"a","since":{"offset":1}}}"#,
+                r#"history: "since.epoch" is required (a string)"#,
+            ),
+            (
+                r#"{"id":1,"history":{"channel":"a","since":5}}"#,
+                r#"history: "since" must be an object (got a number)"#,
+            ),
+            (
+                r#"{"id":1,"subscribe":{}}"#,
+                r#"subscribe: "channel" is required (a string)"#,
+            ),
+            (
+                r#"{"id":1,"subscribe":{"channel":7}}"#,
+                r#"subscribe: "channel" must be a string"#,
+            ),
+            (
+                r#"{"id":1,"subscribe":{"chanel":"a"}}"#,
+                r#"subscribe: unknown field "chanel"; fields: channel, recover, offset, epoch, token"#,
+            ),
+            (
+                r#"{"id":1,"subscribe":{"channel":"a","recover":"yes"}}"#,
+                r#"subscribe: "recover" must be true or false"#,
+            ),
+            (
+                r#"{"id":1,"publish":{"channel":"a"}}"#,
+                r#"publish: "data" is required (any JSON value)"#,
+            ),
+            (
+                r#"{"id":1,"publish":"hi"}"#,
+                r#""publish" must be an object (got a string)"#,
+            ),
+            (
+                r#"{"id":1,"ping":{"a":1}}"#,
+                r#"ping: unknown field "a"; it takes no fields"#,
+            ),
+            (
+                r#"{"id":"one","ping":{}}"#,
+                r#""id" must be a non-negative integer"#,
+            ),
+            (r#"{"id":1,"id":2,"ping":{}}"#, r#""id" is given twice"#),
+            (
+                r#"{"id":1,"ping":{},"connect":{}}"#,
+                r#"a command has one command key besides "id"; got "ping" and "connect""#,
+            ),
+            (
+                r#"{"id":1}"#,
+                "no command in the object; commands: connect, subscribe, unsubscribe, publish, \
+                 presence, presence_stats, history, refresh, ping",
+            ),
+            (
+                r#"{"id":1,"dance":{}}"#,
+                "unknown command \"dance\"; commands: connect, subscribe, unsubscribe, publish, \
+                 presence, presence_stats, history, refresh, ping",
+            ),
+            (
+                r#"{"id":1,"ping":{}"#,
+                r#"the JSON ends too early (at column 17): a command is one JSON object per line, like {"id":1,"ping":{}}"#,
+            ),
+            (
+                "hello",
+                r#"not valid JSON (at column 1): a command is one JSON object per line, like {"id":1,"ping":{}}"#,
+            ),
+            (
+                "[1,2]",
+                r#"not a JSON object: got an array: a command is one JSON object per line, like {"id":1,"ping":{}}"#,
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(message_of(line), expected, "for {line}");
+        }
+    }
+
+    #[test]
+    fn optional_fields_may_be_null_and_data_may_be_null() {
+        let c = parse_command(r#"{"id":1,"connect":{"token":null,"data":null}}"#).unwrap();
+        let Request::Connect(r) = c.request else {
+            panic!()
+        };
+        assert!(r.token.is_none() && r.data.is_none());
+        let c = parse_command(r#"{"id":2,"publish":{"channel":"a","data":null}}"#).unwrap();
+        let Request::Publish(p) = c.request else {
+            panic!()
+        };
+        assert_eq!(p.data.get(), "null");
+        let c = parse_command(r#"{"history":{"channel":"a","limit":99999999999999999999}}"#);
+        assert!(c.is_err(), "beyond u64 is not an integer we read");
+        let c = parse_command(r#"{"history":{"channel":"a","limit":18446744073709551615}}"#);
+        assert!(matches!(
+            c.unwrap().request,
+            Request::History(HistoryRequest {
+                limit: Some(usize::MAX),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_batch_past_its_limit_refuses_each_command_with_its_id() {
+        let message = "{\"id\":1,\"ping\":{}}\n{\"ping\":{}}\n\n{\"id\":3,\"x\":1}\n\
+                       {\"id\":4,\"dance\":{}}\nnot json\n{\"ping\":{}}\n{\"id\":7,\"ping\":{}}";
+        let items: Vec<BatchItem> = parse_batch(message, 2).collect();
+        assert_eq!(items.len(), 7, "one item per non-blank line");
+        assert!(matches!(&items[0], BatchItem::Command(Ok(c)) if c.id == 1));
+        assert!(matches!(&items[1], BatchItem::Command(Ok(c)) if c.id == 0));
+        let refused: Vec<(u64, usize)> = items[2..]
+            .iter()
+            .map(|item| match item {
+                BatchItem::Refused { id, number } => (*id, *number),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(refused, [(3, 3), (4, 4), (0, 5), (0, 6), (7, 7)]);
+        assert_eq!(
+            batch_limit_error(2, 3).message,
+            "not run: at most 2 commands in one message, this was command 3"
+        );
+        assert_eq!(batch_limit_error(2, 3).code, ErrorCode::LimitExceeded);
     }
 
     #[test]

@@ -242,6 +242,124 @@ async fn api_errors_have_codes_and_statuses() {
     assert_eq!((status, body["error"]["code"].clone()), (413, json!(113)));
 }
 
+/// HTTP API body errors name the field and what it must be, never the
+/// JSON parser's internals.
+#[tokio::test]
+async fn api_body_errors_name_the_field_not_the_parser() {
+    let server = start(config()).await;
+    let key = format!("apikey {API_KEY}");
+    let cases: [(&str, &str, u16, u64, &str); 12] = [
+        (
+            "history",
+            r#"{"channel":"a","limit":"ten"}"#,
+            400,
+            101,
+            r#""limit" must be a non-negative integer"#,
+        ),
+        (
+            "history",
+            r#"{"channel":"a","since":{"offset":1,"epoch":2}}"#,
+            400,
+            101,
+            r#""since.epoch" must be a string"#,
+        ),
+        (
+            "publish",
+            r#"{"channel":"a"}"#,
+            400,
+            101,
+            r#""data" is required (any JSON value)"#,
+        ),
+        (
+            "publish",
+            r#"{"channel":"a","data":1,"x":1}"#,
+            400,
+            101,
+            r#"unknown field "x"; fields: channel, data"#,
+        ),
+        (
+            "publish",
+            "{\n  \"channel\": \"a\",\n  \"data\": }",
+            400,
+            101,
+            "the body must be a JSON object: not valid JSON (at line 3, column 11)",
+        ),
+        (
+            "publish",
+            "[1]",
+            400,
+            101,
+            "the body must be a JSON object: not a JSON object: got an array",
+        ),
+        (
+            "broadcast",
+            r#"{"channels":"a","data":1}"#,
+            400,
+            101,
+            r#""channels" must be an array of strings"#,
+        ),
+        (
+            "broadcast",
+            r#"{"channels":["a",2],"data":1}"#,
+            400,
+            101,
+            r#""channels" must be an array of strings"#,
+        ),
+        (
+            "disconnect",
+            r#"{"user":"u","code":70000}"#,
+            400,
+            101,
+            r#""code" must be an integer in 3000..=4999"#,
+        ),
+        (
+            "disconnect",
+            r#"{"user":"u","reconnect":"no"}"#,
+            400,
+            101,
+            r#""reconnect" must be true or false"#,
+        ),
+        (
+            "channels",
+            r#"{"prefix":1}"#,
+            400,
+            101,
+            r#""prefix" must be a string"#,
+        ),
+        (
+            "info",
+            r#"{"verbose":true}"#,
+            400,
+            101,
+            r#"unknown field "verbose"; it takes no fields"#,
+        ),
+    ];
+    for (method, body, status, code, message) in cases {
+        let (got_status, text) = http(
+            server.addr,
+            "POST",
+            &format!("/api/{method}"),
+            &[("Authorization", &key)],
+            body,
+        )
+        .await;
+        let reply: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (got_status, reply["error"]["code"].as_u64()),
+            (status, Some(code)),
+            "{method} {body}: {reply}"
+        );
+        assert_eq!(reply["error"]["message"], message, "{method} {body}");
+    }
+    let many: Vec<String> = (0..5000).map(|i| format!("c{i}")).collect();
+    let (status, body) = api(&server, "broadcast", json!({"channels": many, "data": 1})).await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        body["error"]["message"],
+        "at most 1000 channels in one broadcast, got 5000"
+    );
+}
+
 /// MemoryEngine with a switch that makes it unhealthy.
 struct FlakyEngine {
     inner: MemoryEngine,

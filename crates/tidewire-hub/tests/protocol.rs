@@ -65,13 +65,233 @@ async fn batched_commands_are_answered_in_order_and_bounded() {
         let reply = c.next_message().await.unwrap();
         assert_eq!(reply["id"], id);
     }
-    c.send_raw("{\"id\":4,\"ping\":{}}\n{\"id\":5,\"ping\":{}}\n{\"id\":6,\"ping\":{}}\n{\"id\":7,\"ping\":{}}")
-        .await;
+    // Past the limit: every command with an id gets its own 113 with that
+    // id, in order; the ones without an id share one 113 without id.
+    c.send_raw(
+        "{\"id\":4,\"ping\":{}}\n{\"id\":5,\"ping\":{}}\n{\"id\":6,\"ping\":{}}\n\
+         {\"id\":7,\"ping\":{}}\n{\"ping\":{}}\n{\"id\":8,\"dance\":{}}\nnot json\n{\"id\":9,\"ping\":{}}",
+    )
+    .await;
     for id in 4..=6 {
-        assert_eq!(c.next_message().await.unwrap()["id"], id);
+        assert_eq!(
+            c.next_message().await.unwrap(),
+            json!({"id": id, "ping": {}})
+        );
     }
-    assert_eq!(c.next_message().await.unwrap()["error"]["code"], 113);
+    for (id, number) in [(7, 4), (8, 6), (9, 8)] {
+        let reply = c.next_message().await.unwrap();
+        assert_eq!(reply["id"], id, "{reply}");
+        assert_eq!(reply["error"]["code"], 113);
+        assert_eq!(
+            reply["error"]["message"],
+            format!("not run: at most 3 commands in one message, this was command {number}")
+        );
+    }
+    let reply = c.next_message().await.unwrap();
+    assert!(reply.get("id").is_none(), "{reply}");
+    assert_eq!(reply["error"]["code"], 113);
+    assert_eq!(
+        reply["error"]["message"],
+        "2 command(s) without an id not run: at most 3 commands in one message"
+    );
     c.ok("ping", json!({})).await;
+}
+
+/// A message of thousands of commands (as many as 64 KiB holds) past the
+/// batch limit: every reply that arrives is the right one, in order, and
+/// the work ends (all answered, or the connection closed 1013 when the
+/// refusals overflow the send queue); other clients are served meanwhile.
+#[tokio::test]
+async fn a_batch_far_over_the_limit_is_answered_or_closed_never_hung() {
+    let server = start(config()).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    let mut message = String::new();
+    let mut count = 0u64;
+    while message.len() < 64 * 1024 - 40 {
+        count += 1;
+        message.push_str(&format!("{{\"id\":{count},\"ping\":{{}}}}\n"));
+    }
+    assert!(count > 2500, "{count} commands");
+    c.send_raw(&message).await;
+    let mut next = 1;
+    let mut close_code = None;
+    while next <= count {
+        let msg = tokio::time::timeout(LIMIT, c.ws.recv())
+            .await
+            .expect("no message in time");
+        let text = match msg {
+            Some(Ok(tidewire::Message::Text(text))) => text,
+            Some(Ok(tidewire::Message::Close(frame))) => {
+                close_code = frame.map(|f| f.code.0);
+                break;
+            }
+            Some(Ok(_)) => continue,
+            None | Some(Err(_)) => break,
+        };
+        let reply: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(reply["id"], next, "{reply}");
+        if next <= 100 {
+            assert_eq!(reply["ping"], json!({}));
+        } else {
+            assert_eq!(reply["error"]["code"], 113, "{reply}");
+        }
+        next += 1;
+    }
+    if next <= count {
+        assert_eq!(close_code, Some(1013), "after {} replies", next - 1);
+    } else {
+        c.ok("ping", json!({})).await;
+    }
+    assert!(next > 100, "the first 100 commands were answered");
+    let (mut other, _) = Client::connect(&server, None).await;
+    other.ok("ping", json!({})).await;
+}
+
+/// Error messages name the field and what it must be, never the JSON
+/// parser's internals ("expected usize at line 1 column 26").
+#[tokio::test]
+async fn error_messages_name_the_field_not_the_parser() {
+    let server = start(config()).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    let cases = [
+        (
+            json!({"channel": "chat:lobby", "limit": "50"}),
+            "history",
+            r#"history: "limit" must be a non-negative integer"#,
+        ),
+        (
+            json!({"channel": "chat:lobby", "since": {"offset": -1, "epoch": "e"}}),
+            "history",
+            r#"history: "since.offset" must be a non-negative integer"#,
+        ),
+        (
+            json!({"channel": "chat:lobby", "reverse": "yes"}),
+            "history",
+            r#"history: "reverse" must be true or false"#,
+        ),
+        (
+            json!({"channel": ["chat:lobby"]}),
+            "subscribe",
+            r#"subscribe: "channel" must be a string"#,
+        ),
+        (
+            json!({"channel": "chat:lobby", "text": "hi"}),
+            "publish",
+            r#"publish: unknown field "text"; fields: channel, data"#,
+        ),
+        (
+            json!({"data": "hi"}),
+            "publish",
+            r#"publish: "channel" is required (a string)"#,
+        ),
+        (
+            json!({"token": 42}),
+            "refresh",
+            r#"refresh: "token" must be a string"#,
+        ),
+    ];
+    for (body, command, expected) in cases {
+        let reply = c.call(command, body.clone()).await;
+        assert_eq!(reply["error"]["code"], 101, "{reply}");
+        assert_eq!(reply["error"]["message"], expected, "{command} {body}");
+    }
+    c.send_raw(r#"{"id":50,"history":{"channel":"chat:lobby","limit":5}"#)
+        .await;
+    let reply = c.next_message().await.unwrap();
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the JSON ends too early (at column 53): a command is one JSON object"),
+        "{message}"
+    );
+    c.ok("ping", json!({})).await;
+}
+
+/// `history` with `limit` and no `since`: the latest `limit` publications,
+/// oldest first (with `reverse`: newest first).
+#[tokio::test]
+async fn history_with_a_limit_and_no_since_returns_the_latest() {
+    let server = start(config()).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+    let mut epoch = String::new();
+    for i in 1..=5 {
+        let ack = c
+            .ok("publish", json!({"channel": "chat:lobby", "data": i}))
+            .await;
+        epoch = ack["epoch"].as_str().unwrap().into();
+    }
+    let offsets = |h: &serde_json::Value| -> Vec<u64> {
+        h["publications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["offset"].as_u64().unwrap())
+            .collect()
+    };
+    let history = |body: serde_json::Value| {
+        let mut body = body;
+        body["channel"] = json!("chat:lobby");
+        body
+    };
+    let h = c.ok("history", history(json!({"limit": 2}))).await;
+    assert_eq!(offsets(&h), [4, 5]);
+    assert_eq!(h["publications"][1]["data"], 5);
+    let h = c
+        .ok("history", history(json!({"limit": 2, "reverse": true})))
+        .await;
+    assert_eq!(offsets(&h), [5, 4]);
+    let h = c.ok("history", history(json!({"limit": 0}))).await;
+    assert_eq!(offsets(&h), [] as [u64; 0]);
+    assert_eq!(h["offset"], 5);
+    // With `since`, `limit` counts from the position on (paging forward).
+    let since = json!({"offset": 1, "epoch": epoch});
+    let h = c
+        .ok("history", history(json!({"limit": 2, "since": since})))
+        .await;
+    assert_eq!(offsets(&h), [2, 3]);
+    // The HTTP API reads the same way.
+    let (status, h) = api(
+        &server,
+        "history",
+        json!({"channel": "chat:lobby", "limit": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(offsets(&h), [3, 4, 5]);
+}
+
+/// The README's browser example, as a newcomer pastes it: connect,
+/// subscribe and publish sent at once, with the embedded defaults. The
+/// publish works (commands run in order, so the subscribe is done first);
+/// a publish to a channel the client did not subscribe to says what to do.
+#[tokio::test]
+async fn the_readme_example_publishes_with_the_embedded_defaults() {
+    let server = start(tidewire_hub::Config::default()).await;
+    let mut c = Client::open(&server).await;
+    for command in [
+        json!({ "id": 1, "connect": {} }),
+        json!({ "id": 2, "subscribe": { "channel": "chat:lobby" } }),
+        json!({ "id": 3, "publish": { "channel": "chat:lobby", "data": { "text": "hi" } } }),
+    ] {
+        c.send_raw(&command.to_string()).await;
+    }
+    assert!(c.reply_to(1).await.get("connect").is_some());
+    assert!(c.reply_to(2).await.get("subscribe").is_some());
+    let ack = c.reply_to(3).await;
+    assert_eq!(ack["publish"]["offset"], 1, "{ack}");
+    let p = c.publication("chat:lobby").await;
+    assert_eq!(p["data"], json!({"text": "hi"}));
+
+    let reply = c
+        .call("publish", json!({"channel": "chat:elsewhere", "data": 1}))
+        .await;
+    assert_eq!(reply["error"]["code"], 107);
+    assert_eq!(
+        reply["error"]["message"],
+        "subscribe to \"chat:elsewhere\" before publishing to it: its namespace has \
+         publish = \"subscribers\" (publish = \"clients\" lets any connected client publish)"
+    );
 }
 
 #[tokio::test]
