@@ -21,7 +21,10 @@ pub struct EchoArgs {
     /// Text message sent to every client when it connects.
     #[arg(long)]
     welcome: Option<String>,
-    /// Prepended to every echoed text message.
+    /// Prepended to every echo. With a prefix, every answer is text: a
+    /// binary message comes back as the prefix plus its bytes decoded as
+    /// UTF-8 (invalid ones become U+FFFD), like the tutorial's
+    /// ws.send(`Echo: ${message}`). Without one, messages keep their type.
     #[arg(long, default_value = "")]
     prefix: String,
     #[command(flatten)]

@@ -48,6 +48,13 @@ async fn echo_with_welcome_and_prefix_is_the_tutorial_server() {
         ws.recv().await.unwrap().unwrap(),
         Message::text("Echo: Hello Server!")
     );
+    // Like the tutorial's `ws.send(`Echo: ${message}`)`: a binary message is
+    // answered with the prefix and its bytes as UTF-8, invalid ones as U+FFFD.
+    ws.send_binary(b"bytes \xff!".to_vec()).await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::text("Echo: bytes \u{FFFD}!")
+    );
     ws.close(1000u16, "").await.unwrap();
 }
 
