@@ -598,10 +598,10 @@ pub fn namespace_of(channel: &str) -> Option<&str> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok(Duration::from_secs_f64(secs));
-        }
-        return Err(format!("{s:?} is not a duration"));
+        // Negative, NaN, infinite or past Duration::MAX: an error, not a panic.
+        return Duration::try_from_secs_f64(secs).map_err(|_| {
+            format!("{s:?} is not a duration (a number of seconds from 0, or \"10s\", \"5m\")")
+        });
     }
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -782,5 +782,9 @@ mod tests {
         assert!(Config::from_toml("[client]\nmax_batch = 0\n", Path::new("t")).is_err());
         assert!(Config::from_toml("[api]\nmax_body_size = 0\n", Path::new("t")).is_err());
         assert!(Config::from_toml("[client]\nping_interval = \"soon\"\n", Path::new("t")).is_err());
+        for bad in ["-1", "inf", "NaN", "1e30", "-0.5"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration("0.25"), Ok(Duration::from_millis(250)));
     }
 }
