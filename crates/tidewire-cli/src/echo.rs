@@ -3,29 +3,53 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{ArgMatches, Args};
 use tidewire::http::{Response, StatusCode};
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::server_args::{shutdown_signal, ServerArgs};
+use crate::server_args::{shutdown_signal, ServerArgs, ServerSettings};
 
 /// The tutorial's browser page, served at `/`.
 const ECHO_PAGE: &str = include_str!("../../../examples/echo.html");
 
 #[derive(Args, Debug, Clone)]
 pub struct EchoArgs {
-    /// Port to listen on (0 picks a free one).
-    #[arg(long, default_value_t = 9001)]
-    port: u16,
     /// Text message sent to every client when it connects.
     #[arg(long)]
     welcome: Option<String>,
-    /// Prepended to every echoed text message.
+    /// Prepended to every echo. With a prefix, every answer is text: a
+    /// binary message comes back as the prefix plus its bytes decoded as
+    /// UTF-8 (invalid ones become U+FFFD), like the tutorial's
+    /// ws.send(`Echo: ${message}`). Without one, messages keep their type.
     #[arg(long, default_value = "")]
     prefix: String,
+    /// Largest frame accepted, in bytes (beyond: close 1009; at most
+    /// --max-message-size).
+    #[arg(long, default_value_t = 16 << 20)]
+    max_frame_size: usize,
     #[command(flatten)]
     server: ServerArgs,
+}
+
+/// Everything `tidewire echo` runs with, resolved from its flags.
+#[derive(Debug, Clone)]
+pub struct EchoSettings {
+    pub server: ServerSettings,
+    pub welcome: Option<String>,
+    pub prefix: String,
+}
+
+impl EchoArgs {
+    /// The settings the flags describe; `matches` are the command's (they
+    /// tell which address flags were given).
+    pub fn settings(&self, matches: Option<&ArgMatches>) -> EchoSettings {
+        EchoSettings {
+            server: self.server.settings(self.max_frame_size, matches),
+            welcome: self.welcome.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
 }
 
 fn page(request: tidewire::http::Request<()>) -> Response<bytes::Bytes> {
@@ -45,13 +69,16 @@ fn page(request: tidewire::http::Request<()>) -> Response<bytes::Bytes> {
         .expect("valid response")
 }
 
-pub async fn run(args: EchoArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind((args.server.host.as_str(), args.port)).await?;
+pub async fn run(args: EchoArgs, matches: Option<ArgMatches>) -> anyhow::Result<()> {
+    let settings = args.settings(matches.as_ref());
+    let listener = TcpListener::bind(settings.server.address.as_str())
+        .await
+        .with_context(|| format!("listening on {}", settings.server.address))?;
     let addr = listener.local_addr()?;
-    let (builder, note) = args.server.builder(addr.port())?;
+    let (builder, note) = settings.server.builder(addr.port())?;
     let server = builder.http(|req| async move { page(req) }).build();
     let stats = server.stats();
-    let (ws, http) = if args.server.is_tls() {
+    let (ws, http) = if settings.server.is_tls() {
         ("wss", "https")
     } else {
         ("ws", "http")
@@ -69,8 +96,8 @@ pub async fn run(args: EchoArgs) -> anyhow::Result<()> {
         info!("shutdown requested");
         token.cancel();
     });
-    let welcome: Option<Arc<str>> = args.welcome.map(Into::into);
-    let prefix: Arc<str> = args.prefix.into();
+    let welcome: Option<Arc<str>> = settings.welcome.map(Into::into);
+    let prefix: Arc<str> = settings.prefix.into();
     server
         .serve(listener, move |session| {
             tidewire::echo(session, welcome.clone(), prefix.clone(), stats.clone())

@@ -60,15 +60,19 @@ enum LogFormat {
 enum Command {
     /// Run the real-time hub: channels, presence, history, HTTP API.
     #[command(
-        after_help = "Server flags (from --host on) apply only when given: their [default] \
-        values are those of `tidewire echo`. Without them, serve uses its configuration: \
-        defaults < tidewire.toml (or --config) < TIDEWIRE_* variables < flags. \
-        See README.md and docs/protocol.md."
+        after_help = "Configuration: embedded defaults < tidewire.toml (or --config) < \
+        TIDEWIRE_* variables < flags given. The [default] values shown are the embedded \
+        defaults; a flag applies only when given, over the file and the variables. \
+        Every key, its variable and its flag: docs/configuration.md."
     )]
     Serve(serve::ServeArgs),
     /// Print a development token (HS256) for the hub.
     Token(token::TokenArgs),
     /// Run an echo server: every message comes back with its own type.
+    #[command(
+        after_help = "The address flags are those of serve: --listen HOST:PORT, or --host \
+        and --port. The server flags are documented in docs/security.md."
+    )]
     Echo(echo::EchoArgs),
     /// Connect to a WebSocket server: stdin lines are sent, messages printed.
     Connect(connect::ConnectArgs),
@@ -76,12 +80,21 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// The command line, each command with its own defaults: the server flags
+/// shared by `echo` and `serve` declare `echo`'s, `serve` gets its
+/// configuration's.
+fn cli_command() -> clap::Command {
+    Cli::command().mut_subcommand("serve", serve::with_hub_defaults)
+}
+
 fn main() -> anyhow::Result<()> {
     // The matches tell `serve` which flags were given (they override its
-    // configuration file; their defaults do not).
-    let matches = Cli::command().get_matches();
+    // configuration file; their defaults do not), and `echo` whether
+    // `--listen` or `--host`/`--port` was.
+    let matches = cli_command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let serve_matches = matches.subcommand_matches("serve").cloned();
+    let echo_matches = matches.subcommand_matches("echo").cloned();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -113,12 +126,232 @@ fn main() -> anyhow::Result<()> {
     match args {
         Command::Bench(_) | Command::Token(_) => unreachable!("handled above"),
         Command::Serve(args) => runtime.block_on(serve::run(args, serve_matches)),
-        Command::Echo(args) => runtime.block_on(echo::run(args)),
+        Command::Echo(args) => runtime.block_on(echo::run(args, echo_matches)),
         Command::Connect(args) => {
             let code = runtime.block_on(connect::run(args))?;
             // Don't wait for the blocking stdin reader thread.
             runtime.shutdown_background();
             std::process::exit(code);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The help tells the truth: the defaults each command shows are those
+    //! it applies, and every flag of `serve` sets the configuration keys it
+    //! names.
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::server_args::{join_address, split_address};
+
+    /// `tidewire COMMAND --help`, as the binary prints it.
+    fn help(command: &str) -> String {
+        let err = cli_command()
+            .try_get_matches_from(["tidewire", command, "--help"])
+            .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp);
+        err.render().to_string()
+    }
+
+    /// Each `--flag` of a help text with the `[default: X]` it shows.
+    fn shown_defaults(help: &str) -> BTreeMap<String, String> {
+        let mut defaults = BTreeMap::new();
+        let mut flag = None;
+        for line in help.lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with('-') {
+                flag = trimmed
+                    .split([' ', ','])
+                    .find(|word| word.starts_with("--"))
+                    .map(String::from);
+            }
+            if let (Some(flag), Some(rest)) = (&flag, line.split("[default: ").nth(1)) {
+                let shown = rest.split(']').next().unwrap();
+                let shown = if shown == "\"\"" { "" } else { shown };
+                defaults.insert(flag.clone(), shown.to_owned());
+            }
+        }
+        defaults
+    }
+
+    fn parse(command: &str, args: &[&str]) -> anyhow::Result<(Cli, clap::ArgMatches)> {
+        let argv = ["tidewire", command]
+            .into_iter()
+            .chain(args.iter().copied());
+        let matches = cli_command().try_get_matches_from(argv)?;
+        Ok((Cli::from_arg_matches(&matches)?, matches))
+    }
+
+    /// `serve`'s configuration after these flags, key by key.
+    fn serve_keys(args: &[&str]) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+        let (cli, matches) = parse("serve", args)?;
+        let Command::Serve(serve_args) = cli.command else {
+            unreachable!()
+        };
+        let config = serve::configuration(&serve_args, matches.subcommand_matches("serve"))?;
+        Ok(config.keys())
+    }
+
+    /// Everything `echo` would run with after these flags.
+    fn echo_settings(args: &[&str]) -> anyhow::Result<String> {
+        let (cli, matches) = parse("echo", args)?;
+        let Command::Echo(echo_args) = cli.command else {
+            unreachable!()
+        };
+        Ok(format!(
+            "{:?}",
+            echo_args.settings(matches.subcommand_matches("echo"))
+        ))
+    }
+
+    /// What a command runs with after these flags, or why it refuses them.
+    fn effective(command: &str, args: &[&str]) -> String {
+        let result = match command {
+            "serve" => serve_keys(args).map(|keys| format!("{keys:?}")),
+            _ => echo_settings(args),
+        };
+        result.unwrap_or_else(|e| format!("refused: {e}"))
+    }
+
+    /// A value of `flag` other than its default `shown`.
+    fn another_value(flag: &str, shown: &str) -> String {
+        match flag {
+            "--slow-consumer" if shown == "drop" => return "close".into(),
+            "--slow-consumer" => return "drop".into(),
+            "--prefix" => return format!("{shown}x"),
+            _ => {}
+        }
+        if let Ok(n) = shown.parse::<u64>() {
+            return (n + 1).to_string();
+        }
+        if let Ok((host, port)) = split_address(shown) {
+            return join_address(&host, port.wrapping_add(1));
+        }
+        if let Ok(ip) = shown.parse::<IpAddr>() {
+            let other = if ip.to_string() == "127.0.0.2" {
+                "127.0.0.3"
+            } else {
+                "127.0.0.2"
+            };
+            return other.into();
+        }
+        if let Ok(d) = tidewire_hub::config::parse_duration(shown) {
+            return humantime::format_duration(d + Duration::from_secs(1)).to_string();
+        }
+        panic!("no other value known for {flag} (default {shown})")
+    }
+
+    #[test]
+    fn each_command_shows_the_defaults_it_applies() {
+        for command in ["serve", "echo"] {
+            let shown = shown_defaults(&help(command));
+            assert!(shown.len() > 10, "{command}: {shown:?}");
+            let base = effective(command, &[]);
+            assert!(!base.starts_with("refused"), "{command}: {base}");
+            for (flag, default) in &shown {
+                if flag == "--log-format" {
+                    continue; // global, not a server setting (tests/cli.rs)
+                }
+                assert_eq!(
+                    effective(command, &[flag, default]),
+                    base,
+                    "`tidewire {command} --help` shows {flag} [default: {default}], \
+                     but that is not what applies without the flag"
+                );
+                let other = another_value(flag, default);
+                assert_ne!(
+                    effective(command, &[flag, &other]),
+                    base,
+                    "`tidewire {command} {flag} {other}` changes nothing"
+                );
+            }
+        }
+        // The flags whose defaults differ between the commands.
+        let (serve, echo) = (
+            shown_defaults(&help("serve")),
+            shown_defaults(&help("echo")),
+        );
+        for (flag, hub, plain) in [
+            ("--listen", "127.0.0.1:8080", "127.0.0.1:9001"),
+            ("--port", "8080", "9001"),
+            ("--slow-consumer", "close", "wait"),
+            ("--max-message-size", "65536", "67108864"),
+            ("--max-connections", "20000", "10000"),
+            ("--send-queue-bytes", "1048576", "4194304"),
+        ] {
+            assert_eq!(
+                (serve[flag].as_str(), echo[flag].as_str()),
+                (hub, plain),
+                "{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_serve_flag_sets_exactly_its_configuration_keys() {
+        let dir = std::env::temp_dir().join(format!("tidewire-cli-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let deflate_on = dir.join("deflate.toml");
+        std::fs::write(&deflate_on, "[server]\ndeflate = true\n").unwrap();
+        let deflate_on = deflate_on.to_str().unwrap();
+        // Flags that set no key of the configuration file.
+        let not_keys = ["help", "log_format", "config", "tls_self_signed"];
+        let command = cli_command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let defaults = shown_defaults(&help("serve"));
+        for arg in serve.get_arguments() {
+            let id = arg.get_id().as_str();
+            if not_keys.contains(&id) {
+                continue;
+            }
+            let long = format!("--{}", arg.get_long().unwrap());
+            let (base, args): (Vec<&str>, Vec<String>) = match id {
+                "tls_cert" | "tls_key" => (
+                    vec![],
+                    ["--tls-cert", "c.pem", "--tls-key", "k.pem"]
+                        .map(String::from)
+                        .into(),
+                ),
+                "no_deflate" => (vec!["--config", deflate_on], vec![long.clone()]),
+                "api_key" | "token_secret" => (vec![], vec![long.clone(), "s3cret".into()]),
+                "allow_origins" => (vec![], vec![long.clone(), "https://a.example".into()]),
+                _ if !arg.get_action().takes_values() => (vec![], vec![long.clone()]),
+                _ => {
+                    let default = defaults
+                        .get(&long)
+                        .unwrap_or_else(|| panic!("{long}: no default"));
+                    (vec![], vec![long.clone(), another_value(&long, default)])
+                }
+            };
+            let ids: Vec<&str> = match id {
+                "tls_cert" | "tls_key" => vec!["tls_cert", "tls_key"],
+                _ => vec![id],
+            };
+            let expected: BTreeSet<&str> = serve::FLAG_KEYS
+                .iter()
+                .filter(|(flag, _)| ids.contains(flag))
+                .map(|&(_, key)| key)
+                .collect();
+            assert!(!expected.is_empty(), "{long} is not in serve::FLAG_KEYS");
+            let before = serve_keys(&base).unwrap();
+            let all: Vec<&str> = base
+                .iter()
+                .copied()
+                .chain(args.iter().map(String::as_str))
+                .collect();
+            let after = serve_keys(&all).unwrap_or_else(|e| panic!("{all:?}: {e}"));
+            let changed: BTreeSet<&str> = after
+                .keys()
+                .filter(|k| after[*k] != before[*k])
+                .map(String::as_str)
+                .collect();
+            assert_eq!(changed, expected, "serve {all:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

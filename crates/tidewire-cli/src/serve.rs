@@ -4,15 +4,16 @@
 //! `TIDEWIRE_*` variables, then the TOML file (`--config`, or
 //! `tidewire.toml` in the current folder), then the embedded defaults. The
 //! server flags shared with `echo` apply only when given explicitly, so a
-//! flag's default never overrides the file.
+//! flag's default never overrides the file; `--help` shows the embedded
+//! defaults ([`with_hub_defaults`]). docs/configuration.md lists every key.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::parser::ValueSource;
-use clap::{ArgMatches, Args};
+use clap::{ArgMatches, Args, Command};
 use tidewire::tls::TlsAcceptor;
 use tidewire::{CancellationToken, SlowConsumer};
 use tidewire_hub::config::SlowConsumerPolicy;
@@ -20,32 +21,132 @@ use tidewire_hub::{Config, Hub, MemoryEngine};
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::server_args::{shutdown_signal, ServerArgs};
+use crate::server_args::{
+    given, join_address, self_signed, shutdown_signal, split_address, ServerArgs,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Address to listen on [default: 127.0.0.1:8080, or `listen` in the config].
-    #[arg(long, value_name = "HOST:PORT")]
-    listen: Option<String>,
-    /// Configuration file [default: tidewire.toml in the current folder, if present].
+    /// Configuration file (without it: tidewire.toml in the current folder, if present).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Key for the HTTP API [default: api.key, TIDEWIRE_API_KEY, or a random key printed at start].
+    /// Key for the HTTP API (configured nowhere: a random key, printed at start).
     #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
-    /// HS256 secret for connection and subscription tokens (token.hmac_secret).
+    /// HS256 secret for connection and subscription tokens.
     #[arg(long, value_name = "SECRET")]
     token_secret: Option<String>,
+    /// Offer permessage-deflate compression (off by default for serve: a
+    /// compressor per connection costs far more than an idle connection).
+    #[arg(long, conflicts_with = "no_deflate")]
+    deflate: bool,
     #[command(flatten)]
     server: ServerArgs,
 }
 
-fn given(matches: Option<&ArgMatches>, id: &str) -> bool {
-    matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
+/// Each flag of `serve` that sets a configuration key, with the key (a
+/// flag may set several). docs/configuration.md lists them; tests check
+/// that each flag sets exactly its keys and that the shown defaults are
+/// the configuration's.
+pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[
+    ("listen", "listen"),
+    ("host", "listen"),
+    ("port", "listen"),
+    ("api_key", "api.key"),
+    ("token_secret", "token.hmac_secret"),
+    ("tls_cert", "server.tls_cert"),
+    ("tls_key", "server.tls_key"),
+    ("allow_origins", "server.allowed_origins"),
+    ("max_connections", "server.max_connections"),
+    ("max_connections_per_ip", "server.max_connections_per_ip"),
+    ("handshake_timeout", "server.handshake_timeout"),
+    ("idle_timeout", "server.idle_timeout"),
+    ("ping_interval", "server.ping_interval"),
+    ("pong_timeout", "server.pong_timeout"),
+    ("deflate", "server.deflate"),
+    ("no_deflate", "server.deflate"),
+    ("deflate_no_context_takeover", "server.deflate"),
+    (
+        "deflate_no_context_takeover",
+        "server.deflate_no_context_takeover",
+    ),
+    ("shutdown_timeout", "server.shutdown_timeout"),
+    ("max_message_size", "client.max_message_size"),
+    ("send_queue", "client.queue_messages"),
+    ("send_queue_bytes", "client.queue_bytes"),
+    ("slow_consumer", "client.slow_consumer"),
+];
+
+/// Help that says more for `serve` than the shared flag's text.
+const SERVE_HELP: &[(&str, &str)] = &[
+    (
+        "slow_consumer",
+        "When a subscriber's send queue is full: close (with 1013; the client \
+         reconnects and recovers what it missed from history) or drop (the \
+         publication, counted). echo's wait is not available: a fan-out cannot \
+         wait for one subscriber",
+    ),
+    (
+        "no_deflate",
+        "Don't offer permessage-deflate compression (serve's default, unless the \
+         configuration sets server.deflate = true)",
+    ),
+    (
+        "max_message_size",
+        "Largest client message (one command or a batch), in bytes; frames are \
+         bounded by it too (beyond: close 1009)",
+    ),
+];
+
+/// `serve`'s command with its own defaults: the shared server flags
+/// declare `echo`'s, and `serve` shows the embedded configuration's (the
+/// flags apply only when given, over the configuration), with the key
+/// each flag sets.
+pub fn with_hub_defaults(command: Command) -> Command {
+    let defaults = Config::default().keys();
+    let (host, port) = split_address(defaults["listen"].as_str().unwrap_or_default())
+        .expect("the default listen address is HOST:PORT");
+    let mut keys: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for &(id, key) in FLAG_KEYS {
+        keys.entry(id).or_default().push(key);
+    }
+    let mut command = command;
+    for (id, keys) in keys {
+        let default = match id {
+            "host" => Some(host.clone()),
+            "port" => Some(port.to_string()),
+            _ => match &defaults[keys[0]] {
+                serde_json::Value::String(text) => Some(text.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            },
+        };
+        let help = SERVE_HELP
+            .iter()
+            .find(|(flag, _)| *flag == id)
+            .map(|(_, h)| *h);
+        let keys = keys.join(", ");
+        command = command.mut_arg(id, |arg| {
+            let text = match help {
+                Some(text) => text.to_owned(),
+                None => arg.get_help().map(ToString::to_string).unwrap_or_default(),
+            };
+            let arg = arg.help(format!("{text} [config: {keys}]"));
+            // Only flags that take a value have a default; switches stay off.
+            match default {
+                Some(default) if !arg.get_default_values().is_empty() => arg.default_value(default),
+                _ => arg,
+            }
+        });
+    }
+    command
 }
 
-/// The configuration: defaults < file < environment < flags.
-fn configuration(args: &ServeArgs, matches: Option<&ArgMatches>) -> anyhow::Result<Config> {
+/// The configuration: defaults < file < environment < flags given.
+pub(crate) fn configuration(
+    args: &ServeArgs,
+    matches: Option<&ArgMatches>,
+) -> anyhow::Result<Config> {
     let cwd = std::env::current_dir()?;
     let (mut config, file) = Config::load(args.config.as_deref(), &cwd, |name| {
         std::env::var(name).ok()
@@ -53,75 +154,75 @@ fn configuration(args: &ServeArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
     if let Some(file) = file {
         info!(file = %file.display(), "configuration file");
     }
-    if let Some(listen) = &args.listen {
-        config.listen = listen.clone();
-    }
     if let Some(key) = &args.api_key {
         config.api.key = Some(key.clone());
     }
     if let Some(secret) = &args.token_secret {
         config.token.hmac_secret = Some(secret.clone());
     }
+    let given = |id: &str| given(matches, id);
     let s = &args.server;
-    let server = &mut config.server;
-    if given(matches, "host") {
-        let port = config
-            .listen
-            .rsplit_once(':')
-            .map_or("8080", |(_, port)| port)
-            .to_owned();
-        config.listen = if s.host.contains(':') {
-            format!("[{}]:{port}", s.host)
-        } else {
-            format!("{}:{port}", s.host)
-        };
+    if given("listen") {
+        config.listen = s.listen.clone();
     }
-    if given(matches, "tls_cert") {
+    if given("host") || given("port") {
+        // Each part replaces its half of the configured address.
+        let (host, port) = split_address(&config.listen)
+            .map_err(|e| anyhow::anyhow!("listen: {e}; --host and --port need HOST:PORT"))?;
+        let host = if given("host") { s.host.clone() } else { host };
+        let port = if given("port") { s.port } else { port };
+        config.listen = join_address(&host, port);
+    }
+    let server = &mut config.server;
+    if given("tls_cert") {
         server.tls_cert = s.tls_cert.clone();
         server.tls_key = s.tls_key.clone();
     }
-    if given(matches, "allow_origins") {
+    if given("allow_origins") {
         server.allowed_origins = s.allow_origins.clone();
     }
-    if given(matches, "max_connections") {
+    if given("max_connections") {
         server.max_connections = s.max_connections;
     }
-    if given(matches, "max_connections_per_ip") {
+    if given("max_connections_per_ip") {
         server.max_connections_per_ip = s.max_connections_per_ip;
     }
-    if given(matches, "handshake_timeout") {
+    if given("handshake_timeout") {
         server.handshake_timeout = s.handshake_timeout;
     }
-    if given(matches, "idle_timeout") {
+    if given("idle_timeout") {
         server.idle_timeout = s.idle_timeout;
     }
-    if given(matches, "ping_interval") {
+    if given("ping_interval") {
         server.ping_interval = s.ping_interval;
     }
-    if given(matches, "pong_timeout") {
+    if given("pong_timeout") {
         server.pong_timeout = s.pong_timeout;
     }
-    if given(matches, "no_deflate") {
+    if args.deflate {
+        server.deflate = true;
+    }
+    if given("no_deflate") {
         server.deflate = false;
     }
-    if given(matches, "deflate_no_context_takeover") {
+    if given("deflate_no_context_takeover") {
         server.deflate = true;
         server.deflate_no_context_takeover = true;
     }
-    if given(matches, "shutdown_timeout") {
+    if given("shutdown_timeout") {
         server.shutdown_timeout = s.shutdown_timeout;
     }
     let client = &mut config.client;
-    if given(matches, "max_message_size") {
+    if given("max_message_size") {
         client.max_message_size = s.max_message_size;
     }
-    if given(matches, "send_queue") {
+    if given("send_queue") {
         client.queue_messages = s.send_queue.max(1);
     }
-    if given(matches, "send_queue_bytes") {
+    if given("send_queue_bytes") {
         client.queue_bytes = s.send_queue_bytes;
     }
-    if given(matches, "slow_consumer") {
+    if given("slow_consumer") {
         client.slow_consumer = match s.slow_consumer {
             SlowConsumer::Drop => SlowConsumerPolicy::Drop,
             SlowConsumer::Close(_) => SlowConsumerPolicy::Close,
@@ -146,28 +247,8 @@ fn tls_acceptor(
     if !args.server.tls_self_signed {
         return Ok(None);
     }
-    let mut names = vec![
-        "localhost".to_string(),
-        Ipv4Addr::LOCALHOST.to_string(),
-        Ipv6Addr::LOCALHOST.to_string(),
-    ];
-    if let Some((host, _)) = config.listen.rsplit_once(':') {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let unspecified = host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified());
-        if !unspecified && !names.iter().any(|n| n == host) {
-            names.push(host.to_string());
-        }
-    }
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let (acceptor, pem) = TlsAcceptor::self_signed(&names)?;
-    let path = std::env::temp_dir().join(format!("tidewire-self-signed-{port}.pem"));
-    std::fs::write(&path, &pem.cert_pem).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!(
-        "self-signed certificate for {} written to {} (clients: --ca-file {})",
-        names.join(", "),
-        path.display(),
-        path.display()
-    );
+    let (acceptor, message) = self_signed(&config.listen, port)?;
+    eprintln!("{message}");
     Ok(Some(acceptor))
 }
 
@@ -237,7 +318,7 @@ mod tests {
     }
 
     fn config_for(argv: &[&str]) -> anyhow::Result<Config> {
-        let matches = Cli::command().try_get_matches_from(argv)?;
+        let matches = with_hub_defaults(Cli::command()).try_get_matches_from(argv)?;
         let cli = Cli::from_arg_matches(&matches)?;
         configuration(&cli.serve, Some(&matches))
     }
@@ -272,5 +353,48 @@ mod tests {
         let c = config_for(&["serve", "--host", "0.0.0.0"]).unwrap();
         assert_eq!(c.listen, "0.0.0.0:8080");
         assert!(config_for(&["serve", "--slow-consumer", "wait"]).is_err());
+    }
+
+    #[test]
+    fn address_flags_replace_their_part_of_the_configured_address() {
+        let listen = |argv: &[&str]| config_for(argv).map(|c| c.listen);
+        assert_eq!(
+            listen(&["serve", "--port", "9000"]).unwrap(),
+            "127.0.0.1:9000"
+        );
+        assert_eq!(listen(&["serve", "--host", "::1"]).unwrap(), "[::1]:8080");
+        assert_eq!(
+            listen(&["serve", "--host", "localhost", "--port", "0"]).unwrap(),
+            "localhost:0"
+        );
+        assert_eq!(
+            listen(&["serve", "--listen", "[::1]:7000"]).unwrap(),
+            "[::1]:7000"
+        );
+        // Over a configured address: only the part given changes.
+        let dir = std::env::temp_dir().join(format!("tidewire-serve-addr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("listen.toml");
+        std::fs::write(&file, "listen = \"0.0.0.0:7000\"\n").unwrap();
+        let file = file.to_str().unwrap();
+        assert_eq!(
+            listen(&["serve", "--config", file]).unwrap(),
+            "0.0.0.0:7000"
+        );
+        assert_eq!(
+            listen(&["serve", "--config", file, "--port", "7001"]).unwrap(),
+            "0.0.0.0:7001"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        // --listen is the whole address: not with its parts, and HOST:PORT.
+        for argv in [
+            &["serve", "--listen", "127.0.0.1:1", "--port", "2"][..],
+            &["serve", "--listen", "127.0.0.1:1", "--host", "::1"],
+            &["serve", "--listen", "8080"],
+            &["serve", "--listen", "::1:8080"],
+            &["serve", "--port", "65536"],
+        ] {
+            assert!(listen(argv).is_err(), "{argv:?}");
+        }
     }
 }

@@ -48,6 +48,13 @@ async fn echo_with_welcome_and_prefix_is_the_tutorial_server() {
         ws.recv().await.unwrap().unwrap(),
         Message::text("Echo: Hello Server!")
     );
+    // Like the tutorial's `ws.send(`Echo: ${message}`)`: a binary message is
+    // answered with the prefix and its bytes as UTF-8, invalid ones as U+FFFD.
+    ws.send_binary(b"bytes \xff!".to_vec()).await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::text("Echo: bytes \u{FFFD}!")
+    );
     ws.close(1000u16, "").await.unwrap();
 }
 
@@ -187,4 +194,137 @@ async fn json_logs_are_one_object_per_line() {
             .any(|e| e["level"] == "INFO" && e["fields"]["message"] == "shutdown requested"),
         "{stderr}"
     );
+}
+
+/// Starts `tidewire ARGS...` (echo or serve) in an empty folder and returns
+/// it with the address of its "listening on SCHEME://ADDR/" line.
+async fn start_server(args: &[&str]) -> (tokio::process::Child, String) {
+    let dir = std::env::temp_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(args)
+        .current_dir(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(LIMIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let rest = rest.split("://").nth(1).unwrap();
+                return rest.split('/').next().unwrap().to_string();
+            }
+        }
+        panic!("{args:?} exited before listening");
+    })
+    .await
+    .unwrap();
+    (child, addr)
+}
+
+/// `tidewire ARGS...` run to its end.
+async fn run(args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        LIMIT,
+        Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// The `[default: X]` shown for `flag` in a help text.
+fn shown_default<'a>(help: &'a str, flag: &str) -> &'a str {
+    let at = help
+        .find(&format!("{flag} <"))
+        .unwrap_or_else(|| panic!("{flag} not in\n{help}"));
+    let rest = &help[at..];
+    let rest = &rest[rest.find("[default: ").unwrap() + 10..];
+    &rest[..rest.find(']').unwrap()]
+}
+
+#[tokio::test]
+async fn help_shows_the_defaults_of_each_command() {
+    let serve = run(&["serve", "--help"]).await;
+    let echo = run(&["echo", "--help"]).await;
+    assert!(serve.status.success() && echo.status.success());
+    let (serve, echo) = (
+        String::from_utf8(serve.stdout).unwrap(),
+        String::from_utf8(echo.stdout).unwrap(),
+    );
+    for (flag, hub, plain) in [
+        ("--listen", "127.0.0.1:8080", "127.0.0.1:9001"),
+        ("--slow-consumer", "close", "wait"),
+        ("--max-message-size", "65536", "67108864"),
+        ("--max-connections", "20000", "10000"),
+        ("--send-queue-bytes", "1048576", "4194304"),
+    ] {
+        assert_eq!(shown_default(&serve, flag), hub, "serve {flag}");
+        assert_eq!(shown_default(&echo, flag), plain, "echo {flag}");
+    }
+    // serve bounds frames by --max-message-size: no flag that it ignores.
+    assert!(echo.contains("--max-frame-size") && !serve.contains("--max-frame-size"));
+    assert!(serve.contains("docs/configuration.md"));
+}
+
+#[tokio::test]
+async fn echo_and_serve_take_the_same_address_flags() {
+    // echo: --listen HOST:PORT as well as --host/--port (start_echo's --port 0).
+    let (_echo, addr) = start_server(&["echo", "--listen", "127.0.0.1:0"]).await;
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+    let (mut ws, _) = tidewire::connect(&format!("ws://{addr}/")).await.unwrap();
+    ws.send_text("hi").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("hi"));
+    // serve: --host/--port as well as --listen (tests/serve.rs).
+    let (_serve, addr) = start_server(&["serve", "--host", "127.0.0.1", "--port", "0"]).await;
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+    let url = format!("ws://{addr}/connection/websocket");
+    let (mut ws, _) = tidewire::connect(&url).await.unwrap();
+    ws.send_text(r#"{"id":1,"connect":{}}"#).await.unwrap();
+    let Message::Text(reply) = ws.recv().await.unwrap().unwrap() else {
+        panic!("a text reply expected")
+    };
+    let reply: serde_json::Value = serde_json::from_str(reply.as_str()).unwrap();
+    assert_eq!(reply["id"], 1, "{reply}");
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    // Both refuse a malformed address, and --listen with its parts, as
+    // usage errors (exit status 2).
+    for command in ["echo", "serve"] {
+        for args in [
+            &["--listen", "9001"][..],
+            &["--listen", "127.0.0.1:1", "--port", "2"],
+            &["--port", "65536"],
+        ] {
+            let argv: Vec<&str> = [command].iter().chain(args).copied().collect();
+            let output = run(&argv).await;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{argv:?}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{argv:?}: {stderr}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn durations_out_of_range_are_usage_errors() {
+    for args in [
+        &["echo", "--idle-timeout=-1"][..],
+        &["echo", "--pong-timeout", "inf"],
+        &["serve", "--shutdown-timeout", "1e30"],
+        &["token", "--user", "1", "--secret", "s", "--ttl=-5"],
+    ] {
+        let output = run(args).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("not a duration"), "{args:?}: {stderr}");
+    }
 }

@@ -39,11 +39,13 @@ pub const METHODS: [&str; 9] = [
     "info",
 ];
 
-pub(crate) fn routes() -> Router<AppState> {
+/// The `/api` routes; bodies over `max_body_size` bytes (`api.max_body_size`)
+/// are refused with 413.
+pub(crate) fn routes(max_body_size: usize) -> Router<AppState> {
     Router::new()
         .route("/api/{method}", post(call))
         .route("/api", post(missing_method))
-        .layer(DefaultBodyLimit::max(1 << 20))
+        .layer(DefaultBodyLimit::max(max_body_size))
 }
 
 fn error_response(e: &ErrorReply) -> Response {

@@ -12,10 +12,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Everything `tidewire serve` can be told.
-#[derive(Debug, Clone, Deserialize)]
+/// Everything `tidewire serve` can be told (docs/configuration.md lists
+/// every key). It serializes to the keys of the TOML file, secrets
+/// included.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on (`HOST:PORT`).
@@ -56,7 +58,7 @@ impl Default for Config {
 }
 
 /// Channels in namespaces that are not configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnknownNamespaces {
     /// They get the options of `[channels]` (the embedded default).
@@ -66,22 +68,22 @@ pub enum UnknownNamespaces {
 }
 
 /// Client protocol settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientSettings {
     /// Clients may connect without a token (as anonymous, user id "").
     pub anonymous: bool,
     /// Application-level ping push interval (browsers cannot see WebSocket
     /// pings); sent to the client in the connect reply. 0 = off.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub ping_interval: Duration,
     /// A connection that has not sent a successful `connect` by then is
     /// disconnected.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub connect_timeout: Duration,
     /// After a connection token expires: time to send `refresh` before the
     /// disconnect.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub refresh_grace: Duration,
     /// Largest WebSocket message (one command or a batch), in bytes; larger
     /// ones close the connection with 1009.
@@ -124,7 +126,7 @@ impl Default for ClientSettings {
 
 /// The slow-consumer policy of the hub. The server layer's `wait` is not
 /// offered: a fan-out to thousands of subscribers cannot wait for one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlowConsumerPolicy {
     /// Close the connection with 1013 (try again later): the client
@@ -151,7 +153,7 @@ impl std::str::FromStr for SlowConsumerPolicy {
 
 /// JWT verification settings. Without any key, tokens are refused (and
 /// anonymous connections are the only ones, if allowed).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokenSettings {
     /// HS256 shared secret.
@@ -172,18 +174,27 @@ pub struct TokenSettings {
 }
 
 /// HTTP API settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiSettings {
     /// The API key (`Authorization: apikey KEY`). Unset: a random key is
     /// generated at start and printed.
     pub key: Option<String>,
-    /// Largest request body, in bytes.
-    pub max_body_size: Option<usize>,
+    /// Largest request body, in bytes (beyond: 413).
+    pub max_body_size: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            key: None,
+            max_body_size: 1 << 20,
+        }
+    }
 }
 
 /// Proxy callbacks to the application backend.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProxySettings {
     /// Called on every `connect` (http:// or https://).
@@ -191,7 +202,7 @@ pub struct ProxySettings {
     /// Called on every client `publish`.
     pub publish_url: Option<String>,
     /// Timeout of one callback.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub timeout: Duration,
 }
 
@@ -206,7 +217,7 @@ impl Default for ProxySettings {
 }
 
 /// Transport settings (the server layer's policies).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     /// TLS certificate chain (PEM file) for https:// and wss://.
@@ -220,16 +231,16 @@ pub struct ServerSettings {
     /// Most simultaneous connections per client IP (0: no limit; beyond: 429).
     pub max_connections_per_ip: usize,
     /// Deadline for TLS and the HTTP request head.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub handshake_timeout: Duration,
     /// Close WebSockets silent for this long (0: never).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub idle_timeout: Duration,
     /// WebSocket-level keepalive ping interval (0: off).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub ping_interval: Duration,
     /// How long a peer has to answer a keepalive ping.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub pong_timeout: Duration,
     /// Offer permessage-deflate.
     pub deflate: bool,
@@ -238,7 +249,7 @@ pub struct ServerSettings {
     /// thread is shared), at some cost in ratio.
     pub deflate_no_context_takeover: bool,
     /// How long graceful shutdown waits.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
 }
 
@@ -264,7 +275,7 @@ impl Default for ServerSettings {
 }
 
 /// Who may subscribe to a channel of a namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubscribeRule {
     /// Any connected client, anonymous included.
@@ -279,7 +290,7 @@ pub enum SubscribeRule {
 
 /// Who may publish to a channel of a namespace from a client connection
 /// (the HTTP API may always publish).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PublishRule {
     /// Clients subscribed to the channel.
@@ -291,7 +302,7 @@ pub enum PublishRule {
 }
 
 /// Options of the channels of a namespace.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelOptions {
     /// Who may subscribe.
@@ -305,7 +316,7 @@ pub struct ChannelOptions {
     /// Publications kept per channel (0: no history, no offsets).
     pub history_size: usize,
     /// How long publications are kept.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub history_ttl: Duration,
     /// Let subscribers recover missed publications from history.
     pub recovery: bool,
@@ -374,7 +385,8 @@ pub enum ConfigError {
 /// folder.
 pub const DEFAULT_FILE: &str = "tidewire.toml";
 
-/// Environment variables read by [`Config::apply_env`], with what they set.
+/// Environment variables read by [`Config::apply_env`], with the key each
+/// sets (`TIDEWIRE_ALLOWED_ORIGINS` is comma-separated).
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("TIDEWIRE_LISTEN", "listen"),
     ("TIDEWIRE_API_KEY", "api.key"),
@@ -385,10 +397,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TIDEWIRE_CLIENT_ANONYMOUS", "client.anonymous"),
     ("TIDEWIRE_PROXY_CONNECT_URL", "proxy.connect_url"),
     ("TIDEWIRE_PROXY_PUBLISH_URL", "proxy.publish_url"),
-    (
-        "TIDEWIRE_ALLOWED_ORIGINS",
-        "server.allowed_origins (comma-separated)",
-    ),
+    ("TIDEWIRE_ALLOWED_ORIGINS", "server.allowed_origins"),
     ("TIDEWIRE_MAX_CONNECTIONS", "server.max_connections"),
     ("TIDEWIRE_TLS_CERT", "server.tls_cert"),
     ("TIDEWIRE_TLS_KEY", "server.tls_key"),
@@ -519,6 +528,9 @@ impl Config {
                     .into(),
             );
         }
+        if self.api.max_body_size == 0 {
+            return invalid("api.max_body_size must be positive".into());
+        }
         for name in self.namespaces.keys() {
             if name.is_empty() || name.contains(':') || name.len() > 64 {
                 return invalid(format!(
@@ -530,6 +542,37 @@ impl Config {
             return invalid("server.tls_cert and server.tls_key go together".into());
         }
         Ok(())
+    }
+
+    /// Every key of the TOML file with its value, in JSON form: dotted
+    /// paths (`client.max_batch`, `namespaces.chat.presence`) to leaves
+    /// (unset options are `null`, durations strings such as `"10s"`).
+    /// What docs/configuration.md lists; secrets included.
+    pub fn keys(&self) -> BTreeMap<String, serde_json::Value> {
+        fn walk(
+            prefix: &str,
+            value: serde_json::Value,
+            out: &mut BTreeMap<String, serde_json::Value>,
+        ) {
+            match value {
+                serde_json::Value::Object(fields) => {
+                    for (name, value) in fields {
+                        let path = match prefix {
+                            "" => name,
+                            _ => format!("{prefix}.{name}"),
+                        };
+                        walk(&path, value, out);
+                    }
+                }
+                leaf => {
+                    out.insert(prefix.to_owned(), leaf);
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        let value = serde_json::to_value(self).expect("a configuration is plain data");
+        walk("", value, &mut out);
+        out
     }
 
     /// The options for `channel` (`ns:rest` uses namespace `ns`).
@@ -558,12 +601,17 @@ pub fn namespace_of(channel: &str) -> Option<&str> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok(Duration::from_secs_f64(secs));
-        }
-        return Err(format!("{s:?} is not a duration"));
+        // Negative, NaN, infinite or past Duration::MAX: an error, not a panic.
+        return Duration::try_from_secs_f64(secs).map_err(|_| {
+            format!("{s:?} is not a duration (a number of seconds from 0, or \"10s\", \"5m\")")
+        });
     }
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A duration as the TOML file writes it ("30s", "5m", "0s").
+fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
 /// A duration in TOML: a string ("30s", "5m") or a number of seconds.
@@ -693,9 +741,53 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_the_toml_keys_and_read_back() {
+        let mut config = Config::default();
+        config
+            .namespaces
+            .insert("chat".into(), ChannelOptions::default());
+        let keys = config.keys();
+        assert_eq!(keys["listen"], "127.0.0.1:8080");
+        assert_eq!(keys["client.refresh_grace"], "10s");
+        assert_eq!(keys["server.idle_timeout"], "0s");
+        assert_eq!(keys["channels.history_ttl"], "5m");
+        assert_eq!(keys["api.max_body_size"], 1 << 20);
+        assert_eq!(keys["api.key"], serde_json::Value::Null);
+        assert_eq!(keys["namespaces.chat.presence"], true);
+        // Serialized values read back as the same configuration.
+        let back: Config = serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+        assert_eq!(back.keys(), keys);
+    }
+
+    #[test]
+    fn every_environment_variable_sets_its_key() {
+        let before = Config::default().keys();
+        for &(name, key) in ENV_VARS {
+            assert!(before.contains_key(key), "{name}: no key {key}");
+            let value = match before[key] {
+                serde_json::Value::Bool(b) => (!b).to_string(),
+                serde_json::Value::Number(_) => "7".to_string(),
+                _ => "https://a.example, https://b.example".to_string(),
+            };
+            let mut config = Config::default();
+            config
+                .apply_env(|n| (n == name).then(|| value.clone()))
+                .unwrap_or_else(|e| panic!("{name}={value}: {e}"));
+            let after = config.keys();
+            let changed: Vec<&String> = after.keys().filter(|k| after[*k] != before[*k]).collect();
+            assert_eq!(changed, [key], "{name}={value}");
+        }
+    }
+
+    #[test]
     fn invalid_values_are_refused() {
         assert!(Config::from_toml("[namespaces.\"a:b\"]\n", Path::new("t")).is_err());
         assert!(Config::from_toml("[client]\nmax_batch = 0\n", Path::new("t")).is_err());
+        assert!(Config::from_toml("[api]\nmax_body_size = 0\n", Path::new("t")).is_err());
         assert!(Config::from_toml("[client]\nping_interval = \"soon\"\n", Path::new("t")).is_err());
+        for bad in ["-1", "inf", "NaN", "1e30", "-0.5"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration("0.25"), Ok(Duration::from_millis(250)));
     }
 }

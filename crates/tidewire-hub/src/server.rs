@@ -124,6 +124,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         },
         handshake_timeout: settings.handshake_timeout,
     };
+    let max_body_size = config.api.max_body_size;
     let origins = (!settings.allowed_origins.is_empty())
         .then(|| OriginPolicy::allow(settings.allowed_origins.clone()));
     let state = AppState {
@@ -142,7 +143,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route(WEBSOCKET_PATH, get(websocket))
-        .merge(crate::api::routes())
+        .merge(crate::api::routes(max_body_size))
         .with_state(state)
 }
 

@@ -360,6 +360,24 @@ async fn api_body_errors_name_the_field_not_the_parser() {
     );
 }
 
+#[tokio::test]
+async fn api_bodies_are_bounded_by_api_max_body_size() {
+    let mut cfg = config();
+    cfg.api.max_body_size = 1024;
+    let server = start(cfg).await;
+    let auth = format!("apikey {API_KEY}");
+    let headers = [("Authorization", auth.as_str())];
+    let publish =
+        |text_len: usize| json!({"channel": "lobby", "data": "x".repeat(text_len)}).to_string();
+    let fits = publish(900);
+    assert!(fits.len() <= 1024);
+    let (status, body) = http(server.addr, "POST", "/api/publish", &headers, &fits).await;
+    assert_eq!(status, 200, "{body}");
+    let too_big = publish(1100);
+    let (status, _) = http(server.addr, "POST", "/api/publish", &headers, &too_big).await;
+    assert_eq!(status, 413);
+}
+
 /// MemoryEngine with a switch that makes it unhealthy.
 struct FlakyEngine {
     inner: MemoryEngine,

@@ -756,8 +756,14 @@ fn close_code(outcome: &Result<Message, Error>) -> u16 {
     }
 }
 
-/// A handler that echoes every data message (optionally with a prefix on
-/// text), after an optional welcome message. Used by `tidewire echo`.
+/// A handler that echoes every data message, after an optional welcome
+/// message. Used by `tidewire echo`.
+///
+/// Without a prefix, each message comes back as it came, with its own type.
+/// With a prefix, every answer is a text message: the prefix, then the
+/// text, or for a binary message its bytes decoded as UTF-8 (invalid
+/// sequences become U+FFFD), as the classic tutorial's server does with
+/// ``ws.send(`Echo: ${message}`)``.
 #[allow(clippy::manual_async_fn)] // on purpose: see the comment in the body
 pub fn echo(
     session: Session,
@@ -783,6 +789,10 @@ pub fn echo(
                 // Replies are fed, not flushed: recv writes them in one go when
                 // it runs out of input, so a burst costs one write.
                 Ok(Message::Text(text)) if !prefix.is_empty() => {
+                    let _ = ws.feed(Message::text(format!("{prefix}{text}")));
+                }
+                Ok(Message::Binary(data)) if !prefix.is_empty() => {
+                    let text = String::from_utf8_lossy(&data);
                     let _ = ws.feed(Message::text(format!("{prefix}{text}")));
                 }
                 Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
