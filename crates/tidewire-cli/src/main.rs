@@ -70,8 +70,9 @@ enum Command {
     Token(token::TokenArgs),
     /// Run an echo server: every message comes back with its own type.
     #[command(
-        after_help = "The address flags are those of serve: --listen HOST:PORT, or --host \
-        and --port. The server flags are documented in docs/security.md."
+        after_help = "The address and server flags are those of serve, with the echo \
+        server's defaults: --listen HOST:PORT, or --host and --port. What each limit \
+        protects against: docs/security.md."
     )]
     Echo(echo::EchoArgs),
     /// Connect to a WebSocket server: stdin lines are sent, messages printed.
