@@ -70,8 +70,9 @@ enum Command {
     Token(token::TokenArgs),
     /// Run an echo server: every message comes back with its own type.
     #[command(
-        after_help = "The address flags are those of serve: --listen HOST:PORT, or --host \
-        and --port. The server flags are documented in docs/security.md."
+        after_help = "The address and server flags are those of serve, with the echo \
+        server's defaults: --listen HOST:PORT, or --host and --port. What each limit \
+        protects against: docs/security.md."
     )]
     Echo(echo::EchoArgs),
     /// Connect to a WebSocket server: stdin lines are sent, messages printed.
@@ -289,6 +290,58 @@ mod tests {
                 (hub, plain),
                 "{flag}"
             );
+        }
+    }
+
+    /// The code spans (`like this`) of a Markdown table cell.
+    fn code_spans(cell: &str) -> BTreeSet<&str> {
+        cell.split('`').skip(1).step_by(2).collect()
+    }
+
+    #[test]
+    fn docs_configuration_names_the_flag_of_every_key() {
+        let doc = include_str!("../../../docs/configuration.md");
+        let command = cli_command();
+        let serve = command.find_subcommand("serve").unwrap();
+        let long = |id: &str| {
+            let arg = serve.get_arguments().find(|a| a.get_id() == id).unwrap();
+            format!("--{}", arg.get_long().unwrap())
+        };
+        let mut rows = 0;
+        for line in doc.lines() {
+            let cells: Vec<&str> = line
+                .trim()
+                .trim_matches('|')
+                .split('|')
+                .map(str::trim)
+                .collect();
+            let [key] = code_spans(cells[0]).into_iter().collect::<Vec<_>>()[..] else {
+                continue;
+            };
+            if key.starts_with('-') || cells.len() != 6 {
+                continue;
+            }
+            rows += 1;
+            let expected: BTreeSet<String> = serve::FLAG_KEYS
+                .iter()
+                .filter(|(_, k)| *k == key)
+                .map(|(id, _)| long(id))
+                .collect();
+            let documented: BTreeSet<String> =
+                code_spans(cells[4]).into_iter().map(String::from).collect();
+            assert_eq!(
+                documented, expected,
+                "docs/configuration.md: the flags of {key}"
+            );
+        }
+        assert!(rows > 40, "{rows} keys found in docs/configuration.md");
+        // The flags that set no key have their own table.
+        for flag in [
+            "--config FILE",
+            "--tls-self-signed",
+            "--log-format text\\|json",
+        ] {
+            assert!(doc.contains(&format!("| `{flag}` |")), "{flag}");
         }
     }
 

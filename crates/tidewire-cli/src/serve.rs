@@ -131,7 +131,15 @@ pub fn with_hub_defaults(command: Command) -> Command {
                 Some(text) => text.to_owned(),
                 None => arg.get_help().map(ToString::to_string).unwrap_or_default(),
             };
+            // A multi-paragraph doc comment is the long help `--help` shows.
+            let long = arg
+                .get_long_help()
+                .map(|long| format!("{long}\n\n[config: {keys}]"));
             let arg = arg.help(format!("{text} [config: {keys}]"));
+            let arg = match long {
+                Some(long) => arg.long_help(long),
+                None => arg,
+            };
             // Only flags that take a value have a default; switches stay off.
             match default {
                 Some(default) if !arg.get_default_values().is_empty() => arg.default_value(default),

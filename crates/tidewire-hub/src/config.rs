@@ -779,6 +779,81 @@ mod tests {
         }
     }
 
+    /// The code spans (`like this`) of a Markdown table cell.
+    fn code_spans(cell: &str) -> Vec<&str> {
+        cell.split('`').skip(1).step_by(2).collect()
+    }
+
+    /// The rows of docs/configuration.md's key tables, by key: the cells
+    /// key, type, default, env, flag, what it does.
+    fn documented_keys() -> BTreeMap<String, Vec<String>> {
+        let doc = include_str!("../../../docs/configuration.md");
+        let mut rows = BTreeMap::new();
+        for line in doc.lines() {
+            let cells: Vec<String> = line
+                .trim()
+                .trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_owned())
+                .collect();
+            let key = match code_spans(&cells[0])[..] {
+                [key] if cells[0] == format!("`{key}`") && !key.starts_with('-') => key.to_owned(),
+                _ => continue,
+            };
+            assert_eq!(cells.len(), 6, "docs/configuration.md: the row of {key}");
+            assert!(
+                rows.insert(key.clone(), cells).is_none(),
+                "docs/configuration.md lists {key} twice"
+            );
+        }
+        rows
+    }
+
+    #[test]
+    fn docs_configuration_lists_every_key_with_its_default_and_variable() {
+        let rows = documented_keys();
+        let mut config = Config::default();
+        config
+            .namespaces
+            .insert("<name>".into(), ChannelOptions::default());
+        let keys = config.keys();
+        for (key, value) in &keys {
+            let row = rows
+                .get(key)
+                .unwrap_or_else(|| panic!("docs/configuration.md does not list {key}"));
+            let default = &row[2];
+            if value.is_null() {
+                assert!(
+                    default.starts_with("unset"),
+                    "{key}: default {default}, not unset"
+                );
+            } else {
+                let literal = serde_json::to_string(value).unwrap();
+                assert_eq!(
+                    code_spans(default).first().copied(),
+                    Some(literal.as_str()),
+                    "docs/configuration.md: the default of {key}"
+                );
+            }
+            let variables: Vec<&str> = ENV_VARS
+                .iter()
+                .filter(|(_, k)| k == key)
+                .map(|(name, _)| *name)
+                .collect();
+            assert_eq!(
+                code_spans(&row[3]),
+                variables,
+                "docs/configuration.md: the environment variable of {key}"
+            );
+        }
+        for key in rows.keys() {
+            assert!(
+                keys.contains_key(key),
+                "docs/configuration.md lists {key}, which is not a configuration key"
+            );
+        }
+    }
+
     #[test]
     fn invalid_values_are_refused() {
         assert!(Config::from_toml("[namespaces.\"a:b\"]\n", Path::new("t")).is_err());
