@@ -366,6 +366,13 @@ impl Hub {
         shard.insert(id, client.clone());
         drop(shard);
         self.node.metrics.connections.inc();
+        // A session that opens during shutdown (its upgrade was under way
+        // when it began) is told to leave at once, like the others. Either
+        // this load sees the flag, or `shutdown` sees this client (SeqCst on
+        // both sides): none is missed.
+        if self.node.shutting_down.load(Ordering::SeqCst) {
+            tell_to_leave(&client, &shutdown_notice());
+        }
         Session {
             node: self.node.clone(),
             client,
@@ -558,13 +565,11 @@ impl Hub {
     /// reconnect) and its connection is closed with 1001; new connections
     /// are refused.
     pub fn shutdown(&self) {
-        self.node.shutting_down.store(true, Ordering::Relaxed);
-        let disconnect = Disconnect::new(DisconnectCode::Shutdown, "server shutting down");
-        let frame = protocol::encode_disconnect(&disconnect);
+        self.node.shutting_down.store(true, Ordering::SeqCst);
+        let notice = shutdown_notice();
         for shard in self.node.clients.each() {
             for client in shard.values() {
-                client.sink.send(frame.clone(), FrameKind::Control);
-                client.sink.close(1001, "server shutting down");
+                tell_to_leave(client, &notice);
             }
         }
     }
@@ -573,6 +578,20 @@ impl Hub {
     pub fn is_shutting_down(&self) -> bool {
         self.node.shutting_down.load(Ordering::Relaxed)
     }
+}
+
+/// The `disconnect` push of a shutdown (3001, reconnect).
+fn shutdown_notice() -> Frame {
+    protocol::encode_disconnect(&Disconnect::new(
+        DisconnectCode::Shutdown,
+        "server shutting down",
+    ))
+}
+
+/// Sends the shutdown `notice`, then close 1001.
+fn tell_to_leave(client: &Client, notice: &Frame) {
+    client.sink.send(notice.clone(), FrameKind::Control);
+    client.sink.close(1001, "server shutting down");
 }
 
 fn unavailable(e: crate::engine::EngineError) -> ErrorReply {

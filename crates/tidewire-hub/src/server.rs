@@ -31,6 +31,7 @@ use tidewire::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
@@ -217,14 +218,18 @@ async fn websocket(
     response
 }
 
-/// Counts connections for the limits; dropped when the connection (and
-/// any WebSocket upgraded from it) ends.
+/// Counts connections for the limits, and for the drain; dropped when the
+/// connection (and any WebSocket upgraded from it) ends.
 #[derive(Clone)]
 pub(crate) struct ConnectionSlot(#[allow(dead_code)] Arc<Slot>);
 
 struct Slot {
     limiter: Arc<Limiter>,
     ip: IpAddr,
+    /// Held by connections accepted before shutdown: the drain waits for
+    /// them, WebSockets being upgraded included (their session may open
+    /// after shutdown began, when no task of the tracker is left).
+    _drained: Option<TaskTrackerToken>,
 }
 
 impl Drop for Slot {
@@ -249,12 +254,17 @@ struct Limiter {
 }
 
 impl Limiter {
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, (StatusCode, &'static str)> {
+    fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        drain: Option<&TaskTracker>,
+    ) -> Result<Slot, (StatusCode, &'static str)> {
         let current = self.current.fetch_add(1, Ordering::Relaxed) + 1;
         *lock(&self.per_ip).entry(ip).or_default() += 1;
         let slot = Slot {
             limiter: self.clone(),
             ip,
+            _drained: drain.map(TaskTracker::token),
         };
         if current > self.max {
             return Err((
@@ -286,17 +296,19 @@ struct Front {
 
 impl Front {
     /// The task that serves one connection, or `None` when the connection
-    /// limits refuse it (answered here). `shutdown` ends the connection
-    /// gracefully; without `keep_alive` it serves one request and closes.
+    /// limits refuse it (answered here). `drain` waits for the connection
+    /// and its WebSocket to end; `shutdown` ends the connection gracefully;
+    /// without `keep_alive` it serves one request and closes.
     fn connection(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
+        drain: Option<&TaskTracker>,
         keep_alive: bool,
         shutdown: CancellationToken,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let _ = tcp.set_nodelay(true);
-        let slot = match self.limiter.admit(peer.ip()) {
+        let slot = match self.limiter.admit(peer.ip(), drain) {
             Ok(slot) => slot,
             Err((status, text)) => {
                 tracing::debug!(%peer, %status, "connection refused");
@@ -372,8 +384,10 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             conn = accept(&listener) => conn,
         };
-        if let Some(connection) = front.connection(tcp, peer, true, shutdown.clone()) {
-            tracker.spawn(connection);
+        if let Some(connection) =
+            front.connection(tcp, peer, Some(&tracker), true, shutdown.clone())
+        {
+            tokio::spawn(connection);
         }
     }
     tracing::info!(sessions = hub.counts().sessions, "shutting down");
@@ -387,15 +401,15 @@ pub async fn serve(
         }
     };
     // The listener stays open during the drain (503 on /health and on
-    // upgrades, see the module docs). These connections are not waited
-    // for: each serves one request, bounded by the header timeout; the
-    // guard ends those still open when this returns.
+    // upgrades, see the module docs). The drain does not wait for the
+    // connections accepted now: each serves one request, bounded by the
+    // header timeout; the guard ends those still open when this returns.
     let draining = CancellationToken::new();
     let _end_draining = draining.clone().drop_guard();
     let answer_while_draining = async {
         loop {
             let (tcp, peer) = accept(&listener).await;
-            if let Some(connection) = front.connection(tcp, peer, false, draining.clone()) {
+            if let Some(connection) = front.connection(tcp, peer, None, false, draining.clone()) {
                 tokio::spawn(connection);
             }
         }
@@ -451,7 +465,11 @@ where
         keep_alive,
         shutdown,
     } = http;
+    // Signalled when a request starts (a permit stays for a later wait).
+    let request_started = Arc::new(tokio::sync::Notify::new());
+    let started = request_started.clone();
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+        started.notify_one();
         request.extensions_mut().insert(slot.clone());
         request.extensions_mut().insert(peer);
         let mut router = router.clone();
@@ -474,6 +492,15 @@ where
             }
         }
         _ = shutdown.cancelled() => {
+            // hyper closes a connection with no request in progress at once,
+            // and one accepted just before shutdown (a health check, say)
+            // may not have had its request read yet: it would get no
+            // answer at all. It gets its first request answered instead.
+            tokio::select! {
+                _ = request_started.notified() => {}
+                _ = tokio::time::sleep(header_timeout) => {}
+                _ = connection.as_mut() => return,
+            }
             connection.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
         }

@@ -576,6 +576,78 @@ async fn graceful_shutdown_tells_every_client_to_reconnect() {
 }
 
 #[tokio::test]
+async fn a_connection_accepted_before_shutdown_still_gets_its_answer() {
+    // A health check whose connection was accepted just before shutdown,
+    // its request not read yet: answered (503), not closed unanswered.
+    let server = start(config()).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.shutdown.cancel();
+    let hub = server.hub.clone();
+    eventually("shutdown", || hub.is_shutting_down()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, tcp.read_to_end(&mut response))
+        .await
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 503"), "{response:?}");
+    assert!(
+        response.ends_with("\r\n\r\nshutting down\n"),
+        "{response:?}"
+    );
+}
+
+/// Records what the hub hands a client connection.
+#[derive(Default)]
+struct RecordingSink(std::sync::Mutex<Vec<String>>);
+
+impl tidewire_hub::hub::ClientSink for RecordingSink {
+    fn send(
+        &self,
+        frame: tidewire_hub::protocol::Frame,
+        _: tidewire_hub::hub::FrameKind,
+    ) -> tidewire_hub::hub::SendOutcome {
+        self.0.lock().unwrap().push(frame.as_str().to_owned());
+        tidewire_hub::hub::SendOutcome::Queued
+    }
+    fn close(&self, code: u16, reason: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("close {code} {reason}"));
+    }
+    fn queued(&self) -> usize {
+        0
+    }
+}
+
+#[tokio::test]
+async fn a_session_opening_during_shutdown_is_told_to_reconnect() {
+    // Its upgrade was under way when shutdown began: it must not be left
+    // open until the shutdown timeout, missing the notice the others got.
+    let hub = Hub::new(config(), Arc::new(MemoryEngine::new())).unwrap();
+    let before = Arc::new(RecordingSink::default());
+    let _open = hub.open(before.clone());
+    hub.shutdown();
+    let late = Arc::new(RecordingSink::default());
+    let session = hub.open(late.clone());
+    let notice = before.0.lock().unwrap().clone();
+    assert_eq!(notice.len(), 2, "{notice:?}");
+    assert!(
+        notice[0].contains(r#""disconnect":{"code":3001"#),
+        "{notice:?}"
+    );
+    assert_eq!(notice[1], "close 1001 server shutting down");
+    assert_eq!(*late.0.lock().unwrap(), notice);
+    session.close().await;
+}
+
+#[tokio::test]
 async fn proxy_callbacks_decide_connect_and_publish() {
     let backend = axum::Router::new()
         .route(
