@@ -7,7 +7,9 @@
 //! A WebSocket text message holds one command, or several separated by
 //! newlines (a batch). Parsing is strict and bounded: each command is a
 //! JSON object with an optional numeric `id` and exactly one command key;
-//! anything else gets an error reply with a stable code.
+//! anything else gets an error reply with a stable code, and a message
+//! that names the field at fault and what it must be. Commands past
+//! `client.max_batch` are refused one by one ([`parse_batch`]).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -526,7 +528,8 @@ pub fn parse_command(line: &str) -> Result<Command, ParseError> {
         "presence_stats" => ChannelRequest::read(&body).map(Request::PresenceStats),
         "history" => HistoryRequest::read(&body).map(Request::History),
         "refresh" => RefreshRequest::read(&body).map(Request::Refresh),
-        _ => body.only(&[]).map(|()| Request::Ping),
+        "ping" => body.only(&[]).map(|()| Request::Ping),
+        _ => unreachable!("COMMANDS lists every command"),
     }
     .map_err(|e| bad(id, format!("{name}: {e}")))?;
     Ok(Command { id, request })
