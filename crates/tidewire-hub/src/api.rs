@@ -265,10 +265,11 @@ pub fn parse_call(method: &str, body: &[u8]) -> Result<ApiCall, ErrorReply> {
                     client: o.string("client")?,
                 }
             }
-            _ => {
+            "info" => {
                 o.only(&[])?;
                 ApiCall::Info
             }
+            _ => unreachable!("METHODS lists every method"),
         })
     };
     call().map_err(|e| match e {

@@ -321,6 +321,26 @@ impl<'de> Visitor<'de> for BoundedStrings {
     }
 }
 
+/// Whether a key is `id`, read without copying it (an escaped key is
+/// compared where the parser unescaped it).
+struct IsId(bool);
+
+impl<'de> Deserialize<'de> for IsId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = IsId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<IsId, E> {
+                Ok(IsId(s == "id"))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// The `id` of a command line, read without keeping anything: the id a
 /// full parse ([`crate::protocol::parse_command`]) would echo, 0 when the
 /// line is not a JSON object or its id is missing, invalid or repeated.
@@ -334,9 +354,9 @@ pub(crate) fn peek_id(line: &str) -> u64 {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
             let mut id = None;
             let mut valid = true;
-            while let Some(key) = map.next_key::<Key<'de>>()? {
+            while let Some(IsId(is_id)) = map.next_key()? {
                 let value = map.next_value::<&RawValue>()?;
-                if key.0 == "id" {
+                if is_id {
                     if id.is_some() {
                         valid = false;
                     }

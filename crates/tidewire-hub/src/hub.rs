@@ -1014,8 +1014,9 @@ impl Session {
     /// Handles one text message: a command, or a newline-separated batch.
     /// Commands past `client.max_batch` are not run; each gets error 113
     /// with its id, and those without an id one 113 without id together.
-    /// Once the connection is closing (its queue overflowed, say), the rest
-    /// of the message is dropped unread.
+    /// Once an error reply finds the connection closing (its queue
+    /// overflowed, say), the rest of the message is dropped unread: a
+    /// flood of refusals costs at most one send queue.
     pub async fn handle_text(&self, message: &str) {
         let max = self.node.config.client.max_batch;
         let mut refused_without_id = 0;
