@@ -181,15 +181,17 @@ def update(report_path, expected_path, agent, only_reported, out):
     if bad:
         raise InputError("refusing to record unacceptable results (fix them first): %s"
                          % "; ".join(bad))
-    if os.path.exists(expected_path):
+    existed = os.path.exists(expected_path)
+    if existed:
         doc, old = load_expectations(expected_path)
     else:
         doc, old = {"about": DEFAULT_ABOUT}, {}
     new = dict(old) if only_reported else {}
     new.update(got)
     changes = compare(old, new)
-    for d in changes:
-        out("  changed: " + describe(d).replace("expected", "was", 1).replace(", got", ", now", 1))
+    if existed:  # a new file is all changes: nothing worth listing
+        for d in changes:
+            out("  changed: " + describe(d).replace("expected", "was", 1).replace(", got", ", now", 1))
     write_expectations(expected_path, doc, new)
     return agent, len(new), len(changes)
 

@@ -160,6 +160,9 @@ class CheckerTest(unittest.TestCase):
                            "7.1.6": entry("INFORMATIONAL", "INFORMATIONAL")})
         rc, lines, _ = self.run_main(rep, self.expected_path, "--update")
         self.assertEqual(rc, 0, lines)
+        self.assertEqual(len(lines), 1, "a new file lists no case: %r" % lines)
+        self.assertTrue(lines[0].startswith("expectations: updated "))
+        self.assertTrue(lines[0].endswith(": 3 cases, 3 changed"))
         with open(self.expected_path) as f:
             text = f.read()
         self.assertEqual(list(json.loads(text)["cases"]), ["1.1.2", "1.1.10", "7.1.6"])
