@@ -26,14 +26,15 @@ fn peak_bytes(pid: u32) -> u64 {
     status_kib(pid, "VmHWM:") * 1024
 }
 
-/// A WebSocket client that completed the upgrade and reads nothing more,
-/// with a 4 KiB receive buffer (so the server's answers back up at once).
-async fn non_reader(addr: &str) -> TcpStream {
+/// A WebSocket client that completed the upgrade of `path` and reads
+/// nothing more, with a 4 KiB receive buffer (so the server's answers back
+/// up at once).
+async fn non_reader(addr: &str, path: &str) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
     stream
-        .write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut head = Vec::new();
@@ -103,7 +104,7 @@ async fn run(args: &[&str], peers: usize, per_peer: u64) -> (u64, Vec<(Sending, 
     let before = peak_bytes(pid);
     let mut streams = Vec::new();
     for _ in 0..peers {
-        streams.push(non_reader(&addr).await);
+        streams.push(non_reader(&addr, "/").await);
     }
     let senders: Vec<_> = streams
         .into_iter()
@@ -334,18 +335,7 @@ async fn a_hub_client_that_never_reads_its_replies_is_bounded() {
     normal.recv().await.unwrap().unwrap();
     let before = peak_bytes(pid);
 
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
-    stream
-        .write_all(format!("GET /connection/websocket HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(stream.read_u8().await.unwrap());
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut stream = non_reader(&addr, "/connection/websocket").await;
     let mut opening = text_frame(r#"{"id":1,"connect":{}}"#);
     opening.extend(text_frame(
         r#"{"id":2,"subscribe":{"channel":"chat:lobby"}}"#,

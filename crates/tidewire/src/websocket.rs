@@ -574,6 +574,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// A write failed: the connection is over, with that error.
+    fn transport_failed(&mut self, e: Error) -> Poll<Option<Result<Message, Error>>> {
+        self.read_state = ReadState::Done;
+        self.shut_outbox();
+        Poll::Ready(Some(Err(e)))
+    }
+
     /// The most output (encoded, not yet written) before the reader stops
     /// decoding input: the send queue's byte limit, and never below what
     /// the reader lets gather before it writes.
@@ -605,9 +612,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                 || self.outbox_has_work()
             {
                 if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
-                    self.read_state = ReadState::Done;
-                    self.shut_outbox();
-                    return Poll::Ready(Some(Err(e)));
+                    return self.transport_failed(e);
                 }
             }
             if self.conn.close_sent() {
@@ -626,11 +631,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
             if self.conn.pending_output_len() >= self.output_limit() {
                 match self.poll_write_out(cx, Side::Reader) {
                     Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => {
-                        self.read_state = ReadState::Done;
-                        self.shut_outbox();
-                        return Poll::Ready(Some(Err(e)));
-                    }
+                    Poll::Ready(Err(e)) => return self.transport_failed(e),
                     Poll::Pending => {
                         if let SlowConsumer::Close(code) = self.options.send_queue.policy {
                             self.begin_close(code, "send queue full");
@@ -680,9 +681,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Inner<S> {
                         }
                     }
                     if let Poll::Ready(Err(e)) = self.poll_write_out(cx, Side::Reader) {
-                        self.read_state = ReadState::Done;
-                        self.shut_outbox();
-                        return Poll::Ready(Some(Err(e)));
+                        return self.transport_failed(e);
                     }
                     match ready!(self.poll_read_input(cx)) {
                         Ok(0) => {
