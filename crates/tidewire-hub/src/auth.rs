@@ -619,12 +619,12 @@ mod tests {
 
     #[test]
     fn an_empty_hmac_secret_is_refused_at_start() {
-        let err = Verifier::new(&TokenSettings {
+        let Err(err) = Verifier::new(&TokenSettings {
             hmac_secret: Some(String::new()),
             ..TokenSettings::default()
-        })
-        .err()
-        .expect("an empty secret must be refused");
+        }) else {
+            panic!("an empty secret must be refused");
+        };
         assert!(err.contains("token.hmac_secret is empty"), "{err}");
     }
 
