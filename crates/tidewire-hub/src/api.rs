@@ -15,8 +15,8 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::fields::{quoted, ListError, Object};
-use crate::hub::Hub;
 use crate::metrics::MethodLabel;
+use crate::node::Hub;
 use crate::protocol::{
     ChannelRequest, Disconnect, DisconnectCode, ErrorCode, ErrorReply, HistoryRequest,
     PublishRequest,

@@ -10,10 +10,9 @@
 //! |---|---|
 //! | [`config`] | defaults, TOML, environment; namespace options |
 //! | [`protocol`] | the JSON wire types and the table of codes |
-//! | `presence_diff` | the joins and leaves of a channel gathered into one `presence_diff` push |
 //! | `fields` | strict field-by-field reading of commands and API bodies, with errors for people |
 //! | [`engine`] | offsets, epochs, history, recovery, presence; [`engine::MemoryEngine`] |
-//! | [`hub`] | clients, subscriptions, permissions, presence, join/leave, fan-out |
+//! | [`node`] | the hub core: the node and its handle [`Hub`], sessions and their commands, channels and fan-out, presence diffs, maintenance, the front contract ([`node::ClientSink`]), the server-side API |
 //! | [`auth`] | JWT connection and subscription tokens (HS256, RS256, ES256, JWKS) |
 //! | [`proxy`] | HTTP callbacks to the application on connect and publish |
 //! | [`ws`] | the WebSocket front: a session per connection |
@@ -30,9 +29,9 @@ pub mod config;
 pub mod engine;
 mod fields;
 mod http_client;
-pub mod hub;
 pub mod metrics;
-mod presence_diff;
+pub mod node;
+
 pub mod protocol;
 pub mod proxy;
 pub mod server;
@@ -41,4 +40,4 @@ pub mod ws;
 
 pub use config::Config;
 pub use engine::{Engine, MemoryEngine};
-pub use hub::{Hub, HubCounts};
+pub use node::{Hub, HubCounts};

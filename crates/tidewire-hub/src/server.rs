@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::node::Hub;
 use crate::protocol::SUBPROTOCOL;
 use crate::shards::lock;
 

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::config::SlowConsumerPolicy;
-use crate::hub::{ClientSink, FrameKind, Hub, SendOutcome, Session};
+use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Session};
 use crate::protocol::Frame;
 
 /// The close code of a connection whose send queue overflowed.

@@ -606,14 +606,14 @@ async fn a_connection_accepted_before_shutdown_still_gets_its_answer() {
 #[derive(Default)]
 struct RecordingSink(std::sync::Mutex<Vec<String>>);
 
-impl tidewire_hub::hub::ClientSink for RecordingSink {
+impl tidewire_hub::node::ClientSink for RecordingSink {
     fn send(
         &self,
         frame: tidewire_hub::protocol::Frame,
-        _: tidewire_hub::hub::FrameKind,
-    ) -> tidewire_hub::hub::SendOutcome {
+        _: tidewire_hub::node::FrameKind,
+    ) -> tidewire_hub::node::SendOutcome {
         self.0.lock().unwrap().push(frame.as_str().to_owned());
-        tidewire_hub::hub::SendOutcome::Queued
+        tidewire_hub::node::SendOutcome::Queued
     }
     fn close(&self, code: u16, reason: &str) {
         self.0

@@ -7,7 +7,7 @@
 //! leaves of a short interval are gathered into one push, and above a
 //! member count the push says only how many joined and left, not who
 //! (presence itself stays queryable). This module owns the gathering; the
-//! node ([`crate::hub`]) owns the timing and the delivery.
+//! node ([`super::channels`]) owns the timing and the delivery.
 
 use std::sync::Arc;
 

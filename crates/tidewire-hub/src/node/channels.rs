@@ -1,0 +1,326 @@
+//! Channels on this node: their subscribers (live, or parked while they
+//! read history), joining and leaving them, and the fan-out of
+//! publications and `presence_diff` pushes to their subscribers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::time::Instant;
+
+use super::front::{ClientSink, FrameKind, SendOutcome};
+use super::presence_diff::PendingDiff;
+use super::registry::Client;
+use super::Node;
+use crate::engine::EngineEvents;
+use crate::protocol::{self, ClientInfo, Frame, Publication, Unsubscribed};
+use crate::shards::lock;
+
+#[derive(Default)]
+pub(super) struct Channel {
+    /// Locked before `subscribers` when both are held.
+    pub(super) presence: Mutex<PendingDiff>,
+    pub(super) subscribers: Mutex<Subscribers>,
+}
+
+type ParkedFrames = Vec<(u64, Frame)>;
+
+#[derive(Default)]
+pub(super) struct Subscribers {
+    pub(super) live: Vec<(u64, Arc<dyn ClientSink>)>,
+    /// Position of each live subscriber in `live`.
+    pub(super) index: HashMap<u64, usize>,
+    /// Subscribers reading history: publications wait here for them.
+    pub(super) parked: Vec<(u64, ParkedFrames)>,
+}
+
+impl Subscribers {
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.parked.is_empty()
+    }
+
+    fn members(&self) -> usize {
+        self.live.len() + self.parked.len()
+    }
+
+    fn add_live(&mut self, client: u64, sink: Arc<dyn ClientSink>) {
+        if self.index.contains_key(&client) {
+            return;
+        }
+        self.index.insert(client, self.live.len());
+        self.live.push((client, sink));
+    }
+
+    fn take_parked(&mut self, client: u64) -> Option<ParkedFrames> {
+        let at = self.parked.iter().position(|(c, _)| *c == client)?;
+        Some(self.parked.swap_remove(at).1)
+    }
+
+    fn remove(&mut self, client: u64) -> bool {
+        if self.take_parked(client).is_some() {
+            return true;
+        }
+        let Some(at) = self.index.remove(&client) else {
+            return false;
+        };
+        self.live.swap_remove(at);
+        if let Some((moved, _)) = self.live.get(at) {
+            self.index.insert(*moved, at);
+        }
+        if self.live.is_empty() {
+            // Give the memory of a big channel back when it empties.
+            self.live = Vec::new();
+            self.index = HashMap::new();
+        }
+        true
+    }
+}
+
+impl Node {
+    /// Adds a parked subscriber; true when the channel is new on this node.
+    pub(super) fn park(&self, channel: &str, client: u64) -> bool {
+        let mut shard = self.channels.lock(channel);
+        let mut created = false;
+        let ch = shard.entry(channel.to_owned()).or_insert_with(|| {
+            created = true;
+            Arc::default()
+        });
+        lock(&ch.subscribers).parked.push((client, Vec::new()));
+        created
+    }
+
+    /// Sends the subscribe reply and what was parked after `after`, then
+    /// makes the subscriber live, all under the channel's lock (so that no
+    /// publication slips between). When the subscriber was removed
+    /// meanwhile (unsubscribed by the server), only the reply goes out.
+    pub(super) fn go_live(&self, channel: &str, client: &Client, reply: Frame, after: u64) {
+        let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
+            client.sink.send(reply, FrameKind::Control);
+            return;
+        };
+        let mut subs = lock(&ch.subscribers);
+        let Some(parked) = subs.take_parked(client.id) else {
+            client.sink.send(reply, FrameKind::Control);
+            return;
+        };
+        client.sink.send(reply, FrameKind::Control);
+        for (offset, frame) in parked {
+            if offset > after {
+                client.sink.send(frame, FrameKind::Publication);
+            }
+        }
+        subs.add_live(client.id, client.sink.clone());
+    }
+
+    /// Adds a live subscriber and sends the reply under the channel's
+    /// lock; true when the channel is new on this node.
+    pub(super) fn attach(&self, channel: &str, client: &Client, reply: Frame) -> bool {
+        let mut shard = self.channels.lock(channel);
+        let mut created = false;
+        let ch = shard.entry(channel.to_owned()).or_insert_with(|| {
+            created = true;
+            Arc::default()
+        });
+        let mut subs = lock(&ch.subscribers);
+        client.sink.send(reply, FrameKind::Control);
+        subs.add_live(client.id, client.sink.clone());
+        created
+    }
+
+    /// Removes a subscriber; true when the channel emptied and was removed.
+    pub(super) fn detach(&self, channel: &str, client: u64) -> (bool, bool) {
+        let mut shard = self.channels.lock(channel);
+        let Some(ch) = shard.get(channel) else {
+            return (false, false);
+        };
+        let mut subs = lock(&ch.subscribers);
+        let removed = subs.remove(client);
+        let empty = subs.is_empty();
+        drop(subs);
+        if empty {
+            shard.remove(channel);
+        }
+        (removed, empty)
+    }
+
+    /// Unsubscribes a client on the server's initiative, with an
+    /// `unsubscribe` push; false when it was not subscribed.
+    pub(super) async fn server_unsubscribe(
+        &self,
+        client: &Client,
+        channel: &str,
+        why: &Unsubscribed,
+    ) -> bool {
+        let removed = {
+            let mut st = lock(&client.state);
+            let before = st.subscriptions.len();
+            st.subscriptions.retain(|s| s != channel);
+            st.expiring.retain(|(s, _)| s != channel);
+            st.subscriptions.len() != before
+        };
+        if removed {
+            self.leave_channel(client, channel).await;
+            client.send(protocol::encode_unsubscribe(channel, why));
+        }
+        removed
+    }
+
+    /// Everything that leaving a channel entails (the client's own list
+    /// was already updated by the caller).
+    pub(super) async fn leave_channel(&self, client: &Client, channel: &str) {
+        let (removed, emptied) = self.detach(channel, client.id);
+        if removed {
+            self.metrics.subscriptions.dec();
+        }
+        if emptied {
+            self.metrics.channels.dec();
+            if let Err(e) = self.engine.unsubscribe(channel).await {
+                tracing::warn!("{e}");
+            }
+        }
+        let (Ok(options), Some(info)) = (self.config.channel_options(channel), client.info())
+        else {
+            return;
+        };
+        if options.presence {
+            if let Err(e) = self.engine.remove_presence(channel, &info.client).await {
+                tracing::warn!("{e}");
+            }
+        }
+        if options.join_leave {
+            if let Err(e) = self.engine.publish_leave(channel, info).await {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Queues `frame` on every live subscriber of `ch` (and, for a
+    /// publication at offset `park`, on the parked ones).
+    pub(super) fn deliver(&self, ch: &Channel, frame: &Frame, park: Option<u64>) {
+        let mut subs = lock(&ch.subscribers);
+        if let Some(offset) = park {
+            for (_, parked) in subs.parked.iter_mut() {
+                parked.push((offset, frame.clone()));
+            }
+        }
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        // Queued on every subscriber first; the ones not already due are
+        // woken afterwards by the dispatcher, a wave at a time.
+        let mut due = Vec::new();
+        for (_, sink) in &subs.live {
+            let (outcome, wake) = sink.send_deferred(frame.clone(), FrameKind::Publication);
+            match outcome {
+                SendOutcome::Queued => delivered += 1,
+                SendOutcome::Dropped => dropped += 1,
+                SendOutcome::Closed => {}
+            }
+            if wake {
+                due.push(sink.clone());
+            }
+        }
+        drop(subs);
+        if !due.is_empty() {
+            lock(&self.wakes).extend(due);
+            self.wake_signal.notify_one();
+        }
+        self.metrics.deliveries.inc_by(delivered);
+        if dropped > 0 {
+            self.metrics.dropped.inc_by(dropped);
+        }
+    }
+
+    /// A join or leave: gathered into the channel's next `presence_diff`
+    /// push. The first one after a quiet interval goes out at once; the
+    /// ones that follow within `join_leave_interval` go out together when
+    /// it ends (see [`crate::presence_diff`]).
+    pub(super) fn presence_event(&self, channel: &str, info: &Arc<ClientInfo>, join: bool) {
+        let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
+            return;
+        };
+        let Ok(options) = self.config.channel_options(channel) else {
+            return;
+        };
+        let max = options.join_leave_max_members;
+        let mut pending = lock(&ch.presence);
+        let members = lock(&ch.subscribers).members();
+        pending.record(info, join, members, max);
+        if pending.scheduled {
+            return;
+        }
+        if let Some(sent) = pending.last_sent {
+            let due = sent + options.join_leave_interval;
+            if Instant::now() < due {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    pending.scheduled = true;
+                    runtime.spawn(send_presence_diff_at(
+                        due,
+                        self.me.clone(),
+                        Arc::downgrade(&ch),
+                        channel.to_owned(),
+                    ));
+                    return;
+                }
+            }
+        }
+        self.send_presence_diff(channel, &ch, &mut pending, max);
+    }
+
+    /// Sends what `pending` (the channel's, locked by the caller) gathered.
+    pub(super) fn send_presence_diff(
+        &self,
+        channel: &str,
+        ch: &Channel,
+        pending: &mut PendingDiff,
+        max_listed: usize,
+    ) {
+        let members = lock(&ch.subscribers).members();
+        if let Some(frame) = pending.take(channel, members, max_listed) {
+            pending.last_sent = Some(Instant::now());
+            self.deliver(ch, &frame, None);
+        }
+    }
+}
+
+/// The timer of a channel's coalesced `presence_diff` push.
+pub(super) async fn send_presence_diff_at(
+    due: Instant,
+    node: Weak<Node>,
+    ch: Weak<Channel>,
+    channel: String,
+) {
+    tokio::time::sleep_until(due).await;
+    let (Some(node), Some(ch)) = (node.upgrade(), ch.upgrade()) else {
+        return;
+    };
+    let Ok(options) = node.config.channel_options(&channel) else {
+        return;
+    };
+    let mut pending = lock(&ch.presence);
+    pending.scheduled = false;
+    node.send_presence_diff(&channel, &ch, &mut pending, options.join_leave_max_members);
+}
+
+impl EngineEvents for Node {
+    fn publication(&self, channel: &str, publication: &Arc<Publication>) {
+        self.metrics.publications.inc();
+        let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
+            return;
+        };
+        let frame = protocol::encode_publication(channel, publication);
+        let mut pending = lock(&ch.presence);
+        // Members hear who joined before what the newcomer publishes.
+        if pending.has_listed() {
+            if let Ok(options) = self.config.channel_options(channel) {
+                self.send_presence_diff(channel, &ch, &mut pending, options.join_leave_max_members);
+            }
+        }
+        self.deliver(&ch, &frame, Some(publication.offset));
+    }
+
+    fn join(&self, channel: &str, info: &Arc<ClientInfo>) {
+        self.presence_event(channel, info, true);
+    }
+
+    fn leave(&self, channel: &str, info: &Arc<ClientInfo>) {
+        self.presence_event(channel, info, false);
+    }
+}

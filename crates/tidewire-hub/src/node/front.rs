@@ -1,0 +1,53 @@
+//! The contract between the core and a front: what a front hands the
+//! core for each connection (a [`ClientSink`]) and what becomes of the
+//! frames the core queues on it.
+
+use crate::protocol::Frame;
+
+/// How a frame may be treated when the client's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A publication, join or leave: the slow-consumer policy applies.
+    Publication,
+    /// A reply or control push: if it cannot be queued, the connection
+    /// must end (the client would be out of step).
+    Control,
+}
+
+/// What became of a frame handed to a sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Queued for sending.
+    Queued,
+    /// Dropped by the slow-consumer policy.
+    Dropped,
+    /// The connection is closed or closing (perhaps by this very frame
+    /// overflowing its queue).
+    Closed,
+}
+
+/// A front's handle on one client connection.
+pub trait ClientSink: Send + Sync + 'static {
+    /// Queues a frame without waiting.
+    fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome;
+    /// Ends the connection after what is queued, with a close code and
+    /// reason (WebSocket close frame or its equivalent).
+    fn close(&self, code: u16, reason: &str);
+    /// Frames waiting to be written.
+    fn queued(&self) -> usize;
+    /// Queues a frame like [`send`](Self::send) without waking the
+    /// connection's writer (the fan-out queues a publication on every
+    /// subscriber first and wakes them after, a wave at a time). The flag
+    /// says whether the sink must be woken with [`wake`](Self::wake): it
+    /// was not already due.
+    fn send_deferred(&self, frame: Frame, kind: FrameKind) -> (SendOutcome, bool) {
+        (self.send(frame, kind), false)
+    }
+    /// Wakes the writer after [`send_deferred`](Self::send_deferred).
+    fn wake(&self) {}
+    /// Whether the connection is closing (asked to, or its queue
+    /// overflowed): the session runs no more of its commands.
+    fn is_closing(&self) -> bool {
+        false
+    }
+}

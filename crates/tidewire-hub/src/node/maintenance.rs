@@ -1,0 +1,82 @@
+//! The node's periodic work: token expiry, application pings, engine
+//! expiry.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::front::FrameKind;
+use super::Node;
+use crate::auth::now_unix;
+use crate::protocol::{self, Disconnect, DisconnectCode, Unsubscribed};
+use crate::shards::lock;
+
+/// Token expiry, application pings and engine expiry, about once a second.
+pub(super) async fn maintenance(node: Weak<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ping = Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        node.engine.maintain();
+        let now = Instant::now();
+        let interval = node.config.client.ping_interval;
+        let ping = !interval.is_zero() && now.duration_since(last_ping) >= interval;
+        if ping {
+            last_ping = now;
+        }
+        let grace = node.config.client.refresh_grace;
+        let unix = now_unix();
+        let ping_frame = protocol::ping_frame();
+        for shard in node.clients.each() {
+            for client in shard.values() {
+                let mut st = lock(&client.state);
+                if st.info.is_none() || st.closed {
+                    continue;
+                }
+                if ping {
+                    client.sink.send(ping_frame.clone(), FrameKind::Publication);
+                }
+                if st.expiring.iter().any(|(_, exp)| unix >= *exp) {
+                    let expired: Vec<String> = st
+                        .expiring
+                        .iter()
+                        .filter(|(_, exp)| unix >= *exp)
+                        .map(|(channel, _)| channel.clone())
+                        .collect();
+                    st.expiring.retain(|(_, exp)| unix < *exp);
+                    let (node, client) = (node.clone(), client.clone());
+                    tokio::spawn(async move {
+                        let why = Unsubscribed {
+                            code: 2001,
+                            reason: "subscription token expired".into(),
+                        };
+                        for channel in expired {
+                            node.server_unsubscribe(&client, &channel, &why).await;
+                        }
+                    });
+                }
+                if st.expires_at.is_some_and(|exp| unix >= exp) {
+                    match st.refresh_deadline {
+                        None => {
+                            st.refresh_deadline = Some(now + grace);
+                            client.send(protocol::encode_refresh(grace.as_secs()));
+                        }
+                        Some(deadline) if now >= deadline => {
+                            st.expires_at = None;
+                            drop(st);
+                            tracing::debug!(client = %format!("{:016x}", client.id), "token expired");
+                            client.disconnect(&Disconnect::new(
+                                DisconnectCode::TokenExpired,
+                                "connection token expired",
+                            ));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}

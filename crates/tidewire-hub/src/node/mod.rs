@@ -1,0 +1,343 @@
+//! The hub core, independent of its fronts: clients, subscriptions,
+//! permissions, presence, join/leave, history, and the routing of each
+//! publication once to this node's subscribers.
+//!
+//! A front (the WebSocket front in [`crate::ws`], later others) opens a
+//! [`Session`] per connection with a [`ClientSink`], hands it every text
+//! message, and closes it when the transport ends. The core writes
+//! replies and pushes only through the sink, as encoded JSON frames, so it
+//! never knows the transport.
+//!
+//! The fan-out path: the engine hands a publication to [`Node`] (as
+//! [`EngineEvents`]), which encodes the push once and queues the same
+//! shared bytes on every subscriber's sink, under the lock of that one
+//! channel only (other channels never wait), without waking the
+//! subscribers' tasks. A dispatcher task then wakes the subscribers that
+//! became due, in waves of 128 (`WAKE_WAVE`), yielding between waves: each
+//! subscriber is woken once for however many publications queued up for
+//! it (its task writes them in one system call), and a publisher's next
+//! command waits behind one wave of writes, not behind the whole fan-out
+//! (which on one core is one write per subscriber). Subscribing with a position
+//! parks the subscriber for the time of the history read: publications
+//! that arrive meanwhile wait in its parking buffer and follow the reply,
+//! without duplicates, so a recovered stream has neither gaps nor repeats.
+//!
+//! Every map keyed by client input (channels, users, clients) loses its
+//! entry when the last user of the key leaves.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::auth::Verifier;
+use crate::config::{ChannelOptions, Config};
+use crate::engine::{Engine, EngineEvents, EngineStats, HistoryOptions};
+use crate::metrics::Metrics;
+use crate::protocol::{self, Disconnect, DisconnectCode, ErrorCode, ErrorReply, Frame};
+use crate::proxy::Proxy;
+use crate::shards::{lock, Shards};
+
+mod channels;
+mod front;
+mod maintenance;
+mod presence_diff;
+mod registry;
+mod server_api;
+mod session;
+mod wakes;
+
+use channels::Channel;
+pub use front::{ClientSink, FrameKind, SendOutcome};
+use registry::{Client, ClientState};
+pub use server_api::HistoryReply;
+pub use session::Session;
+
+/// Entries the hub holds, for metrics, `/api/info` and leak tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HubCounts {
+    /// Open sessions (connected or not).
+    pub sessions: usize,
+    /// Sessions that completed `connect`.
+    pub clients: usize,
+    /// Distinct users with a connected client.
+    pub users: usize,
+    /// Channels with subscribers.
+    pub channels: usize,
+    /// Subscriptions over all channels.
+    pub subscriptions: usize,
+    /// Channel streams held by the engine.
+    pub history_streams: usize,
+    /// Channels with presence entries in the engine.
+    pub presence_channels: usize,
+}
+
+/// The hub: cheap to clone, shared by the fronts and the HTTP API.
+#[derive(Clone)]
+pub struct Hub {
+    node: Arc<Node>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+/// The node: this process's share of the hub, and the engine's
+/// [`EngineEvents`].
+pub struct Node {
+    /// This node, for the timers it starts.
+    me: Weak<Node>,
+    config: Arc<Config>,
+    engine: Arc<dyn Engine>,
+    verifier: Verifier,
+    proxy: Option<Proxy>,
+    metrics: Arc<Metrics>,
+    clients: Shards<u64, Arc<Client>>,
+    users: Shards<String, Vec<u64>>,
+    channels: Shards<String, Arc<Channel>>,
+    shutting_down: AtomicBool,
+    started: Instant,
+    /// Subscribers with publications queued, waiting for their wake-up
+    /// (see [`wakes::dispatch_wakes`]).
+    wakes: Mutex<std::collections::VecDeque<Arc<dyn ClientSink>>>,
+    wake_signal: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Lets the wake dispatcher see that the node is gone.
+        self.wake_signal.notify_one();
+    }
+}
+
+pub(super) fn error(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(code, message)
+}
+
+pub(super) fn history_options(options: &ChannelOptions) -> HistoryOptions {
+    if options.has_history() {
+        HistoryOptions {
+            size: options.history_size,
+            ttl: options.history_ttl,
+        }
+    } else {
+        HistoryOptions::NONE
+    }
+}
+
+/// The users a personal channel (`ns:#42` or `dm:#42,43`) belongs to.
+pub(super) fn personal_users(channel: &str) -> Option<std::str::Split<'_, char>> {
+    channel.rsplit_once('#').map(|(_, users)| users.split(','))
+}
+
+impl Hub {
+    /// A hub over `engine`, with a maintenance task (token expiry,
+    /// application pings, engine expiry) on the current tokio runtime.
+    ///
+    /// # Errors
+    /// An invalid token key in the configuration.
+    pub fn new(config: Config, engine: Arc<dyn Engine>) -> Result<Hub, String> {
+        let verifier = Verifier::new(&config.token)?;
+        let proxy = Proxy::new(&config.proxy);
+        let node = Arc::new_cyclic(|me| Node {
+            me: me.clone(),
+            config: Arc::new(config),
+            engine,
+            verifier,
+            proxy,
+            metrics: Arc::new(Metrics::new()),
+            clients: Shards::default(),
+            users: Shards::default(),
+            channels: Shards::default(),
+            shutting_down: AtomicBool::new(false),
+            started: Instant::now(),
+            wakes: Mutex::default(),
+            wake_signal: Arc::default(),
+        });
+        let events: Arc<dyn EngineEvents> = node.clone();
+        node.engine.set_events(Arc::downgrade(&events));
+        tokio::spawn(maintenance::maintenance(Arc::downgrade(&node)));
+        tokio::spawn(wakes::dispatch_wakes(
+            Arc::downgrade(&node),
+            node.wake_signal.clone(),
+        ));
+        Ok(Hub { node })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.node.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.node.metrics
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.node.engine
+    }
+
+    /// Opens a session for a new connection.
+    pub fn open(&self, sink: Arc<dyn ClientSink>) -> Session {
+        let mut shard;
+        let id = loop {
+            let id = rand::random::<u64>() | 1;
+            shard = self.node.clients.lock(&id);
+            if !shard.contains_key(&id) {
+                break id;
+            }
+        };
+        let client = Arc::new(Client {
+            id,
+            sink,
+            state: Mutex::new(ClientState::default()),
+        });
+        shard.insert(id, client.clone());
+        drop(shard);
+        self.node.metrics.connections.inc();
+        // A session that opens during shutdown (its upgrade was under way
+        // when it began) is told to leave at once, like the others. Either
+        // this load sees the flag, or `shutdown` sees this client (SeqCst on
+        // both sides): none is missed.
+        if self.node.shutting_down.load(Ordering::SeqCst) {
+            tell_to_leave(&client, &shutdown_notice());
+        }
+        Session {
+            node: self.node.clone(),
+            client,
+            closed: false,
+        }
+    }
+
+    /// Entries held now.
+    pub fn counts(&self) -> HubCounts {
+        let node = &self.node;
+        let engine = node.engine.stats();
+        let mut counts = HubCounts {
+            sessions: node.clients.len(),
+            users: node.users.len(),
+            channels: node.channels.len(),
+            history_streams: engine.streams,
+            presence_channels: engine.presence_channels,
+            ..HubCounts::default()
+        };
+        for shard in node.clients.each() {
+            counts.clients += shard.values().filter(|c| c.info().is_some()).count();
+        }
+        for shard in node.channels.each() {
+            counts.subscriptions += shard
+                .values()
+                .map(|c| {
+                    let s = lock(&c.subscribers);
+                    s.live.len() + s.parked.len()
+                })
+                .sum::<usize>();
+        }
+        counts
+    }
+
+    /// Engine entries.
+    pub fn engine_stats(&self) -> EngineStats {
+        self.node.engine.stats()
+    }
+
+    /// The metrics in the text format, with the sampled gauges updated.
+    pub fn metrics_text(&self) -> String {
+        let node = &self.node;
+        let queued: usize = node
+            .clients
+            .each()
+            .map(|s| s.values().map(|c| c.sink.queued()).sum::<usize>())
+            .sum();
+        node.metrics.queue_depth.set(queued as i64);
+        node.metrics
+            .history_streams
+            .set(node.engine.stats().streams as i64);
+        node.metrics.encode()
+    }
+
+    /// Whether the engine works.
+    pub async fn health(&self) -> Result<(), String> {
+        if self.node.shutting_down.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        self.node.engine.health().await.map_err(|e| e.to_string())
+    }
+
+    /// Seconds since start.
+    pub fn uptime(&self) -> Duration {
+        self.node.started.elapsed()
+    }
+
+    /// Graceful shutdown: every client gets a `disconnect` push (3001,
+    /// reconnect) and its connection is closed with 1001; new connections
+    /// are refused.
+    pub fn shutdown(&self) {
+        self.node.shutting_down.store(true, Ordering::SeqCst);
+        let notice = shutdown_notice();
+        for shard in self.node.clients.each() {
+            for client in shard.values() {
+                tell_to_leave(client, &notice);
+            }
+        }
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.node.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// The `disconnect` push of a shutdown (3001, reconnect).
+pub(super) fn shutdown_notice() -> Frame {
+    protocol::encode_disconnect(&Disconnect::new(
+        DisconnectCode::Shutdown,
+        "server shutting down",
+    ))
+}
+
+/// Sends the shutdown `notice`, then close 1001.
+pub(super) fn tell_to_leave(client: &Client, notice: &Frame) {
+    client.sink.send(notice.clone(), FrameKind::Control);
+    client.sink.close(1001, "server shutting down");
+}
+
+pub(super) fn unavailable(e: crate::engine::EngineError) -> ErrorReply {
+    tracing::warn!("{e}");
+    error(
+        ErrorCode::Unavailable,
+        "the engine is unavailable; retry later",
+    )
+}
+
+impl Node {
+    pub(super) fn channel_options(&self, channel: &str) -> Result<&ChannelOptions, ErrorReply> {
+        let max = self.config.client.max_channel_length;
+        if channel.is_empty() || channel.len() > max {
+            return Err(error(
+                ErrorCode::InvalidChannel,
+                format!("a channel name has 1 to {max} bytes"),
+            ));
+        }
+        if channel.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(error(
+                ErrorCode::InvalidChannel,
+                "a channel name has no spaces or control characters",
+            ));
+        }
+        self.config.channel_options(channel).map_err(|ns| {
+            error(
+                ErrorCode::UnknownNamespace,
+                format!("namespace {ns:?} is not configured"),
+            )
+        })
+    }
+}

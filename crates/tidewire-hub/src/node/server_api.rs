@@ -1,0 +1,202 @@
+//! What the server side (the HTTP API) may do on the hub: publish, read
+//! presence and history, list channels, disconnect and unsubscribe users.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::{error, history_options, unavailable, Hub, Node};
+use crate::engine::{HistoryQuery, PresenceStats, StreamPosition};
+use crate::protocol::{
+    ClientInfo, Disconnect, ErrorCode, ErrorReply, HistoryRequest, Publication, Unsubscribed,
+};
+use crate::shards::lock;
+
+impl Hub {
+    /// Publishes from the server (the HTTP API): no permission check
+    /// beyond the channel's validity.
+    ///
+    /// # Errors
+    /// 109 / 108 for the channel, 114 when the engine fails.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: Box<RawValue>,
+    ) -> Result<Option<StreamPosition>, ErrorReply> {
+        let options = self.node.channel_options(channel)?;
+        let publication = Publication {
+            offset: 0,
+            data,
+            info: None,
+        };
+        self.node
+            .engine
+            .publish(channel, publication, history_options(options))
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Who is present in a channel.
+    ///
+    /// # Errors
+    /// 108 / 109 for the channel, 112 when presence is off, 114.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<Arc<ClientInfo>>, ErrorReply> {
+        let options = self.node.channel_options(channel)?;
+        if !options.presence {
+            return Err(error(
+                ErrorCode::NotAvailable,
+                "presence is off for this namespace",
+            ));
+        }
+        self.node
+            .engine
+            .presence(channel)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Presence counts of a channel.
+    ///
+    /// # Errors
+    /// As [`presence`](Self::presence).
+    pub async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, ErrorReply> {
+        let options = self.node.channel_options(channel)?;
+        if !options.presence {
+            return Err(error(
+                ErrorCode::NotAvailable,
+                "presence is off for this namespace",
+            ));
+        }
+        self.node
+            .engine
+            .presence_stats(channel)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// History of a channel.
+    ///
+    /// # Errors
+    /// 108 / 109, 112 when history is off, 115 for a position of another
+    /// epoch, 114.
+    pub async fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, ErrorReply> {
+        self.node.history(request).await
+    }
+
+    /// Channels with subscribers on this node, with their subscriber
+    /// counts, sorted by name; `prefix` filters.
+    pub fn channels(&self, prefix: &str) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for shard in self.node.channels.each() {
+            for (name, channel) in shard.iter().filter(|(n, _)| n.starts_with(prefix)) {
+                let s = lock(&channel.subscribers);
+                out.push((name.clone(), s.live.len() + s.parked.len()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Disconnects a user's clients (or one of them). Returns how many.
+    pub fn disconnect_user(
+        &self,
+        user: &str,
+        client: Option<&str>,
+        disconnect: &Disconnect,
+    ) -> usize {
+        let clients = self.node.clients_of(user, client);
+        for c in &clients {
+            c.disconnect(disconnect);
+        }
+        tracing::info!(
+            user,
+            client,
+            code = disconnect.code,
+            count = clients.len(),
+            "disconnected by the API"
+        );
+        clients.len()
+    }
+
+    /// Unsubscribes a user's clients (or one of them) from a channel, with
+    /// an `unsubscribe` push. Returns how many were subscribed.
+    pub async fn unsubscribe_user(&self, user: &str, channel: &str, client: Option<&str>) -> usize {
+        let why = Unsubscribed {
+            code: 2000,
+            reason: "unsubscribed by the server".into(),
+        };
+        let mut count = 0;
+        for c in self.node.clients_of(user, client) {
+            if self.node.server_unsubscribe(&c, channel, &why).await {
+                count += 1;
+            }
+        }
+        count
+    }
+}
+
+/// A history reply.
+#[derive(Debug, Serialize)]
+pub struct HistoryReply {
+    /// The publications.
+    pub publications: Vec<Arc<Publication>>,
+    /// The stream's current offset.
+    pub offset: u64,
+    /// The stream's epoch: `""` when the channel has no stream (no
+    /// publication and no subscriber yet, or it expired).
+    pub epoch: Arc<str>,
+}
+
+impl Node {
+    pub(super) async fn history(
+        &self,
+        request: &HistoryRequest,
+    ) -> Result<HistoryReply, ErrorReply> {
+        let options = self.channel_options(&request.channel)?;
+        if !options.has_history() {
+            return Err(error(
+                ErrorCode::NotAvailable,
+                "history is off for this namespace",
+            ));
+        }
+        let max = self.config.client.max_history_limit;
+        // Without `since`, `limit` counts from the newest end ("the last 50
+        // messages"), in the order asked for: read newest first, and turn
+        // the page around for oldest first.
+        let latest_oldest_first = request.since.is_none() && !request.reverse;
+        let mut result = self
+            .engine
+            .history(
+                &request.channel,
+                HistoryQuery {
+                    since: request.since.as_ref().map(|p| p.offset),
+                    limit: request.limit.unwrap_or(max).min(max),
+                    reverse: request.reverse || latest_oldest_first,
+                    // Reads leave nothing behind: a client's subscribe
+                    // started the stream already; an API read of a channel
+                    // without one gets {0, ""}.
+                    start_stream: false,
+                    options: history_options(options),
+                },
+            )
+            .await
+            .map_err(unavailable)?;
+        if latest_oldest_first {
+            result.publications.reverse();
+        }
+        if let Some(since) = &request.since {
+            if *since.epoch != *result.position.epoch {
+                return Err(error(
+                    ErrorCode::StalePosition,
+                    "the position is from another epoch of the stream",
+                ));
+            }
+        }
+        Ok(HistoryReply {
+            publications: result.publications,
+            offset: result.position.offset,
+            epoch: result.position.epoch,
+        })
+    }
+}

@@ -1,0 +1,612 @@
+//! A client's session: the commands of one connection, from `connect`
+//! to its end.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::front::{FrameKind, SendOutcome};
+use super::registry::Client;
+use super::{error, history_options, personal_users, unavailable, Hub, Node};
+use crate::auth::{claim_grants, now_unix};
+use crate::config::{ChannelOptions, PublishRule, SubscribeRule};
+use crate::engine::HistoryQuery;
+use crate::metrics::MethodLabel;
+use crate::protocol::{
+    self, BatchItem, ClientInfo, Command, ConnectRequest, Disconnect, DisconnectCode, ErrorCode,
+    ErrorReply, HistoryRequest, Position, Publication, PublishRequest, Request, SubscribeRequest,
+};
+use crate::proxy::{ConnectCall, PublishCall};
+use crate::shards::lock;
+
+/// One connection's session with the hub; see the module docs.
+pub struct Session {
+    pub(super) node: Arc<Node>,
+    pub(super) client: Arc<Client>,
+    pub(super) closed: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("client", &format!("{:016x}", self.client.id))
+            .finish()
+    }
+}
+
+#[derive(Serialize)]
+struct ConnectReply<'a> {
+    client: &'a str,
+    user: &'a str,
+    version: u32,
+    /// Seconds between the server's application pings (0: none).
+    ping_interval: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct SubscribeReply<'a> {
+    recoverable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    publications: &'a [Arc<Publication>],
+}
+
+type Outcome = Result<Option<String>, ErrorReply>;
+
+fn body(value: &impl Serialize) -> Outcome {
+    Ok(Some(
+        serde_json::to_string(value).unwrap_or_else(|_| "{}".into()),
+    ))
+}
+
+impl Session {
+    /// The client id.
+    pub fn client_id(&self) -> String {
+        format!("{:016x}", self.client.id)
+    }
+
+    /// Whether `connect` succeeded.
+    pub fn is_connected(&self) -> bool {
+        self.client.info().is_some()
+    }
+
+    /// The connect timeout fired: disconnect.
+    pub fn connect_timeout(&self) {
+        self.client.disconnect(&Disconnect::new(
+            DisconnectCode::ConnectTimeout,
+            "no connect command in time",
+        ));
+    }
+
+    /// Handles one text message: a command, or a newline-separated batch.
+    /// Commands past `client.max_batch` are not run; each gets error 113
+    /// with its id, and those without an id one 113 without id together.
+    /// Once an error reply finds the connection closing (its queue
+    /// overflowed, say), the rest of the message is dropped unread: a
+    /// flood of refusals costs at most one send queue.
+    pub async fn handle_text(&self, message: &str) {
+        let max = self.node.config.client.max_batch;
+        let mut refused_without_id = 0;
+        for item in protocol::parse_batch(message, max) {
+            // A reply that overflowed the queue closed the connection: the
+            // rest of the batch must not run (its effects, a publication
+            // say, would happen for a client that never hears of them).
+            if self.client.sink.is_closing() {
+                return;
+            }
+            let outcome = match item {
+                BatchItem::Command(Ok(command)) => {
+                    self.dispatch(command).await;
+                    continue;
+                }
+                BatchItem::Command(Err(e)) => self.reply_error(e.id, &e.error),
+                BatchItem::Refused { id: 0, .. } => {
+                    refused_without_id += 1;
+                    continue;
+                }
+                BatchItem::Refused { id, number } => {
+                    self.reply_error(id, &protocol::batch_limit_error(max, number))
+                }
+            };
+            if outcome == SendOutcome::Closed {
+                return;
+            }
+        }
+        if refused_without_id > 0 {
+            let e = protocol::batch_limit_error_without_id(max, refused_without_id);
+            self.reply_error(0, &e);
+        }
+    }
+
+    /// A binary message: not part of the protocol.
+    pub fn handle_binary(&self) {
+        self.reply_error(
+            0,
+            &error(
+                ErrorCode::BadRequest,
+                "binary messages are not part of the protocol: send JSON text",
+            ),
+        );
+    }
+
+    fn reply_error(&self, id: u64, e: &ErrorReply) -> SendOutcome {
+        self.node.metrics.error(e.code);
+        self.client
+            .sink
+            .send(protocol::encode_error(id, e), FrameKind::Control)
+    }
+
+    async fn dispatch(&self, command: Command) {
+        let Command { id, request } = command;
+        let name = request.name();
+        self.node
+            .metrics
+            .commands
+            .get_or_create(&MethodLabel { method: name })
+            .inc();
+        let connected = self.is_connected();
+        let outcome = match request {
+            Request::Connect(r) => self.connect(r).await,
+            _ if !connected => Err(error(ErrorCode::NotConnected, "send connect first")),
+            Request::Subscribe(r) => self.subscribe(id, r).await,
+            Request::Unsubscribe(r) => self.unsubscribe(&r.channel).await,
+            Request::Publish(r) => self.publish(r).await,
+            Request::Presence(r) => self.presence(&r.channel).await,
+            Request::PresenceStats(r) => self.presence_stats(&r.channel).await,
+            Request::History(r) => self.history(r).await,
+            Request::Refresh(r) => self.refresh(&r.token).await,
+            Request::Ping => Ok(Some("{}".into())),
+        };
+        match outcome {
+            Ok(Some(result)) if id != 0 => {
+                let frame = format!("{{\"id\":{id},\"{name}\":{result}}}");
+                self.client.send(frame.into());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.reply_error(id, &e);
+            }
+        }
+    }
+
+    async fn connect(&self, request: ConnectRequest) -> Outcome {
+        let node = &self.node;
+        if self.is_connected() {
+            return Err(error(ErrorCode::AlreadyConnected, "already connected"));
+        }
+        if node.shutting_down.load(Ordering::Relaxed) {
+            return Err(error(ErrorCode::Unavailable, "the server is shutting down"));
+        }
+        let client_id = self.client_id();
+        let mut claims = match &request.token {
+            Some(token) => node.verifier.connection(token).await?,
+            None => Default::default(),
+        };
+        if let Some(proxy) = &node.proxy {
+            let call = ConnectCall {
+                client: &client_id,
+                transport: "websocket",
+                user: &claims.user,
+                data: request.data.as_deref(),
+            };
+            if let Some(result) = proxy.connect(&call).await? {
+                if let Some(user) = result.user {
+                    claims.user = user;
+                }
+                if let Some(info) = result.info {
+                    claims.info = Some(info);
+                }
+                if let Some(exp) = result.expire_at {
+                    claims.expires_at = Some(exp);
+                }
+                if let Some(channels) = result.channels {
+                    claims.channels = channels;
+                }
+            }
+        }
+        // With anonymous clients off, every connection has a user: from the
+        // token's `sub` or from the connect proxy. A signed token without
+        // one (or with `sub: ""`) would otherwise connect as anonymous.
+        if claims.user.is_empty() && !node.config.client.anonymous {
+            return Err(error(
+                ErrorCode::Unauthorized,
+                if request.token.is_some() {
+                    "the token names no user (its sub claim is missing or empty), and \
+                     anonymous clients are not allowed"
+                } else {
+                    "a connection token is required"
+                },
+            ));
+        }
+        let info = Arc::new(ClientInfo {
+            client: client_id.clone(),
+            user: claims.user.clone(),
+            info: claims.info,
+        });
+        {
+            let mut st = lock(&self.client.state);
+            if st.closed {
+                return Err(error(ErrorCode::Unavailable, "the connection is closing"));
+            }
+            st.info = Some(info);
+            st.granted = claims.channels;
+            st.expires_at = claims.expires_at;
+        }
+        if !claims.user.is_empty() {
+            let mut users = node.users.lock(claims.user.as_str());
+            let ids = users.entry(claims.user.clone()).or_default();
+            if ids.is_empty() {
+                node.metrics.users.inc();
+            }
+            ids.push(self.client.id);
+        }
+        node.metrics.clients.inc();
+        tracing::debug!(client = %client_id, user = %claims.user, "connected");
+        body(&ConnectReply {
+            client: &client_id,
+            user: &claims.user,
+            version: protocol::VERSION,
+            ping_interval: node.config.client.ping_interval.as_secs(),
+            expires_in: claims.expires_at.map(|exp| exp.saturating_sub(now_unix())),
+        })
+    }
+
+    async fn can_subscribe(
+        &self,
+        channel: &str,
+        options: &ChannelOptions,
+        token: Option<&str>,
+        info: &ClientInfo,
+    ) -> Result<Option<u64>, ErrorReply> {
+        let denied = |m: &str| Err(error(ErrorCode::PermissionDenied, m));
+        if let Some(mut users) = personal_users(channel) {
+            return if !info.user.is_empty() && users.any(|u| u == info.user) {
+                Ok(None)
+            } else {
+                denied("this personal channel belongs to another user")
+            };
+        }
+        if let Some(token) = token {
+            let claims = self.node.verifier.subscription(token).await?;
+            if claims.user.is_empty() && !self.node.config.client.anonymous {
+                return Err(error(
+                    ErrorCode::Unauthorized,
+                    "the subscription token names no user (its sub claim is missing or \
+                     empty), and anonymous clients are not allowed",
+                ));
+            }
+            if claims.channel != channel || claims.user != info.user {
+                return denied("the subscription token is for another channel or user");
+            }
+            // The subscription ends when its token expires.
+            return Ok(claims.expires_at);
+        }
+        match options.subscribe {
+            SubscribeRule::Anonymous => Ok(None),
+            SubscribeRule::Authenticated if !info.user.is_empty() => Ok(None),
+            SubscribeRule::Authenticated => denied("this namespace is for authenticated users"),
+            SubscribeRule::Token => {
+                if claim_grants(&lock(&self.client.state).granted, channel) {
+                    Ok(None)
+                } else {
+                    denied("this channel needs a token that grants it")
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&self, id: u64, request: SubscribeRequest) -> Outcome {
+        let node = &self.node;
+        let channel = request.channel.as_str();
+        let options = node.channel_options(channel)?;
+        let info = self.client.info().expect("connected");
+        let expires_at = self
+            .can_subscribe(channel, options, request.token.as_deref(), &info)
+            .await?;
+        {
+            let mut st = lock(&self.client.state);
+            if st.subscriptions.iter().any(|s| s == channel) {
+                return Err(error(ErrorCode::AlreadySubscribed, "already subscribed"));
+            }
+            if st.subscriptions.len() >= node.config.client.max_subscriptions {
+                return Err(error(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "at most {} subscriptions per client",
+                        node.config.client.max_subscriptions
+                    ),
+                ));
+            }
+            // Most clients hold one or two subscriptions: grow one at a
+            // time (a first push would reserve four).
+            st.subscriptions.reserve_exact(1);
+            st.subscriptions.push(channel.to_owned());
+            if let Some(exp) = expires_at {
+                st.expiring.push((channel.to_owned(), exp));
+            }
+        }
+        if options.presence {
+            if let Err(e) = node.engine.add_presence(channel, info.clone()).await {
+                lock(&self.client.state)
+                    .subscriptions
+                    .retain(|s| s != channel);
+                return Err(unavailable(e));
+            }
+        }
+        let created = if options.has_history() {
+            self.subscribe_positioned(id, &request, options).await?
+        } else {
+            let reply = SubscribeReply {
+                recoverable: false,
+                epoch: None,
+                offset: None,
+                recovered: None,
+                publications: &[],
+            };
+            let frame = protocol::encode_reply(id, "subscribe", &reply);
+            node.attach(channel, &self.client, frame)
+        };
+        node.metrics.subscriptions.inc();
+        if created {
+            node.metrics.channels.inc();
+            if let Err(e) = node.engine.subscribe(channel).await {
+                tracing::warn!("{e}");
+            }
+        }
+        // Unsubscribed by the server meanwhile: undo, leave nothing behind.
+        if !lock(&self.client.state)
+            .subscriptions
+            .iter()
+            .any(|s| s == channel)
+        {
+            node.leave_channel(&self.client, channel).await;
+            return Ok(None);
+        }
+        if options.join_leave {
+            if let Err(e) = node.engine.publish_join(channel, info).await {
+                tracing::warn!("{e}");
+            }
+        }
+        Ok(None)
+    }
+
+    /// Subscribes to a channel with history: park, read the position (and
+    /// what was missed), starting the stream if there is none, reply, then
+    /// go live. Returns whether the channel is new on this node.
+    async fn subscribe_positioned(
+        &self,
+        id: u64,
+        request: &SubscribeRequest,
+        options: &ChannelOptions,
+    ) -> Result<bool, ErrorReply> {
+        let node = &self.node;
+        let channel = request.channel.as_str();
+        let since = (request.recover && options.has_recovery()).then(|| Position {
+            offset: request.offset.unwrap_or(0),
+            epoch: request.epoch.clone().unwrap_or_default(),
+        });
+        let created = node.park(channel, self.client.id);
+        let query = HistoryQuery {
+            since: since.as_ref().map(|p| p.offset),
+            limit: if since.is_some() {
+                options.history_size
+            } else {
+                0
+            },
+            reverse: false,
+            // The reply's epoch is the one of the publications that follow
+            // (pushes carry none): it must be the stream's, even before the
+            // first publication.
+            start_stream: true,
+            options: history_options(options),
+        };
+        let result = match node.engine.history(channel, query).await {
+            Ok(result) => result,
+            Err(e) => {
+                lock(&self.client.state)
+                    .subscriptions
+                    .retain(|s| s != channel);
+                node.leave_channel(&self.client, channel).await;
+                return Err(unavailable(e));
+            }
+        };
+        let recovered = since.as_ref().map(|p| result.recovers(p));
+        let publications: &[Arc<Publication>] = if recovered == Some(true) {
+            &result.publications
+        } else {
+            &[]
+        };
+        let reply = SubscribeReply {
+            recoverable: options.has_recovery(),
+            epoch: Some(&result.position.epoch),
+            offset: Some(result.position.offset),
+            recovered: request.recover.then_some(recovered == Some(true)),
+            publications,
+        };
+        let frame = protocol::encode_reply(id, "subscribe", &reply);
+        node.go_live(channel, &self.client, frame, result.position.offset);
+        Ok(created)
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Outcome {
+        let removed = {
+            let mut st = lock(&self.client.state);
+            let before = st.subscriptions.len();
+            st.subscriptions.retain(|s| s != channel);
+            st.expiring.retain(|(s, _)| s != channel);
+            st.subscriptions.len() != before
+        };
+        if !removed {
+            return Err(error(ErrorCode::NotSubscribed, "not subscribed"));
+        }
+        self.node.leave_channel(&self.client, channel).await;
+        Ok(Some("{}".into()))
+    }
+
+    fn is_subscribed(&self, channel: &str) -> bool {
+        lock(&self.client.state)
+            .subscriptions
+            .iter()
+            .any(|s| s == channel)
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Outcome {
+        let node = &self.node;
+        let channel = request.channel.as_str();
+        let options = node.channel_options(channel)?;
+        match options.publish {
+            PublishRule::Server => {
+                return Err(error(
+                    ErrorCode::PermissionDenied,
+                    "only the server publishes to this namespace",
+                ))
+            }
+            PublishRule::Subscribers if !self.is_subscribed(channel) => {
+                return Err(error(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "subscribe to {channel:?} before publishing to it: its namespace has \
+                         publish = \"subscribers\" (publish = \"clients\" lets any connected \
+                         client publish)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        let info = self.client.info().expect("connected");
+        let mut data = request.data;
+        if let Some(proxy) = &node.proxy {
+            let call = PublishCall {
+                client: &info.client,
+                user: &info.user,
+                channel,
+                data: &data,
+            };
+            if let Some(result) = proxy.publish(&call).await? {
+                if let Some(replacement) = result.data {
+                    data = replacement;
+                }
+            }
+        }
+        let publication = Publication {
+            offset: 0,
+            data,
+            info: Some(info),
+        };
+        let position = node
+            .engine
+            .publish(channel, publication, history_options(options))
+            .await
+            .map_err(unavailable)?;
+        match position {
+            Some(p) => body(&serde_json::json!({"offset": p.offset, "epoch": &*p.epoch})),
+            None => Ok(Some("{}".into())),
+        }
+    }
+
+    fn must_be_subscribed(&self, channel: &str) -> Result<(), ErrorReply> {
+        if self.is_subscribed(channel) {
+            Ok(())
+        } else {
+            Err(error(
+                ErrorCode::PermissionDenied,
+                "subscribe to the channel first",
+            ))
+        }
+    }
+
+    async fn presence(&self, channel: &str) -> Outcome {
+        let hub = Hub {
+            node: self.node.clone(),
+        };
+        hub.node.channel_options(channel)?;
+        self.must_be_subscribed(channel)?;
+        let clients = hub.presence(channel).await?;
+        body(&serde_json::json!({ "clients": clients }))
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Outcome {
+        let hub = Hub {
+            node: self.node.clone(),
+        };
+        hub.node.channel_options(channel)?;
+        self.must_be_subscribed(channel)?;
+        let stats = hub.presence_stats(channel).await?;
+        body(&serde_json::json!({ "clients": stats.clients, "users": stats.users }))
+    }
+
+    async fn history(&self, request: HistoryRequest) -> Outcome {
+        self.node.channel_options(&request.channel)?;
+        self.must_be_subscribed(&request.channel)?;
+        body(&self.node.history(&request).await?)
+    }
+
+    async fn refresh(&self, token: &str) -> Outcome {
+        let claims = self.node.verifier.connection(token).await?;
+        let mut st = lock(&self.client.state);
+        let user = st.info.as_ref().map(|i| i.user.clone()).unwrap_or_default();
+        if claims.user != user {
+            return Err(error(
+                ErrorCode::Unauthorized,
+                "the new token is for another user",
+            ));
+        }
+        st.expires_at = claims.expires_at;
+        st.refresh_deadline = None;
+        body(&serde_json::json!({
+            "expires_in": claims.expires_at.map(|exp| exp.saturating_sub(now_unix()))
+        }))
+    }
+
+    /// The connection ended: leave every channel, forget the client.
+    pub async fn close(mut self) {
+        self.closed = true;
+        Box::pin(cleanup(self.node.clone(), self.client.clone())).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.closed {
+            // The front's task was cancelled: clean up anyway.
+            let (node, client) = (self.node.clone(), self.client.clone());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(cleanup(node, client));
+            }
+        }
+    }
+}
+
+async fn cleanup(node: Arc<Node>, client: Arc<Client>) {
+    let (subscriptions, info) = {
+        let mut st = lock(&client.state);
+        st.closed = true;
+        (std::mem::take(&mut st.subscriptions), st.info.clone())
+    };
+    for channel in &subscriptions {
+        node.leave_channel(&client, channel).await;
+    }
+    node.clients.lock(&client.id).remove(&client.id);
+    node.metrics.connections.dec();
+    if let Some(info) = info {
+        node.metrics.clients.dec();
+        if !info.user.is_empty() {
+            let mut users = node.users.lock(info.user.as_str());
+            if let Some(ids) = users.get_mut(&info.user) {
+                ids.retain(|id| *id != client.id);
+                if ids.is_empty() {
+                    users.remove(&info.user);
+                    node.metrics.users.dec();
+                }
+            }
+        }
+    }
+}
