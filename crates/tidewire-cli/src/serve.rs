@@ -288,7 +288,7 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
     } else {
         ("http", "ws")
     };
-    let hub = Hub::new(config, Arc::new(MemoryEngine::new())).map_err(anyhow::Error::msg)?;
+    let hub = Hub::new(config, Arc::new(MemoryEngine::new()))?;
     if generated_key {
         // Safe by default: nobody can use /api without this key, and the
         // operator who started the server can.

@@ -113,17 +113,67 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
+/// A token key setting that cannot be used (the server does not start).
+/// Each message names the setting and says what is wrong in words.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenKeyError {
+    /// `token.hmac_secret` is set but empty: it would sign tokens anyone
+    /// can forge.
+    #[error(
+        "token.hmac_secret is empty: set a secret (32 bytes or more of randomness), or leave \
+         the key out for no HS256 tokens"
+    )]
+    EmptySecret,
+    /// A public key setting is empty.
+    #[error("{setting} is empty: give the PEM text or the path of a PEM file")]
+    EmptyKey {
+        /// The setting (`token.rsa_public_key`, ...).
+        setting: &'static str,
+    },
+    /// The key file could not be read.
+    #[error("{setting}: cannot read the key file {path:?}: {source}")]
+    Unreadable {
+        /// The setting.
+        setting: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The key file is too big to be a public key.
+    #[error("{setting}: cannot read the key file {path:?}: it is over {max_kib} KiB, too big for a public key")]
+    TooBig {
+        /// The setting.
+        setting: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The limit.
+        max_kib: u64,
+    },
+    /// The PEM is not a public key of the setting's kind.
+    #[error("{setting} ({origin}): {reason}")]
+    InvalidKey {
+        /// The setting.
+        setting: &'static str,
+        /// `PEM text`, or `file "path"`.
+        origin: String,
+        /// What the PEM holds instead, in words.
+        reason: String,
+    },
+}
+
 impl Verifier {
     /// Builds the verifier from settings; key files are read here.
     ///
     /// # Errors
-    /// A key that cannot be read or is not a public key of its kind: the
-    /// message names the setting (`token.rsa_public_key`, ...) and why.
-    pub fn new(settings: &TokenSettings) -> Result<Verifier, String> {
+    /// A key that cannot be read or is not a public key of its kind, or
+    /// an empty secret.
+    pub fn new(settings: &TokenSettings) -> Result<Verifier, TokenKeyError> {
         if settings.hmac_secret.as_deref().is_some_and(str::is_empty) {
             // An empty key signs tokens anyone can forge: a mistake (an
             // unset variable, say), never a choice.
-            return Err("token.hmac_secret is empty: set a secret (32 bytes or more of randomness), or leave the key out for no HS256 tokens".into());
+            return Err(TokenKeyError::EmptySecret);
         }
         let rsa = settings
             .rsa_public_key
@@ -284,33 +334,46 @@ const MAX_KEY_FILE: u64 = 64 * 1024;
 /// A public key setting: PEM text, or (when it does not start with
 /// `-----BEGIN`) the path of a PEM file, read now. Errors name the setting
 /// and say what is wrong in words.
-fn public_key(setting: &str, value: &str, kind: KeyKind) -> Result<DecodingKey, String> {
+fn public_key(
+    setting: &'static str,
+    value: &str,
+    kind: KeyKind,
+) -> Result<DecodingKey, TokenKeyError> {
+    let invalid = |origin: String| {
+        move |reason| TokenKeyError::InvalidKey {
+            setting,
+            origin,
+            reason,
+        }
+    };
     if value.trim_start().starts_with("-----BEGIN") {
-        return parse_public_key(value.as_bytes(), kind)
-            .map_err(|why| format!("{setting} (PEM text): {why}"));
+        return parse_public_key(value.as_bytes(), kind).map_err(invalid("PEM text".into()));
     }
     let path = value.trim();
     if path.is_empty() {
-        return Err(format!(
-            "{setting} is empty: give the PEM text or the path of a PEM file"
-        ));
+        return Err(TokenKeyError::EmptyKey { setting });
     }
-    let pem = read_key_file(Path::new(path))
-        .map_err(|why| format!("{setting}: cannot read the key file {path:?}: {why}"))?;
-    parse_public_key(&pem, kind).map_err(|why| format!("{setting} (file {path:?}): {why}"))
+    let pem = read_key_file(setting, Path::new(path))?;
+    parse_public_key(&pem, kind).map_err(invalid(format!("file {path:?}")))
 }
 
-fn read_key_file(path: &Path) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+fn read_key_file(setting: &'static str, path: &Path) -> Result<Vec<u8>, TokenKeyError> {
+    let unreadable = |source| TokenKeyError::Unreadable {
+        setting,
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(unreadable)?;
     let mut pem = Vec::new();
     file.take(MAX_KEY_FILE + 1)
         .read_to_end(&mut pem)
-        .map_err(|e| e.to_string())?;
+        .map_err(unreadable)?;
     if pem.len() as u64 > MAX_KEY_FILE {
-        return Err(format!(
-            "it is over {} KiB, too big for a public key",
-            MAX_KEY_FILE / 1024
-        ));
+        return Err(TokenKeyError::TooBig {
+            setting,
+            path: path.to_owned(),
+            max_kib: MAX_KEY_FILE / 1024,
+        });
     }
     Ok(pem)
 }
@@ -477,13 +540,15 @@ pub struct TokenClaims {
 ///
 /// # Errors
 /// Serialization failure (not expected).
-pub fn sign_hs256(secret: &str, claims: &TokenClaims) -> Result<String, String> {
+pub fn sign_hs256(
+    secret: &str,
+    claims: &TokenClaims,
+) -> Result<String, jsonwebtoken::errors::Error> {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
-    .map_err(|e| e.to_string())
 }
 
 /// Whether `channel` is granted by a `channels` claim (exact names, or
@@ -625,7 +690,11 @@ mod tests {
         }) else {
             panic!("an empty secret must be refused");
         };
-        assert!(err.contains("token.hmac_secret is empty"), "{err}");
+        assert!(matches!(err, TokenKeyError::EmptySecret), "{err}");
+        assert!(
+            err.to_string().contains("token.hmac_secret is empty"),
+            "{err}"
+        );
     }
 
     const RSA_PUBLIC: &str = include_str!("../tests/fixtures/rsa_public.pem");
@@ -779,6 +848,7 @@ mod tests {
             ..TokenSettings::default()
         })
         .unwrap_err()
+        .to_string()
     }
 
     #[test]

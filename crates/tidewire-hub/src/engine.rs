@@ -44,10 +44,19 @@ pub trait EngineEvents: Send + Sync {
     fn leave(&self, channel: &str, info: &Arc<ClientInfo>);
 }
 
-/// An engine failure (the store or broker is unreachable, …).
+/// An engine failure.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("engine: {0}")]
-pub struct EngineError(pub String);
+#[non_exhaustive]
+pub enum EngineError {
+    /// The store or broker cannot be reached, or did not answer in time:
+    /// worth retrying later.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with what this node cannot read (another
+    /// version's data, or damaged): retrying will not help.
+    #[error("engine data unreadable: {0}")]
+    Corrupt(String),
+}
 
 /// The current position of a channel's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]

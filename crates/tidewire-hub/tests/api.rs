@@ -401,7 +401,7 @@ impl Engine for FlakyEngine {
         options: HistoryOptions,
     ) -> BoxFuture<'a, Result<Option<StreamPosition>, EngineError>> {
         if self.broken.load(Ordering::Relaxed) {
-            return Box::pin(async { Err(EngineError("broken".into())) });
+            return Box::pin(async { Err(EngineError::Unavailable("broken".into())) });
         }
         self.inner.publish(channel, publication, options)
     }
@@ -456,7 +456,7 @@ impl Engine for FlakyEngine {
         let broken = self.broken.load(Ordering::Relaxed);
         Box::pin(async move {
             if broken {
-                Err(EngineError("store unreachable".into()))
+                Err(EngineError::Unavailable("store unreachable".into()))
             } else {
                 Ok(())
             }

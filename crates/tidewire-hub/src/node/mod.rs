@@ -32,9 +32,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::auth::Verifier;
+use crate::auth::{TokenKeyError, Verifier};
 use crate::config::{ChannelOptions, Config};
-use crate::engine::{Engine, EngineEvents, EngineStats, HistoryOptions};
+use crate::engine::{Engine, EngineError, EngineEvents, EngineStats, HistoryOptions};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Disconnect, DisconnectCode, ErrorCode, ErrorReply, Frame};
 use crate::proxy::Proxy;
@@ -136,13 +136,34 @@ pub(super) fn personal_users(channel: &str) -> Option<std::str::Split<'_, char>>
     channel.rsplit_once('#').map(|(_, users)| users.split(','))
 }
 
+/// Why a hub cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// A token key setting cannot be used.
+    #[error(transparent)]
+    TokenKey(#[from] TokenKeyError),
+}
+
+/// Why the hub is not healthy (`/health` answers 503 with it).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unhealthy {
+    /// Graceful shutdown has begun.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// The engine fails.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
 impl Hub {
     /// A hub over `engine`, with a maintenance task (token expiry,
     /// application pings, engine expiry) on the current tokio runtime.
     ///
     /// # Errors
     /// An invalid token key in the configuration.
-    pub fn new(config: Config, engine: Arc<dyn Engine>) -> Result<Hub, String> {
+    pub fn new(config: Config, engine: Arc<dyn Engine>) -> Result<Hub, HubError> {
         let verifier = Verifier::new(&config.token)?;
         let proxy = Proxy::new(&config.proxy);
         let node = Arc::new_cyclic(|me| Node {
@@ -265,11 +286,14 @@ impl Hub {
     }
 
     /// Whether the engine works.
-    pub async fn health(&self) -> Result<(), String> {
+    ///
+    /// # Errors
+    /// Shutting down, or the engine's failure.
+    pub async fn health(&self) -> Result<(), Unhealthy> {
         if self.node.shutting_down.load(Ordering::Relaxed) {
-            return Err("shutting down".into());
+            return Err(Unhealthy::ShuttingDown);
         }
-        self.node.engine.health().await.map_err(|e| e.to_string())
+        Ok(self.node.engine.health().await?)
     }
 
     /// Seconds since start.
@@ -310,7 +334,7 @@ pub(super) fn tell_to_leave(client: &Client, notice: &Frame) {
     client.sink.close(1001, "server shutting down");
 }
 
-pub(super) fn unavailable(e: crate::engine::EngineError) -> ErrorReply {
+pub(super) fn unavailable(e: EngineError) -> ErrorReply {
     tracing::warn!("{e}");
     error(
         ErrorCode::Unavailable,
