@@ -1,0 +1,362 @@
+//! The hub core without a socket: sessions over an in-memory transport
+//! (a [`ClientSink`] that keeps what it is given), so that connect,
+//! subscribe, publish, recovery, presence, disconnect, shutdown and the
+//! slow-consumer outcomes are checked with no network and no front.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session};
+use tidewire_hub::protocol::{Disconnect, DisconnectCode, Frame, HistoryRequest};
+use tidewire_hub::{Config, Hub, MemoryEngine};
+
+/// An in-memory transport: frames queue up to `capacity`, like a
+/// front's send queue; past it a publication is dropped and anything
+/// else closes the connection (1013), as the WebSocket front does with
+/// its `drop` policy.
+struct MemorySink {
+    frames: Mutex<VecDeque<String>>,
+    closed: Mutex<Option<(u16, String)>>,
+    capacity: usize,
+}
+
+impl MemorySink {
+    fn new(capacity: usize) -> Arc<MemorySink> {
+        Arc::new(MemorySink {
+            frames: Mutex::new(VecDeque::new()),
+            closed: Mutex::new(None),
+            capacity,
+        })
+    }
+
+    fn take(&self) -> Vec<Value> {
+        self.frames
+            .lock()
+            .unwrap()
+            .drain(..)
+            .map(|f| serde_json::from_str(&f).unwrap())
+            .collect()
+    }
+
+    fn closed(&self) -> Option<(u16, String)> {
+        self.closed.lock().unwrap().clone()
+    }
+}
+
+impl ClientSink for MemorySink {
+    fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
+        if self.closed().is_some() {
+            return SendOutcome::Closed;
+        }
+        let mut frames = self.frames.lock().unwrap();
+        if frames.len() >= self.capacity {
+            drop(frames);
+            if kind == FrameKind::Publication {
+                return SendOutcome::Dropped;
+            }
+            self.close(1013, "send queue full");
+            return SendOutcome::Closed;
+        }
+        frames.push_back(frame.as_str().to_owned());
+        SendOutcome::Queued
+    }
+
+    fn close(&self, code: u16, reason: &str) {
+        self.closed
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| (code, reason.to_owned()));
+    }
+
+    fn queued(&self) -> usize {
+        self.frames.lock().unwrap().len()
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closed().is_some()
+    }
+}
+
+/// One client over the in-memory transport.
+struct Conn {
+    session: Session,
+    sink: Arc<MemorySink>,
+    next_id: u64,
+}
+
+impl Conn {
+    fn open(hub: &Hub, capacity: usize) -> Conn {
+        let sink = MemorySink::new(capacity);
+        let session = hub.open(sink.clone());
+        Conn {
+            session,
+            sink,
+            next_id: 1,
+        }
+    }
+
+    /// Runs one command; returns its reply (the frames before it that are
+    /// not replies stay for [`pushes`](Self::pushes)).
+    async fn call(&mut self, command: &str, body: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.session
+            .handle_text(&json!({"id": id, command: body}).to_string())
+            .await;
+        let mut frames = self.sink.frames.lock().unwrap();
+        let at = frames
+            .iter()
+            .position(|f| f.starts_with(&format!("{{\"id\":{id},")))
+            .unwrap_or_else(|| panic!("no reply to {command}: {frames:?}"));
+        serde_json::from_str(&frames.remove(at).unwrap()).unwrap()
+    }
+
+    async fn ok(&mut self, command: &str, body: Value) -> Value {
+        let reply = self.call(command, body).await;
+        assert!(reply.get("error").is_none(), "{command}: {reply}");
+        reply[command].clone()
+    }
+
+    async fn connected(hub: &Hub) -> (Conn, String) {
+        let mut conn = Conn::open(hub, 1024);
+        let reply = conn.ok("connect", json!({})).await;
+        (conn, reply["client"].as_str().unwrap().to_owned())
+    }
+
+    /// The pushes received so far (the `push` objects).
+    fn pushes(&self) -> Vec<Value> {
+        self.sink
+            .take()
+            .into_iter()
+            .map(|f| f["push"].clone())
+            .collect()
+    }
+
+    /// Waits (up to 5 s: a diff may wait for its interval) for a
+    /// `presence_diff` push that satisfies `want`.
+    async fn wait_diff(&self, what: &str, want: impl Fn(&Value) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let found = {
+                let mut frames = self.sink.frames.lock().unwrap();
+                let at = frames.iter().position(|f| {
+                    let v: Value = serde_json::from_str(f).unwrap();
+                    v["push"].get("presence_diff").is_some_and(&want)
+                });
+                at.and_then(|at| frames.remove(at)).is_some()
+            };
+            if found {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what} never came");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    fn publications(&self) -> Vec<Value> {
+        self.pushes()
+            .into_iter()
+            .filter_map(|p| p.get("pub").cloned())
+            .collect()
+    }
+}
+
+/// Whether a presence diff lists `client` in `list` (`joins`, `leaves`).
+fn names(diff: &Value, list: &str, client: &str) -> bool {
+    diff[list]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|c| c["client"] == client))
+}
+
+fn hub() -> Hub {
+    Hub::new(Config::default(), Arc::new(MemoryEngine::new())).unwrap()
+}
+
+#[tokio::test]
+async fn connect_subscribe_and_publish_reach_every_subscriber_once() {
+    let hub = hub();
+    let (mut a, a_id) = Conn::connected(&hub).await;
+    let (mut b, _) = Conn::connected(&hub).await;
+    let sub = a.ok("subscribe", json!({"channel": "room"})).await;
+    assert_eq!(sub["offset"], 0);
+    b.ok("subscribe", json!({"channel": "room"})).await;
+    let ack = a
+        .ok(
+            "publish",
+            json!({"channel": "room", "data": {"text": "hi"}}),
+        )
+        .await;
+    assert_eq!(ack["offset"], 1);
+    for conn in [&a, &b] {
+        let pubs = conn.publications();
+        assert_eq!(pubs.len(), 1, "{pubs:?}");
+        assert_eq!(pubs[0]["data"], json!({"text": "hi"}));
+        assert_eq!(pubs[0]["offset"], 1);
+        assert_eq!(pubs[0]["info"]["client"], a_id.as_str());
+    }
+    // Before connect, nothing but connect runs.
+    let mut c = Conn::open(&hub, 16);
+    let reply = c.call("subscribe", json!({"channel": "room"})).await;
+    assert_eq!(reply["error"]["code"], 103);
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_recovers_exactly_what_it_missed() {
+    let hub = hub();
+    let (mut a, _) = Conn::connected(&hub).await;
+    let sub = a.ok("subscribe", json!({"channel": "feed"})).await;
+    let epoch = sub["epoch"].as_str().unwrap().to_owned();
+    a.ok("publish", json!({"channel": "feed", "data": 1})).await;
+    a.session.close().await;
+    for n in 2..=4 {
+        hub.publish("feed", serde_json::value::to_raw_value(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    let (mut again, _) = Conn::connected(&hub).await;
+    let sub = again
+        .ok(
+            "subscribe",
+            json!({"channel": "feed", "recover": true, "offset": 1, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(sub["recovered"], true);
+    let missed: Vec<(u64, u64)> = sub["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["offset"].as_u64().unwrap(), p["data"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(missed, [(2, 2), (3, 3), (4, 4)]);
+    // Another epoch: not recovered.
+    let (mut late, _) = Conn::connected(&hub).await;
+    let sub = late
+        .ok(
+            "subscribe",
+            json!({"channel": "feed", "recover": true, "offset": 1, "epoch": "other"}),
+        )
+        .await;
+    assert_eq!(sub["recovered"], false);
+}
+
+#[tokio::test]
+async fn presence_lists_the_subscribers_and_diffs_name_who_joined_and_left() {
+    let hub = hub();
+    let (mut a, a_id) = Conn::connected(&hub).await;
+    let (mut b, b_id) = Conn::connected(&hub).await;
+    a.ok("subscribe", json!({"channel": "lobby"})).await;
+    b.ok("subscribe", json!({"channel": "lobby"})).await;
+    let presence = a.ok("presence", json!({"channel": "lobby"})).await;
+    let mut ids: Vec<&str> = presence["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut want = [a_id.as_str(), b_id.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    assert_eq!(
+        a.ok("presence_stats", json!({"channel": "lobby"})).await,
+        json!({"clients": 2, "users": 1})
+    );
+    // a's own join went out at once (a quiet channel), b's at once or
+    // when the interval ends; then b leaves.
+    a.wait_diff("a's own join", |d| names(d, "joins", &a_id))
+        .await;
+    a.wait_diff("b's join", |d| names(d, "joins", &b_id)).await;
+    b.session.close().await;
+    a.wait_diff("b's leave", |d| names(d, "leaves", &b_id))
+        .await;
+    assert_eq!(
+        a.ok("presence_stats", json!({"channel": "lobby"})).await,
+        json!({"clients": 1, "users": 1})
+    );
+}
+
+#[tokio::test]
+async fn disconnect_and_shutdown_tell_the_client_then_close() {
+    let hub = hub();
+    let (a, a_id) = Conn::connected(&hub).await;
+    let (b, _) = Conn::connected(&hub).await;
+    let gone = hub.disconnect_user(
+        "",
+        Some(&a_id),
+        &Disconnect::new(DisconnectCode::Server, "bye"),
+    );
+    assert_eq!(gone, 1);
+    let pushes = a.pushes();
+    assert_eq!(
+        pushes.last().unwrap()["disconnect"]["code"],
+        3000,
+        "{pushes:?}"
+    );
+    assert_eq!(a.sink.closed(), Some((3000, "bye".into())));
+    assert_eq!(b.sink.closed(), None, "only the one asked for");
+    hub.shutdown();
+    let pushes = b.pushes();
+    assert_eq!(pushes.last().unwrap()["disconnect"]["code"], 3001);
+    assert_eq!(pushes.last().unwrap()["disconnect"]["reconnect"], true);
+    assert_eq!(b.sink.closed().unwrap().0, 1001);
+    // A session opened during shutdown is told to leave at once.
+    let late = Conn::open(&hub, 16);
+    assert_eq!(late.sink.closed().unwrap().0, 1001);
+}
+
+#[tokio::test]
+async fn a_slow_consumer_loses_publications_not_replies_and_an_overflowing_reply_ends_it() {
+    // Publications only (no presence diffs in the queue).
+    let mut config = Config::default();
+    config.channels.join_leave = false;
+    let hub = Hub::new(config, Arc::new(MemoryEngine::new())).unwrap();
+    let (mut publisher, _) = Conn::connected(&hub).await;
+    publisher.ok("subscribe", json!({"channel": "fast"})).await;
+    let mut slow = Conn::open(&hub, 4);
+    slow.ok("connect", json!({})).await;
+    slow.ok("subscribe", json!({"channel": "fast"})).await;
+    slow.sink.take();
+    for n in 0..10 {
+        publisher
+            .ok("publish", json!({"channel": "fast", "data": n}))
+            .await;
+        publisher.sink.take();
+    }
+    // Four fit; the other six were dropped by the policy and counted.
+    let kept: Vec<u64> = slow
+        .publications()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(kept.len(), 4, "{kept:?}");
+    assert_eq!(kept, [1, 2, 3, 4]);
+    assert!(
+        hub.metrics_text().contains("tidewire_hub_dropped_total 6"),
+        "{}",
+        hub.metrics_text()
+    );
+    assert_eq!(slow.sink.closed(), None);
+    // A reply that does not fit ends the connection, and the rest of
+    // its batch does not run.
+    slow.sink.take();
+    let batch: Vec<String> = (1..=6)
+        .map(|id| format!(r#"{{"id":{id},"ping":{{}}}}"#))
+        .chain([r#"{"id":7,"publish":{"channel":"fast","data":"never"}}"#.to_owned()])
+        .collect();
+    slow.session.handle_text(&batch.join("\n")).await;
+    assert_eq!(slow.sink.closed().unwrap().0, 1013);
+    let history = hub
+        .history(&HistoryRequest {
+            channel: "fast".into(),
+            limit: Some(0),
+            since: None,
+            reverse: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        history.offset, 10,
+        "the publish after the overflow never ran"
+    );
+}
