@@ -205,6 +205,27 @@ export interface JoinLeaveContext {
   info: ClientInfo;
 }
 
+/**
+ * The joins and leaves the server gathered (one push per channel and
+ * interval). In a channel above the server's `join_leave_max_members`,
+ * only the counts are known (`listed` false, `joins`/`leaves` empty).
+ */
+export interface PresenceDiffContext {
+  channel: string;
+  /** How many joined and left (`joined - left`: the change in members). */
+  joined: number;
+  left: number;
+  /** Whether `joins` and `leaves` say who. */
+  listed: boolean;
+  /**
+   * Listed again after counts-only diffs: a member list kept from
+   * `join`/`leave` events is out of date; fetch `presence()` again.
+   */
+  relist: boolean;
+  joins: ClientInfo[];
+  leaves: ClientInfo[];
+}
+
 export interface SubscribingContext {
   channel: string;
   /** One of `subscribingCodes`. */
@@ -277,6 +298,7 @@ export interface ClientEvents {
   publication: PublicationContext;
   join: JoinLeaveContext;
   leave: JoinLeaveContext;
+  presence_diff: PresenceDiffContext;
 }
 
 export interface SubscriptionEvents {
@@ -288,6 +310,7 @@ export interface SubscriptionEvents {
   publication: PublicationContext;
   join: JoinLeaveContext;
   leave: JoinLeaveContext;
+  presence_diff: PresenceDiffContext;
 }
 
 declare class Emitter<E> {

@@ -876,10 +876,8 @@ export class Client extends Emitter {
       const sub = this._subs.get(push.channel);
       if (push.pub) {
         if (sub) sub._onPublication(push.pub);
-      } else if (push.join) {
-        if (sub) sub._onJoin(push.join);
-      } else if (push.leave) {
-        if (sub) sub._onLeave(push.leave);
+      } else if (push.presence_diff) {
+        if (sub) sub._onPresenceDiff(push.presence_diff);
       } else if (push.unsubscribe) {
         if (sub) sub._onServerUnsubscribe(push.unsubscribe);
       }
@@ -925,6 +923,8 @@ export class Subscription extends Emitter {
       this._epoch = options.since.epoch;
     }
     this._recoverable = false;
+    /** The last presence_diff carried counts only (a big channel). */
+    this._unlisted = false;
     this._gen = 0;
     this._inflight = false;
     this._attempt = 0;
@@ -1198,18 +1198,41 @@ export class Subscription extends Emitter {
     this.client._emit('publication', ctx);
   }
 
-  _onJoin(info) {
+  /**
+   * The server's gathered joins and leaves: a `join`/`leave` event per
+   * listed client, then one `presence_diff` event. In a big channel the
+   * server sends counts only (`listed: false`); when listed diffs come
+   * back after that, the list kept from events is out of date
+   * (`relist: true`): fetch `presence()` again.
+   */
+  _onPresenceDiff(diff) {
     if (this.state !== SubscriptionState.Subscribed) return;
-    const ctx = { channel: this.channel, info };
-    this._emit('join', ctx);
-    this.client._emit('join', ctx);
-  }
-
-  _onLeave(info) {
-    if (this.state !== SubscriptionState.Subscribed) return;
-    const ctx = { channel: this.channel, info };
-    this._emit('leave', ctx);
-    this.client._emit('leave', ctx);
+    const listed = Array.isArray(diff.joins) && Array.isArray(diff.leaves);
+    const relist = listed && this._unlisted === true;
+    this._unlisted = !listed;
+    if (listed) {
+      for (const info of diff.joins) {
+        const ctx = { channel: this.channel, info };
+        this._emit('join', ctx);
+        this.client._emit('join', ctx);
+      }
+      for (const info of diff.leaves) {
+        const ctx = { channel: this.channel, info };
+        this._emit('leave', ctx);
+        this.client._emit('leave', ctx);
+      }
+    }
+    const ctx = {
+      channel: this.channel,
+      joined: Number(diff.joined) || 0,
+      left: Number(diff.left) || 0,
+      listed,
+      relist,
+      joins: listed ? diff.joins : [],
+      leaves: listed ? diff.leaves : [],
+    };
+    this._emit('presence_diff', ctx);
+    this.client._emit('presence_diff', ctx);
   }
 
   _onServerUnsubscribe({ code, reason }) {

@@ -129,6 +129,51 @@ describe('client against tidewire serve', { timeout: 60000 }, () => {
     a.disconnect();
   });
 
+  test('presence diffs: joins gathered into one event, counts only in a big channel, relist after', async () => {
+    const big = await Server.start('[namespaces.big]\njoin_leave_max_members = 2\njoin_leave_interval = "0s"\n');
+    try {
+      const clients = [0, 1, 2].map(() => newClient(big.wsUrl, FAST));
+      for (const c of clients) c.connect();
+      await Promise.all(clients.map((c) => c.ready(5000)));
+      const [a, b, c] = clients;
+      const subA = a.newSubscription('big:room');
+      const joins = [];
+      const diffs = [];
+      subA.on('join', (ctx) => joins.push(ctx.info.client));
+      subA.on('presence_diff', (ctx) => diffs.push(ctx));
+      subA.subscribe();
+      await subA.ready(5000);
+      const subB = b.newSubscription('big:room');
+      subB.subscribe();
+      await subB.ready(5000);
+      await waitFor(() => joins.includes(b.clientId), 'the join of b');
+      assert.deepEqual(joins, [a.clientId, b.clientId]);
+      assert.deepEqual(
+        diffs.map((d) => [d.joined, d.left, d.listed, d.relist]),
+        [
+          [1, 0, true, false],
+          [1, 0, true, false],
+        ],
+      );
+      // A third member: over the limit, counted but not named.
+      const subC = c.newSubscription('big:room');
+      subC.subscribe();
+      await subC.ready(5000);
+      await waitFor(() => diffs.length === 3, 'the third diff');
+      assert.deepEqual(diffs[2].joins, []);
+      assert.deepEqual([diffs[2].joined, diffs[2].listed, diffs[2].relist], [1, false, false]);
+      assert.deepEqual(joins, [a.clientId, b.clientId], 'no join event for an unlisted join');
+      // Back at the limit: listed again, and the list must be fetched anew.
+      subC.unsubscribe();
+      await waitFor(() => diffs.length === 4, 'the fourth diff');
+      assert.deepEqual([diffs[3].left, diffs[3].listed, diffs[3].relist], [1, true, true]);
+      assert.deepEqual(diffs[3].leaves.map((l) => l.client), [c.clientId]);
+      for (const client of clients) client.disconnect();
+    } finally {
+      await big.close();
+    }
+  });
+
   test('errors: a refused subscription ends unsubscribed; bad commands reject with the protocol code', async () => {
     const client = newClient(server.wsUrl, FAST);
     client.connect();

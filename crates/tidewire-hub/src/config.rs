@@ -311,8 +311,16 @@ pub struct ChannelOptions {
     pub publish: PublishRule,
     /// Keep and serve presence (who is subscribed).
     pub presence: bool,
-    /// Send join and leave pushes to subscribers.
+    /// Send join and leave (`presence_diff`) pushes to subscribers.
     pub join_leave: bool,
+    /// Above this many subscribers (on this node), `presence_diff` pushes
+    /// carry only how many joined and left, not who: listing every join
+    /// to every member costs members² pushes when a big room fills up.
+    pub join_leave_max_members: usize,
+    /// The joins and leaves of a channel within this interval go out as
+    /// one `presence_diff` push (0: one push per join or leave).
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
+    pub join_leave_interval: Duration,
     /// Publications kept per channel (0: no history, no offsets).
     pub history_size: usize,
     /// How long publications are kept.
@@ -329,6 +337,8 @@ impl Default for ChannelOptions {
             publish: PublishRule::Subscribers,
             presence: true,
             join_leave: true,
+            join_leave_max_members: 100,
+            join_leave_interval: Duration::from_millis(200),
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             recovery: true,

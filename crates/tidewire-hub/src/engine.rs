@@ -39,9 +39,9 @@ pub trait EngineEvents: Send + Sync {
     /// A publication in `channel`, to every local subscriber.
     fn publication(&self, channel: &str, publication: &Arc<Publication>);
     /// A client joined `channel`.
-    fn join(&self, channel: &str, info: &ClientInfo);
+    fn join(&self, channel: &str, info: &Arc<ClientInfo>);
     /// A client left `channel`.
-    fn leave(&self, channel: &str, info: &ClientInfo);
+    fn leave(&self, channel: &str, info: &Arc<ClientInfo>);
 }
 
 /// An engine failure (the store or broker is unreachable, …).
@@ -614,10 +614,10 @@ mod tests {
         fn publication(&self, channel: &str, p: &Arc<Publication>) {
             lock(&self.0).push((channel.into(), p.offset, p.data.get().into()));
         }
-        fn join(&self, channel: &str, info: &ClientInfo) {
+        fn join(&self, channel: &str, info: &Arc<ClientInfo>) {
             lock(&self.0).push((channel.into(), 0, format!("join {}", info.client)));
         }
-        fn leave(&self, channel: &str, info: &ClientInfo) {
+        fn leave(&self, channel: &str, info: &Arc<ClientInfo>) {
             lock(&self.0).push((channel.into(), 0, format!("leave {}", info.client)));
         }
     }

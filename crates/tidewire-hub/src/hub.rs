@@ -40,6 +40,7 @@ use crate::engine::{
     Engine, EngineEvents, EngineStats, HistoryOptions, HistoryQuery, PresenceStats, StreamPosition,
 };
 use crate::metrics::{MethodLabel, Metrics};
+use crate::presence_diff::PendingDiff;
 use crate::protocol::{
     self, BatchItem, ClientInfo, Command, ConnectRequest, Disconnect, DisconnectCode, ErrorCode,
     ErrorReply, Frame, HistoryRequest, Position, Publication, PublishRequest, Request,
@@ -127,6 +128,8 @@ impl std::fmt::Debug for Hub {
 /// The node: this process's share of the hub, and the engine's
 /// [`EngineEvents`].
 pub struct Node {
+    /// This node, for the timers it starts.
+    me: Weak<Node>,
     config: Arc<Config>,
     engine: Arc<dyn Engine>,
     verifier: Verifier,
@@ -189,6 +192,8 @@ async fn dispatch_wakes(node: Weak<Node>, signal: Arc<tokio::sync::Notify>) {
 
 #[derive(Default)]
 struct Channel {
+    /// Locked before `subscribers` when both are held.
+    presence: Mutex<PendingDiff>,
     subscribers: Mutex<Subscribers>,
 }
 
@@ -206,6 +211,10 @@ struct Subscribers {
 impl Subscribers {
     fn is_empty(&self) -> bool {
         self.live.is_empty() && self.parked.is_empty()
+    }
+
+    fn members(&self) -> usize {
+        self.live.len() + self.parked.len()
     }
 
     fn add_live(&mut self, client: u64, sink: Arc<dyn ClientSink>) {
@@ -309,7 +318,8 @@ impl Hub {
     pub fn new(config: Config, engine: Arc<dyn Engine>) -> Result<Hub, String> {
         let verifier = Verifier::new(&config.token)?;
         let proxy = Proxy::new(&config.proxy);
-        let node = Arc::new(Node {
+        let node = Arc::new_cyclic(|me| Node {
+            me: me.clone(),
             config: Arc::new(config),
             engine,
             verifier,
@@ -819,11 +829,9 @@ impl Node {
         })
     }
 
-    fn fan_out(&self, channel: &str, frame: impl FnOnce() -> Frame, park: Option<u64>) {
-        let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
-            return;
-        };
-        let frame = frame();
+    /// Queues `frame` on every live subscriber of `ch` (and, for a
+    /// publication at offset `park`, on the parked ones).
+    fn deliver(&self, ch: &Channel, frame: &Frame, park: Option<u64>) {
         let mut subs = lock(&ch.subscribers);
         if let Some(offset) = park {
             for (_, parked) in subs.parked.iter_mut() {
@@ -855,24 +863,96 @@ impl Node {
             self.metrics.dropped.inc_by(dropped);
         }
     }
+
+    /// A join or leave: gathered into the channel's next `presence_diff`
+    /// push. The first one after a quiet interval goes out at once; the
+    /// ones that follow within `join_leave_interval` go out together when
+    /// it ends (see [`crate::presence_diff`]).
+    fn presence_event(&self, channel: &str, info: &Arc<ClientInfo>, join: bool) {
+        let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
+            return;
+        };
+        let Ok(options) = self.config.channel_options(channel) else {
+            return;
+        };
+        let max = options.join_leave_max_members;
+        let mut pending = lock(&ch.presence);
+        let members = lock(&ch.subscribers).members();
+        pending.record(info, join, members, max);
+        if pending.scheduled {
+            return;
+        }
+        if let Some(sent) = pending.last_sent {
+            let due = sent + options.join_leave_interval;
+            if Instant::now() < due {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    pending.scheduled = true;
+                    runtime.spawn(send_presence_diff_at(
+                        due,
+                        self.me.clone(),
+                        Arc::downgrade(&ch),
+                        channel.to_owned(),
+                    ));
+                    return;
+                }
+            }
+        }
+        self.send_presence_diff(channel, &ch, &mut pending, max);
+    }
+
+    /// Sends what `pending` (the channel's, locked by the caller) gathered.
+    fn send_presence_diff(
+        &self,
+        channel: &str,
+        ch: &Channel,
+        pending: &mut PendingDiff,
+        max_listed: usize,
+    ) {
+        let members = lock(&ch.subscribers).members();
+        if let Some(frame) = pending.take(channel, members, max_listed) {
+            pending.last_sent = Some(Instant::now());
+            self.deliver(ch, &frame, None);
+        }
+    }
+}
+
+/// The timer of a channel's coalesced `presence_diff` push.
+async fn send_presence_diff_at(due: Instant, node: Weak<Node>, ch: Weak<Channel>, channel: String) {
+    tokio::time::sleep_until(due).await;
+    let (Some(node), Some(ch)) = (node.upgrade(), ch.upgrade()) else {
+        return;
+    };
+    let Ok(options) = node.config.channel_options(&channel) else {
+        return;
+    };
+    let mut pending = lock(&ch.presence);
+    pending.scheduled = false;
+    node.send_presence_diff(&channel, &ch, &mut pending, options.join_leave_max_members);
 }
 
 impl EngineEvents for Node {
     fn publication(&self, channel: &str, publication: &Arc<Publication>) {
         self.metrics.publications.inc();
-        self.fan_out(
-            channel,
-            || protocol::encode_publication(channel, publication),
-            Some(publication.offset),
-        );
+        let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
+            return;
+        };
+        let frame = protocol::encode_publication(channel, publication);
+        let mut pending = lock(&ch.presence);
+        // Members hear who joined before what the newcomer publishes.
+        if pending.has_listed() {
+            if let Ok(options) = self.config.channel_options(channel) {
+                self.send_presence_diff(channel, &ch, &mut pending, options.join_leave_max_members);
+            }
+        }
+        self.deliver(&ch, &frame, Some(publication.offset));
     }
 
-    fn join(&self, channel: &str, info: &ClientInfo) {
-        self.fan_out(channel, || protocol::encode_join(channel, info), None);
+    fn join(&self, channel: &str, info: &Arc<ClientInfo>) {
+        self.presence_event(channel, info, true);
     }
 
-    fn leave(&self, channel: &str, info: &ClientInfo) {
-        self.fan_out(channel, || protocol::encode_leave(channel, info), None);
+    fn leave(&self, channel: &str, info: &Arc<ClientInfo>) {
+        self.presence_event(channel, info, false);
     }
 }
 

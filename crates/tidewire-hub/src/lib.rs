@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`config`] | defaults, TOML, environment; namespace options |
 //! | [`protocol`] | the JSON wire types and the table of codes |
+//! | `presence_diff` | the joins and leaves of a channel gathered into one `presence_diff` push |
 //! | `fields` | strict field-by-field reading of commands and API bodies, with errors for people |
 //! | [`engine`] | offsets, epochs, history, recovery, presence; [`engine::MemoryEngine`] |
 //! | [`hub`] | clients, subscriptions, permissions, presence, join/leave, fan-out |
@@ -31,6 +32,7 @@ mod fields;
 mod http_client;
 pub mod hub;
 pub mod metrics;
+mod presence_diff;
 pub mod protocol;
 pub mod proxy;
 pub mod server;

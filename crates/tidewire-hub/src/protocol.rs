@@ -670,29 +670,38 @@ pub fn encode_publication(channel: &str, publication: &Publication) -> Frame {
     })
 }
 
-/// `{"push":{"channel":"…","join":{client, user, info}}}`.
-pub fn encode_join(channel: &str, info: &ClientInfo) -> Frame {
+/// `{"push":{"channel":"…","presence_diff":{"joined":J,"left":L,
+/// "joins":[…],"leaves":[…]}}}`: the joins and leaves of one interval;
+/// `joins` and `leaves` (who) only when `listed`, the counts always.
+pub fn encode_presence_diff(
+    channel: &str,
+    joins: &[Arc<ClientInfo>],
+    leaves: &[Arc<ClientInfo>],
+    counts: (u64, u64),
+    listed: bool,
+) -> Frame {
+    #[derive(Serialize)]
+    struct Diff<'a> {
+        joined: u64,
+        left: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        joins: Option<&'a [Arc<ClientInfo>]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        leaves: Option<&'a [Arc<ClientInfo>]>,
+    }
     #[derive(Serialize)]
     struct P<'a> {
         channel: &'a str,
-        join: &'a ClientInfo,
+        presence_diff: Diff<'a>,
     }
     push(P {
         channel,
-        join: info,
-    })
-}
-
-/// `{"push":{"channel":"…","leave":{client, user, info}}}`.
-pub fn encode_leave(channel: &str, info: &ClientInfo) -> Frame {
-    #[derive(Serialize)]
-    struct P<'a> {
-        channel: &'a str,
-        leave: &'a ClientInfo,
-    }
-    push(P {
-        channel,
-        leave: info,
+        presence_diff: Diff {
+            joined: counts.0,
+            left: counts.1,
+            joins: listed.then_some(joins),
+            leaves: listed.then_some(leaves),
+        },
     })
 }
 

@@ -408,14 +408,19 @@ async fn join_leave_presence_and_presence_stats() {
     let (mut a, ra) = Client::connect(&server, Some(&token("ann", 600, &[]))).await;
     let (mut b, rb) = Client::connect(&server, Some(&token("bob", 600, &[]))).await;
     a.ok("subscribe", json!({"channel": "room"})).await;
-    let join = a.push().await;
-    assert_eq!(join["join"]["client"], ra["client"]);
+    // The subscriber's own join: the first of a quiet channel goes out at once.
+    let diff = a.presence_diff("room").await;
+    assert_eq!(diff["joined"], 1);
+    assert_eq!(diff["left"], 0);
+    assert_eq!(diff["joins"][0]["client"], ra["client"]);
+    assert_eq!(diff["leaves"], json!([]));
     b.ok("subscribe", json!({"channel": "room"})).await;
-    let join = a.push().await;
-    assert_eq!(join["channel"], "room");
-    assert_eq!(join["join"]["user"], "bob");
-    assert_eq!(join["join"]["client"], rb["client"]);
-    assert_eq!(join["join"]["info"], json!({"name": "user bob"}));
+    let diff = a.presence_diff("room").await;
+    assert_eq!(diff["joined"], 1);
+    let join = &diff["joins"][0];
+    assert_eq!(join["user"], "bob");
+    assert_eq!(join["client"], rb["client"]);
+    assert_eq!(join["info"], json!({"name": "user bob"}));
     let presence = a.ok("presence", json!({"channel": "room"})).await;
     let mut users: Vec<String> = presence["clients"]
         .as_array()
@@ -428,26 +433,21 @@ async fn join_leave_presence_and_presence_stats() {
     let stats = a.ok("presence_stats", json!({"channel": "room"})).await;
     assert_eq!(stats, json!({"clients": 2, "users": 2}));
     b.ok("unsubscribe", json!({"channel": "room"})).await;
-    let leave = loop {
-        let p = a.push().await;
-        if p.get("leave").is_some() {
-            break p;
-        }
-    };
-    assert_eq!(leave["leave"]["user"], "bob");
+    let diff = a.presence_diff("room").await;
+    assert_eq!(
+        (diff["joined"].as_u64(), diff["left"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(diff["leaves"][0]["user"], "bob");
     let stats = a.ok("presence_stats", json!({"channel": "room"})).await;
     assert_eq!(stats, json!({"clients": 1, "users": 1}));
-    // A client that goes away leaves too.
+    // A client that goes away leaves too (a join and leave within one
+    // interval may cancel out: wait for bob's join first).
     b.ok("subscribe", json!({"channel": "room"})).await;
+    assert_eq!(a.presence_diff("room").await["joins"][0]["user"], "bob");
     b.close().await;
-    eventually("bob's leave", || true).await;
-    loop {
-        let p = a.push().await;
-        if p.get("leave").is_some() {
-            assert_eq!(p["leave"]["user"], "bob");
-            break;
-        }
-    }
+    let diff = a.presence_diff("room").await;
+    assert_eq!(diff["leaves"][0]["user"], "bob");
     // Presence and history need a subscription.
     let (mut c, _) = Client::connect(&server, None).await;
     assert_eq!(
@@ -458,6 +458,103 @@ async fn join_leave_presence_and_presence_stats() {
         c.error_code("history", json!({"channel": "room"})).await,
         107
     );
+}
+
+#[tokio::test]
+async fn joins_within_an_interval_arrive_as_one_presence_diff() {
+    let mut cfg = config();
+    cfg.channels.join_leave_interval = Duration::from_secs(1);
+    let server = start(cfg).await;
+    let (mut watcher, rw) = Client::connect(&server, None).await;
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push(Client::connect(&server, None).await);
+    }
+    watcher.ok("subscribe", json!({"channel": "room"})).await;
+    let own = watcher.presence_diff("room").await;
+    assert_eq!(own["joins"][0]["client"], rw["client"]);
+    // Five joins right after: one push when the interval ends, not five.
+    for (c, _) in &mut others {
+        c.send_raw(r#"{"id":900,"subscribe":{"channel":"room"}}"#)
+            .await;
+    }
+    for (c, _) in &mut others {
+        let reply = c.reply_to(900).await;
+        assert!(reply.get("subscribe").is_some(), "{reply}");
+    }
+    let diff = watcher.presence_diff("room").await;
+    assert_eq!(diff["joined"], 5, "{diff}");
+    let mut joined: Vec<&str> = diff["joins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["client"].as_str().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = others
+        .iter()
+        .map(|(_, r)| r["client"].as_str().unwrap())
+        .collect();
+    joined.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(joined, expected);
+}
+
+#[tokio::test]
+async fn a_newcomers_join_arrives_before_its_first_publication() {
+    let mut cfg = config();
+    cfg.channels.join_leave_interval = Duration::from_secs(5);
+    let server = start(cfg).await;
+    let (mut watcher, _) = Client::connect(&server, None).await;
+    watcher.ok("subscribe", json!({"channel": "room"})).await;
+    watcher.presence_diff("room").await;
+    let (mut newcomer, rn) = Client::connect(&server, None).await;
+    newcomer.ok("subscribe", json!({"channel": "room"})).await;
+    newcomer
+        .ok("publish", json!({"channel": "room", "data": "hello"}))
+        .await;
+    // Long before the interval ends: the publication brings the join along.
+    let first = tokio::time::timeout(Duration::from_secs(3), watcher.push())
+        .await
+        .expect("the join and publication did not wait for the interval");
+    assert_eq!(
+        first["presence_diff"]["joins"][0]["client"], rn["client"],
+        "{first}"
+    );
+    assert_eq!(watcher.publication("room").await["data"], "hello");
+}
+
+#[tokio::test]
+async fn above_join_leave_max_members_presence_diffs_carry_counts_only() {
+    let mut cfg = config();
+    cfg.channels.join_leave_max_members = 3;
+    cfg.channels.join_leave_interval = Duration::ZERO;
+    let server = start(cfg).await;
+    let (mut watcher, _) = Client::connect(&server, None).await;
+    watcher.ok("subscribe", json!({"channel": "room"})).await;
+    assert_eq!(watcher.presence_diff("room").await["joined"], 1);
+    let mut others = Vec::new();
+    for n in 2..=4 {
+        let (mut c, r) = Client::connect(&server, None).await;
+        c.ok("subscribe", json!({"channel": "room"})).await;
+        let diff = watcher.presence_diff("room").await;
+        assert_eq!(diff["joined"], 1, "{diff}");
+        if n <= 3 {
+            assert_eq!(diff["joins"][0]["client"], r["client"], "{diff}");
+        } else {
+            assert!(diff.get("joins").is_none(), "{diff}");
+            assert!(diff.get("leaves").is_none(), "{diff}");
+        }
+        others.push(c);
+    }
+    // Presence still lists everyone.
+    let presence = watcher.ok("presence", json!({"channel": "room"})).await;
+    assert_eq!(presence["clients"].as_array().unwrap().len(), 4);
+    // Back at the limit: leaves are listed again.
+    let gone = others.pop().unwrap();
+    gone.close().await;
+    let diff = watcher.presence_diff("room").await;
+    assert_eq!(diff["left"], 1, "{diff}");
+    assert_eq!(diff["leaves"].as_array().unwrap().len(), 1, "{diff}");
 }
 
 #[tokio::test]

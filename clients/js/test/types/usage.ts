@@ -41,6 +41,11 @@ async function tour(): Promise<void> {
   sub.on('publication', (ctx) => console.log(ctx.info?.user, ctx.data));
   sub.on('join', (ctx) => console.log(ctx.info.client));
   sub.on('leave', (ctx) => console.log(ctx.info.user));
+  sub.on('presence_diff', (ctx) => {
+    const change: number = ctx.joined - ctx.left;
+    if (ctx.relist) void sub.presence();
+    console.log(change, ctx.listed, ctx.joins.map((j) => j.client), ctx.leaves.length);
+  });
   sub.on('unsubscribed', (ctx) => console.log(ctx.code));
   sub.subscribe();
   client.connect();

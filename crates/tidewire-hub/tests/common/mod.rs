@@ -201,6 +201,17 @@ impl Client {
         }
     }
 
+    /// The next `presence_diff` push of `channel` (its body), skipping
+    /// other pushes.
+    pub async fn presence_diff(&mut self, channel: &str) -> Value {
+        loop {
+            let p = self.push().await;
+            if p["channel"] == channel && p.get("presence_diff").is_some() {
+                return p["presence_diff"].clone();
+            }
+        }
+    }
+
     /// Asserts nothing (but pings) arrives for a while.
     pub async fn expect_silence(&mut self, wait: Duration) {
         assert!(self.pushes.is_empty(), "unexpected push {:?}", self.pushes);
