@@ -46,6 +46,8 @@ struct Member {
     subscribed: AtomicBool,
     /// Messages without id (pushes) received.
     pushes: AtomicU64,
+    /// `presence_diff` pushes of the room among them.
+    presence_diffs: AtomicU64,
     /// The `disconnect` push, if one came.
     disconnect: Mutex<Option<Value>>,
     /// How the connection ended (close frame, error), if it did.
@@ -67,6 +69,9 @@ impl Member {
     fn take(&self, line: &str) {
         if line.starts_with("{\"push\"") {
             self.pushes.fetch_add(1, Ordering::Relaxed);
+            if line.contains("\"presence_diff\"") {
+                self.presence_diffs.fetch_add(1, Ordering::Relaxed);
+            }
             // Cheap test first: pushes of the room are the bulk.
             if line.contains("\"disconnect\"") {
                 let push: Value = serde_json::from_str(line).unwrap_or(Value::Null);
@@ -393,6 +398,13 @@ async fn check_room(room: &Room, served: &Served) {
         Some(0.0),
         "slow consumers"
     );
+    // Joins are gathered, not dropped: each member heard of its own.
+    let unaware = room
+        .members
+        .iter()
+        .filter(|m| m.presence_diffs.load(Ordering::Relaxed) == 0)
+        .count();
+    assert_eq!(unaware, 0, "members that got no presence_diff push");
     let expected = room.clients();
     assert_eq!(expected.len(), room.members.len(), "client ids are unique");
     let presence = api(served, "presence", json!({ "channel": ROOM })).await;
