@@ -8,6 +8,13 @@ import { Client } from '../client/tidewire.js';
 
 const ROOMS = ['lobby', 'random', 'help'];
 const HISTORY = 50;
+/**
+ * Above this many members "Here now" shows how many, not who (the
+ * server's default `join_leave_max_members`: past it, its presence diffs
+ * carry counts only). Nor does a newcomer say hello to a room that big:
+ * that alone would be one message to each member per newcomer.
+ */
+const LIST_MAX = 100;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -157,11 +164,22 @@ function show(pub) {
 const presenceList = $('presence');
 /** client id → true, of the clients in the room. */
 let present = new Map();
+/** The room is too big to list: `bigCount` members, about (see LIST_MAX). */
+let bigRoom = false;
+let bigCount = 0;
 function renderPresence() {
+  if (bigRoom) {
+    const li = document.createElement('li');
+    li.className = 'many';
+    li.textContent = `${bigCount} people: too many to list`;
+    presenceList.replaceChildren(li);
+    $('count').textContent = String(bigCount);
+    return;
+  }
   const items = [...present.keys()].map((id) => {
     const li = document.createElement('li');
     li.dataset.client = id;
-    li.textContent = nicks.get(id) || 'guest';
+    li.textContent = id === client.clientId ? nick : nicks.get(id) || 'guest';
     if (id === client.clientId) li.classList.add('me');
     return li;
   });
@@ -186,13 +204,33 @@ async function loadHistory(s) {
 
 async function loadPresence(s) {
   try {
-    const p = await s.presence();
+    // Counts first: a big room's list is not worth fetching.
+    const stats = await s.presenceStats();
     if (s !== sub) return;
-    present = new Map(p.clients.map((c) => [c.client, true]));
+    const wasBig = bigRoom;
+    bigRoom = stats.clients > LIST_MAX;
+    // Small again: the others can put a name on this page's entry now.
+    if (wasBig && !bigRoom) s.publish({ type: 'hello', nick, quiet: true }).catch(() => {});
+    bigCount = stats.clients;
+    if (!bigRoom) {
+      const p = await s.presence();
+      if (s !== sub) return;
+      present = new Map(p.clients.map((c) => [c.client, true]));
+    }
     renderPresence();
   } catch {
     // the next join/leave corrects it
   }
+}
+
+/** In a big room, the count from the diffs drifts: re-read it soon. */
+let countTimer = null;
+function refreshCountSoon(s) {
+  if (countTimer) return;
+  countTimer = setTimeout(() => {
+    countTimer = null;
+    if (s === sub) loadPresence(s);
+  }, 2000);
 }
 
 function enter(name) {
@@ -206,6 +244,7 @@ function enter(name) {
   list.replaceChildren();
   shown = new Set();
   present = new Map();
+  bigRoom = false;
   renderPresence();
 
   const s = client.newSubscription(`chat:${name}`);
@@ -218,8 +257,9 @@ function enter(name) {
   s.on('subscribed', (ctx) => {
     if (s !== sub) return;
     presenceList.classList.remove('stale');
-    loadPresence(s);
-    s.publish({ type: 'hello', nick, quiet: ctx.wasRecovering }).catch(() => {});
+    loadPresence(s).then(() => {
+      if (s === sub && !bigRoom) s.publish({ type: 'hello', nick, quiet: ctx.wasRecovering }).catch(() => {});
+    });
     if (!ctx.wasRecovering) {
       loadHistory(s);
       return;
@@ -263,6 +303,20 @@ function enter(name) {
         const back = [...present.keys()].some((id) => nicks.get(id) === who);
         if (!back) system(`${who} left`);
       }, 3000);
+    }
+  });
+  s.on('presence_diff', (diff) => {
+    if (s !== sub) return;
+    if (!diff.listed) {
+      // Counts only: the room outgrew its list.
+      if (!bigRoom) bigCount = present.size;
+      bigRoom = true;
+      bigCount = Math.max(1, bigCount + diff.joined - diff.left);
+      renderPresence();
+      refreshCountSoon(s);
+    } else if (diff.relist || bigRoom) {
+      // Listed again: the joins and leaves in between were not named.
+      loadPresence(s);
     }
   });
   s.subscribe();

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `sub` | the user id (the hub refuses none or `""` when anonymous clients are off) | the user id it was issued to (likewise) |
 //! | `exp` | enforced (no leeway); optional | enforced; optional |
+//! | `nbf` | enforced (no leeway): refused before; optional | likewise |
 //! | `channels` | channels (or `ns:*` patterns) the client may subscribe to in `token` namespaces | – |
 //! | `channel` | must be absent | the channel it grants |
 //! | `info` | any JSON, shown in presence, join/leave and publications | – |
@@ -119,6 +120,11 @@ impl Verifier {
     /// A key that cannot be read or is not a public key of its kind: the
     /// message names the setting (`token.rsa_public_key`, ...) and why.
     pub fn new(settings: &TokenSettings) -> Result<Verifier, String> {
+        if settings.hmac_secret.as_deref().is_some_and(str::is_empty) {
+            // An empty key signs tokens anyone can forge: a mistake (an
+            // unset variable, say), never a choice.
+            return Err("token.hmac_secret is empty: set a secret (32 bytes or more of randomness), or leave the key out for no HS256 tokens".into());
+        }
         let rsa = settings
             .rsa_public_key
             .as_deref()
@@ -218,6 +224,8 @@ impl Verifier {
         validation.leeway = 0;
         validation.required_spec_claims = HashSet::new();
         validation.validate_exp = true;
+        // A token issued for later is not valid yet.
+        validation.validate_nbf = true;
         // A configured audience or issuer is required, not only checked
         // when present: a token without the claim (or with one that is not
         // a string or a list of strings) is refused like a wrong one.
@@ -237,6 +245,9 @@ impl Verifier {
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
                     ErrorReply::new(ErrorCode::TokenExpired, "token expired")
+                }
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    unauthorized("token not valid yet (its nbf is in the future)")
                 }
                 _ => unauthorized(format!("invalid token: {e}")),
             })
@@ -584,6 +595,37 @@ mod tests {
             v.connection(&hs).await.unwrap_err().code,
             ErrorCode::Unauthorized
         );
+    }
+
+    #[tokio::test]
+    async fn a_token_before_its_nbf_is_refused() {
+        let v = hs("s3cret");
+        let key = EncodingKey::from_secret(b"s3cret");
+        let later = sign(
+            Algorithm::HS256,
+            &key,
+            &serde_json::json!({"sub": "42", "nbf": now_unix() + 60}),
+        );
+        let err = v.connection(&later).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthorized);
+        assert!(err.message.contains("not valid yet"), "{}", err.message);
+        let now = sign(
+            Algorithm::HS256,
+            &key,
+            &serde_json::json!({"sub": "42", "nbf": now_unix() - 1}),
+        );
+        assert_eq!(v.connection(&now).await.unwrap().user, "42");
+    }
+
+    #[test]
+    fn an_empty_hmac_secret_is_refused_at_start() {
+        let Err(err) = Verifier::new(&TokenSettings {
+            hmac_secret: Some(String::new()),
+            ..TokenSettings::default()
+        }) else {
+            panic!("an empty secret must be refused");
+        };
+        assert!(err.contains("token.hmac_secret is empty"), "{err}");
     }
 
     const RSA_PUBLIC: &str = include_str!("../tests/fixtures/rsa_public.pem");

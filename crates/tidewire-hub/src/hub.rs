@@ -90,6 +90,11 @@ pub trait ClientSink: Send + Sync + 'static {
     }
     /// Wakes the writer after [`send_deferred`](Self::send_deferred).
     fn wake(&self) {}
+    /// Whether the connection is closing (asked to, or its queue
+    /// overflowed): the session runs no more of its commands.
+    fn is_closing(&self) -> bool {
+        false
+    }
 }
 
 /// Entries the hub holds, for metrics, `/api/info` and leak tests.
@@ -1101,6 +1106,12 @@ impl Session {
         let max = self.node.config.client.max_batch;
         let mut refused_without_id = 0;
         for item in protocol::parse_batch(message, max) {
+            // A reply that overflowed the queue closed the connection: the
+            // rest of the batch must not run (its effects, a publication
+            // say, would happen for a client that never hears of them).
+            if self.client.sink.is_closing() {
+                return;
+            }
             let outcome = match item {
                 BatchItem::Command(Ok(command)) => {
                     self.dispatch(command).await;

@@ -88,6 +88,10 @@ impl ClientSink for WsSink {
     fn queued(&self) -> usize {
         self.sender.queued_messages()
     }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
 }
 
 /// The queue limits a hub connection needs: the hub's bounds, and `drop`

@@ -558,6 +558,28 @@ async fn above_join_leave_max_members_presence_diffs_carry_counts_only() {
 }
 
 #[tokio::test]
+async fn a_batch_stops_at_the_reply_that_overflows_the_queue() {
+    let mut cfg = config();
+    cfg.client.queue_messages = 4;
+    let server = start(cfg).await;
+    let (mut c, _) = Client::connect(&server, None).await;
+    c.ok("subscribe", json!({"channel": "feed"})).await;
+    // Ten replies for a queue of four (nothing is written while the batch
+    // runs), then a publish: the connection closes at the fifth reply and
+    // the publish never happens.
+    let mut batch: Vec<String> = (1..=10)
+        .map(|id| format!(r#"{{"id":{id},"ping":{{}}}}"#))
+        .collect();
+    batch.push(r#"{"id":11,"publish":{"channel":"feed","data":"after"}}"#.into());
+    c.send_raw(&batch.join("\n")).await;
+    // 1013: try again later (the slow-consumer close).
+    assert_eq!(c.closed().await, Some(1013));
+    let (status, history) = api(&server, "history", json!({"channel": "feed"})).await;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["publications"], json!([]), "{history}");
+}
+
+#[tokio::test]
 async fn history_latest_since_and_reverse() {
     let server = start(config()).await;
     let (mut c, _) = Client::connect(&server, None).await;
