@@ -5,7 +5,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{ArgMatches, Args};
 use tidewire::http::{Response, StatusCode};
-use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::server_args::{shutdown_signal, ServerArgs, ServerSettings};
@@ -71,9 +70,8 @@ fn page(request: tidewire::http::Request<()>) -> Response<bytes::Bytes> {
 
 pub async fn run(args: EchoArgs, matches: Option<ArgMatches>) -> anyhow::Result<()> {
     let settings = args.settings(matches.as_ref());
-    let listener = TcpListener::bind(settings.server.address.as_str())
-        .await
-        .with_context(|| format!("listening on {}", settings.server.address))?;
+    crate::listener::raise_open_file_limit();
+    let listener = crate::listener::bind_listener(&settings.server.address).await?;
     let addr = listener.local_addr()?;
     let (builder, note) = settings.server.builder(addr.port())?;
     let server = builder.http(|req| async move { page(req) }).build();

@@ -25,6 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod connect;
 mod echo;
+mod listener;
 mod serve;
 mod server_args;
 mod token;

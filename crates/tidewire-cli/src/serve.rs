@@ -8,7 +8,6 @@
 //! defaults ([`with_hub_defaults`]). docs/configuration.md lists every key.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,7 +17,6 @@ use tidewire::tls::TlsAcceptor;
 use tidewire::{CancellationToken, SlowConsumer};
 use tidewire_hub::config::SlowConsumerPolicy;
 use tidewire_hub::{Config, Hub, MemoryEngine};
-use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::server_args::{
@@ -273,14 +271,8 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
         .into(),
     };
     config.api.key = Some(api_key.to_string());
-    let addr: SocketAddr = tokio::net::lookup_host(config.listen.as_str())
-        .await
-        .with_context(|| format!("listen address {:?}", config.listen))?
-        .next()
-        .with_context(|| format!("listen address {:?} resolves to nothing", config.listen))?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr}"))?;
+    crate::listener::raise_open_file_limit();
+    let listener = crate::listener::bind_listener(&config.listen).await?;
     let addr = listener.local_addr()?;
     let tls = tls_acceptor(&args, &config, addr.port())?;
     let (http, ws) = if tls.is_some() {

@@ -95,3 +95,54 @@ pub async fn run_bench(args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&output.stdout).unwrap()
 }
+
+/// A `tidewire serve` started by [`start_serve`].
+pub struct Served {
+    pub child: Child,
+    /// `127.0.0.1:PORT`, read from the line it prints when listening.
+    pub addr: String,
+    /// Where its stderr (the log) goes.
+    pub log: PathBuf,
+}
+
+/// Starts `tidewire serve ARGS...` in `dir` (an empty folder runs on the
+/// embedded defaults) with `env` added and `RUST_LOG=warn`; its log goes to
+/// `dir/<log_name>`. The process is killed when the [`Served`] is dropped.
+pub async fn start_serve(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log_name: &str,
+) -> Served {
+    let log = dir.join(log_name);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tidewire"));
+    command
+        .arg("serve")
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("TIDEWIRE_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("create the log file"))
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("start tidewire serve");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(LIMIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            // "tidewire serve listening on http://ADDR/ (WebSocket: ...)"
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest.split('/').next().unwrap().to_string();
+            }
+        }
+        panic!(
+            "tidewire serve exited before listening: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    })
+    .await
+    .expect("tidewire serve did not start in time");
+    Served { child, addr, log }
+}
