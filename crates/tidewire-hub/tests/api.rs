@@ -3,20 +3,16 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::post;
+use common::engine::TestEngine;
 use common::*;
 use serde_json::{json, Value};
 use tidewire_hub::config::{ChannelOptions, SlowConsumerPolicy, UnknownNamespaces};
-use tidewire_hub::engine::{
-    BoxFuture, EngineError, EngineEvents, EngineStats, HistoryOptions, HistoryQuery, HistoryResult,
-    PresenceStats, StreamPosition,
-};
-use tidewire_hub::protocol::{ClientInfo, Publication};
-use tidewire_hub::{Engine, Hub, MemoryEngine};
+use tidewire_hub::{Hub, MemoryEngine};
 
 #[tokio::test]
 async fn publish_broadcast_history_and_channels() {
@@ -378,101 +374,9 @@ async fn api_bodies_are_bounded_by_api_max_body_size() {
     assert_eq!(status, 413);
 }
 
-/// MemoryEngine with a switch that makes it unhealthy.
-struct FlakyEngine {
-    inner: MemoryEngine,
-    broken: AtomicBool,
-}
-
-impl Engine for FlakyEngine {
-    fn set_events(&self, events: Weak<dyn EngineEvents>) {
-        self.inner.set_events(events)
-    }
-    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.inner.subscribe(channel)
-    }
-    fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.inner.unsubscribe(channel)
-    }
-    fn publish<'a>(
-        &'a self,
-        channel: &'a str,
-        publication: Publication,
-        options: HistoryOptions,
-    ) -> BoxFuture<'a, Result<Option<StreamPosition>, EngineError>> {
-        if self.broken.load(Ordering::Relaxed) {
-            return Box::pin(async { Err(EngineError::Unavailable("broken".into())) });
-        }
-        self.inner.publish(channel, publication, options)
-    }
-    fn publish_join<'a>(
-        &'a self,
-        channel: &'a str,
-        info: Arc<ClientInfo>,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.inner.publish_join(channel, info)
-    }
-    fn publish_leave<'a>(
-        &'a self,
-        channel: &'a str,
-        info: Arc<ClientInfo>,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.inner.publish_leave(channel, info)
-    }
-    fn history<'a>(
-        &'a self,
-        channel: &'a str,
-        query: HistoryQuery,
-    ) -> BoxFuture<'a, Result<HistoryResult, EngineError>> {
-        self.inner.history(channel, query)
-    }
-    fn add_presence<'a>(
-        &'a self,
-        channel: &'a str,
-        info: Arc<ClientInfo>,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.inner.add_presence(channel, info)
-    }
-    fn remove_presence<'a>(
-        &'a self,
-        channel: &'a str,
-        client: &'a str,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.inner.remove_presence(channel, client)
-    }
-    fn presence<'a>(
-        &'a self,
-        channel: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Arc<ClientInfo>>, EngineError>> {
-        self.inner.presence(channel)
-    }
-    fn presence_stats<'a>(
-        &'a self,
-        channel: &'a str,
-    ) -> BoxFuture<'a, Result<PresenceStats, EngineError>> {
-        self.inner.presence_stats(channel)
-    }
-    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
-        let broken = self.broken.load(Ordering::Relaxed);
-        Box::pin(async move {
-            if broken {
-                Err(EngineError::Unavailable("store unreachable".into()))
-            } else {
-                Ok(())
-            }
-        })
-    }
-    fn stats(&self) -> EngineStats {
-        self.inner.stats()
-    }
-}
-
 #[tokio::test]
 async fn health_fails_with_the_engine_and_metrics_count_what_happens() {
-    let engine = Arc::new(FlakyEngine {
-        inner: MemoryEngine::new(),
-        broken: AtomicBool::new(false),
-    });
+    let engine = Arc::new(TestEngine::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hub = Hub::new(config(), engine.clone()).unwrap();

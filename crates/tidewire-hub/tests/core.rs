@@ -6,6 +6,9 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+mod common;
+
+use common::engine::TestEngine;
 use serde_json::{json, Value};
 use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session};
 use tidewire_hub::protocol::{Disconnect, DisconnectCode, Frame, HistoryRequest};
@@ -359,4 +362,49 @@ async fn a_slow_consumer_loses_publications_not_replies_and_an_overflowing_reply
         history.offset, 10,
         "the publish after the overflow never ran"
     );
+}
+
+#[tokio::test]
+async fn the_engine_is_subscribed_before_the_history_is_read() {
+    let engine = Arc::new(TestEngine::default());
+    let hub = Hub::new(Config::default(), engine.clone()).unwrap();
+    let (mut a, _) = Conn::connected(&hub).await;
+    a.ok("subscribe", json!({"channel": "feed"})).await;
+    // With a broker, what is published between the two would be lost the
+    // other way round.
+    assert_eq!(engine.calls(), ["+feed", "history feed"]);
+}
+
+#[tokio::test]
+async fn a_last_leave_racing_a_first_join_leaves_the_engine_subscribed() {
+    let engine = Arc::new(TestEngine::default());
+    // An unsubscribe slower than a subscribe: unordered, b's subscribe
+    // would finish first and a's unsubscribe would then undo it.
+    *engine.delays.lock().unwrap() = (
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(100),
+    );
+    let hub = Hub::new(Config::default(), engine.clone()).unwrap();
+    let (mut a, _) = Conn::connected(&hub).await;
+    let (mut b, _) = Conn::connected(&hub).await;
+    a.ok("subscribe", json!({"channel": "race"})).await;
+    engine.calls.lock().unwrap().clear();
+    // a leaves while b joins.
+    let (left, joined) = tokio::join!(
+        a.ok("unsubscribe", json!({"channel": "race"})),
+        b.ok("subscribe", json!({"channel": "race"})),
+    );
+    assert_eq!((left, joined.get("epoch").is_some()), (json!({}), true));
+    let calls: Vec<String> = engine
+        .calls()
+        .into_iter()
+        .filter(|c| !c.starts_with("history"))
+        .collect();
+    // One at a time, each on the state it found: unsubscribed, then
+    // subscribed again for b (or nothing at all had b come first).
+    assert!(calls == ["-race", "+race"] || calls.is_empty(), "{calls:?}");
+    // Whatever the order, b is subscribed and gets what is published.
+    a.ok("subscribe", json!({"channel": "race"})).await;
+    a.ok("publish", json!({"channel": "race", "data": 1})).await;
+    assert_eq!(b.publications().len(), 1);
 }

@@ -11,7 +11,7 @@ use super::front::{ClientSink, FrameKind, SendOutcome};
 use super::presence_diff::PendingDiff;
 use super::registry::Client;
 use super::Node;
-use crate::engine::EngineEvents;
+use crate::engine::{EngineError, EngineEvents};
 use crate::protocol::{self, ClientInfo, Frame, Publication, Unsubscribed};
 use crate::shards::lock;
 
@@ -76,16 +76,27 @@ impl Subscribers {
 }
 
 impl Node {
-    /// Adds a parked subscriber; true when the channel is new on this node.
-    pub(super) fn park(&self, channel: &str, client: u64) -> bool {
+    /// Adds a parked subscriber (reading history before it goes live).
+    pub(super) fn park(&self, channel: &str, client: u64) {
+        self.add_subscriber(channel, |subs| subs.parked.push((client, Vec::new())));
+    }
+
+    /// Runs `add` on the subscribers of `channel` (created if new) under
+    /// its lock, and counts the subscription (and the channel) in the
+    /// metrics, as [`leave_channel`](Self::leave_channel) uncounts them.
+    fn add_subscriber(&self, channel: &str, add: impl FnOnce(&mut Subscribers)) {
         let mut shard = self.channels.lock(channel);
         let mut created = false;
         let ch = shard.entry(channel.to_owned()).or_insert_with(|| {
             created = true;
             Arc::default()
         });
-        lock(&ch.subscribers).parked.push((client, Vec::new()));
-        created
+        add(&mut lock(&ch.subscribers));
+        drop(shard);
+        self.metrics.subscriptions.inc();
+        if created {
+            self.metrics.channels.inc();
+        }
     }
 
     /// Sends the subscribe reply and what was parked after `after`, then
@@ -112,18 +123,12 @@ impl Node {
     }
 
     /// Adds a live subscriber and sends the reply under the channel's
-    /// lock; true when the channel is new on this node.
-    pub(super) fn attach(&self, channel: &str, client: &Client, reply: Frame) -> bool {
-        let mut shard = self.channels.lock(channel);
-        let mut created = false;
-        let ch = shard.entry(channel.to_owned()).or_insert_with(|| {
-            created = true;
-            Arc::default()
+    /// lock.
+    pub(super) fn attach(&self, channel: &str, client: &Client, reply: Frame) {
+        self.add_subscriber(channel, |subs| {
+            client.sink.send(reply, FrameKind::Control);
+            subs.add_live(client.id, client.sink.clone());
         });
-        let mut subs = lock(&ch.subscribers);
-        client.sink.send(reply, FrameKind::Control);
-        subs.add_live(client.id, client.sink.clone());
-        created
     }
 
     /// Removes a subscriber; true when the channel emptied and was removed.
@@ -173,7 +178,7 @@ impl Node {
         }
         if emptied {
             self.metrics.channels.dec();
-            if let Err(e) = self.engine.unsubscribe(channel).await {
+            if let Err(e) = self.sync_engine_subscription(channel).await {
                 tracing::warn!("{e}");
             }
         }
@@ -191,6 +196,52 @@ impl Node {
                 tracing::warn!("{e}");
             }
         }
+    }
+
+    /// Makes the engine's subscription to `channel` match this node's
+    /// subscribers: subscribed while the channel has any (live or
+    /// parked), unsubscribed after the last one left. Calls for one
+    /// channel run one at a time, and each acts on the state it finds, not
+    /// on the change that triggered it: a last leave and a first join that
+    /// race each other leave the engine subscribed exactly when the
+    /// channel has subscribers, whatever order their calls finish in.
+    pub(super) async fn sync_engine_subscription(&self, channel: &str) -> Result<(), EngineError> {
+        let link = self
+            .engine_links
+            .lock(channel)
+            .entry(channel.to_owned())
+            .or_default()
+            .clone();
+        let result = {
+            let mut subscribed = link.lock().await;
+            let wanted = self.channels.lock(channel).contains_key(channel);
+            match (wanted, *subscribed) {
+                (true, false) => {
+                    let result = self.engine.subscribe(channel).await;
+                    *subscribed = result.is_ok();
+                    result
+                }
+                (false, true) => {
+                    // Even when it fails: this node no longer routes the
+                    // channel, what the engine still sends is dropped.
+                    *subscribed = false;
+                    self.engine.unsubscribe(channel).await
+                }
+                _ => Ok(()),
+            }
+        };
+        // The link of a channel the engine is not subscribed to goes,
+        // unless another call holds it (it was cloned under this lock).
+        let mut links = self.engine_links.lock(channel);
+        if let Some(held) = links.get(channel) {
+            let idle = Arc::ptr_eq(held, &link)
+                && Arc::strong_count(&link) == 2
+                && link.try_lock().is_ok_and(|subscribed| !*subscribed);
+            if idle {
+                links.remove(channel);
+            }
+        }
+        result
     }
 
     /// Queues `frame` on every live subscriber of `ch` (and, for a

@@ -72,6 +72,9 @@ pub struct HubCounts {
     pub history_streams: usize,
     /// Channels with presence entries in the engine.
     pub presence_channels: usize,
+    /// Channels this node has the engine subscribed to (one per channel
+    /// with subscribers, once their subscribe calls are done).
+    pub engine_subscriptions: usize,
 }
 
 /// The hub: cheap to clone, shared by the fronts and the HTTP API.
@@ -101,6 +104,10 @@ pub struct Node {
     clients: Shards<u64, Arc<Client>>,
     users: Shards<String, Vec<u64>>,
     channels: Shards<String, Arc<Channel>>,
+    /// Per channel: whether the engine is subscribed for this node, behind
+    /// the lock that orders subscribe and unsubscribe calls (see
+    /// `sync_engine_subscription`).
+    engine_links: Shards<String, Arc<tokio::sync::Mutex<bool>>>,
     shutting_down: AtomicBool,
     started: Instant,
     /// Subscribers with publications queued, waiting for their wake-up
@@ -176,6 +183,7 @@ impl Hub {
             clients: Shards::default(),
             users: Shards::default(),
             channels: Shards::default(),
+            engine_links: Shards::default(),
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
             wakes: Mutex::default(),
@@ -246,6 +254,7 @@ impl Hub {
             sessions: node.clients.len(),
             users: node.users.len(),
             channels: node.channels.len(),
+            engine_subscriptions: node.engine_links.len(),
             history_streams: engine.streams,
             presence_channels: engine.presence_channels,
             ..HubCounts::default()

@@ -341,8 +341,8 @@ impl Session {
                 return Err(unavailable(e));
             }
         }
-        let created = if options.has_history() {
-            self.subscribe_positioned(id, &request, options).await?
+        if options.has_history() {
+            self.subscribe_positioned(id, &request, options).await?;
         } else {
             let reply = SubscribeReply {
                 recoverable: false,
@@ -352,12 +352,8 @@ impl Session {
                 publications: &[],
             };
             let frame = protocol::encode_reply(id, "subscribe", &reply);
-            node.attach(channel, &self.client, frame)
-        };
-        node.metrics.subscriptions.inc();
-        if created {
-            node.metrics.channels.inc();
-            if let Err(e) = node.engine.subscribe(channel).await {
+            node.attach(channel, &self.client, frame);
+            if let Err(e) = node.sync_engine_subscription(channel).await {
                 tracing::warn!("{e}");
             }
         }
@@ -380,20 +376,31 @@ impl Session {
 
     /// Subscribes to a channel with history: park, read the position (and
     /// what was missed), starting the stream if there is none, reply, then
-    /// go live. Returns whether the channel is new on this node.
+    /// go live.
     async fn subscribe_positioned(
         &self,
         id: u64,
         request: &SubscribeRequest,
         options: &ChannelOptions,
-    ) -> Result<bool, ErrorReply> {
+    ) -> Result<(), ErrorReply> {
         let node = &self.node;
         let channel = request.channel.as_str();
         let since = (request.recover && options.has_recovery()).then(|| Position {
             offset: request.offset.unwrap_or(0),
             epoch: request.epoch.clone().unwrap_or_default(),
         });
-        let created = node.park(channel, self.client.id);
+        node.park(channel, self.client.id);
+        // The engine first, the history after: with a broker between
+        // nodes, what is published meanwhile then reaches the parking
+        // buffer and follows the reply (merged by offset), where reading
+        // first would lose it.
+        if let Err(e) = node.sync_engine_subscription(channel).await {
+            lock(&self.client.state)
+                .subscriptions
+                .retain(|s| s != channel);
+            node.leave_channel(&self.client, channel).await;
+            return Err(unavailable(e));
+        }
         let query = HistoryQuery {
             since: since.as_ref().map(|p| p.offset),
             limit: if since.is_some() {
@@ -433,7 +440,7 @@ impl Session {
         };
         let frame = protocol::encode_reply(id, "subscribe", &reply);
         node.go_live(channel, &self.client, frame, result.position.offset);
-        Ok(created)
+        Ok(())
     }
 
     async fn unsubscribe(&self, channel: &str) -> Outcome {

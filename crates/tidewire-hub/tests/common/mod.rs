@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod engine;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
