@@ -190,6 +190,54 @@ describe('demo app in headless Chromium', { timeout: 180000 }, () => {
     assert.deepEqual(pageErrors, []);
   });
 
+  test('a message longer than 500 characters is sent whole; one over the server limit is refused before sending, never cut', async () => {
+    const ann = await open('Ann', 'long');
+    const bob = await open('Bob', 'long');
+    const { page: a } = ann;
+    const { page: b } = bob;
+    await waitPresence(a, ['Ann', 'Bob']);
+    const long = 'a'.repeat(600) + ' the end';
+    await send(a, long);
+    await waitText(b, '#messages li.msg .text', 'the end');
+    assert.deepEqual(await messages(b), [long], 'received whole');
+
+    // The limit is the server's (client.max_message_size, 64 KiB by default)
+    // for the whole publish command: the page counts the JSON envelope too.
+    const size = () => a.$eval('#text-size', (e) => ({ bytes: Number(e.dataset.bytes), limit: Number(e.dataset.limit) }));
+    await a.fill('#text', 'x');
+    const one = await size();
+    assert.equal(one.limit, 65536);
+    const envelope = one.bytes - 1;
+    assert.ok(envelope > 50 && envelope < 200, `envelope ${envelope}`);
+    const largest = 'y'.repeat(one.limit - envelope);
+    await a.fill('#text', largest);
+    assert.equal((await size()).bytes, one.limit);
+    assert.equal(await a.isEnabled('#send'), true, 'the largest message the server accepts can be sent');
+    await a.press('#text', 'Enter');
+    await b.waitForFunction((n) => [...document.querySelectorAll('#messages li.msg .text')].some((e) => e.textContent.length === n), largest.length, { timeout: WAIT, polling: 50 });
+    assert.equal(await state(a), 'connected');
+
+    // One byte more (a two-byte character instead of a one-byte one): refused, and said so.
+    const tooLong = 'y'.repeat(one.limit - envelope - 1) + 'é';
+    await a.fill('#text', tooLong);
+    assert.equal(await a.isEnabled('#send'), false, 'Send is disabled');
+    const warning = await a.textContent('#text-size');
+    assert.match(warning, /too long/i);
+    assert.match(warning, /65,?536/);
+    await a.press('#text', 'Enter');
+    await sleep(500);
+    assert.equal(await a.inputValue('#text'), tooLong, 'kept in the box, not cut');
+    assert.equal((await messages(b)).length, 2, 'nothing more was sent');
+    assert.equal(await state(a), 'connected');
+    // Shortened again: Send comes back.
+    await a.fill('#text', 'short');
+    assert.equal(await a.isEnabled('#send'), true);
+    assert.equal(await a.textContent('#text-size'), '');
+    await ann.context.close();
+    await bob.context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+
   test('the live ticker shows prices published through the HTTP API by examples/ticker.mjs', async () => {
     const feed = (count) =>
       promisify(execFile)(

@@ -8,6 +8,14 @@ import { Client } from '../client/tidewire.js';
 
 const ROOMS = ['lobby', 'random', 'help'];
 const HISTORY = 50;
+/**
+ * The largest WebSocket message the server reads: its default
+ * `client.max_message_size` (docs/configuration.md). A bigger publish
+ * would close the connection (1009), so the page refuses it before sending.
+ */
+const MAX_MESSAGE_BYTES = 64 * 1024;
+/** The widest command id the client may put on a publish (it counts up). */
+const WIDEST_COMMAND_ID = Number.MAX_SAFE_INTEGER;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -269,14 +277,57 @@ function enter(name) {
 }
 
 // ---------------------------------------------------------------- sending
+const textInput = $('text');
+const sendButton = $('send');
+const sizeNote = $('text-size');
+const utf8 = new TextEncoder();
+const formatBytes = (n) => n.toLocaleString('en-US');
+
+/** The chat message a text is sent as. */
+function chatMessage(text) {
+  return { type: 'msg', nick, text, ts: Date.now() };
+}
+
+/** Bytes of the publish command that would carry `data`: what the server's limit counts. */
+function publishBytes(data) {
+  const command = { id: WIDEST_COMMAND_ID, publish: { channel: `chat:${room}`, data } };
+  return utf8.encode(JSON.stringify(command)).length;
+}
+
+/** Says how close the text is to the server's limit; false when over it. */
+function checkSize() {
+  const bytes = publishBytes(chatMessage(textInput.value.trim()));
+  const over = bytes > MAX_MESSAGE_BYTES;
+  sizeNote.dataset.bytes = bytes;
+  sizeNote.dataset.limit = MAX_MESSAGE_BYTES;
+  if (over) {
+    sizeNote.dataset.kind = 'error';
+    sizeNote.textContent = `Too long to send: ${formatBytes(bytes)} bytes with the message envelope; the server accepts at most ${formatBytes(MAX_MESSAGE_BYTES)}.`;
+  } else if (bytes > MAX_MESSAGE_BYTES * 0.9) {
+    sizeNote.dataset.kind = 'warn';
+    sizeNote.textContent = `${formatBytes(MAX_MESSAGE_BYTES - bytes)} bytes left of the server's ${formatBytes(MAX_MESSAGE_BYTES)}.`;
+  } else {
+    delete sizeNote.dataset.kind;
+    sizeNote.textContent = '';
+  }
+  sendButton.disabled = over;
+  if (over) textInput.setAttribute('aria-invalid', 'true');
+  else textInput.removeAttribute('aria-invalid');
+  return !over;
+}
+textInput.addEventListener('input', checkSize);
+nickInput.addEventListener('change', checkSize);
+addEventListener('hashchange', checkSize);
+
 $('send-form').addEventListener('submit', async (e) => {
   e.preventDefault();
-  const input = $('text');
+  const input = textInput;
   const text = input.value.trim();
-  if (!text || !sub) return;
+  if (!text || !sub || !checkSize()) return;
   input.value = '';
+  checkSize();
   try {
-    await sub.publish({ type: 'msg', nick, text, ts: Date.now() });
+    await sub.publish(chatMessage(text));
   } catch (err) {
     system(`Not sent (${err.message}): "${text}"`);
   }
