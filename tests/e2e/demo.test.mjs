@@ -238,6 +238,50 @@ describe('demo app in headless Chromium', { timeout: 180000 }, () => {
     assert.deepEqual(pageErrors, []);
   });
 
+  test('a 24-character nickname fits: ellipsis and the full name as a tooltip, no sideways scroll (wide and narrow)', async () => {
+    const longNick = 'W'.repeat(24); // wide letters: the worst case of 24 characters
+    const ann = await open('Ann', 'nicks');
+    const long = await open(longNick, 'nicks');
+    const { page: a } = ann;
+    await waitPresence(a, ['Ann', longNick]);
+    await send(long.page, 'a message from the long name');
+    await waitText(a, '#messages li.msg .text', 'a message from the long name');
+    for (const [width, height] of [
+      [1100, 700],
+      [800, 700],
+      [360, 640],
+    ]) {
+      for (const page of [a, long.page]) {
+        await page.setViewportSize({ width, height });
+        const fit = await page.evaluate(() => ({
+          scroll: document.documentElement.scrollWidth,
+          client: document.documentElement.clientWidth,
+        }));
+        assert.ok(fit.scroll <= fit.client, `${width}px: the page scrolls sideways (${fit.scroll} > ${fit.client})`);
+        const entry = await page.$eval(
+          '#presence li[title]',
+          (e) => {
+            const name = e.querySelector('.name') || e;
+            return {
+              title: e.title,
+              overflow: getComputedStyle(name).textOverflow,
+              inside: e.getBoundingClientRect().right <= e.closest('.people').getBoundingClientRect().right + 0.5,
+            };
+          },
+        ).catch(() => null);
+        assert.ok(entry, 'the presence entries have a title');
+        const titles = await page.$$eval('#presence li', (els) => els.map((e) => e.title));
+        assert.ok(titles.includes(longNick), `the full name is a tooltip: ${titles}`);
+        assert.equal(entry.overflow, 'ellipsis');
+        assert.ok(entry.inside, 'the entry stays inside the "Here now" panel');
+      }
+    }
+    await long.page.screenshot({ path: path.join(artifacts, 'chat-long-nickname-narrow.png'), fullPage: true });
+    await ann.context.close();
+    await long.context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+
   test('the live ticker shows prices published through the HTTP API by examples/ticker.mjs', async () => {
     const feed = (count) =>
       promisify(execFile)(

@@ -158,7 +158,9 @@ function show(pub) {
   const mine = pub.info && pub.info.client === client.clientId;
   const time_ = document.createElement('time');
   time_.textContent = time(data.ts);
-  line(mine ? 'msg mine' : 'msg', [span('nick', who), span('text', String(data.text ?? '')), time_], pub.offset);
+  const whoSpan = span('nick', who);
+  whoSpan.title = who;
+  line(mine ? 'msg mine' : 'msg', [whoSpan, span('text', String(data.text ?? '')), time_], pub.offset);
 }
 
 // -------------------------------------------------------------- presence
@@ -169,7 +171,9 @@ function renderPresence() {
   const items = [...present.keys()].map((id) => {
     const li = document.createElement('li');
     li.dataset.client = id;
-    li.textContent = nicks.get(id) || 'guest';
+    const name = nicks.get(id) || 'guest';
+    li.title = name;
+    li.append(span('name', name));
     if (id === client.clientId) li.classList.add('me');
     return li;
   });
