@@ -282,6 +282,26 @@ describe('demo app in headless Chromium', { timeout: 180000 }, () => {
     assert.deepEqual(pageErrors, []);
   });
 
+  test('entering a room shows its last 50 chat messages, not fewer because of "joined" lines', async () => {
+    // 60 chat messages through the HTTP API, with others entering among the
+    // last 50 (their "joined" lines are publications too).
+    for (let i = 1; i <= 60; i++) {
+      await server.api('publish', { channel: 'chat:history', data: { type: 'msg', nick: 'seed', text: `seed ${i}`, ts: Date.now() } });
+      if (i % 20 === 0) await server.api('publish', { channel: 'chat:history', data: { type: 'hello', nick: `visitor ${i}` } });
+    }
+    const ann = await open('Ann', 'history');
+    const { page: a } = ann;
+    await waitText(a, '#messages li.msg .text', 'seed 60');
+    await waitText(a, '#messages li.sys .text', 'Ann joined');
+    await sleep(300); // anything late would show by now
+    const want = Array.from({ length: 50 }, (_, i) => `seed ${i + 11}`);
+    assert.deepEqual(await messages(a), want, 'exactly the newest 50, in order');
+    const joined = await a.$$eval('#messages li.sys .text', (els) => els.map((e) => e.textContent));
+    assert.deepEqual(joined, ['visitor 20 joined', 'visitor 40 joined', 'visitor 60 joined', 'Ann joined']);
+    await ann.context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+
   test('the live ticker shows prices published through the HTTP API by examples/ticker.mjs', async () => {
     const feed = (count) =>
       promisify(execFile)(

@@ -186,11 +186,39 @@ function renderPresence() {
 let room = null;
 let sub = null;
 
+/** Whether a publication is a chat message (not a "hello": a "joined" line). */
+const isChatMessage = (pub) => !(pub.data && typeof pub.data === 'object' && pub.data.type === 'hello');
+
+/**
+ * Shows the room's last HISTORY chat messages, with the "joined" lines
+ * among them: pages back through the history (newest first) until it has
+ * HISTORY chat messages or the history ends, so that "joined" lines (the
+ * newcomer's own included) do not take their places.
+ */
 async function loadHistory(s) {
+  const PAGE = 100;
+  const MAX_PAGES = 10; // what a room with many comings and goings needs, bounded
   try {
-    const h = await s.history({ limit: HISTORY, reverse: true });
-    if (s !== sub) return;
-    for (const pub of h.publications.reverse()) show(pub);
+    const newestFirst = [];
+    let chatMessages = 0;
+    let since;
+    for (let page = 0; page < MAX_PAGES && chatMessages < HISTORY; page++) {
+      const h = await s.history(since ? { limit: PAGE, reverse: true, since } : { limit: PAGE, reverse: true });
+      if (s !== sub) return;
+      for (const pub of h.publications) {
+        if (isChatMessage(pub)) {
+          if (chatMessages === HISTORY) break;
+          chatMessages++;
+        }
+        newestFirst.push(pub);
+      }
+      const oldest = h.publications[h.publications.length - 1];
+      if (h.publications.length < PAGE || !oldest || oldest.offset === undefined) break;
+      since = { offset: oldest.offset, epoch: h.epoch };
+    }
+    // The "joined" lines older than the oldest message shown are left out.
+    while (newestFirst.length > 0 && !isChatMessage(newestFirst[newestFirst.length - 1]) && chatMessages === HISTORY) newestFirst.pop();
+    for (const pub of newestFirst.reverse()) show(pub);
   } catch (e) {
     system(`Could not load the history: ${e.message}`);
   }
