@@ -29,6 +29,16 @@ const WAIT = 15000;
 
 /** The texts of the chat messages (not the system lines) a page shows, in order. */
 const messages = (page) => page.$$eval('#messages li.msg .text', (els) => els.map((e) => e.textContent));
+/** The texts of the chat messages a page marks as from before a server restart. */
+const earlierMessages = (page) => page.$$eval('#messages li.msg.earlier .text', (els) => els.map((e) => e.textContent));
+/** The lines of the chat, in order: [class, text] ("msg", "sys", "divider"; "+earlier"). */
+const lines = (page) =>
+  page.$$eval('#messages li', (els) =>
+    els.map((e) => [
+      ['msg', 'sys', 'divider'].find((c) => e.classList.contains(c)) + (e.classList.contains('earlier') ? '+earlier' : ''),
+      e.querySelector('.text').textContent,
+    ]),
+  );
 const presence = (page) => page.$$eval('#presence li', (els) => els.map((e) => e.textContent).sort());
 const state = (page) => page.$eval('#state', (e) => e.dataset.state);
 
@@ -154,7 +164,9 @@ describe('demo app in headless Chromium', { timeout: 180000 }, () => {
     await waitPresence(a, ['Ann', 'Bob']);
     await send(a, 'after the restart');
     await waitText(b, '#messages li.msg .text', 'after the restart');
-    assert.deepEqual(await messages(b), ['after the restart']);
+    // What was on screen stays, marked as from before the restart.
+    assert.deepEqual(await messages(b), [...expected, 'after the restart']);
+    assert.deepEqual(await earlierMessages(b), expected);
     await a.screenshot({ path: path.join(artifacts, 'chat-after-restart.png') });
 
     // Bob leaves: Ann's presence list updates, and the chat says so.
@@ -299,6 +311,65 @@ describe('demo app in headless Chromium', { timeout: 180000 }, () => {
     const joined = await a.$$eval('#messages li.sys .text', (els) => els.map((e) => e.textContent));
     assert.deepEqual(joined, ['visitor 20 joined', 'visitor 40 joined', 'visitor 60 joined', 'Ann joined']);
     await ann.context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+
+  test('a server restart keeps the messages on screen, marked as earlier, and the reloaded history shows nothing twice', async () => {
+    const ann = await open('Ann', 'restart');
+    const bob = await open('Bob', 'restart');
+    const { page: a } = ann;
+    const { page: b } = bob;
+    await waitPresence(a, ['Ann', 'Bob']);
+    await send(a, 'before 1');
+    await send(b, 'before 2');
+    await waitText(a, '#messages li.msg .text', 'before 2');
+    await waitText(b, '#messages li.msg .text', 'before 2');
+
+    // Ann's browser is offline across the restart; Bob writes in the new
+    // server's history before Ann is back.
+    await ann.context.setOffline(true);
+    await waitState(a, 'connecting');
+    await server.restart();
+    await waitState(b, 'connected');
+    await waitText(b, '#notice', 'server restart');
+    await send(b, 'after 1');
+    await waitText(b, '#messages li.msg .text', 'after 1');
+    await ann.context.setOffline(false);
+    await waitState(a, 'connected');
+    await waitText(a, '#notice', 'server restart');
+    await waitText(a, '#messages li.msg .text', 'after 1');
+    await send(a, 'after 2');
+    await waitText(a, '#messages li.msg .text', 'after 2');
+    await waitText(b, '#messages li.msg .text', 'after 2');
+    await sleep(300);
+
+    for (const page of [a, b]) {
+      assert.deepEqual(await messages(page), ['before 1', 'before 2', 'after 1', 'after 2'], 'kept, none twice');
+      assert.deepEqual(await earlierMessages(page), ['before 1', 'before 2']);
+      const all = await lines(page);
+      const divider = all.findIndex(([kind]) => kind === 'divider');
+      assert.ok(divider > 0, 'a divider');
+      assert.equal(all[divider][1], 'server restarted — earlier messages above');
+      assert.equal(all.filter(([kind]) => kind === 'divider').length, 1);
+      assert.ok(all.slice(0, divider).every(([kind]) => kind.endsWith('+earlier')), 'above the line: earlier');
+      assert.ok(all.slice(divider + 1).every(([kind]) => !kind.endsWith('+earlier')), 'below: the new server');
+    }
+    await a.screenshot({ path: path.join(artifacts, 'chat-restart-kept.png') });
+
+    // Too much missed for recovery, the same stream: nothing is marked
+    // earlier, the history fills in after what is shown, nothing twice.
+    await ann.context.setOffline(true);
+    await waitState(a, 'connecting');
+    for (let i = 1; i <= 120; i++) await server.api('publish', { channel: 'chat:restart', data: { type: 'msg', nick: 'seed', text: `gap ${i}` } });
+    await ann.context.setOffline(false);
+    await waitState(a, 'connected');
+    await waitText(a, '#messages li.msg .text', 'gap 120');
+    await sleep(300);
+    const got = await messages(a);
+    assert.deepEqual(got, ['before 1', 'before 2', 'after 1', 'after 2', ...Array.from({ length: 50 }, (_, i) => `gap ${i + 71}`)]);
+    assert.equal((await lines(a)).filter(([kind]) => kind === 'divider').length, 1, 'no new divider');
+    await ann.context.close();
+    await bob.context.close();
     assert.deepEqual(pageErrors, []);
   });
 

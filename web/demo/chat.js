@@ -99,6 +99,32 @@ addEventListener('hashchange', () => enter(roomFromHash()));
 const list = $('messages');
 /** Offsets shown, so that history and live messages never show twice. */
 let shown = new Set();
+/** The stream (epoch) those offsets belong to: a restarted server starts a new one. */
+let shownEpoch;
+
+/**
+ * The server lost the room's stream (it restarted): the lines on screen
+ * stay, marked as earlier ones, below them a divider; their offsets are of
+ * the old stream, so they leave the offset order and the dedup set.
+ */
+function markEarlierStream() {
+  for (const li of list.children) {
+    if (li.classList.contains('earlier') || li.classList.contains('divider')) continue;
+    li.classList.add('earlier');
+    if (li.dataset.offset !== undefined) {
+      li.dataset.earlierOffset = li.dataset.offset;
+      delete li.dataset.offset;
+    }
+  }
+  if (list.children.length > 0) {
+    const divider = document.createElement('li');
+    divider.className = 'divider';
+    divider.setAttribute('role', 'separator');
+    divider.append(span('text', 'server restarted — earlier messages above'));
+    list.append(divider);
+  }
+  shown = new Set();
+}
 /** client id → nickname, learned from messages. */
 const nicks = new Map();
 
@@ -245,6 +271,7 @@ function enter(name) {
   document.title = `#${name} · tidewire demo chat`;
   list.replaceChildren();
   shown = new Set();
+  shownEpoch = undefined;
   present = new Map();
   renderPresence();
 
@@ -260,7 +287,9 @@ function enter(name) {
     presenceList.classList.remove('stale');
     loadPresence(s);
     s.publish({ type: 'hello', nick, quiet: ctx.wasRecovering }).catch(() => {});
+    const epoch = ctx.streamPosition ? ctx.streamPosition.epoch : undefined;
     if (!ctx.wasRecovering) {
+      shownEpoch = epoch;
       loadHistory(s);
       return;
     }
@@ -272,11 +301,17 @@ function enter(name) {
         recovering = null;
         say(n === 0 ? 'Reconnected: nothing was missed.' : `Reconnected: ${n} missed message${n === 1 ? '' : 's'} recovered.`, 'ok');
       });
+    } else if (epoch !== undefined && epoch === shownEpoch) {
+      // The same stream, but part of what was missed fell out of its
+      // history: what is on screen stays, the history fills in after it
+      // (offsets keep out what is shown already).
+      system('Too much was missed to recover it all: the latest messages follow.');
+      say('Reconnected: some missed messages are no longer in the server\'s history.', 'warn');
+      loadHistory(s);
     } else {
-      list.replaceChildren();
-      shown = new Set();
-      system('The server restarted (or too much was missed): earlier messages are gone from its history.');
-      say('Reconnected after a server restart: missed messages could not be recovered; history reloaded.', 'warn');
+      markEarlierStream();
+      shownEpoch = epoch;
+      say('Reconnected after a server restart: missed messages could not be recovered; earlier messages are kept above the line.', 'warn');
       loadHistory(s);
     }
   });
