@@ -39,7 +39,8 @@ const lines = (page) =>
       e.querySelector('.text').textContent,
     ]),
   );
-const presence = (page) => page.$$eval('#presence li', (els) => els.map((e) => e.textContent).sort());
+/** The names in "Here now" (without the "(you)" mark), sorted. */
+const presence = (page) => page.$$eval('#presence li .name', (els) => els.map((e) => e.textContent).sort());
 const state = (page) => page.$eval('#state', (e) => e.dataset.state);
 
 async function waitText(page, selector, text, timeout = WAIT) {
@@ -60,7 +61,7 @@ async function waitState(page, want, timeout = WAIT) {
 async function waitPresence(page, names, timeout = WAIT) {
   await page.waitForFunction(
     (want) => {
-      const got = [...document.querySelectorAll('#presence li')].map((e) => e.textContent).sort();
+      const got = [...document.querySelectorAll('#presence li .name')].map((e) => e.textContent).sort();
       return JSON.stringify(got) === JSON.stringify(want);
     },
     [...names].sort(),
@@ -370,6 +371,77 @@ describe('demo app in headless Chromium', { timeout: 180000 }, () => {
     assert.equal((await lines(a)).filter(([kind]) => kind === 'divider').length, 1, 'no new divider');
     await ann.context.close();
     await bob.context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+
+  test('closing a tab says "left", also of someone whose "joined" is out of the history, and of one of two tabs of one name; you are marked "(you)"', async () => {
+    const bob = await open('Bob', 'close');
+    // Bob's "joined" falls out of what a newcomer reads (the last 50 messages).
+    for (let i = 1; i <= 60; i++) await server.api('publish', { channel: 'chat:close', data: { type: 'msg', nick: 'seed', text: `seed ${i}` } });
+    const ann = await open('Ann', 'close');
+    const { page: a } = ann;
+    await waitText(a, '#messages li.msg .text', 'seed 60');
+    await waitPresence(a, ['Ann', 'Bob']); // not "guest": Ann's page asked who is here
+    assert.deepEqual(
+      await a.$$eval('#presence li.me', (els) => els.map((e) => e.textContent)),
+      ['Ann (you)'],
+      'you are marked "(you)", not only in bold',
+    );
+    assert.deepEqual(await a.$$eval('#presence li:not(.me)', (els) => els.map((e) => e.textContent)), ['Bob']);
+
+    // A reload is no leave: no "left" line.
+    await bob.page.reload({ waitUntil: 'load' });
+    await waitState(bob.page, 'connected');
+    await waitText(a, '#messages li.sys .text', 'Bob joined');
+    await sleep(3500);
+    assert.equal(await a.$$eval('#messages li.sys .text', (els) => els.filter((e) => e.textContent === 'Bob left').length), 0);
+    await waitPresence(a, ['Ann', 'Bob']);
+
+    // Bob closes his tab: Ann's page says so.
+    await bob.page.close();
+    await waitPresence(a, ['Ann']);
+    await waitText(a, '#messages li.sys .text', 'Bob left');
+
+    // Two tabs of one name (one browser remembers the nickname): closing
+    // one says "left" too; the other is still here.
+    const ann2 = await open('Ann', 'close');
+    await waitPresence(a, ['Ann', 'Ann']);
+    await ann2.page.close();
+    await waitPresence(a, ['Ann']);
+    await waitText(a, '#messages li.sys .text', 'Ann left');
+    await a.screenshot({ path: path.join(artifacts, 'chat-tab-closed.png') });
+    await ann.context.close();
+    await bob.context.close();
+    await ann2.context.close();
+    assert.deepEqual(pageErrors, []);
+  });
+
+  test('the ticker shows an unchanged price as neutral, neither up nor down', async () => {
+    const context = await browser.newContext({ viewport: { width: 900, height: 600 } });
+    const page = await context.newPage();
+    page.on('pageerror', (e) => pageErrors.push(`ticker: ${e.message}`));
+    await page.goto(`${server.httpUrl}/ticker.html?channel=ticker:flat`, { waitUntil: 'load' });
+    await waitState(page, 'connected');
+    const publish = (ts, prices) => server.api('publish', { channel: 'ticker:flat', data: { ts, prices } });
+    const change = (symbol) =>
+      page.$eval(`#prices tr[data-symbol="${symbol}"] td.change`, (e) => ({ text: e.textContent, className: e.className, color: getComputedStyle(e).color }));
+    const base = Date.now();
+    await publish(base, { UP: 10, DOWN: 10, SAME: 10, TINY: 10 });
+    await page.waitForFunction(() => document.getElementById('updates').textContent === '1', null, { timeout: WAIT });
+    await publish(base + 1, { UP: 10.5, DOWN: 9.25, SAME: 10, TINY: 10.001 });
+    await page.waitForFunction(() => document.getElementById('updates').textContent === '2', null, { timeout: WAIT });
+    assert.equal((await change('UP')).text, '▲ 0.50');
+    assert.match((await change('UP')).className, /\bup\b/);
+    assert.equal((await change('DOWN')).text, '▼ 0.75');
+    assert.match((await change('DOWN')).className, /\bdown\b/);
+    for (const symbol of ['SAME', 'TINY']) {
+      const c = await change(symbol);
+      assert.equal(c.text, '0.00', `${symbol}: no arrow`);
+      assert.doesNotMatch(c.className, /\b(up|down)\b/, `${symbol}: not up or down`);
+      assert.notEqual(c.color, (await change('UP')).color, `${symbol}: not the colour of up`);
+      assert.notEqual(c.color, (await change('DOWN')).color, `${symbol}: not the colour of down`);
+    }
+    await context.close();
     assert.deepEqual(pageErrors, []);
   });
 

@@ -2,8 +2,12 @@
 // nicknames, a presence list, history on join, and the connection state.
 //
 // Nicknames travel in the messages: every message is {type, nick, ...}.
-// A client says {type: "hello"} when it enters a room, so the others can
-// put a name on its presence entry (anonymous clients have no user info).
+// A client says {type: "hello", nick, tab} when it enters a room, so the
+// others can put a name on its presence entry (anonymous clients have no
+// user info). A newcomer who finds entries it cannot name (their hello is
+// out of the history it read) asks {type: "who", clients: [ids]}, and those
+// clients say hello again, quietly. `tab` names the browser tab across its
+// reconnects and reloads, which is how a leave tells from a reconnect.
 import { Client } from '../client/tidewire.js';
 
 const ROOMS = ['lobby', 'random', 'help'];
@@ -22,6 +26,17 @@ const params = new URLSearchParams(location.search);
 const wsUrl = params.get('server') || new URL('connection/websocket', location.href).href.replace(/^http/, 'ws');
 
 // ---------------------------------------------------------------- nickname
+/** This browser tab: kept across reloads and reconnects (sessionStorage is per tab). */
+const TAB = (() => {
+  let tab = sessionStorage.getItem('tidewire-demo-tab');
+  if (!tab) {
+    tab = Math.random().toString(36).slice(2, 10);
+    sessionStorage.setItem('tidewire-demo-tab', tab);
+  }
+  return tab;
+})();
+/** The message that puts this tab's name on its presence entry. */
+const hello = (quiet) => ({ type: 'hello', nick, tab: TAB, quiet });
 const nickInput = $('nick');
 let nick = params.get('nick') || localStorage.getItem('tidewire-demo-nick') || `guest-${Math.random().toString(36).slice(2, 6)}`;
 nickInput.value = nick;
@@ -33,7 +48,7 @@ nickInput.addEventListener('change', () => {
   }
   nick = value;
   localStorage.setItem('tidewire-demo-nick', nick);
-  if (sub && sub.state === 'subscribed') sub.publish({ type: 'hello', nick, quiet: true }).catch(() => {});
+  if (sub && sub.state === 'subscribed') sub.publish(hello(true)).catch(() => {});
 });
 
 // ------------------------------------------------------ connection state
@@ -127,6 +142,8 @@ function markEarlierStream() {
 }
 /** client id → nickname, learned from messages. */
 const nicks = new Map();
+/** client id → browser tab, learned from hello messages. */
+const tabs = new Map();
 
 function time(ts) {
   const d = ts ? new Date(ts) : new Date();
@@ -177,7 +194,9 @@ function show(pub) {
     nicks.set(pub.info.client, who);
     renderPresence();
   }
+  if (data.type === 'who') return; // asks for names: no line
   if (data.type === 'hello') {
+    if (pub.info && typeof data.tab === 'string') tabs.set(pub.info.client, data.tab);
     if (!data.quiet) line('sys', [span('text', `${who} joined`)], pub.offset);
     return;
   }
@@ -200,10 +219,13 @@ function renderPresence() {
     const name = nicks.get(id) || 'guest';
     li.title = name;
     li.append(span('name', name));
-    if (id === client.clientId) li.classList.add('me');
+    if (id === client.clientId) {
+      li.classList.add('me');
+      li.append(span('you', ' (you)'));
+    }
     return li;
   });
-  items.sort((a, b) => a.textContent.localeCompare(b.textContent));
+  items.sort((a, b) => a.querySelector('.name').textContent.localeCompare(b.querySelector('.name').textContent));
   presenceList.replaceChildren(...items);
   $('count').textContent = String(present.size);
 }
@@ -212,8 +234,15 @@ function renderPresence() {
 let room = null;
 let sub = null;
 
-/** Whether a publication is a chat message (not a "hello": a "joined" line). */
-const isChatMessage = (pub) => !(pub.data && typeof pub.data === 'object' && pub.data.type === 'hello');
+/** Whether a publication is a chat message (not a "hello", a "joined" line, nor a "who"). */
+const isChatMessage = (pub) => !(pub.data && typeof pub.data === 'object' && (pub.data.type === 'hello' || pub.data.type === 'who'));
+
+/** Asks the members this page cannot name (their hello is out of the history read) to say hello. */
+function askNames(s) {
+  if (s !== sub) return;
+  const unnamed = [...present.keys()].filter((id) => id !== client.clientId && !nicks.has(id)).slice(0, 100);
+  if (unnamed.length > 0) s.publish({ type: 'who', nick, clients: unnamed }).catch(() => {});
+}
 
 /**
  * Shows the room's last HISTORY chat messages, with the "joined" lines
@@ -285,12 +314,12 @@ function enter(name) {
   s.on('subscribed', (ctx) => {
     if (s !== sub) return;
     presenceList.classList.remove('stale');
-    loadPresence(s);
-    s.publish({ type: 'hello', nick, quiet: ctx.wasRecovering }).catch(() => {});
+    const presenceLoaded = loadPresence(s);
+    s.publish(hello(ctx.wasRecovering)).catch(() => {});
     const epoch = ctx.streamPosition ? ctx.streamPosition.epoch : undefined;
     if (!ctx.wasRecovering) {
       shownEpoch = epoch;
-      loadHistory(s);
+      Promise.all([presenceLoaded, loadHistory(s)]).then(() => askNames(s));
       return;
     }
     if (ctx.recovered) {
@@ -317,7 +346,11 @@ function enter(name) {
   });
   s.on('publication', (pub) => {
     if (s !== sub) return;
-    if (recovering && !(pub.data && pub.data.type === 'hello')) recovering.count++;
+    if (recovering && isChatMessage(pub)) recovering.count++;
+    const data = pub.data;
+    if (data && data.type === 'who' && Array.isArray(data.clients) && data.clients.includes(client.clientId)) {
+      s.publish(hello(true)).catch(() => {});
+    }
     show(pub);
   });
   s.on('join', ({ info }) => {
@@ -330,12 +363,15 @@ function enter(name) {
     present.delete(info.client);
     renderPresence();
     const who = nicks.get(info.client);
-    // A reconnecting client leaves and joins again: say "left" only if
-    // nobody of that name is back a moment later.
+    const tab = tabs.get(info.client);
+    // A reconnecting (or reloaded) tab leaves and joins again under a new
+    // client id: say "left" only if that tab is not back a moment later.
+    // Another tab of the same name is someone else's presence entry (pages
+    // without tab ids: the name is all there is to go by).
     if (who) {
       setTimeout(() => {
         if (s !== sub) return;
-        const back = [...present.keys()].some((id) => nicks.get(id) === who);
+        const back = [...present.keys()].some((id) => (tab ? tabs.get(id) === tab : nicks.get(id) === who));
         if (!back) system(`${who} left`);
       }, 3000);
     }
