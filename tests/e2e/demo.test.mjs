@@ -74,7 +74,7 @@ async function send(page, text) {
   await page.press('#text', 'Enter');
 }
 
-describe('demo app in headless Chromium', { timeout: 180000 }, () => {
+describe('demo app in headless Chromium', { timeout: 360000 }, () => {
   let server;
   let browser;
   const pageErrors = [];
