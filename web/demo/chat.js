@@ -2,25 +2,49 @@
 // nicknames, a presence list, history on join, and the connection state.
 //
 // Nicknames travel in the messages: every message is {type, nick, ...}.
-// A client says {type: "hello"} when it enters a room, so the others can
-// put a name on its presence entry (anonymous clients have no user info).
+// A client says {type: "hello", nick, tab} when it enters a room, so the
+// others can put a name on its presence entry (anonymous clients have no
+// user info). A newcomer who finds entries it cannot name (their hello is
+// out of the history it read) asks {type: "who", clients: [ids]}, and those
+// clients say hello again, quietly. `tab` names the browser tab across its
+// reconnects and reloads, which is how a leave tells from a reconnect.
 import { Client } from '../client/tidewire.js';
 
 const ROOMS = ['lobby', 'random', 'help'];
 const HISTORY = 50;
 /**
+
  * Above this many members "Here now" shows how many, not who (the
  * server's default `join_leave_max_members`: past it, its presence diffs
  * carry counts only). Nor does a newcomer say hello to a room that big:
  * that alone would be one message to each member per newcomer.
  */
 const LIST_MAX = 100;
+/**
+ * The largest WebSocket message the server reads: its default
+ * `client.max_message_size` (docs/configuration.md). A bigger publish
+ * would close the connection (1009), so the page refuses it before sending.
+ */
+const MAX_MESSAGE_BYTES = 64 * 1024;
+/** The widest command id the client may put on a publish (it counts up). */
+const WIDEST_COMMAND_ID = Number.MAX_SAFE_INTEGER;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const wsUrl = params.get('server') || new URL('connection/websocket', location.href).href.replace(/^http/, 'ws');
 
 // ---------------------------------------------------------------- nickname
+/** This browser tab: kept across reloads and reconnects (sessionStorage is per tab). */
+const TAB = (() => {
+  let tab = sessionStorage.getItem('tidewire-demo-tab');
+  if (!tab) {
+    tab = Math.random().toString(36).slice(2, 10);
+    sessionStorage.setItem('tidewire-demo-tab', tab);
+  }
+  return tab;
+})();
+/** The message that puts this tab's name on its presence entry. */
+const hello = (quiet) => ({ type: 'hello', nick, tab: TAB, quiet });
 const nickInput = $('nick');
 let nick = params.get('nick') || localStorage.getItem('tidewire-demo-nick') || `guest-${Math.random().toString(36).slice(2, 6)}`;
 nickInput.value = nick;
@@ -32,7 +56,7 @@ nickInput.addEventListener('change', () => {
   }
   nick = value;
   localStorage.setItem('tidewire-demo-nick', nick);
-  if (sub && sub.state === 'subscribed') sub.publish({ type: 'hello', nick, quiet: true }).catch(() => {});
+  if (sub && sub.state === 'subscribed') sub.publish(hello(true)).catch(() => {});
 });
 
 // ------------------------------------------------------ connection state
@@ -98,8 +122,36 @@ addEventListener('hashchange', () => enter(roomFromHash()));
 const list = $('messages');
 /** Offsets shown, so that history and live messages never show twice. */
 let shown = new Set();
+/** The stream (epoch) those offsets belong to: a restarted server starts a new one. */
+let shownEpoch;
+
+/**
+ * The server lost the room's stream (it restarted): the lines on screen
+ * stay, marked as earlier ones, below them a divider; their offsets are of
+ * the old stream, so they leave the offset order and the dedup set.
+ */
+function markEarlierStream() {
+  for (const li of list.children) {
+    if (li.classList.contains('earlier') || li.classList.contains('divider')) continue;
+    li.classList.add('earlier');
+    if (li.dataset.offset !== undefined) {
+      li.dataset.earlierOffset = li.dataset.offset;
+      delete li.dataset.offset;
+    }
+  }
+  if (list.children.length > 0) {
+    const divider = document.createElement('li');
+    divider.className = 'divider';
+    divider.setAttribute('role', 'separator');
+    divider.append(span('text', 'server restarted — earlier messages above'));
+    list.append(divider);
+  }
+  shown = new Set();
+}
 /** client id → nickname, learned from messages. */
 const nicks = new Map();
+/** client id → browser tab, learned from hello messages. */
+const tabs = new Map();
 
 function time(ts) {
   const d = ts ? new Date(ts) : new Date();
@@ -150,14 +202,18 @@ function show(pub) {
     nicks.set(pub.info.client, who);
     renderPresence();
   }
+  if (data.type === 'who') return; // asks for names: no line
   if (data.type === 'hello') {
+    if (pub.info && typeof data.tab === 'string') tabs.set(pub.info.client, data.tab);
     if (!data.quiet) line('sys', [span('text', `${who} joined`)], pub.offset);
     return;
   }
   const mine = pub.info && pub.info.client === client.clientId;
   const time_ = document.createElement('time');
   time_.textContent = time(data.ts);
-  line(mine ? 'msg mine' : 'msg', [span('nick', who), span('text', String(data.text ?? '')), time_], pub.offset);
+  const whoSpan = span('nick', who);
+  whoSpan.title = who;
+  line(mine ? 'msg mine' : 'msg', [whoSpan, span('text', String(data.text ?? '')), time_], pub.offset);
 }
 
 // -------------------------------------------------------------- presence
@@ -179,11 +235,16 @@ function renderPresence() {
   const items = [...present.keys()].map((id) => {
     const li = document.createElement('li');
     li.dataset.client = id;
-    li.textContent = id === client.clientId ? nick : nicks.get(id) || 'guest';
-    if (id === client.clientId) li.classList.add('me');
+    const name = id === client.clientId ? nick : nicks.get(id) || 'guest';
+    li.title = name;
+    li.append(span('name', name));
+    if (id === client.clientId) {
+      li.classList.add('me');
+      li.append(span('you', ' (you)'));
+    }
     return li;
   });
-  items.sort((a, b) => a.textContent.localeCompare(b.textContent));
+  items.sort((a, b) => a.querySelector('.name').textContent.localeCompare(b.querySelector('.name').textContent));
   presenceList.replaceChildren(...items);
   $('count').textContent = String(present.size);
 }
@@ -192,11 +253,46 @@ function renderPresence() {
 let room = null;
 let sub = null;
 
+/** Whether a publication is a chat message (not a "hello", a "joined" line, nor a "who"). */
+const isChatMessage = (pub) => !(pub.data && typeof pub.data === 'object' && (pub.data.type === 'hello' || pub.data.type === 'who'));
+
+/** Asks the members this page cannot name (their hello is out of the history read) to say hello. */
+function askNames(s) {
+  if (s !== sub) return;
+  const unnamed = [...present.keys()].filter((id) => id !== client.clientId && !nicks.has(id)).slice(0, 100);
+  if (unnamed.length > 0) s.publish({ type: 'who', nick, clients: unnamed }).catch(() => {});
+}
+
+/**
+ * Shows the room's last HISTORY chat messages, with the "joined" lines
+ * among them: pages back through the history (newest first) until it has
+ * HISTORY chat messages or the history ends, so that "joined" lines (the
+ * newcomer's own included) do not take their places.
+ */
 async function loadHistory(s) {
+  const PAGE = 100;
+  const MAX_PAGES = 10; // what a room with many comings and goings needs, bounded
   try {
-    const h = await s.history({ limit: HISTORY, reverse: true });
-    if (s !== sub) return;
-    for (const pub of h.publications.reverse()) show(pub);
+    const newestFirst = [];
+    let chatMessages = 0;
+    let since;
+    for (let page = 0; page < MAX_PAGES && chatMessages < HISTORY; page++) {
+      const h = await s.history(since ? { limit: PAGE, reverse: true, since } : { limit: PAGE, reverse: true });
+      if (s !== sub) return;
+      for (const pub of h.publications) {
+        if (isChatMessage(pub)) {
+          if (chatMessages === HISTORY) break;
+          chatMessages++;
+        }
+        newestFirst.push(pub);
+      }
+      const oldest = h.publications[h.publications.length - 1];
+      if (h.publications.length < PAGE || !oldest || oldest.offset === undefined) break;
+      since = { offset: oldest.offset, epoch: h.epoch };
+    }
+    // The "joined" lines older than the oldest message shown are left out.
+    while (newestFirst.length > 0 && !isChatMessage(newestFirst[newestFirst.length - 1]) && chatMessages === HISTORY) newestFirst.pop();
+    for (const pub of newestFirst.reverse()) show(pub);
   } catch (e) {
     system(`Could not load the history: ${e.message}`);
   }
@@ -210,7 +306,7 @@ async function loadPresence(s) {
     const wasBig = bigRoom;
     bigRoom = stats.clients > LIST_MAX;
     // Small again: the others can put a name on this page's entry now.
-    if (wasBig && !bigRoom) s.publish({ type: 'hello', nick, quiet: true }).catch(() => {});
+    if (wasBig && !bigRoom) s.publish(hello(true)).catch(() => {});
     bigCount = stats.clients;
     if (!bigRoom) {
       const p = await s.presence();
@@ -243,6 +339,7 @@ function enter(name) {
   document.title = `#${name} · tidewire demo chat`;
   list.replaceChildren();
   shown = new Set();
+  shownEpoch = undefined;
   present = new Map();
   bigRoom = false;
   renderPresence();
@@ -257,11 +354,14 @@ function enter(name) {
   s.on('subscribed', (ctx) => {
     if (s !== sub) return;
     presenceList.classList.remove('stale');
-    loadPresence(s).then(() => {
-      if (s === sub && !bigRoom) s.publish({ type: 'hello', nick, quiet: ctx.wasRecovering }).catch(() => {});
+    const presenceLoaded = loadPresence(s);
+    presenceLoaded.then(() => {
+      if (s === sub && !bigRoom) s.publish(hello(ctx.wasRecovering)).catch(() => {});
     });
+    const epoch = ctx.streamPosition ? ctx.streamPosition.epoch : undefined;
     if (!ctx.wasRecovering) {
-      loadHistory(s);
+      shownEpoch = epoch;
+      Promise.all([presenceLoaded, loadHistory(s)]).then(() => askNames(s));
       return;
     }
     if (ctx.recovered) {
@@ -272,17 +372,27 @@ function enter(name) {
         recovering = null;
         say(n === 0 ? 'Reconnected: nothing was missed.' : `Reconnected: ${n} missed message${n === 1 ? '' : 's'} recovered.`, 'ok');
       });
+    } else if (epoch !== undefined && epoch === shownEpoch) {
+      // The same stream, but part of what was missed fell out of its
+      // history: what is on screen stays, the history fills in after it
+      // (offsets keep out what is shown already).
+      system('Too much was missed to recover it all: the latest messages follow.');
+      say('Reconnected: some missed messages are no longer in the server\'s history.', 'warn');
+      loadHistory(s);
     } else {
-      list.replaceChildren();
-      shown = new Set();
-      system('The server restarted (or too much was missed): earlier messages are gone from its history.');
-      say('Reconnected after a server restart: missed messages could not be recovered; history reloaded.', 'warn');
+      markEarlierStream();
+      shownEpoch = epoch;
+      say('Reconnected after a server restart: missed messages could not be recovered; earlier messages are kept above the line.', 'warn');
       loadHistory(s);
     }
   });
   s.on('publication', (pub) => {
     if (s !== sub) return;
-    if (recovering && !(pub.data && pub.data.type === 'hello')) recovering.count++;
+    if (recovering && isChatMessage(pub)) recovering.count++;
+    const data = pub.data;
+    if (data && data.type === 'who' && Array.isArray(data.clients) && data.clients.includes(client.clientId)) {
+      s.publish(hello(true)).catch(() => {});
+    }
     show(pub);
   });
   s.on('join', ({ info }) => {
@@ -295,12 +405,15 @@ function enter(name) {
     present.delete(info.client);
     renderPresence();
     const who = nicks.get(info.client);
-    // A reconnecting client leaves and joins again: say "left" only if
-    // nobody of that name is back a moment later.
+    const tab = tabs.get(info.client);
+    // A reconnecting (or reloaded) tab leaves and joins again under a new
+    // client id: say "left" only if that tab is not back a moment later.
+    // Another tab of the same name is someone else's presence entry (pages
+    // without tab ids: the name is all there is to go by).
     if (who) {
       setTimeout(() => {
         if (s !== sub) return;
-        const back = [...present.keys()].some((id) => nicks.get(id) === who);
+        const back = [...present.keys()].some((id) => (tab ? tabs.get(id) === tab : nicks.get(id) === who));
         if (!back) system(`${who} left`);
       }, 3000);
     }
@@ -323,14 +436,57 @@ function enter(name) {
 }
 
 // ---------------------------------------------------------------- sending
+const textInput = $('text');
+const sendButton = $('send');
+const sizeNote = $('text-size');
+const utf8 = new TextEncoder();
+const formatBytes = (n) => n.toLocaleString('en-US');
+
+/** The chat message a text is sent as. */
+function chatMessage(text) {
+  return { type: 'msg', nick, text, ts: Date.now() };
+}
+
+/** Bytes of the publish command that would carry `data`: what the server's limit counts. */
+function publishBytes(data) {
+  const command = { id: WIDEST_COMMAND_ID, publish: { channel: `chat:${room}`, data } };
+  return utf8.encode(JSON.stringify(command)).length;
+}
+
+/** Says how close the text is to the server's limit; false when over it. */
+function checkSize() {
+  const bytes = publishBytes(chatMessage(textInput.value.trim()));
+  const over = bytes > MAX_MESSAGE_BYTES;
+  sizeNote.dataset.bytes = bytes;
+  sizeNote.dataset.limit = MAX_MESSAGE_BYTES;
+  if (over) {
+    sizeNote.dataset.kind = 'error';
+    sizeNote.textContent = `Too long to send: ${formatBytes(bytes)} bytes with the message envelope; the server accepts at most ${formatBytes(MAX_MESSAGE_BYTES)}.`;
+  } else if (bytes > MAX_MESSAGE_BYTES * 0.9) {
+    sizeNote.dataset.kind = 'warn';
+    sizeNote.textContent = `${formatBytes(MAX_MESSAGE_BYTES - bytes)} bytes left of the server's ${formatBytes(MAX_MESSAGE_BYTES)}.`;
+  } else {
+    delete sizeNote.dataset.kind;
+    sizeNote.textContent = '';
+  }
+  sendButton.disabled = over;
+  if (over) textInput.setAttribute('aria-invalid', 'true');
+  else textInput.removeAttribute('aria-invalid');
+  return !over;
+}
+textInput.addEventListener('input', checkSize);
+nickInput.addEventListener('change', checkSize);
+addEventListener('hashchange', checkSize);
+
 $('send-form').addEventListener('submit', async (e) => {
   e.preventDefault();
-  const input = $('text');
+  const input = textInput;
   const text = input.value.trim();
-  if (!text || !sub) return;
+  if (!text || !sub || !checkSize()) return;
   input.value = '';
+  checkSize();
   try {
-    await sub.publish({ type: 'msg', nick, text, ts: Date.now() });
+    await sub.publish(chatMessage(text));
   } catch (err) {
     system(`Not sent (${err.message}): "${text}"`);
   }

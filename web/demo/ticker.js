@@ -43,8 +43,11 @@ function render(data) {
     const change = row.cells[2];
     if (Number.isFinite(before)) {
       const d = price - before;
-      change.textContent = `${d >= 0 ? '▲' : '▼'} ${Math.abs(d).toFixed(2)}`;
-      change.className = `change ${d >= 0 ? 'up' : 'down'}`;
+      const shown = Math.abs(d).toFixed(2);
+      // Unchanged as far as two decimals show: neutral, no arrow.
+      const direction = Number(shown) === 0 ? 'same' : d > 0 ? 'up' : 'down';
+      change.textContent = direction === 'same' ? shown : `${direction === 'up' ? '▲' : '▼'} ${shown}`;
+      change.className = `change ${direction}`;
     }
     row.classList.remove('flash');
     void row.offsetWidth; // restart the animation
