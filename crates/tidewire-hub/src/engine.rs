@@ -181,18 +181,16 @@ pub trait Engine: Send + Sync + 'static {
     fn set_events(&self, events: Weak<dyn EngineEvents>);
 
     /// This node has its first subscriber to `channel` (a broker engine
-    /// subscribes to the channel's topic).
+    /// subscribes to the channel's topic). The node calls it before it
+    /// reads the channel's history for that subscriber.
     ///
-    /// The calls for one channel can overlap: when its last subscriber
-    /// leaves while another client subscribes, the new `subscribe` may
-    /// arrive before the old `unsubscribe`. An engine therefore counts
-    /// them and stays subscribed while subscribes outnumber unsubscribes;
-    /// acting on the order of arrival would leave a node with subscribers
-    /// unsubscribed from the channel.
+    /// The node serialises the calls for one channel: `subscribe` only
+    /// when the engine is not subscribed for it, `unsubscribe` only when
+    /// it is, never two at a time; an engine need not count them.
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// This node has no subscriber left in `channel` (see
-    /// [`subscribe`](Engine::subscribe) for the counting).
+    /// [`subscribe`](Engine::subscribe) for the order of the calls).
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// Publishes: assigns the next offset when the channel keeps history,
