@@ -1,0 +1,375 @@
+//! [`MemoryEngine`]: the in-memory, single-node engine (the embedded
+//! default).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use tokio::time::Instant;
+
+use super::{
+    BoxFuture, Engine, EngineError, EngineEvents, EngineStats, HistoryOptions, HistoryQuery,
+    HistoryResult, PresenceStats, StreamPosition,
+};
+use crate::protocol::{ClientInfo, Publication};
+use crate::shards::{lock, Shards};
+
+/// A new random epoch.
+fn new_epoch() -> Arc<str> {
+    format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff).into()
+}
+
+struct Stream {
+    epoch: Arc<str>,
+    /// Offset of the newest publication.
+    top: u64,
+    /// Publications with their expiry, oldest first.
+    entries: VecDeque<(Instant, Arc<Publication>)>,
+    options: HistoryOptions,
+    /// When the stream may be forgotten (if no node is subscribed).
+    expires: Instant,
+}
+
+impl Stream {
+    fn new(options: HistoryOptions, now: Instant) -> Stream {
+        Stream {
+            epoch: new_epoch(),
+            top: 0,
+            entries: VecDeque::new(),
+            options,
+            expires: now + options.ttl,
+        }
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self.entries.len() > self.options.size {
+            self.entries.pop_front();
+        }
+        while self.entries.front().is_some_and(|(exp, _)| *exp <= now) {
+            self.entries.pop_front();
+        }
+    }
+
+    fn position(&self) -> StreamPosition {
+        StreamPosition {
+            offset: self.top,
+            epoch: self.epoch.clone(),
+        }
+    }
+}
+
+/// The in-memory, single-node engine (the embedded default).
+///
+/// Per channel stream one mutex, held while a publication is assigned its
+/// offset, stored and handed to the node: publications of a channel are
+/// delivered one at a time in offset order, and other channels never wait.
+#[derive(Default)]
+pub struct MemoryEngine {
+    events: OnceLock<Weak<dyn EngineEvents>>,
+    streams: Shards<String, Arc<Mutex<Stream>>>,
+    presence: Shards<String, HashMap<String, Arc<ClientInfo>>>,
+    /// Per channel: subscribes less unsubscribes (see `Engine::subscribe`).
+    subscribed: Shards<String, usize>,
+}
+
+impl MemoryEngine {
+    /// A new, empty engine.
+    pub fn new() -> MemoryEngine {
+        MemoryEngine::default()
+    }
+
+    fn events(&self) -> Option<Arc<dyn EngineEvents>> {
+        self.events.get().and_then(Weak::upgrade)
+    }
+
+    /// The stream of `channel`, started if there is none.
+    fn stream(&self, channel: &str, options: HistoryOptions) -> Arc<Mutex<Stream>> {
+        let now = Instant::now();
+        self.streams
+            .lock(channel)
+            .entry(channel.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(options, now))))
+            .clone()
+    }
+
+    fn publish_now(
+        &self,
+        channel: &str,
+        mut publication: Publication,
+        options: HistoryOptions,
+    ) -> Option<StreamPosition> {
+        let events = self.events();
+        if !options.enabled() {
+            publication.offset = 0;
+            if let Some(events) = events {
+                events.publication(channel, &Arc::new(publication));
+            }
+            return None;
+        }
+        let stream = self.stream(channel, options);
+        let mut stream = lock(&stream);
+        let now = Instant::now();
+        stream.options = options;
+        stream.top += 1;
+        publication.offset = stream.top;
+        let publication = Arc::new(publication);
+        stream
+            .entries
+            .push_back((now + options.ttl, publication.clone()));
+        stream.trim(now);
+        stream.expires = now + options.ttl;
+        // Delivered under the stream's lock: the next publication of this
+        // channel waits, so every subscriber sees offset order.
+        if let Some(events) = events {
+            events.publication(channel, &publication);
+        }
+        Some(stream.position())
+    }
+
+    fn history_now(&self, channel: &str, query: &HistoryQuery) -> HistoryResult {
+        // Without history, or without a stream that the query does not
+        // start: no publications, and the position {0, ""}.
+        let stream = if !query.options.enabled() {
+            None
+        } else if query.start_stream {
+            Some(self.stream(channel, query.options))
+        } else {
+            self.streams.lock(channel).get(channel).cloned()
+        };
+        let Some(stream) = stream else {
+            return HistoryResult {
+                publications: Vec::new(),
+                position: StreamPosition {
+                    offset: 0,
+                    epoch: "".into(),
+                },
+            };
+        };
+        let mut stream = lock(&stream);
+        let now = Instant::now();
+        stream.options = query.options;
+        if query.start_stream {
+            // The reader subscribes next: a stream past its expiry but not
+            // yet dropped must not go before, or the epoch just answered
+            // would not be the one of the next publications.
+            stream.expires = stream.expires.max(now + query.options.ttl);
+        }
+        stream.trim(now);
+        let entries = stream.entries.iter().map(|(_, p)| p);
+        let publications = if query.reverse {
+            let before = query.since.unwrap_or(u64::MAX);
+            entries
+                .rev()
+                .filter(|p| p.offset < before)
+                .take(query.limit)
+                .cloned()
+                .collect()
+        } else {
+            let after = query.since.unwrap_or(0);
+            entries
+                .filter(|p| p.offset > after)
+                .take(query.limit)
+                .cloned()
+                .collect()
+        };
+        HistoryResult {
+            publications,
+            position: stream.position(),
+        }
+    }
+}
+
+impl Engine for MemoryEngine {
+    fn set_events(&self, events: Weak<dyn EngineEvents>) {
+        let _ = self.events.set(events);
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        *self
+            .subscribed
+            .lock(channel)
+            .entry(channel.to_owned())
+            .or_default() += 1;
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        {
+            let mut subscribed = self.subscribed.lock(channel);
+            if let Some(count) = subscribed.get_mut(channel) {
+                *count -= 1;
+                if *count == 0 {
+                    subscribed.remove(channel);
+                }
+            }
+        }
+        if let Some(stream) = self.streams.lock(channel).get(channel) {
+            // The stream's TTL counts from the last subscriber leaving too.
+            let mut stream = lock(stream);
+            stream.expires = stream.expires.max(Instant::now() + stream.options.ttl);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        publication: Publication,
+        options: HistoryOptions,
+    ) -> BoxFuture<'a, Result<Option<StreamPosition>, EngineError>> {
+        let position = self.publish_now(channel, publication, options);
+        Box::pin(async move { Ok(position) })
+    }
+
+    fn publish_join<'a>(
+        &'a self,
+        channel: &'a str,
+        info: Arc<ClientInfo>,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        if let Some(events) = self.events() {
+            events.join(channel, &info);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn publish_leave<'a>(
+        &'a self,
+        channel: &'a str,
+        info: Arc<ClientInfo>,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        if let Some(events) = self.events() {
+            events.leave(channel, &info);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        query: HistoryQuery,
+    ) -> BoxFuture<'a, Result<HistoryResult, EngineError>> {
+        let result = self.history_now(channel, &query);
+        Box::pin(async move { Ok(result) })
+    }
+
+    fn add_presence<'a>(
+        &'a self,
+        channel: &'a str,
+        info: Arc<ClientInfo>,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        self.presence
+            .lock(channel)
+            .entry(channel.to_owned())
+            .or_default()
+            .insert(info.client.clone(), info);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn remove_presence<'a>(
+        &'a self,
+        channel: &'a str,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        let mut shard = self.presence.lock(channel);
+        if let Some(clients) = shard.get_mut(channel) {
+            clients.remove(client);
+            if clients.is_empty() {
+                shard.remove(channel);
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Arc<ClientInfo>>, EngineError>> {
+        let mut clients: Vec<Arc<ClientInfo>> = self
+            .presence
+            .lock(channel)
+            .get(channel)
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
+        clients.sort_by(|a, b| a.client.cmp(&b.client));
+        Box::pin(async move { Ok(clients) })
+    }
+
+    fn presence_stats<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<PresenceStats, EngineError>> {
+        let stats = match self.presence.lock(channel).get(channel) {
+            None => PresenceStats::default(),
+            Some(clients) => {
+                let users: std::collections::HashSet<&str> =
+                    clients.values().map(|c| c.user.as_str()).collect();
+                PresenceStats {
+                    clients: clients.len(),
+                    users: users.len(),
+                }
+            }
+        };
+        Box::pin(async move { Ok(stats) })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn maintain(&self) {
+        let now = Instant::now();
+        for mut shard in self.streams.each() {
+            shard.retain(|channel, stream| {
+                // Held elsewhere: in use right now, keep it.
+                if Arc::strong_count(stream) > 1 {
+                    return true;
+                }
+                let mut s = lock(stream);
+                s.trim(now);
+                s.expires > now
+                    || !s.entries.is_empty()
+                    || self.subscribed.lock(channel.as_str()).contains_key(channel)
+            });
+        }
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            streams: self.streams.len(),
+            publications: self
+                .streams
+                .each()
+                .map(|s| s.values().map(|st| lock(st).entries.len()).sum::<usize>())
+                .sum(),
+            presence_channels: self.presence.len(),
+            subscribed_channels: self.subscribed.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::MemoryEngine;
+    use crate::engine::conformance::Harness;
+    use crate::engine::{BoxFuture, Engine};
+
+    /// The memory engine on tokio's paused clock.
+    struct Memory;
+
+    impl Harness for Memory {
+        fn engine(&self) -> Arc<dyn Engine> {
+            Arc::new(MemoryEngine::new())
+        }
+
+        fn pass<'a>(&'a self, engine: &'a dyn Engine, secs: u64) -> BoxFuture<'a, ()> {
+            Box::pin(async move {
+                tokio::time::advance(Duration::from_secs(secs)).await;
+                engine.maintain();
+            })
+        }
+    }
+
+    conformance_suite!(Memory);
+}
