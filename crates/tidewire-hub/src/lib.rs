@@ -40,4 +40,4 @@ pub mod ws;
 
 pub use config::Config;
 pub use engine::{Engine, MemoryEngine};
-pub use node::{Hub, HubCounts, HubError, Unhealthy};
+pub use node::{Hub, HubCounts, HubError, ResumeError, Unhealthy};

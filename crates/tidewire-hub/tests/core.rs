@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 mod common;
 
@@ -12,7 +13,7 @@ use common::engine::TestEngine;
 use serde_json::{json, Value};
 use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session};
 use tidewire_hub::protocol::{Disconnect, DisconnectCode, Frame, HistoryRequest};
-use tidewire_hub::{Config, Hub, MemoryEngine};
+use tidewire_hub::{Config, Hub, MemoryEngine, ResumeError};
 
 /// An in-memory transport: frames queue up to `capacity`, like a
 /// front's send queue; past it a publication is dropped and anything
@@ -92,10 +93,14 @@ impl Conn {
     fn open(hub: &Hub, capacity: usize) -> Conn {
         let sink = MemorySink::new(capacity);
         let session = hub.open(sink.clone());
+        Conn::over(session, sink)
+    }
+
+    fn over(session: Session, sink: Arc<MemorySink>) -> Conn {
         Conn {
             session,
             sink,
-            next_id: 1,
+            next_id: 1_000,
         }
     }
 
@@ -407,4 +412,163 @@ async fn a_last_leave_racing_a_first_join_leaves_the_engine_subscribed() {
     a.ok("subscribe", json!({"channel": "race"})).await;
     a.ok("publish", json!({"channel": "race", "data": 1})).await;
     assert_eq!(b.publications().len(), 1);
+}
+
+/// A resumable session over the in-memory transport, connected and
+/// subscribed to `channel`.
+async fn resumable(hub: &Hub, channel: &str) -> (Conn, String) {
+    let sink = MemorySink::new(1024);
+    let mut conn = Conn::over(hub.open_resumable(sink.clone()), sink);
+    let id = conn.ok("connect", json!({})).await["client"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    conn.ok("subscribe", json!({"channel": channel})).await;
+    conn.sink.take();
+    (conn, id)
+}
+
+fn diffs(conn: &Conn) -> Vec<Value> {
+    conn.pushes()
+        .into_iter()
+        .filter_map(|p| p.get("presence_diff").cloned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_detached_session_stays_subscribed_and_gets_what_was_published_meanwhile() {
+    let hub = hub();
+    let (mut watcher, _) = Conn::connected(&hub).await;
+    watcher.ok("subscribe", json!({"channel": "room"})).await;
+    let (conn, id) = resumable(&hub, "room").await;
+    let key = conn
+        .session
+        .detach(Duration::from_secs(30))
+        .expect("resumable");
+    assert!(key.starts_with(&id), "{key}");
+    assert_eq!(hub.counts().detached_sessions, 1);
+    for n in 1..=3 {
+        watcher
+            .ok("publish", json!({"channel": "room", "data": n}))
+            .await;
+    }
+    // Still present: nobody was told it left.
+    assert_eq!(
+        watcher
+            .ok("presence_stats", json!({"channel": "room"}))
+            .await["clients"],
+        2
+    );
+    // The next transport: what waited comes first, in order.
+    let sink = MemorySink::new(1024);
+    let session = hub.resume(&key, sink.clone()).expect("resumed");
+    assert_eq!(session.client_id(), id);
+    let mut back = Conn::over(session, sink);
+    let offsets: Vec<u64> = back
+        .publications()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [1, 2, 3]);
+    assert_eq!(back.ok("ping", json!({})).await, json!({}));
+    watcher
+        .ok("publish", json!({"channel": "room", "data": 4}))
+        .await;
+    assert_eq!(back.publications().len(), 1, "live again");
+    assert_eq!(hub.counts().detached_sessions, 0);
+    assert_eq!(
+        hub.resume(&key, MemorySink::new(8)).unwrap_err(),
+        ResumeError::Unknown,
+        "a key resumes once"
+    );
+    assert!(
+        !diffs(&watcher).iter().any(|d| names(d, "leaves", &id)),
+        "no leave while detached"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detached_session_not_resumed_in_time_ends_like_a_closed_connection() {
+    let hub = hub();
+    let (mut watcher, _) = Conn::connected(&hub).await;
+    watcher.ok("subscribe", json!({"channel": "room"})).await;
+    let (conn, id) = resumable(&hub, "room").await;
+    let key = conn.session.detach(Duration::from_secs(2)).unwrap();
+    // The node's maintenance reaps it once the deadline passed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hub.counts().detached_sessions, 0);
+    watcher
+        .wait_diff("its leave", |d| names(d, "leaves", &id))
+        .await;
+    assert_eq!(
+        watcher
+            .ok("presence_stats", json!({"channel": "room"}))
+            .await["clients"],
+        1
+    );
+    let err = hub.resume(&key, MemorySink::new(8)).unwrap_err();
+    assert!(
+        matches!(err, ResumeError::Expired | ResumeError::Unknown),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_detached_sessions_buffer_is_bounded_like_a_send_queue() {
+    let mut config = Config::default();
+    config.client.queue_messages = 3;
+    config.channels.join_leave = false;
+    let hub = Hub::new(config, Arc::new(MemoryEngine::new())).unwrap();
+    let (mut publisher, _) = Conn::connected(&hub).await;
+    publisher.ok("subscribe", json!({"channel": "feed"})).await;
+    let (conn, id) = resumable(&hub, "feed").await;
+    let key = conn.session.detach(Duration::from_secs(30)).unwrap();
+    for n in 1..=5 {
+        publisher
+            .ok("publish", json!({"channel": "feed", "data": n}))
+            .await;
+    }
+    // Three waited; the other two were dropped (the client sees the gap in
+    // offsets and recovers from history).
+    let sink = MemorySink::new(1024);
+    let back = Conn::over(hub.resume(&key, sink.clone()).unwrap(), sink);
+    let offsets: Vec<u64> = back
+        .publications()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [1, 2, 3]);
+    assert!(hub.metrics_text().contains("tidewire_hub_dropped_total 2"));
+    // A control frame that does not fit ends the session.
+    let key = back.session.detach(Duration::from_secs(30)).unwrap();
+    for n in 6..=8 {
+        publisher
+            .ok("publish", json!({"channel": "feed", "data": n}))
+            .await;
+    }
+    let told = hub.disconnect_user(
+        "",
+        Some(&id),
+        &Disconnect::new(DisconnectCode::Server, "bye"),
+    );
+    assert_eq!(told, 1);
+    assert_eq!(
+        hub.resume(&key, MemorySink::new(8)).unwrap_err(),
+        ResumeError::Closed
+    );
+}
+
+#[tokio::test]
+async fn only_a_resumable_session_detaches() {
+    let hub = hub();
+    let (mut plain, _) = Conn::connected(&hub).await;
+    plain.ok("subscribe", json!({"channel": "room"})).await;
+    assert_eq!(plain.session.resume_key(), None);
+    assert_eq!(plain.session.detach(Duration::from_secs(30)), None);
+    // It ended: its subscription is cleaned up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while hub.counts().subscriptions > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not cleaned up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

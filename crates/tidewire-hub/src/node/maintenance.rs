@@ -21,6 +21,7 @@ pub(super) async fn maintenance(node: Weak<Node>) {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
         node.engine.maintain();
+        node.reap_detached();
         let now = Instant::now();
         let interval = node.config.client.ping_interval;
         let ping = !interval.is_zero() && now.duration_since(last_ping) >= interval;

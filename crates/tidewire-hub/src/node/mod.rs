@@ -45,6 +45,7 @@ mod front;
 mod maintenance;
 mod presence_diff;
 mod registry;
+mod resume;
 mod server_api;
 mod session;
 mod wakes;
@@ -52,6 +53,7 @@ mod wakes;
 use channels::Channel;
 pub use front::{ClientSink, FrameKind, SendOutcome};
 use registry::{Client, ClientState};
+pub use resume::ResumeError;
 pub use server_api::HistoryReply;
 pub use session::Session;
 
@@ -75,6 +77,8 @@ pub struct HubCounts {
     /// Channels this node has the engine subscribed to (one per channel
     /// with subscribers, once their subscribe calls are done).
     pub engine_subscriptions: usize,
+    /// Sessions waiting, without a transport, to be resumed.
+    pub detached_sessions: usize,
 }
 
 /// The hub: cheap to clone, shared by the fronts and the HTTP API.
@@ -108,6 +112,8 @@ pub struct Node {
     /// the lock that orders subscribe and unsubscribe calls (see
     /// `sync_engine_subscription`).
     engine_links: Shards<String, Arc<tokio::sync::Mutex<bool>>>,
+    /// Sessions without a transport, by resume key (see `resume`).
+    detached: Mutex<std::collections::HashMap<String, resume::Detached>>,
     shutting_down: AtomicBool,
     started: Instant,
     /// Subscribers with publications queued, waiting for their wake-up
@@ -184,6 +190,7 @@ impl Hub {
             users: Shards::default(),
             channels: Shards::default(),
             engine_links: Shards::default(),
+            detached: Mutex::default(),
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
             wakes: Mutex::default(),
@@ -243,6 +250,7 @@ impl Hub {
             node: self.node.clone(),
             client,
             closed: false,
+            resumable: None,
         }
     }
 
@@ -255,6 +263,7 @@ impl Hub {
             users: node.users.len(),
             channels: node.channels.len(),
             engine_subscriptions: node.engine_links.len(),
+            detached_sessions: lock(&node.detached).len(),
             history_streams: engine.streams,
             presence_channels: engine.presence_channels,
             ..HubCounts::default()

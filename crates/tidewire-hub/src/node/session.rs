@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::front::{FrameKind, SendOutcome};
 use super::registry::Client;
+use super::resume::ResumableSink;
 use super::{error, history_options, personal_users, unavailable, Hub, Node};
 use crate::auth::{claim_grants, now_unix};
 use crate::config::{ChannelOptions, PublishRule, SubscribeRule};
@@ -25,6 +26,8 @@ pub struct Session {
     pub(super) node: Arc<Node>,
     pub(super) client: Arc<Client>,
     pub(super) closed: bool,
+    /// For a session that can be detached: its sink and resume key.
+    pub(super) resumable: Option<(Arc<ResumableSink>, String)>,
 }
 
 impl std::fmt::Debug for Session {
