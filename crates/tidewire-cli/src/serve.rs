@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::{ArgMatches, Args, Command};
 use tidewire::tls::TlsAcceptor;
 use tidewire::{CancellationToken, SlowConsumer};
-use tidewire_hub::config::SlowConsumerPolicy;
+use tidewire_hub::config::SLOW_CONSUMER_CLOSE;
 use tidewire_hub::{Config, Hub, MemoryEngine};
 use tracing::info;
 
@@ -230,8 +230,9 @@ pub(crate) fn configuration(
     }
     if given("slow_consumer") {
         client.slow_consumer = match s.slow_consumer {
-            SlowConsumer::Drop => SlowConsumerPolicy::Drop,
-            SlowConsumer::Close(_) => SlowConsumerPolicy::Close,
+            SlowConsumer::Drop => SlowConsumer::Drop,
+            // The hub closes with 1013 (try again later): recover and go on.
+            SlowConsumer::Close(_) => SLOW_CONSUMER_CLOSE,
             SlowConsumer::Wait => anyhow::bail!(
                 "--slow-consumer wait is not available for serve: a fan-out cannot wait for \
                  one subscriber (use close or drop)"
@@ -329,7 +330,7 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:8080");
         // ServerArgs' own defaults (64 MiB messages, wait) stay out.
         assert_eq!(c.client.max_message_size, 64 * 1024);
-        assert_eq!(c.client.slow_consumer, SlowConsumerPolicy::Close);
+        assert_eq!(c.client.slow_consumer, SLOW_CONSUMER_CLOSE);
     }
 
     #[test]
@@ -348,7 +349,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:0");
         assert_eq!(c.client.max_message_size, 4096);
-        assert_eq!(c.client.slow_consumer, SlowConsumerPolicy::Drop);
+        assert_eq!(c.client.slow_consumer, SlowConsumer::Drop);
         assert_eq!(c.api.key.as_deref(), Some("k"));
         let c = config_for(&["serve", "--host", "0.0.0.0"]).unwrap();
         assert_eq!(c.listen, "0.0.0.0:8080");

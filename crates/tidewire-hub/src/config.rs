@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tidewire::CloseCode;
+pub use tidewire::SlowConsumer;
 
 /// Everything `tidewire serve` can be told (docs/configuration.md lists
 /// every key). It serializes to the keys of the TOML file, secrets
@@ -101,8 +103,15 @@ pub struct ClientSettings {
     /// Per-connection send queue: most bytes waiting.
     pub queue_bytes: usize,
     /// What happens to a client whose send queue is full when a
-    /// publication arrives.
-    pub slow_consumer: SlowConsumerPolicy,
+    /// publication arrives: `close` (1013, the client reconnects and
+    /// recovers from history) or `drop` (counted; the client sees a gap in
+    /// offsets). The server layer's `wait` is not offered: a fan-out to
+    /// thousands of subscribers cannot wait for one.
+    #[serde(
+        deserialize_with = "slow_consumer",
+        serialize_with = "serialize_slow_consumer"
+    )]
+    pub slow_consumer: SlowConsumer,
 }
 
 impl Default for ClientSettings {
@@ -119,36 +128,39 @@ impl Default for ClientSettings {
             max_history_limit: 1000,
             queue_messages: 1024,
             queue_bytes: 1 << 20,
-            slow_consumer: SlowConsumerPolicy::Close,
+            slow_consumer: SLOW_CONSUMER_CLOSE,
         }
     }
 }
 
-/// The slow-consumer policy of the hub. The server layer's `wait` is not
-/// offered: a fan-out to thousands of subscribers cannot wait for one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SlowConsumerPolicy {
-    /// Close the connection with 1013 (try again later): the client
-    /// reconnects and recovers what it missed from history. The default:
-    /// streams stay gap-free.
-    Close,
-    /// Drop the publication for that client (counted); the client sees a
-    /// gap in offsets and may resubscribe with recovery.
-    Drop,
+/// The hub's `close` slow-consumer policy: 1013, try again later.
+pub const SLOW_CONSUMER_CLOSE: SlowConsumer = SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER);
+
+/// A hub slow-consumer policy by name: `close` ([`SLOW_CONSUMER_CLOSE`])
+/// or `drop`.
+///
+/// # Errors
+/// Any other name, `wait` included (see [`ClientSettings::slow_consumer`]).
+pub fn parse_slow_consumer(name: &str) -> Result<SlowConsumer, String> {
+    match name {
+        "close" => Ok(SLOW_CONSUMER_CLOSE),
+        "drop" => Ok(SlowConsumer::Drop),
+        other => Err(format!(
+            "slow-consumer policy {other:?} is not available for the hub (close or drop)"
+        )),
+    }
 }
 
-impl std::str::FromStr for SlowConsumerPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "close" => Ok(SlowConsumerPolicy::Close),
-            "drop" => Ok(SlowConsumerPolicy::Drop),
-            other => Err(format!(
-                "slow-consumer policy {other:?} is not available for the hub (close or drop)"
-            )),
-        }
-    }
+fn slow_consumer<'de, D: Deserializer<'de>>(d: D) -> Result<SlowConsumer, D::Error> {
+    parse_slow_consumer(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn serialize_slow_consumer<S: Serializer>(policy: &SlowConsumer, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match policy {
+        SlowConsumer::Drop => "drop",
+        SlowConsumer::Wait => "wait",
+        SlowConsumer::Close(_) => "close",
+    })
 }
 
 /// JWT verification settings. Without any key, tokens are refused (and
@@ -748,6 +760,24 @@ mod tests {
             SubscribeRule::Token
         );
         assert!(!c.channel_options("lobby").unwrap().has_history());
+    }
+
+    #[test]
+    fn the_slow_consumer_policy_is_close_or_drop() {
+        let path = Path::new("tidewire.toml");
+        let read = |v: &str| {
+            Config::from_toml(&format!("[client]\nslow_consumer = {v:?}\n"), path)
+                .map(|c| c.client.slow_consumer)
+        };
+        assert_eq!(read("close").unwrap(), SLOW_CONSUMER_CLOSE);
+        assert_eq!(
+            SLOW_CONSUMER_CLOSE,
+            SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER)
+        );
+        assert_eq!(read("drop").unwrap(), SlowConsumer::Drop);
+        let wait = read("wait").unwrap_err().to_string();
+        assert!(wait.contains("not available for the hub"), "{wait}");
+        assert_eq!(Config::default().keys()["client.slow_consumer"], "close");
     }
 
     #[test]

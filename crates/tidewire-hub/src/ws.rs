@@ -19,18 +19,15 @@ use tidewire::{CloseCode, Message, SendError, Sender, WebSocket};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
-use crate::config::SlowConsumerPolicy;
 use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Session};
 use crate::protocol::Frame;
-
-/// The close code of a connection whose send queue overflowed.
-pub const SLOW_CONSUMER_CLOSE: CloseCode = CloseCode::TRY_AGAIN_LATER;
 
 struct WsSink {
     sender: Sender,
     hub: Hub,
-    /// The slow-consumer policy is `close`.
-    close_on_overflow: bool,
+    /// The close code of the slow-consumer policy `close`; `None` for
+    /// `drop` (a reply that overflows still closes, with 1013).
+    close_on_overflow: Option<CloseCode>,
     /// Closing (asked by the hub, or after an overflow).
     closing: AtomicBool,
     /// Publications were queued without a wake-up, and the hub's
@@ -43,7 +40,7 @@ impl WsSink {
         match sent {
             Ok(()) => SendOutcome::Queued,
             Err(SendError::Dropped | SendError::Full(_)) => {
-                if kind == FrameKind::Publication && !self.close_on_overflow {
+                if kind == FrameKind::Publication && self.close_on_overflow.is_none() {
                     SendOutcome::Dropped
                 } else {
                     self.overflow()
@@ -56,7 +53,8 @@ impl WsSink {
     fn overflow(&self) -> SendOutcome {
         if !self.closing.swap(true, Ordering::Relaxed) {
             self.hub.metrics().slow_consumers.inc();
-            let _ = self.sender.close(SLOW_CONSUMER_CLOSE, "send queue full");
+            let code = self.close_on_overflow.unwrap_or(CloseCode::TRY_AGAIN_LATER);
+            let _ = self.sender.close(code, "send queue full");
         }
         SendOutcome::Closed
     }
@@ -119,7 +117,10 @@ where
         let sink = Arc::new(WsSink {
             sender: ws.sender(),
             hub: hub.clone(),
-            close_on_overflow: hub.config().client.slow_consumer == SlowConsumerPolicy::Close,
+            close_on_overflow: match hub.config().client.slow_consumer {
+                tidewire::SlowConsumer::Close(code) => Some(code),
+                _ => None,
+            },
             closing: AtomicBool::new(false),
             wake_due: AtomicBool::new(false),
         });

@@ -11,7 +11,7 @@ use axum::routing::post;
 use common::engine::TestEngine;
 use common::*;
 use serde_json::{json, Value};
-use tidewire_hub::config::{ChannelOptions, SlowConsumerPolicy, UnknownNamespaces};
+use tidewire_hub::config::{ChannelOptions, SlowConsumer, UnknownNamespaces};
 use tidewire_hub::{Hub, MemoryEngine};
 
 #[tokio::test]
@@ -686,7 +686,7 @@ async fn a_slow_consumer_is_closed_with_1013_and_others_go_on() {
 async fn the_drop_policy_drops_publications_and_keeps_the_connection() {
     let mut cfg = config();
     cfg.client.queue_messages = 8;
-    cfg.client.slow_consumer = SlowConsumerPolicy::Drop;
+    cfg.client.slow_consumer = SlowConsumer::Drop;
     let server = start(cfg).await;
     let (mut slow, _) = Client::connect(&server, None).await;
     slow.ok("subscribe", json!({"channel": "firehose"})).await;
