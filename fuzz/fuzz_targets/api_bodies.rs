@@ -15,7 +15,7 @@
 mod error_text;
 
 use libfuzzer_sys::fuzz_target;
-use tidewire_hub::api::{parse_call, ApiCall, MAX_BROADCAST, MAX_DISCONNECT_REASON, METHODS};
+use tidewire_hub::http::api::{parse_call, ApiCall, MAX_BROADCAST, MAX_DISCONNECT_REASON, METHODS};
 use tidewire_hub::protocol::ErrorCode;
 
 /// `data` is passed on exactly as it was in the body (not re-encoded: a

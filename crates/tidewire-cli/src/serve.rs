@@ -292,7 +292,7 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
     // on, that SIGTERM shuts down gracefully).
     println!(
         "tidewire serve listening on {http}://{addr}/ (WebSocket: {ws}://{addr}{})",
-        tidewire_hub::server::WEBSOCKET_PATH
+        tidewire_hub::http::WEBSOCKET_PATH
     );
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -301,7 +301,7 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
         info!("shutdown requested");
         token.cancel();
     });
-    tidewire_hub::server::serve(hub, listener, &api_key, tls, shutdown).await?;
+    tidewire_hub::http::serve(hub, listener, &api_key, tls, shutdown).await?;
     info!("stopped");
     Ok(())
 }

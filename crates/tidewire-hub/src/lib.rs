@@ -16,14 +16,12 @@
 //! | [`auth`] | JWT connection and subscription tokens (HS256, RS256, ES256, JWKS) |
 //! | [`proxy`] | HTTP callbacks to the application on connect and publish |
 //! | [`ws`] | the WebSocket front: a session per connection |
-//! | [`api`] | the HTTP API handlers |
 //! | [`metrics`] | Prometheus metrics |
-//! | [`server`] | the axum router and the accept loop (limits, TLS, shutdown) |
+//! | [`http`] | the axum router, its handlers (`/health`, `/metrics`, the WebSocket upgrade), [`http::api`] the HTTP API, the embedded static files, and the accept loop (limits, TLS, shutdown) |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod api;
 pub mod auth;
 pub mod config;
 pub mod engine;
@@ -32,9 +30,9 @@ mod http_client;
 pub mod metrics;
 pub mod node;
 
+pub mod http;
 pub mod protocol;
 pub mod proxy;
-pub mod server;
 mod shards;
 pub mod ws;
 

@@ -385,7 +385,7 @@ async fn health_fails_with_the_engine_and_metrics_count_what_happens() {
         addr,
         hub: hub.clone(),
         shutdown: shutdown.clone(),
-        task: tokio::spawn(tidewire_hub::server::serve(
+        task: tokio::spawn(tidewire_hub::http::serve(
             hub, listener, API_KEY, None, shutdown,
         )),
     };
@@ -754,7 +754,7 @@ async fn wss_and_https_with_a_tls_acceptor() {
     let port = listener.local_addr().unwrap().port();
     let hub = Hub::new(config(), Arc::new(MemoryEngine::new())).unwrap();
     let shutdown = tidewire::CancellationToken::new();
-    let task = tokio::spawn(tidewire_hub::server::serve(
+    let task = tokio::spawn(tidewire_hub::http::serve(
         hub,
         listener,
         API_KEY,

@@ -47,7 +47,7 @@ pub async fn start(config: Config) -> TestServer {
     let addr = listener.local_addr().unwrap();
     let hub = Hub::new(config, Arc::new(MemoryEngine::new())).unwrap();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tidewire_hub::server::serve(
+    let task = tokio::spawn(tidewire_hub::http::serve(
         hub.clone(),
         listener,
         API_KEY,

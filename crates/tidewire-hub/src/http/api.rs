@@ -14,6 +14,7 @@ use http::{header, HeaderMap, StatusCode};
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use super::AppState;
 use crate::fields::{quoted, ListError, Object};
 use crate::metrics::MethodLabel;
 use crate::node::Hub;
@@ -21,7 +22,6 @@ use crate::protocol::{
     ChannelRequest, Disconnect, DisconnectCode, ErrorCode, ErrorReply, HistoryRequest,
     PublishRequest,
 };
-use crate::server::AppState;
 
 /// Most channels in one `broadcast`.
 pub const MAX_BROADCAST: usize = 1000;

@@ -1,7 +1,4 @@
-//! The HTTP server of the hub: the axum [`Router`] (`/connection/websocket`,
-//! `/api/*`, `/health`, `/metrics`, the demo app at `/` and the JavaScript
-//! client at `/client/tidewire.js`) and the accept loop around it:
-//! connection limits (503 overall, 429 per IP), TLS with one deadline for
+//! The accept loop around the hub's router: connection limits (503 overall, 429 per IP), TLS with one deadline for
 //! the TLS handshake and the request head, and graceful shutdown.
 //!
 //! Shutdown: every client gets a `disconnect` push (3001, reconnect) and
@@ -18,205 +15,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Extension, State};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::response::Response;
 use axum::Router;
-use http::{header, HeaderMap, Request, StatusCode};
+use http::{Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tidewire::axum::WebSocketUpgrade;
-use tidewire::{
-    CancellationToken, Config as WsProtocolConfig, DeflateConfig, IoOptions, OriginPolicy,
-    ServerConfig,
-};
+use tidewire::CancellationToken;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
+use super::router;
 use crate::config::Config;
 use crate::node::Hub;
-use crate::protocol::SUBPROTOCOL;
 use crate::shards::lock;
-
-/// The page that says what this server is and shows the raw protocol,
-/// served at `/about.html` (the demo chat is at `/`).
-const LANDING_PAGE: &str = include_str!("landing.html");
-
-const HTML: &str = "text/html; charset=utf-8";
-const JS: &str = "text/javascript; charset=utf-8";
-
-/// The files served as they are, embedded in the binary so that a
-/// `tidewire serve` in an empty folder serves them: the demo app
-/// (`web/demo`) and the JavaScript client (`clients/js`). Path, content
-/// type, body.
-const STATIC_FILES: &[(&str, &str, &str)] = &[
-    ("/", HTML, include_str!("../../../web/demo/index.html")),
-    (
-        "/ticker.html",
-        HTML,
-        include_str!("../../../web/demo/ticker.html"),
-    ),
-    ("/about.html", HTML, LANDING_PAGE),
-    (
-        "/demo/chat.js",
-        JS,
-        include_str!("../../../web/demo/chat.js"),
-    ),
-    (
-        "/demo/ticker.js",
-        JS,
-        include_str!("../../../web/demo/ticker.js"),
-    ),
-    (
-        "/demo/style.css",
-        "text/css; charset=utf-8",
-        include_str!("../../../web/demo/style.css"),
-    ),
-    (
-        "/client/tidewire.js",
-        JS,
-        include_str!("../../../clients/js/src/index.js"),
-    ),
-    (
-        "/client/tidewire.d.ts",
-        "text/plain; charset=utf-8",
-        include_str!("../../../clients/js/src/index.d.ts"),
-    ),
-];
-
-/// The path of the WebSocket endpoint.
-pub const WEBSOCKET_PATH: &str = "/connection/websocket";
-
-#[derive(Clone)]
-pub(crate) struct AppState {
-    pub(crate) hub: Hub,
-    pub(crate) api_key: Arc<str>,
-    ws_config: ServerConfig,
-    /// `ws_config.io`, shared by every connection rather than copied into each.
-    ws_io: Arc<IoOptions>,
-    origins: Option<OriginPolicy>,
-    shutdown: CancellationToken,
-}
-
-/// The router of a hub: mount it in an axum app, or run it with [`serve`].
-/// `api_key` guards `/api`; `shutdown` ends WebSocket sessions (1001).
-pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
-    let config = hub.config();
-    let settings = &config.server;
-    let ws_config = ServerConfig {
-        protocol: WsProtocolConfig {
-            max_message_size: config.client.max_message_size,
-            max_frame_size: config.client.max_message_size,
-            deflate: settings.deflate.then(|| DeflateConfig {
-                server_no_context_takeover: settings.deflate_no_context_takeover,
-                client_no_context_takeover: settings.deflate_no_context_takeover,
-                ..DeflateConfig::default()
-            }),
-            ..WsProtocolConfig::default()
-        },
-        io: IoOptions {
-            ping_interval: (!settings.ping_interval.is_zero()).then_some(settings.ping_interval),
-            pong_timeout: settings.pong_timeout,
-            idle_timeout: (!settings.idle_timeout.is_zero()).then_some(settings.idle_timeout),
-            send_queue: crate::ws::queue_limits(&config.client),
-            ..IoOptions::default()
-        },
-        handshake_timeout: settings.handshake_timeout,
-    };
-    let max_body_size = config.api.max_body_size;
-    let origins = (!settings.allowed_origins.is_empty())
-        .then(|| OriginPolicy::allow(settings.allowed_origins.clone()));
-    let state = AppState {
-        hub,
-        api_key: api_key.into(),
-        ws_io: Arc::new(ws_config.io.clone()),
-        ws_config,
-        origins,
-        shutdown,
-    };
-    let mut router = Router::new();
-    for &(path, content_type, body) in STATIC_FILES {
-        router = router.route(path, get(move || static_file(content_type, body)));
-    }
-    router
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route(WEBSOCKET_PATH, get(websocket))
-        .merge(crate::api::routes(max_body_size))
-        .with_state(state)
-}
-
-async fn static_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body,
-    )
-}
-
-async fn health(State(app): State<AppState>) -> Response {
-    if app.hub.is_shutting_down() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
-    }
-    match app.hub.health().await {
-        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {e}\n")).into_response(),
-    }
-}
-
-async fn metrics(State(app): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        app.hub.metrics_text(),
-    )
-        .into_response()
-}
-
-async fn websocket(
-    State(app): State<AppState>,
-    slot: Option<Extension<ConnectionSlot>>,
-    headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Response {
-    if let Some(origins) = &app.origins {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if !origins.permits(origin) {
-            let text = format!("origin {} is not allowed\n", origin.unwrap_or("(none)"));
-            return (StatusCode::FORBIDDEN, text).into_response();
-        }
-    }
-    if app.hub.is_shutting_down() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
-    }
-    let hub = app.hub.clone();
-    // The server's token itself, not a child: a child is a tree node of its
-    // own per connection, and no connection is cancelled on its own.
-    let shutdown = app.shutdown.clone();
-    let (response, upgrading) = upgrade
-        .protocols([SUBPROTOCOL])
-        .config(app.ws_config.clone())
-        .shared_io_options(app.ws_io.clone())
-        .into_response_and_future();
-    // One short task waits for the upgrade, then starts the session in a
-    // task of its own: an idle connection's task holds only the session,
-    // not the (larger) state of the upgrade.
-    tokio::spawn(async move {
-        match upgrading.await {
-            Ok(mut ws) => {
-                ws.set_shutdown(shutdown);
-                // The connection's limit slot lives as long as the WebSocket.
-                tokio::spawn(crate::ws::run_session(hub, ws, slot));
-            }
-            Err(e) => tracing::debug!("WebSocket upgrade failed: {e}"),
-        }
-    });
-    response
-}
 
 /// Counts connections for the limits, and for the drain; dropped when the
 /// connection (and any WebSocket upgraded from it) ends.
