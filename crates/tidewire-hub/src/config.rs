@@ -87,6 +87,11 @@ pub struct ClientSettings {
     /// disconnect.
     #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub refresh_grace: Duration,
+    /// How long a client's presence entry lives in the engine unless
+    /// refreshed; the node refreshes its clients' entries every third of
+    /// it, so that a node that dies leaves nobody present after this.
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
+    pub presence_ttl: Duration,
     /// Largest WebSocket message (one command or a batch), in bytes; larger
     /// ones close the connection with 1009.
     pub max_message_size: usize,
@@ -121,6 +126,7 @@ impl Default for ClientSettings {
             ping_interval: Duration::from_secs(25),
             connect_timeout: Duration::from_secs(10),
             refresh_grace: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(60),
             max_message_size: 64 * 1024,
             max_batch: 100,
             max_channel_length: 255,

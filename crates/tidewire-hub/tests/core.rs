@@ -572,3 +572,18 @@ async fn only_a_resumable_session_detaches() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_node_refreshes_its_clients_presence_before_it_expires() {
+    let mut config = Config::default();
+    config.client.presence_ttl = Duration::from_secs(3);
+    let hub = Hub::new(config, Arc::new(MemoryEngine::new())).unwrap();
+    let (mut a, _) = Conn::connected(&hub).await;
+    a.ok("subscribe", json!({"channel": "room"})).await;
+    // Three times the TTL: without the node's refreshes the entry is gone.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        a.ok("presence_stats", json!({"channel": "room"})).await,
+        json!({"clients": 1, "users": 1})
+    );
+}

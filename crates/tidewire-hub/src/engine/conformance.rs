@@ -42,7 +42,8 @@ macro_rules! conformance_suite {
             history_and_streams_expire_after_their_ttl,
             a_subscribed_stream_is_kept_past_its_ttl,
             a_stream_started_by_a_subscribe_is_forgotten_like_any_other,
-            presence_is_removed_with_its_last_client);
+            presence_is_removed_with_its_last_client,
+            presence_expires_unless_added_again);
 
         proptest::proptest! {
             #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
@@ -396,9 +397,18 @@ pub(crate) async fn presence_is_removed_with_its_last_client(h: &dyn Harness) {
             info: None,
         })
     };
-    engine.add_presence("a", info("c1", "u1")).await.unwrap();
-    engine.add_presence("a", info("c2", "u1")).await.unwrap();
-    engine.add_presence("a", info("c3", "u2")).await.unwrap();
+    engine
+        .add_presence("a", info("c1", "u1"), MINUTE)
+        .await
+        .unwrap();
+    engine
+        .add_presence("a", info("c2", "u1"), MINUTE)
+        .await
+        .unwrap();
+    engine
+        .add_presence("a", info("c3", "u2"), MINUTE)
+        .await
+        .unwrap();
     let stats = engine.presence_stats("a").await.unwrap();
     assert_eq!((stats.clients, stats.users), (3, 2));
     let who: Vec<String> = engine
@@ -416,6 +426,55 @@ pub(crate) async fn presence_is_removed_with_its_last_client(h: &dyn Harness) {
     assert_eq!(
         engine.presence_stats("a").await.unwrap(),
         PresenceStats::default()
+    );
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+pub(crate) async fn presence_expires_unless_added_again(h: &dyn Harness) {
+    let engine = h.engine();
+    let info = |client: &str| {
+        Arc::new(ClientInfo {
+            client: client.into(),
+            user: "u".into(),
+            info: None,
+        })
+    };
+    engine
+        .add_presence("a", info("short"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    engine
+        .add_presence("a", info("long"), MINUTE)
+        .await
+        .unwrap();
+    h.pass(&*engine, 20).await;
+    // Refreshed before it ran out: another 30 s from now.
+    engine
+        .add_presence("a", info("short"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    h.pass(&*engine, 20).await;
+    assert_eq!(engine.presence_stats("a").await.unwrap().clients, 2);
+    h.pass(&*engine, 11).await;
+    // 31 s after its refresh "short" is gone; "long" (60 s) is not yet.
+    let who: Vec<String> = engine
+        .presence("a")
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.client.clone())
+        .collect();
+    assert_eq!(who, ["long"]);
+    h.pass(&*engine, 10).await;
+    assert_eq!(
+        engine.presence_stats("a").await.unwrap(),
+        PresenceStats::default()
+    );
+    assert_eq!(
+        engine.stats().presence_channels,
+        0,
+        "the channel's entry went too"
     );
 }
 

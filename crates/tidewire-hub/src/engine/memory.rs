@@ -66,7 +66,8 @@ impl Stream {
 pub struct MemoryEngine {
     events: OnceLock<Weak<dyn EngineEvents>>,
     streams: Shards<String, Arc<Mutex<Stream>>>,
-    presence: Shards<String, HashMap<String, Arc<ClientInfo>>>,
+    /// Per channel, per client: the entry and when it expires.
+    presence: Shards<String, HashMap<String, (Arc<ClientInfo>, Instant)>>,
     /// Per channel: subscribes less unsubscribes (see `Engine::subscribe`).
     subscribed: Shards<String, usize>,
 }
@@ -255,12 +256,14 @@ impl Engine for MemoryEngine {
         &'a self,
         channel: &'a str,
         info: Arc<ClientInfo>,
+        ttl: std::time::Duration,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
+        let expires = Instant::now() + ttl;
         self.presence
             .lock(channel)
             .entry(channel.to_owned())
             .or_default()
-            .insert(info.client.clone(), info);
+            .insert(info.client.clone(), (info, expires));
         Box::pin(async { Ok(()) })
     }
 
@@ -283,11 +286,17 @@ impl Engine for MemoryEngine {
         &'a self,
         channel: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Arc<ClientInfo>>, EngineError>> {
+        let now = Instant::now();
         let mut clients: Vec<Arc<ClientInfo>> = self
             .presence
             .lock(channel)
             .get(channel)
-            .map(|c| c.values().cloned().collect())
+            .map(|c| {
+                c.values()
+                    .filter(|(_, expires)| *expires > now)
+                    .map(|(info, _)| info.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         clients.sort_by(|a, b| a.client.cmp(&b.client));
         Box::pin(async move { Ok(clients) })
@@ -297,13 +306,19 @@ impl Engine for MemoryEngine {
         &'a self,
         channel: &'a str,
     ) -> BoxFuture<'a, Result<PresenceStats, EngineError>> {
+        let now = Instant::now();
         let stats = match self.presence.lock(channel).get(channel) {
             None => PresenceStats::default(),
             Some(clients) => {
+                let live: Vec<&Arc<ClientInfo>> = clients
+                    .values()
+                    .filter(|(_, expires)| *expires > now)
+                    .map(|(info, _)| info)
+                    .collect();
                 let users: std::collections::HashSet<&str> =
-                    clients.values().map(|c| c.user.as_str()).collect();
+                    live.iter().map(|c| c.user.as_str()).collect();
                 PresenceStats {
-                    clients: clients.len(),
+                    clients: live.len(),
                     users: users.len(),
                 }
             }
@@ -317,6 +332,12 @@ impl Engine for MemoryEngine {
 
     fn maintain(&self) {
         let now = Instant::now();
+        for mut shard in self.presence.each() {
+            shard.retain(|_, clients| {
+                clients.retain(|_, (_, expires)| *expires > now);
+                !clients.is_empty()
+            });
+        }
         for mut shard in self.streams.each() {
             shard.retain(|channel, stream| {
                 // Held elsewhere: in use right now, keep it.

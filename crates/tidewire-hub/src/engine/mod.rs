@@ -235,11 +235,15 @@ pub trait Engine: Send + Sync + 'static {
         query: HistoryQuery,
     ) -> BoxFuture<'a, Result<HistoryResult, EngineError>>;
 
-    /// Adds (or updates) a client's presence in a channel.
+    /// Adds (or refreshes) a client's presence in a channel. The entry is
+    /// forgotten `ttl` after unless added again: its node refreshes the
+    /// entries of its clients well before, so that a node that dies
+    /// leaves nobody present for longer than `ttl`.
     fn add_presence<'a>(
         &'a self,
         channel: &'a str,
         info: Arc<ClientInfo>,
+        ttl: Duration,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// Removes a client's presence from a channel.

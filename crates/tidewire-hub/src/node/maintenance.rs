@@ -1,7 +1,7 @@
 //! The node's periodic work: token expiry, application pings, engine
 //! expiry.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::front::FrameKind;
 use super::Node;
 use crate::auth::now_unix;
-use crate::protocol::{self, Disconnect, DisconnectCode, Unsubscribed};
+use crate::protocol::{self, ClientInfo, Disconnect, DisconnectCode, Unsubscribed};
 use crate::shards::lock;
 
 /// Token expiry, application pings and engine expiry, about once a second.
@@ -17,12 +17,18 @@ pub(super) async fn maintenance(node: Weak<Node>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ping = Instant::now();
+    let mut last_presence_refresh = Instant::now();
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
         node.engine.maintain();
         node.reap_detached();
         let now = Instant::now();
+        let presence_ttl = node.config.client.presence_ttl;
+        if now.duration_since(last_presence_refresh) >= presence_ttl / 3 {
+            last_presence_refresh = now;
+            tokio::spawn(refresh_presence(node.clone()));
+        }
         let interval = node.config.client.ping_interval;
         let ping = !interval.is_zero() && now.duration_since(last_ping) >= interval;
         if ping {
@@ -78,6 +84,35 @@ pub(super) async fn maintenance(node: Weak<Node>) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Adds again the presence entries of this node's clients, before their
+/// TTL runs out (see `client.presence_ttl`).
+async fn refresh_presence(node: Arc<Node>) {
+    let ttl = node.config.client.presence_ttl;
+    let mut entries: Vec<(String, Arc<ClientInfo>)> = Vec::new();
+    for shard in node.clients.each() {
+        for client in shard.values() {
+            let st = lock(&client.state);
+            let (Some(info), false) = (&st.info, st.closed) else {
+                continue;
+            };
+            for channel in &st.subscriptions {
+                if node
+                    .config
+                    .channel_options(channel)
+                    .is_ok_and(|options| options.presence)
+                {
+                    entries.push((channel.clone(), info.clone()));
+                }
+            }
+        }
+    }
+    for (channel, info) in entries {
+        if let Err(e) = node.engine.add_presence(&channel, info, ttl).await {
+            tracing::warn!("refreshing presence: {e}");
         }
     }
 }

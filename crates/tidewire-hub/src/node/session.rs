@@ -337,7 +337,8 @@ impl Session {
             }
         }
         if options.presence {
-            if let Err(e) = node.engine.add_presence(channel, info.clone()).await {
+            let ttl = node.config.client.presence_ttl;
+            if let Err(e) = node.engine.add_presence(channel, info.clone(), ttl).await {
                 lock(&self.client.state)
                     .subscriptions
                     .retain(|s| s != channel);

@@ -102,8 +102,9 @@ impl Engine for TestEngine {
         &'a self,
         channel: &'a str,
         info: Arc<ClientInfo>,
+        ttl: Duration,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.inner.add_presence(channel, info)
+        self.inner.add_presence(channel, info, ttl)
     }
     fn remove_presence<'a>(
         &'a self,
