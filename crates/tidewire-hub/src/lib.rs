@@ -37,5 +37,5 @@ mod shards;
 pub mod ws;
 
 pub use config::Config;
-pub use engine::{Engine, MemoryEngine};
+pub use engine::{Broker, Engine, MemoryEngine, PresenceStore};
 pub use node::{Hub, HubCounts, HubError, ResumeError, Unhealthy};

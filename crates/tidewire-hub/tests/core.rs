@@ -587,3 +587,26 @@ async fn the_node_refreshes_its_clients_presence_before_it_expires() {
         json!({"clients": 1, "users": 1})
     );
 }
+
+#[tokio::test]
+async fn a_hub_takes_its_broker_and_presence_store_from_two_engines() {
+    use tidewire_hub::{Broker, PresenceStore};
+    let broker = Arc::new(MemoryEngine::new());
+    let presence = Arc::new(MemoryEngine::new());
+    let hub = Hub::with_engines(Config::default(), broker.clone(), presence.clone()).unwrap();
+    let (mut a, _) = Conn::connected(&hub).await;
+    a.ok("subscribe", json!({"channel": "room"})).await;
+    a.ok("publish", json!({"channel": "room", "data": 1})).await;
+    assert_eq!(a.publications().len(), 1);
+    // Streams in the broker, presence in the store.
+    assert_eq!((broker.stats().streams, presence.stats().streams), (1, 0));
+    assert_eq!(
+        (broker.presence_channels(), presence.presence_channels()),
+        (0, 1)
+    );
+    assert_eq!(
+        a.ok("presence_stats", json!({"channel": "room"})).await["clients"],
+        1
+    );
+    assert_eq!(hub.counts().presence_channels, 1);
+}

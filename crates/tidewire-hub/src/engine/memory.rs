@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tokio::time::Instant;
 
 use super::{
-    BoxFuture, Engine, EngineError, EngineEvents, EngineStats, HistoryOptions, HistoryQuery,
-    HistoryResult, PresenceStats, StreamPosition,
+    BoxFuture, Broker, EngineError, EngineEvents, EngineStats, HistoryOptions, HistoryQuery,
+    HistoryResult, PresenceStats, PresenceStore, StreamPosition,
 };
 use crate::protocol::{ClientInfo, Publication};
 use crate::shards::{lock, Shards};
@@ -179,7 +179,7 @@ impl MemoryEngine {
     }
 }
 
-impl Engine for MemoryEngine {
+impl Broker for MemoryEngine {
     fn set_events(&self, events: Weak<dyn EngineEvents>) {
         let _ = self.events.set(events);
     }
@@ -252,6 +252,42 @@ impl Engine for MemoryEngine {
         Box::pin(async move { Ok(result) })
     }
 
+    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn maintain(&self) {
+        let now = Instant::now();
+        for mut shard in self.streams.each() {
+            shard.retain(|channel, stream| {
+                // Held elsewhere: in use right now, keep it.
+                if Arc::strong_count(stream) > 1 {
+                    return true;
+                }
+                let mut s = lock(stream);
+                s.trim(now);
+                s.expires > now
+                    || !s.entries.is_empty()
+                    || self.subscribed.lock(channel.as_str()).contains_key(channel)
+            });
+        }
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            streams: self.streams.len(),
+            publications: self
+                .streams
+                .each()
+                .map(|s| s.values().map(|st| lock(st).entries.len()).sum::<usize>())
+                .sum(),
+            presence_channels: self.presence.len(),
+            subscribed_channels: self.subscribed.len(),
+        }
+    }
+}
+
+impl PresenceStore for MemoryEngine {
     fn add_presence<'a>(
         &'a self,
         channel: &'a str,
@@ -326,11 +362,11 @@ impl Engine for MemoryEngine {
         Box::pin(async move { Ok(stats) })
     }
 
-    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+    fn presence_health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
         Box::pin(async { Ok(()) })
     }
 
-    fn maintain(&self) {
+    fn expire_presence(&self) {
         let now = Instant::now();
         for mut shard in self.presence.each() {
             shard.retain(|_, clients| {
@@ -338,32 +374,10 @@ impl Engine for MemoryEngine {
                 !clients.is_empty()
             });
         }
-        for mut shard in self.streams.each() {
-            shard.retain(|channel, stream| {
-                // Held elsewhere: in use right now, keep it.
-                if Arc::strong_count(stream) > 1 {
-                    return true;
-                }
-                let mut s = lock(stream);
-                s.trim(now);
-                s.expires > now
-                    || !s.entries.is_empty()
-                    || self.subscribed.lock(channel.as_str()).contains_key(channel)
-            });
-        }
     }
 
-    fn stats(&self) -> EngineStats {
-        EngineStats {
-            streams: self.streams.len(),
-            publications: self
-                .streams
-                .each()
-                .map(|s| s.values().map(|st| lock(st).entries.len()).sum::<usize>())
-                .sum(),
-            presence_channels: self.presence.len(),
-            subscribed_channels: self.subscribed.len(),
-        }
+    fn presence_channels(&self) -> usize {
+        self.presence.len()
     }
 }
 
@@ -388,6 +402,7 @@ mod tests {
             Box::pin(async move {
                 tokio::time::advance(Duration::from_secs(secs)).await;
                 engine.maintain();
+                engine.expire_presence();
             })
         }
     }

@@ -1,12 +1,16 @@
-//! The engine: what a node shares with the other nodes of a cluster.
+//! The engine: what a node shares with the other nodes of a cluster, in
+//! two parts.
 //!
-//! The [`Engine`] trait owns the publication streams (offset and epoch
-//! assignment, history with size and TTL, the recovery query), presence,
-//! and the routing of publications and join/leave events to every node
-//! that has subscribers ([`EngineEvents`], implemented by the node).
-//! [`MemoryEngine`] is the single-node default; a Redis or NATS engine
-//! implements the same trait: `publish` then goes through the broker, and
-//! the broker's subscription calls `EngineEvents` on each node.
+//! A [`Broker`] owns the publication streams (offset and epoch
+//! assignment, history with size and TTL, the recovery query) and the
+//! routing of publications and join/leave events to every node that has
+//! subscribers ([`EngineEvents`], implemented by the node). A
+//! [`PresenceStore`] owns who is in which channel, with entries that
+//! expire unless their node refreshes them. An [`Engine`] is both
+//! ([`MemoryEngine`], the single-node default; Redis); a node may also
+//! take them from two ([`crate::Hub::with_engines`]). A Redis or NATS
+//! broker publishes through the broker, and its subscription calls
+//! `EngineEvents` on each node.
 //!
 //! Order: an engine calls [`EngineEvents::publication`] for the
 //! publications of one channel one at a time, in offset order.
@@ -177,8 +181,9 @@ pub struct EngineStats {
     pub subscribed_channels: usize,
 }
 
-/// The engine interface; see the module docs.
-pub trait Engine: Send + Sync + 'static {
+/// The broker side of an engine: streams (offsets, epochs, history) and
+/// the routing of publications and join/leave events to every node.
+pub trait Broker: Send + Sync + 'static {
     /// Sets where publications and join/leave events go (called once by
     /// the node that owns the engine).
     fn set_events(&self, events: Weak<dyn EngineEvents>);
@@ -193,7 +198,7 @@ pub trait Engine: Send + Sync + 'static {
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// This node has no subscriber left in `channel` (see
-    /// [`subscribe`](Engine::subscribe) for the order of the calls).
+    /// [`subscribe`](Broker::subscribe) for the order of the calls).
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// Publishes: assigns the next offset when the channel keeps history,
@@ -235,6 +240,19 @@ pub trait Engine: Send + Sync + 'static {
         query: HistoryQuery,
     ) -> BoxFuture<'a, Result<HistoryResult, EngineError>>;
 
+    /// Whether the broker works (`/health`).
+    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>>;
+
+    /// Drops what has expired; called about once a second by the node.
+    fn maintain(&self) {}
+
+    /// Entries held.
+    fn stats(&self) -> EngineStats;
+}
+
+/// The presence side of an engine: who is in which channel, entries that
+/// expire unless their node refreshes them.
+pub trait PresenceStore: Send + Sync + 'static {
     /// Adds (or refreshes) a client's presence in a channel. The entry is
     /// forgotten `ttl` after unless added again: its node refreshes the
     /// entries of its clients well before, so that a node that dies
@@ -265,12 +283,21 @@ pub trait Engine: Send + Sync + 'static {
         channel: &'a str,
     ) -> BoxFuture<'a, Result<PresenceStats, EngineError>>;
 
-    /// Whether the engine works (`/health`).
-    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>>;
+    /// Whether the store works (`/health`).
+    fn presence_health(&self) -> BoxFuture<'_, Result<(), EngineError>>;
 
-    /// Drops what has expired; called about once a second by the node.
-    fn maintain(&self) {}
+    /// Drops the entries whose TTL ran out; called about once a second by
+    /// the node.
+    fn expire_presence(&self) {}
 
-    /// Entries held.
-    fn stats(&self) -> EngineStats;
+    /// Channels with presence entries (for metrics and leak tests).
+    fn presence_channels(&self) -> usize;
 }
+
+/// A whole engine: a [`Broker`] and a [`PresenceStore`] in one (the memory
+/// engine, and Redis, are both). A node may also take them apart
+/// ([`Hub::with_engines`](crate::Hub::with_engines)), say a NATS broker
+/// with a Redis presence store.
+pub trait Engine: Broker + PresenceStore {}
+
+impl<T: Broker + PresenceStore> Engine for T {}

@@ -187,12 +187,16 @@ impl Node {
             return;
         };
         if options.presence {
-            if let Err(e) = self.engine.remove_presence(channel, &info.client).await {
+            if let Err(e) = self
+                .presence_store
+                .remove_presence(channel, &info.client)
+                .await
+            {
                 tracing::warn!("{e}");
             }
         }
         if options.join_leave {
-            if let Err(e) = self.engine.publish_leave(channel, info).await {
+            if let Err(e) = self.broker.publish_leave(channel, info).await {
                 tracing::warn!("{e}");
             }
         }
@@ -217,7 +221,7 @@ impl Node {
             let wanted = self.channels.lock(channel).contains_key(channel);
             match (wanted, *subscribed) {
                 (true, false) => {
-                    let result = self.engine.subscribe(channel).await;
+                    let result = self.broker.subscribe(channel).await;
                     *subscribed = result.is_ok();
                     result
                 }
@@ -225,7 +229,7 @@ impl Node {
                     // Even when it fails: this node no longer routes the
                     // channel, what the engine still sends is dropped.
                     *subscribed = false;
-                    self.engine.unsubscribe(channel).await
+                    self.broker.unsubscribe(channel).await
                 }
                 _ => Ok(()),
             }

@@ -21,7 +21,8 @@ pub(super) async fn maintenance(node: Weak<Node>) {
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
-        node.engine.maintain();
+        node.broker.maintain();
+        node.presence_store.expire_presence();
         node.reap_detached();
         let now = Instant::now();
         let presence_ttl = node.config.client.presence_ttl;
@@ -111,7 +112,7 @@ async fn refresh_presence(node: Arc<Node>) {
         }
     }
     for (channel, info) in entries {
-        if let Err(e) = node.engine.add_presence(&channel, info, ttl).await {
+        if let Err(e) = node.presence_store.add_presence(&channel, info, ttl).await {
             tracing::warn!("refreshing presence: {e}");
         }
     }

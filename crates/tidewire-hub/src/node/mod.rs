@@ -34,7 +34,9 @@ use tokio::time::Instant;
 
 use crate::auth::{TokenKeyError, Verifier};
 use crate::config::{ChannelOptions, Config};
-use crate::engine::{Engine, EngineError, EngineEvents, EngineStats, HistoryOptions};
+use crate::engine::{
+    Broker, Engine, EngineError, EngineEvents, EngineStats, HistoryOptions, PresenceStore,
+};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Disconnect, DisconnectCode, ErrorCode, ErrorReply, Frame};
 use crate::proxy::Proxy;
@@ -101,7 +103,8 @@ pub struct Node {
     /// This node, for the timers it starts.
     me: Weak<Node>,
     config: Arc<Config>,
-    engine: Arc<dyn Engine>,
+    broker: Arc<dyn Broker>,
+    presence_store: Arc<dyn PresenceStore>,
     verifier: Verifier,
     proxy: Option<Proxy>,
     metrics: Arc<Metrics>,
@@ -171,18 +174,34 @@ pub enum Unhealthy {
 }
 
 impl Hub {
-    /// A hub over `engine`, with a maintenance task (token expiry,
-    /// application pings, engine expiry) on the current tokio runtime.
+    /// A hub over `engine` (its broker and presence store in one), with a
+    /// maintenance task (token expiry, application pings, engine expiry)
+    /// on the current tokio runtime.
     ///
     /// # Errors
     /// An invalid token key in the configuration.
     pub fn new(config: Config, engine: Arc<dyn Engine>) -> Result<Hub, HubError> {
+        let broker: Arc<dyn Broker> = engine.clone();
+        Hub::with_engines(config, broker, engine)
+    }
+
+    /// A hub over a broker and a presence store that may be different
+    /// engines (see [`Engine`]).
+    ///
+    /// # Errors
+    /// An invalid token key in the configuration.
+    pub fn with_engines(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        presence_store: Arc<dyn PresenceStore>,
+    ) -> Result<Hub, HubError> {
         let verifier = Verifier::new(&config.token)?;
         let proxy = Proxy::new(&config.proxy);
         let node = Arc::new_cyclic(|me| Node {
             me: me.clone(),
             config: Arc::new(config),
-            engine,
+            broker,
+            presence_store,
             verifier,
             proxy,
             metrics: Arc::new(Metrics::new()),
@@ -197,7 +216,7 @@ impl Hub {
             wake_signal: Arc::default(),
         });
         let events: Arc<dyn EngineEvents> = node.clone();
-        node.engine.set_events(Arc::downgrade(&events));
+        node.broker.set_events(Arc::downgrade(&events));
         tokio::spawn(maintenance::maintenance(Arc::downgrade(&node)));
         tokio::spawn(wakes::dispatch_wakes(
             Arc::downgrade(&node),
@@ -216,9 +235,14 @@ impl Hub {
         &self.node.metrics
     }
 
-    /// The engine.
-    pub fn engine(&self) -> &Arc<dyn Engine> {
-        &self.node.engine
+    /// The broker.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.node.broker
+    }
+
+    /// The presence store.
+    pub fn presence_store(&self) -> &Arc<dyn PresenceStore> {
+        &self.node.presence_store
     }
 
     /// Opens a session for a new connection.
@@ -257,7 +281,7 @@ impl Hub {
     /// Entries held now.
     pub fn counts(&self) -> HubCounts {
         let node = &self.node;
-        let engine = node.engine.stats();
+        let engine = self.engine_stats();
         let mut counts = HubCounts {
             sessions: node.clients.len(),
             users: node.users.len(),
@@ -283,9 +307,12 @@ impl Hub {
         counts
     }
 
-    /// Engine entries.
+    /// Engine entries (the broker's, with the presence store's channels).
     pub fn engine_stats(&self) -> EngineStats {
-        self.node.engine.stats()
+        EngineStats {
+            presence_channels: self.node.presence_store.presence_channels(),
+            ..self.node.broker.stats()
+        }
     }
 
     /// The metrics in the text format, with the sampled gauges updated.
@@ -299,7 +326,7 @@ impl Hub {
         node.metrics.queue_depth.set(queued as i64);
         node.metrics
             .history_streams
-            .set(node.engine.stats().streams as i64);
+            .set(node.broker.stats().streams as i64);
         node.metrics.encode()
     }
 
@@ -311,7 +338,8 @@ impl Hub {
         if self.node.shutting_down.load(Ordering::Relaxed) {
             return Err(Unhealthy::ShuttingDown);
         }
-        Ok(self.node.engine.health().await?)
+        self.node.broker.health().await?;
+        Ok(self.node.presence_store.presence_health().await?)
     }
 
     /// Seconds since start.

@@ -31,7 +31,7 @@ impl Hub {
             info: None,
         };
         self.node
-            .engine
+            .broker
             .publish(channel, publication, history_options(options))
             .await
             .map_err(unavailable)
@@ -50,7 +50,7 @@ impl Hub {
             ));
         }
         self.node
-            .engine
+            .presence_store
             .presence(channel)
             .await
             .map_err(unavailable)
@@ -69,7 +69,7 @@ impl Hub {
             ));
         }
         self.node
-            .engine
+            .presence_store
             .presence_stats(channel)
             .await
             .map_err(unavailable)
@@ -166,7 +166,7 @@ impl Node {
         // the page around for oldest first.
         let latest_oldest_first = request.since.is_none() && !request.reverse;
         let mut result = self
-            .engine
+            .broker
             .history(
                 &request.channel,
                 HistoryQuery {

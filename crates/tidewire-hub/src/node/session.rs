@@ -338,7 +338,11 @@ impl Session {
         }
         if options.presence {
             let ttl = node.config.client.presence_ttl;
-            if let Err(e) = node.engine.add_presence(channel, info.clone(), ttl).await {
+            if let Err(e) = node
+                .presence_store
+                .add_presence(channel, info.clone(), ttl)
+                .await
+            {
                 lock(&self.client.state)
                     .subscriptions
                     .retain(|s| s != channel);
@@ -371,7 +375,7 @@ impl Session {
             return Ok(None);
         }
         if options.join_leave {
-            if let Err(e) = node.engine.publish_join(channel, info).await {
+            if let Err(e) = node.broker.publish_join(channel, info).await {
                 tracing::warn!("{e}");
             }
         }
@@ -419,7 +423,7 @@ impl Session {
             start_stream: true,
             options: history_options(options),
         };
-        let result = match node.engine.history(channel, query).await {
+        let result = match node.broker.history(channel, query).await {
             Ok(result) => result,
             Err(e) => {
                 lock(&self.client.state)
@@ -513,7 +517,7 @@ impl Session {
             info: Some(info),
         };
         let position = node
-            .engine
+            .broker
             .publish(channel, publication, history_options(options))
             .await
             .map_err(unavailable)?;

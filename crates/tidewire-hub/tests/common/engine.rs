@@ -10,7 +10,7 @@ use tidewire_hub::engine::{
     PresenceStats, StreamPosition,
 };
 use tidewire_hub::protocol::{ClientInfo, Publication};
-use tidewire_hub::{Engine, MemoryEngine};
+use tidewire_hub::{Broker, MemoryEngine, PresenceStore};
 
 /// MemoryEngine with a switch that makes it fail, and a record of the
 /// subscribe and unsubscribe calls it gets (each taking its `delays`, as
@@ -46,7 +46,7 @@ impl TestEngine {
     }
 }
 
-impl Engine for TestEngine {
+impl Broker for TestEngine {
     fn set_events(&self, events: Weak<dyn EngineEvents>) {
         self.inner.set_events(events)
     }
@@ -98,6 +98,25 @@ impl Engine for TestEngine {
             .push(format!("history {channel}"));
         self.inner.history(channel, query)
     }
+    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        let broken = self.broken.load(Ordering::Relaxed);
+        Box::pin(async move {
+            if broken {
+                Err(EngineError::Unavailable("store unreachable".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+    fn maintain(&self) {
+        self.inner.maintain()
+    }
+    fn stats(&self) -> EngineStats {
+        self.inner.stats()
+    }
+}
+
+impl PresenceStore for TestEngine {
     fn add_presence<'a>(
         &'a self,
         channel: &'a str,
@@ -125,17 +144,13 @@ impl Engine for TestEngine {
     ) -> BoxFuture<'a, Result<PresenceStats, EngineError>> {
         self.inner.presence_stats(channel)
     }
-    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
-        let broken = self.broken.load(Ordering::Relaxed);
-        Box::pin(async move {
-            if broken {
-                Err(EngineError::Unavailable("store unreachable".into()))
-            } else {
-                Ok(())
-            }
-        })
+    fn presence_health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        self.inner.presence_health()
     }
-    fn stats(&self) -> EngineStats {
-        self.inner.stats()
+    fn expire_presence(&self) {
+        self.inner.expire_presence()
+    }
+    fn presence_channels(&self) -> usize {
+        self.inner.presence_channels()
     }
 }
