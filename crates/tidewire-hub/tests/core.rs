@@ -610,3 +610,45 @@ async fn a_hub_takes_its_broker_and_presence_store_from_two_engines() {
     );
     assert_eq!(hub.counts().presence_channels, 1);
 }
+
+#[tokio::test]
+async fn two_nodes_over_one_engine_share_publications_presence_and_joins() {
+    let engine = Arc::new(MemoryEngine::new());
+    let node_a = Hub::new(Config::default(), engine.clone()).unwrap();
+    let node_b = Hub::new(Config::default(), engine.clone()).unwrap();
+    let (mut on_a, a_id) = Conn::connected(&node_a).await;
+    let (mut on_b, b_id) = Conn::connected(&node_b).await;
+    on_b.ok("subscribe", json!({"channel": "room"})).await;
+    on_a.ok("subscribe", json!({"channel": "room"})).await;
+    // A's join reaches B's subscriber through the engine.
+    on_b.wait_diff("a's join", |d| names(d, "joins", &a_id))
+        .await;
+    let ack = on_a
+        .ok("publish", json!({"channel": "room", "data": "from a"}))
+        .await;
+    let got = on_b.publications();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0]["data"].clone(), got[0]["offset"].clone()),
+        (json!("from a"), ack["offset"].clone())
+    );
+    assert_eq!(on_a.publications().len(), 1, "and A's own subscriber");
+    // Presence is the engine's: both nodes' clients, from either node.
+    let mut ids: Vec<String> = node_b
+        .presence("room")
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.client.clone())
+        .collect();
+    ids.sort();
+    let mut want = vec![a_id.clone(), b_id.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    // A node that goes away stops receiving; the other goes on.
+    drop(on_b);
+    drop(node_b);
+    on_a.ok("publish", json!({"channel": "room", "data": 2}))
+        .await;
+    assert_eq!(on_a.publications().len(), 1);
+}

@@ -2,7 +2,7 @@
 //! default).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use tokio::time::Instant;
 
@@ -57,14 +57,17 @@ impl Stream {
     }
 }
 
-/// The in-memory, single-node engine (the embedded default).
+/// The in-memory engine (the embedded default): one process, one node,
+/// or several nodes in one process sharing it (each `Hub` over the same
+/// engine is a node; tests use this for cluster behaviour).
 ///
 /// Per channel stream one mutex, held while a publication is assigned its
-/// offset, stored and handed to the node: publications of a channel are
+/// offset, stored and handed to the nodes: publications of a channel are
 /// delivered one at a time in offset order, and other channels never wait.
 #[derive(Default)]
 pub struct MemoryEngine {
-    events: OnceLock<Weak<dyn EngineEvents>>,
+    /// The nodes over this engine.
+    nodes: RwLock<Vec<Weak<dyn EngineEvents>>>,
     streams: Shards<String, Arc<Mutex<Stream>>>,
     /// Per channel, per client: the entry and when it expires.
     presence: Shards<String, HashMap<String, (Arc<ClientInfo>, Instant)>>,
@@ -78,8 +81,14 @@ impl MemoryEngine {
         MemoryEngine::default()
     }
 
-    fn events(&self) -> Option<Arc<dyn EngineEvents>> {
-        self.events.get().and_then(Weak::upgrade)
+    /// Calls `deliver` for every node still there.
+    fn each_node(&self, mut deliver: impl FnMut(&dyn EngineEvents)) {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        for node in nodes.iter() {
+            if let Some(node) = node.upgrade() {
+                deliver(&*node);
+            }
+        }
     }
 
     /// The stream of `channel`, started if there is none.
@@ -98,12 +107,10 @@ impl MemoryEngine {
         mut publication: Publication,
         options: HistoryOptions,
     ) -> Option<StreamPosition> {
-        let events = self.events();
         if !options.enabled() {
             publication.offset = 0;
-            if let Some(events) = events {
-                events.publication(channel, &Arc::new(publication));
-            }
+            let publication = Arc::new(publication);
+            self.each_node(|node| node.publication(channel, &publication));
             return None;
         }
         let stream = self.stream(channel, options);
@@ -120,9 +127,7 @@ impl MemoryEngine {
         stream.expires = now + options.ttl;
         // Delivered under the stream's lock: the next publication of this
         // channel waits, so every subscriber sees offset order.
-        if let Some(events) = events {
-            events.publication(channel, &publication);
-        }
+        self.each_node(|node| node.publication(channel, &publication));
         Some(stream.position())
     }
 
@@ -181,7 +186,9 @@ impl MemoryEngine {
 
 impl Broker for MemoryEngine {
     fn set_events(&self, events: Weak<dyn EngineEvents>) {
-        let _ = self.events.set(events);
+        let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+        nodes.retain(|node| node.strong_count() > 0);
+        nodes.push(events);
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
@@ -226,9 +233,7 @@ impl Broker for MemoryEngine {
         channel: &'a str,
         info: Arc<ClientInfo>,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
-        if let Some(events) = self.events() {
-            events.join(channel, &info);
-        }
+        self.each_node(|node| node.join(channel, &info));
         Box::pin(async { Ok(()) })
     }
 
@@ -237,9 +242,7 @@ impl Broker for MemoryEngine {
         channel: &'a str,
         info: Arc<ClientInfo>,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
-        if let Some(events) = self.events() {
-            events.leave(channel, &info);
-        }
+        self.each_node(|node| node.leave(channel, &info));
         Box::pin(async { Ok(()) })
     }
 

@@ -184,8 +184,9 @@ pub struct EngineStats {
 /// The broker side of an engine: streams (offsets, epochs, history) and
 /// the routing of publications and join/leave events to every node.
 pub trait Broker: Send + Sync + 'static {
-    /// Sets where publications and join/leave events go (called once by
-    /// the node that owns the engine).
+    /// Sets where publications and join/leave events go: called once by
+    /// each node over this engine (a broker engine has one; the memory
+    /// engine may have several, all in one process).
     fn set_events(&self, events: Weak<dyn EngineEvents>);
 
     /// This node has its first subscriber to `channel` (a broker engine
