@@ -11,6 +11,7 @@ mod common;
 
 use common::engine::TestEngine;
 use serde_json::{json, Value};
+use tidewire_hub::node::HEARTBEAT;
 use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session};
 use tidewire_hub::protocol::{Disconnect, DisconnectCode, Frame, HistoryRequest};
 use tidewire_hub::{Config, Hub, MemoryEngine, ResumeError};
@@ -289,11 +290,13 @@ async fn disconnect_and_shutdown_tell_the_client_then_close() {
     let hub = hub();
     let (a, a_id) = Conn::connected(&hub).await;
     let (b, _) = Conn::connected(&hub).await;
-    let gone = hub.disconnect_user(
-        "",
-        Some(&a_id),
-        &Disconnect::new(DisconnectCode::Server, "bye"),
-    );
+    let gone = hub
+        .disconnect_user(
+            "",
+            Some(&a_id),
+            &Disconnect::new(DisconnectCode::Server, "bye"),
+        )
+        .await;
     assert_eq!(gone, 1);
     let pushes = a.pushes();
     assert_eq!(
@@ -546,11 +549,13 @@ async fn a_detached_sessions_buffer_is_bounded_like_a_send_queue() {
             .ok("publish", json!({"channel": "feed", "data": n}))
             .await;
     }
-    let told = hub.disconnect_user(
-        "",
-        Some(&id),
-        &Disconnect::new(DisconnectCode::Server, "bye"),
-    );
+    let told = hub
+        .disconnect_user(
+            "",
+            Some(&id),
+            &Disconnect::new(DisconnectCode::Server, "bye"),
+        )
+        .await;
     assert_eq!(told, 1);
     assert_eq!(
         hub.resume(&key, MemorySink::new(8)).unwrap_err(),
@@ -651,4 +656,54 @@ async fn two_nodes_over_one_engine_share_publications_presence_and_joins() {
     on_a.ok("publish", json!({"channel": "room", "data": 2}))
         .await;
     assert_eq!(on_a.publications().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_api_disconnects_and_unsubscribes_on_every_node_and_info_lists_the_nodes() {
+    let engine = Arc::new(MemoryEngine::new());
+    let node_a = Hub::new(Config::default(), engine.clone()).unwrap();
+    let node_b = Hub::new(Config::default(), engine.clone()).unwrap();
+    let (_on_a, _) = Conn::connected(&node_a).await;
+    let (mut on_b, b_id) = Conn::connected(&node_b).await;
+    on_b.ok("subscribe", json!({"channel": "room"})).await;
+    on_b.ok("subscribe", json!({"channel": "other"})).await;
+    on_b.sink.take();
+    // Through node A, for a client of node B.
+    let here = node_a.unsubscribe_user("", "room", Some(&b_id)).await;
+    assert_eq!(here, 0, "none on A itself");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if on_b
+            .pushes()
+            .iter()
+            .any(|p| p["channel"] == "room" && p.get("unsubscribe").is_some())
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B's client was not unsubscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let here = node_a
+        .disconnect_user(
+            "",
+            Some(&b_id),
+            &Disconnect::new(DisconnectCode::Server, "bye"),
+        )
+        .await;
+    assert_eq!(here, 0);
+    assert_eq!(on_b.sink.closed(), Some((3000, "bye".into())));
+    // Heartbeats: each node lists both, itself first.
+    tokio::time::sleep(HEARTBEAT + Duration::from_secs(1)).await;
+    let listed: Vec<String> = node_a.nodes().into_iter().map(|n| n.node).collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0], node_a.node_id());
+    assert!(listed.contains(&node_b.node_id().to_owned()));
+    // A node that stops is dropped after three heartbeats without news.
+    drop(on_b);
+    drop(node_b);
+    tokio::time::sleep(4 * HEARTBEAT).await;
+    assert_eq!(node_a.nodes().len(), 1);
 }

@@ -91,6 +91,10 @@ impl EngineEvents for Recorder {
     fn leave(&self, channel: &str, info: &Arc<ClientInfo>) {
         lock(&self.0).push((channel.into(), 0, format!("leave {}", info.client)));
     }
+    fn control(&self, message: &[u8]) {
+        let text = String::from_utf8_lossy(message).into_owned();
+        lock(&self.0).push((String::new(), 0, format!("control {text}")));
+    }
 }
 
 const KEEP: HistoryOptions = HistoryOptions {

@@ -246,6 +246,11 @@ impl Broker for MemoryEngine {
         Box::pin(async { Ok(()) })
     }
 
+    fn publish_control<'a>(&'a self, message: &'a [u8]) -> BoxFuture<'a, Result<(), EngineError>> {
+        self.each_node(|node| node.control(message));
+        Box::pin(async { Ok(()) })
+    }
+
     fn history<'a>(
         &'a self,
         channel: &'a str,

@@ -49,6 +49,9 @@ pub trait EngineEvents: Send + Sync {
     fn join(&self, channel: &str, info: &Arc<ClientInfo>);
     /// A client left `channel`.
     fn leave(&self, channel: &str, info: &Arc<ClientInfo>);
+    /// A control message from a node (this one included), as it was sent
+    /// with [`Broker::publish_control`].
+    fn control(&self, message: &[u8]);
 }
 
 /// An engine failure.
@@ -225,6 +228,10 @@ pub trait Broker: Send + Sync + 'static {
         channel: &'a str,
         info: Arc<ClientInfo>,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
+
+    /// Sends a control message (opaque bytes) to every node over this
+    /// broker, the sender included.
+    fn publish_control<'a>(&'a self, message: &'a [u8]) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// Reads history and the stream's current position, in one step
     /// (no publication slips between the two).

@@ -342,7 +342,9 @@ async fn dispatch(hub: &Hub, method: &str, body: &[u8]) -> Result<serde_json::Va
             client,
             disconnect,
         } => {
-            let n = hub.disconnect_user(&user, client.as_deref(), &disconnect);
+            let n = hub
+                .disconnect_user(&user, client.as_deref(), &disconnect)
+                .await;
             json!({ "disconnected": n })
         }
         ApiCall::Unsubscribe {
@@ -360,6 +362,8 @@ async fn dispatch(hub: &Hub, method: &str, body: &[u8]) -> Result<serde_json::Va
             "protocol": crate::protocol::VERSION,
             "uptime_seconds": hub.uptime().as_secs(),
             "counts": hub.counts(),
+            "node": hub.node_id(),
+            "nodes": hub.nodes(),
         }),
     })
 }

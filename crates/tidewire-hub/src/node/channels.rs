@@ -378,4 +378,10 @@ impl EngineEvents for Node {
     fn leave(&self, channel: &str, info: &Arc<ClientInfo>) {
         self.presence_event(channel, info, false);
     }
+
+    fn control(&self, message: &[u8]) {
+        if let Some(node) = self.me.upgrade() {
+            node.on_control(message);
+        }
+    }
 }

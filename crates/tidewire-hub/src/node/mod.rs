@@ -43,6 +43,7 @@ use crate::proxy::Proxy;
 use crate::shards::{lock, Shards};
 
 mod channels;
+mod cluster;
 mod front;
 mod maintenance;
 mod presence_diff;
@@ -53,6 +54,7 @@ mod session;
 mod wakes;
 
 use channels::Channel;
+pub use cluster::{NodeInfo, HEARTBEAT};
 pub use front::{ClientSink, FrameKind, SendOutcome};
 use registry::{Client, ClientState};
 pub use resume::ResumeError;
@@ -60,7 +62,8 @@ pub use server_api::HistoryReply;
 pub use session::Session;
 
 /// Entries the hub holds, for metrics, `/api/info` and leak tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct HubCounts {
     /// Open sessions (connected or not).
     pub sessions: usize,
@@ -102,6 +105,10 @@ impl std::fmt::Debug for Hub {
 pub struct Node {
     /// This node, for the timers it starts.
     me: Weak<Node>,
+    /// Its id among the nodes of a cluster (random, new at each start).
+    id: Arc<str>,
+    /// The nodes it heard from.
+    registry: cluster::Registry,
     config: Arc<Config>,
     broker: Arc<dyn Broker>,
     presence_store: Arc<dyn PresenceStore>,
@@ -199,6 +206,8 @@ impl Hub {
         let proxy = Proxy::new(&config.proxy);
         let node = Arc::new_cyclic(|me| Node {
             me: me.clone(),
+            id: format!("{:016x}", rand::random::<u64>()).into(),
+            registry: cluster::Registry::default(),
             config: Arc::new(config),
             broker,
             presence_store,
@@ -218,6 +227,7 @@ impl Hub {
         let events: Arc<dyn EngineEvents> = node.clone();
         node.broker.set_events(Arc::downgrade(&events));
         tokio::spawn(maintenance::maintenance(Arc::downgrade(&node)));
+        tokio::spawn(cluster::heartbeats(Arc::downgrade(&node)));
         tokio::spawn(wakes::dispatch_wakes(
             Arc::downgrade(&node),
             node.wake_signal.clone(),

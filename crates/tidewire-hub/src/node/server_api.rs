@@ -6,11 +6,10 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use super::cluster::{by_the_server, Control};
 use super::{error, history_options, unavailable, Hub, Node};
 use crate::engine::{HistoryQuery, PresenceStats, StreamPosition};
-use crate::protocol::{
-    ClientInfo, Disconnect, ErrorCode, ErrorReply, HistoryRequest, Publication, Unsubscribed,
-};
+use crate::protocol::{ClientInfo, Disconnect, ErrorCode, ErrorReply, HistoryRequest, Publication};
 use crate::shards::lock;
 
 impl Hub {
@@ -99,7 +98,7 @@ impl Hub {
     }
 
     /// Disconnects a user's clients (or one of them). Returns how many.
-    pub fn disconnect_user(
+    pub async fn disconnect_user(
         &self,
         user: &str,
         client: Option<&str>,
@@ -109,6 +108,16 @@ impl Hub {
         for c in &clients {
             c.disconnect(disconnect);
         }
+        self.node
+            .send_control(&Control::Disconnect {
+                from: self.node.id.to_string(),
+                user: user.to_owned(),
+                client: client.map(str::to_owned),
+                code: disconnect.code,
+                reason: disconnect.reason.clone(),
+                reconnect: disconnect.reconnect,
+            })
+            .await;
         tracing::info!(
             user,
             client,
@@ -122,16 +131,21 @@ impl Hub {
     /// Unsubscribes a user's clients (or one of them) from a channel, with
     /// an `unsubscribe` push. Returns how many were subscribed.
     pub async fn unsubscribe_user(&self, user: &str, channel: &str, client: Option<&str>) -> usize {
-        let why = Unsubscribed {
-            code: 2000,
-            reason: "unsubscribed by the server".into(),
-        };
+        let why = by_the_server();
         let mut count = 0;
         for c in self.node.clients_of(user, client) {
             if self.node.server_unsubscribe(&c, channel, &why).await {
                 count += 1;
             }
         }
+        self.node
+            .send_control(&Control::Unsubscribe {
+                from: self.node.id.to_string(),
+                user: user.to_owned(),
+                channel: channel.to_owned(),
+                client: client.map(str::to_owned),
+            })
+            .await;
         count
     }
 }

@@ -87,6 +87,9 @@ impl Broker for TestEngine {
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         self.inner.publish_leave(channel, info)
     }
+    fn publish_control<'a>(&'a self, message: &'a [u8]) -> BoxFuture<'a, Result<(), EngineError>> {
+        self.inner.publish_control(message)
+    }
     fn history<'a>(
         &'a self,
         channel: &'a str,
