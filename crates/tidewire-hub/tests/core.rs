@@ -11,8 +11,8 @@ mod common;
 
 use common::engine::TestEngine;
 use serde_json::{json, Value};
-use tidewire_hub::node::HEARTBEAT;
 use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session};
+use tidewire_hub::node::{HEARTBEAT, SURVEY_TIMEOUT};
 use tidewire_hub::protocol::{Disconnect, DisconnectCode, Frame, HistoryRequest};
 use tidewire_hub::{Config, Hub, MemoryEngine, ResumeError};
 
@@ -706,4 +706,33 @@ async fn the_api_disconnects_and_unsubscribes_on_every_node_and_info_lists_the_n
     drop(node_b);
     tokio::time::sleep(4 * HEARTBEAT).await;
     assert_eq!(node_a.nodes().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn channels_counts_the_subscribers_of_every_node() {
+    let engine = Arc::new(MemoryEngine::new());
+    let node_a = Hub::new(Config::default(), engine.clone()).unwrap();
+    let node_b = Hub::new(Config::default(), engine.clone()).unwrap();
+    let (mut on_a, _) = Conn::connected(&node_a).await;
+    let (mut on_b, _) = Conn::connected(&node_b).await;
+    let (mut also_b, _) = Conn::connected(&node_b).await;
+    on_a.ok("subscribe", json!({"channel": "news:eu"})).await;
+    on_b.ok("subscribe", json!({"channel": "news:eu"})).await;
+    also_b.ok("subscribe", json!({"channel": "news:us"})).await;
+    also_b.ok("subscribe", json!({"channel": "sport"})).await;
+    // Alone as far as it knows (no heartbeat yet): its own channels, at once.
+    assert_eq!(node_a.channels("news:").await, [("news:eu".to_owned(), 1)]);
+    // Once the nodes know each other, the survey adds B's.
+    tokio::time::sleep(HEARTBEAT + Duration::from_secs(1)).await;
+    assert_eq!(
+        node_a.channels("news:").await,
+        [("news:eu".to_owned(), 2), ("news:us".to_owned(), 1)]
+    );
+    assert_eq!(node_b.channels("").await.len(), 3);
+    // A node that does not answer is left out after the survey's timeout.
+    drop((on_b, also_b));
+    drop(node_b);
+    let started = tokio::time::Instant::now();
+    assert_eq!(node_a.channels("news:").await, [("news:eu".to_owned(), 1)]);
+    assert!(started.elapsed() <= SURVEY_TIMEOUT);
 }

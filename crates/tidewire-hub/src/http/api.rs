@@ -332,6 +332,7 @@ async fn dispatch(hub: &Hub, method: &str, body: &[u8]) -> Result<serde_json::Va
         ApiCall::Channels { prefix } => {
             let channels: Vec<_> = hub
                 .channels(&prefix)
+                .await
                 .into_iter()
                 .map(|(channel, subscribers)| json!({"channel": channel, "subscribers": subscribers}))
                 .collect();

@@ -38,7 +38,7 @@ impl Subscribers {
         self.live.is_empty() && self.parked.is_empty()
     }
 
-    fn members(&self) -> usize {
+    pub(super) fn members(&self) -> usize {
         self.live.len() + self.parked.len()
     }
 

@@ -48,6 +48,33 @@ pub(super) enum Control {
         channel: String,
         client: Option<String>,
     },
+    /// Every other node: answer with your channels that start with
+    /// `prefix` and their subscriber counts.
+    ChannelsSurvey {
+        from: String,
+        id: u64,
+        prefix: String,
+    },
+    /// A node's answer to a survey.
+    ChannelsAnswer {
+        to: String,
+        id: u64,
+        node: String,
+        channels: Vec<(String, usize)>,
+    },
+}
+
+/// How long a survey waits for the other nodes' answers.
+pub const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Channels with their subscriber counts, as a survey answers them.
+type ChannelCounts = Vec<(String, usize)>;
+
+/// Surveys under way: the answers still expected, and where they go.
+#[derive(Default)]
+pub(super) struct Surveys {
+    next: std::sync::atomic::AtomicU64,
+    waiting: Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<ChannelCounts>>>,
 }
 
 /// A node as the registry knows it.
@@ -141,8 +168,77 @@ impl Node {
                     }
                 });
             }
+            Control::ChannelsSurvey { from, id, prefix } if *from != *self.id => {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let answer = Control::ChannelsAnswer {
+                        to: from,
+                        id,
+                        node: node.id.to_string(),
+                        channels: node.local_channels(&prefix),
+                    };
+                    node.send_control(&answer).await;
+                });
+            }
+            Control::ChannelsAnswer {
+                to, id, channels, ..
+            } if *to == *self.id => {
+                if let Some(waiting) = lock(&self.surveys.waiting).get(&id) {
+                    let _ = waiting.send(channels);
+                }
+            }
             _ => {}
         }
+    }
+
+    /// This node's channels that start with `prefix`, with their
+    /// subscriber counts, by name.
+    pub(super) fn local_channels(&self, prefix: &str) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for shard in self.channels.each() {
+            for (name, channel) in shard.iter().filter(|(n, _)| n.starts_with(prefix)) {
+                out.push((name.clone(), lock(&channel.subscribers).members()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The other live nodes' channels (answers within [`SURVEY_TIMEOUT`];
+    /// a node that does not answer in time is left out). No wait at all
+    /// when this node is alone.
+    pub(super) async fn survey_channels(&self, prefix: &str) -> Vec<(String, usize)> {
+        let others = self
+            .registry
+            .live()
+            .iter()
+            .filter(|n| *n.node != *self.id)
+            .count();
+        if others == 0 {
+            return Vec::new();
+        }
+        let id = self
+            .surveys
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (answers, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+        lock(&self.surveys.waiting).insert(id, answers);
+        self.send_control(&Control::ChannelsSurvey {
+            from: self.id.to_string(),
+            id,
+            prefix: prefix.to_owned(),
+        })
+        .await;
+        let mut all = Vec::new();
+        let deadline = Instant::now() + SURVEY_TIMEOUT;
+        for _ in 0..others {
+            match tokio::time::timeout_at(deadline, incoming.recv()).await {
+                Ok(Some(channels)) => all.extend(channels),
+                _ => break,
+            }
+        }
+        lock(&self.surveys.waiting).remove(&id);
+        all
     }
 }
 

@@ -54,7 +54,7 @@ mod session;
 mod wakes;
 
 use channels::Channel;
-pub use cluster::{NodeInfo, HEARTBEAT};
+pub use cluster::{NodeInfo, HEARTBEAT, SURVEY_TIMEOUT};
 pub use front::{ClientSink, FrameKind, SendOutcome};
 use registry::{Client, ClientState};
 pub use resume::ResumeError;
@@ -109,6 +109,8 @@ pub struct Node {
     id: Arc<str>,
     /// The nodes it heard from.
     registry: cluster::Registry,
+    /// Its surveys of the other nodes under way.
+    surveys: cluster::Surveys,
     config: Arc<Config>,
     broker: Arc<dyn Broker>,
     presence_store: Arc<dyn PresenceStore>,
@@ -208,6 +210,7 @@ impl Hub {
             me: me.clone(),
             id: format!("{:016x}", rand::random::<u64>()).into(),
             registry: cluster::Registry::default(),
+            surveys: cluster::Surveys::default(),
             config: Arc::new(config),
             broker,
             presence_store,

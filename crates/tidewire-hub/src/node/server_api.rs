@@ -10,7 +10,6 @@ use super::cluster::{by_the_server, Control};
 use super::{error, history_options, unavailable, Hub, Node};
 use crate::engine::{HistoryQuery, PresenceStats, StreamPosition};
 use crate::protocol::{ClientInfo, Disconnect, ErrorCode, ErrorReply, HistoryRequest, Publication};
-use crate::shards::lock;
 
 impl Hub {
     /// Publishes from the server (the HTTP API): no permission check
@@ -85,16 +84,13 @@ impl Hub {
 
     /// Channels with subscribers on this node, with their subscriber
     /// counts, sorted by name; `prefix` filters.
-    pub fn channels(&self, prefix: &str) -> Vec<(String, usize)> {
-        let mut out: Vec<(String, usize)> = Vec::new();
-        for shard in self.node.channels.each() {
-            for (name, channel) in shard.iter().filter(|(n, _)| n.starts_with(prefix)) {
-                let s = lock(&channel.subscribers);
-                out.push((name.clone(), s.live.len() + s.parked.len()));
-            }
+    pub async fn channels(&self, prefix: &str) -> Vec<(String, usize)> {
+        let mut total: std::collections::BTreeMap<String, usize> =
+            self.node.local_channels(prefix).into_iter().collect();
+        for (channel, n) in self.node.survey_channels(prefix).await {
+            *total.entry(channel).or_default() += n;
         }
-        out.sort();
-        out
+        total.into_iter().collect()
     }
 
     /// Disconnects a user's clients (or one of them). Returns how many.
