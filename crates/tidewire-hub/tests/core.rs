@@ -736,3 +736,46 @@ async fn channels_counts_the_subscribers_of_every_node() {
     assert_eq!(node_a.channels("news:").await, [("news:eu".to_owned(), 1)]);
     assert!(started.elapsed() <= SURVEY_TIMEOUT);
 }
+
+#[tokio::test]
+async fn a_publication_stored_before_a_subscribe_but_delivered_after_it_is_not_seen_twice() {
+    let engine = Arc::new(TestEngine::default());
+    let hub = Hub::new(Config::default(), engine.clone()).unwrap();
+    let (mut a, _) = Conn::connected(&hub).await;
+    a.ok("subscribe", json!({"channel": "feed"})).await;
+    // Stored at offset 1, still on its way to the node...
+    engine.hold();
+    a.ok("publish", json!({"channel": "feed", "data": 1})).await;
+    // ...when b subscribes: b's position includes it.
+    let (mut b, _) = Conn::connected(&hub).await;
+    let sub = b.ok("subscribe", json!({"channel": "feed"})).await;
+    assert_eq!(sub["offset"], 1);
+    b.sink.take();
+    engine.release();
+    let offsets = |conn: &Conn| -> Vec<u64> {
+        conn.publications()
+            .iter()
+            .map(|p| p["offset"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(offsets(&a), [1]);
+    assert_eq!(
+        offsets(&b),
+        [] as [u64; 0],
+        "b has it in its position already"
+    );
+    // From the next one on, b is live.
+    a.ok("publish", json!({"channel": "feed", "data": 2})).await;
+    assert_eq!(offsets(&a), [2]);
+    assert_eq!(offsets(&b), [2]);
+    // Pushes other than publications reach it while it catches up too.
+    let (mut c, c_id) = Conn::connected(&hub).await;
+    engine.hold();
+    a.ok("publish", json!({"channel": "feed", "data": 3})).await;
+    c.ok("subscribe", json!({"channel": "feed"})).await;
+    b.wait_diff("c's join", |d| names(d, "joins", &c_id)).await;
+    c.wait_diff("its own join", |d| names(d, "joins", &c_id))
+        .await;
+    engine.release();
+    assert_eq!(offsets(&c), [] as [u64; 0]);
+}

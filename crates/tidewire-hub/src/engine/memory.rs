@@ -57,6 +57,20 @@ impl Stream {
     }
 }
 
+/// A channel's stream, and the publications of it waiting to be handed
+/// to the nodes (outside the stream's lock, in offset order).
+struct StreamCell {
+    stream: Mutex<Stream>,
+    delivery: Mutex<Delivery>,
+}
+
+#[derive(Default)]
+struct Delivery {
+    waiting: VecDeque<Arc<Publication>>,
+    /// A publisher is handing them over: the others only queue theirs.
+    busy: bool,
+}
+
 /// The in-memory engine (the embedded default): one process, one node,
 /// or several nodes in one process sharing it (each `Hub` over the same
 /// engine is a node; tests use this for cluster behaviour).
@@ -66,9 +80,10 @@ impl Stream {
 /// delivered one at a time in offset order, and other channels never wait.
 #[derive(Default)]
 pub struct MemoryEngine {
-    /// The nodes over this engine.
-    nodes: RwLock<Vec<Weak<dyn EngineEvents>>>,
-    streams: Shards<String, Arc<Mutex<Stream>>>,
+    /// The nodes over this engine (replaced whole when one joins, so that
+    /// a delivery takes the list and holds no lock).
+    nodes: RwLock<Arc<Vec<Weak<dyn EngineEvents>>>>,
+    streams: Shards<String, Arc<StreamCell>>,
     /// Per channel, per client: the entry and when it expires.
     presence: Shards<String, HashMap<String, (Arc<ClientInfo>, Instant)>>,
     /// Per channel: subscribes less unsubscribes (see `Engine::subscribe`).
@@ -81,9 +96,9 @@ impl MemoryEngine {
         MemoryEngine::default()
     }
 
-    /// Calls `deliver` for every node still there.
+    /// Calls `deliver` for every node still there, holding no lock.
     fn each_node(&self, mut deliver: impl FnMut(&dyn EngineEvents)) {
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
         for node in nodes.iter() {
             if let Some(node) = node.upgrade() {
                 deliver(&*node);
@@ -92,12 +107,17 @@ impl MemoryEngine {
     }
 
     /// The stream of `channel`, started if there is none.
-    fn stream(&self, channel: &str, options: HistoryOptions) -> Arc<Mutex<Stream>> {
+    fn stream(&self, channel: &str, options: HistoryOptions) -> Arc<StreamCell> {
         let now = Instant::now();
         self.streams
             .lock(channel)
             .entry(channel.to_owned())
-            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(options, now))))
+            .or_insert_with(|| {
+                Arc::new(StreamCell {
+                    stream: Mutex::new(Stream::new(options, now)),
+                    delivery: Mutex::default(),
+                })
+            })
             .clone()
     }
 
@@ -113,22 +133,44 @@ impl MemoryEngine {
             self.each_node(|node| node.publication(channel, &publication));
             return None;
         }
-        let stream = self.stream(channel, options);
-        let mut stream = lock(&stream);
-        let now = Instant::now();
-        stream.options = options;
-        stream.top += 1;
-        publication.offset = stream.top;
-        let publication = Arc::new(publication);
-        stream
-            .entries
-            .push_back((now + options.ttl, publication.clone()));
-        stream.trim(now);
-        stream.expires = now + options.ttl;
-        // Delivered under the stream's lock: the next publication of this
-        // channel waits, so every subscriber sees offset order.
-        self.each_node(|node| node.publication(channel, &publication));
-        Some(stream.position())
+        let cell = self.stream(channel, options);
+        let (position, deliverer) = {
+            let mut stream = lock(&cell.stream);
+            let now = Instant::now();
+            stream.options = options;
+            stream.top += 1;
+            publication.offset = stream.top;
+            let publication = Arc::new(publication);
+            stream
+                .entries
+                .push_back((now + options.ttl, publication.clone()));
+            stream.trim(now);
+            stream.expires = now + options.ttl;
+            // Queued under the stream's lock, so in offset order.
+            let mut delivery = lock(&cell.delivery);
+            delivery.waiting.push_back(publication);
+            let deliverer = !std::mem::replace(&mut delivery.busy, true);
+            (stream.position(), deliverer)
+        };
+        // Handed to the nodes with no lock held (a node may call the engine
+        // back), by one publisher at a time per channel, so in offset
+        // order: a publisher that finds another handing over only queues.
+        if deliverer {
+            loop {
+                let next = {
+                    let mut delivery = lock(&cell.delivery);
+                    match delivery.waiting.pop_front() {
+                        Some(next) => next,
+                        None => {
+                            delivery.busy = false;
+                            break;
+                        }
+                    }
+                };
+                self.each_node(|node| node.publication(channel, &next));
+            }
+        }
+        Some(position)
     }
 
     fn history_now(&self, channel: &str, query: &HistoryQuery) -> HistoryResult {
@@ -150,7 +192,7 @@ impl MemoryEngine {
                 },
             };
         };
-        let mut stream = lock(&stream);
+        let mut stream = lock(&stream.stream);
         let now = Instant::now();
         stream.options = query.options;
         if query.start_stream {
@@ -187,8 +229,13 @@ impl MemoryEngine {
 impl Broker for MemoryEngine {
     fn set_events(&self, events: Weak<dyn EngineEvents>) {
         let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        nodes.retain(|node| node.strong_count() > 0);
-        nodes.push(events);
+        let mut list: Vec<Weak<dyn EngineEvents>> = nodes
+            .iter()
+            .filter(|node| node.strong_count() > 0)
+            .cloned()
+            .collect();
+        list.push(events);
+        *nodes = Arc::new(list);
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
@@ -212,7 +259,7 @@ impl Broker for MemoryEngine {
         }
         if let Some(stream) = self.streams.lock(channel).get(channel) {
             // The stream's TTL counts from the last subscriber leaving too.
-            let mut stream = lock(stream);
+            let mut stream = lock(&stream.stream);
             stream.expires = stream.expires.max(Instant::now() + stream.options.ttl);
         }
         Box::pin(async { Ok(()) })
@@ -272,7 +319,7 @@ impl Broker for MemoryEngine {
                 if Arc::strong_count(stream) > 1 {
                     return true;
                 }
-                let mut s = lock(stream);
+                let mut s = lock(&stream.stream);
                 s.trim(now);
                 s.expires > now
                     || !s.entries.is_empty()
@@ -287,7 +334,11 @@ impl Broker for MemoryEngine {
             publications: self
                 .streams
                 .each()
-                .map(|s| s.values().map(|st| lock(st).entries.len()).sum::<usize>())
+                .map(|s| {
+                    s.values()
+                        .map(|cell| lock(&cell.stream).entries.len())
+                        .sum::<usize>()
+                })
                 .sum(),
             presence_channels: self.presence.len(),
             subscribed_channels: self.subscribed.len(),
@@ -396,7 +447,7 @@ mod tests {
 
     use super::MemoryEngine;
     use crate::engine::conformance::Harness;
-    use crate::engine::{BoxFuture, Engine};
+    use crate::engine::{BoxFuture, Broker, Engine};
 
     /// The memory engine on tokio's paused clock.
     struct Memory;
@@ -416,4 +467,73 @@ mod tests {
     }
 
     conformance_suite!(Memory);
+
+    /// The execution contract: the engine holds no lock of its own while
+    /// it hands events over, so a node may call it back from a callback.
+    #[test]
+    fn a_node_may_call_the_engine_back_from_its_events() {
+        use std::sync::{Mutex, OnceLock, Weak};
+
+        use crate::engine::{EngineEvents, HistoryOptions, HistoryQuery, PresenceStore};
+        use crate::protocol::{ClientInfo, Publication};
+
+        #[derive(Default)]
+        struct CallsBack {
+            engine: OnceLock<Weak<MemoryEngine>>,
+            seen: Mutex<Vec<u64>>,
+        }
+        impl EngineEvents for CallsBack {
+            fn publication(&self, channel: &str, p: &Arc<Publication>) {
+                if let Some(engine) = self.engine.get().and_then(Weak::upgrade) {
+                    let options = HistoryOptions {
+                        size: 10,
+                        ttl: Duration::from_secs(60),
+                    };
+                    let query = HistoryQuery {
+                        since: None,
+                        limit: 10,
+                        reverse: false,
+                        start_stream: false,
+                        options,
+                    };
+                    // Each runs at once in the memory engine: under a lock
+                    // the publisher held, this would deadlock.
+                    drop(engine.history(channel, query));
+                    drop(engine.presence_stats(channel));
+                }
+                self.seen.lock().unwrap().push(p.offset);
+            }
+            fn join(&self, _: &str, _: &Arc<ClientInfo>) {}
+            fn leave(&self, _: &str, _: &Arc<ClientInfo>) {}
+            fn control(&self, _: &[u8]) {}
+        }
+
+        let engine = Arc::new(MemoryEngine::new());
+        let node = Arc::new(CallsBack::default());
+        let _ = node.engine.set(Arc::downgrade(&engine));
+        let events: Arc<dyn EngineEvents> = node.clone();
+        engine.set_events(Arc::downgrade(&events));
+        let (done, finished) = std::sync::mpsc::channel();
+        let publisher = engine.clone();
+        std::thread::spawn(move || {
+            for n in 0..3 {
+                let data = serde_json::value::RawValue::from_string(n.to_string()).unwrap();
+                let publication = Publication {
+                    offset: 0,
+                    data,
+                    info: None,
+                };
+                let options = HistoryOptions {
+                    size: 10,
+                    ttl: Duration::from_secs(60),
+                };
+                drop(publisher.publish("a", publication, options));
+            }
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("publishing deadlocked on a callback that calls the engine");
+        assert_eq!(*node.seen.lock().unwrap(), [1, 2, 3]);
+    }
 }

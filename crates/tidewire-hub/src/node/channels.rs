@@ -24,13 +24,35 @@ pub(super) struct Channel {
 
 type ParkedFrames = Vec<(u64, Frame)>;
 
+/// A subscriber not live yet.
+pub(super) struct Parked {
+    client: u64,
+    state: ParkedState,
+}
+
+enum ParkedState {
+    /// Reading history: the publications that arrive wait here.
+    Reading(ParkedFrames),
+    /// Has its reply, with the stream at `after`, but publications up to
+    /// `after` are still on their way to this node (stored before the
+    /// history read, handed over after it): they are skipped, the first
+    /// one past `after` is sent and the subscriber goes live.
+    CatchingUp {
+        after: u64,
+        sink: Arc<dyn ClientSink>,
+    },
+}
+
 #[derive(Default)]
 pub(super) struct Subscribers {
     pub(super) live: Vec<(u64, Arc<dyn ClientSink>)>,
     /// Position of each live subscriber in `live`.
     pub(super) index: HashMap<u64, usize>,
-    /// Subscribers reading history: publications wait here for them.
-    pub(super) parked: Vec<(u64, ParkedFrames)>,
+    /// Subscribers not live yet (see [`Parked`]).
+    pub(super) parked: Vec<Parked>,
+    /// The newest offset handed to this channel's subscribers (offsets
+    /// reach a node in order).
+    delivered: u64,
 }
 
 impl Subscribers {
@@ -50,9 +72,9 @@ impl Subscribers {
         self.live.push((client, sink));
     }
 
-    fn take_parked(&mut self, client: u64) -> Option<ParkedFrames> {
-        let at = self.parked.iter().position(|(c, _)| *c == client)?;
-        Some(self.parked.swap_remove(at).1)
+    fn take_parked(&mut self, client: u64) -> Option<ParkedState> {
+        let at = self.parked.iter().position(|p| p.client == client)?;
+        Some(self.parked.swap_remove(at).state)
     }
 
     fn remove(&mut self, client: u64) -> bool {
@@ -78,7 +100,12 @@ impl Subscribers {
 impl Node {
     /// Adds a parked subscriber (reading history before it goes live).
     pub(super) fn park(&self, channel: &str, client: u64) {
-        self.add_subscriber(channel, |subs| subs.parked.push((client, Vec::new())));
+        self.add_subscriber(channel, |subs| {
+            subs.parked.push(Parked {
+                client,
+                state: ParkedState::Reading(Vec::new()),
+            });
+        });
     }
 
     /// Runs `add` on the subscribers of `channel` (created if new) under
@@ -99,9 +126,13 @@ impl Node {
         }
     }
 
-    /// Sends the subscribe reply and what was parked after `after`, then
-    /// makes the subscriber live, all under the channel's lock (so that no
-    /// publication slips between). When the subscriber was removed
+    /// Sends the subscribe reply and what was parked after `after` (the
+    /// stream's offset in the reply), then makes the subscriber live, all
+    /// under the channel's lock (so that no publication slips between).
+    /// When publications up to `after` have not all reached this node yet
+    /// (a publisher stored one before the history read and is still
+    /// handing it over), the subscriber catches up first: those are
+    /// skipped, so that it sees none twice. When the subscriber was removed
     /// meanwhile (unsubscribed by the server), only the reply goes out.
     pub(super) fn go_live(&self, channel: &str, client: &Client, reply: Frame, after: u64) {
         let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
@@ -109,17 +140,29 @@ impl Node {
             return;
         };
         let mut subs = lock(&ch.subscribers);
-        let Some(parked) = subs.take_parked(client.id) else {
+        let Some(ParkedState::Reading(parked)) = subs.take_parked(client.id) else {
             client.sink.send(reply, FrameKind::Control);
             return;
         };
         client.sink.send(reply, FrameKind::Control);
+        let mut newest = subs.delivered;
         for (offset, frame) in parked {
             if offset > after {
                 client.sink.send(frame, FrameKind::Publication);
             }
+            newest = newest.max(offset);
         }
-        subs.add_live(client.id, client.sink.clone());
+        if newest >= after {
+            subs.add_live(client.id, client.sink.clone());
+        } else {
+            subs.parked.push(Parked {
+                client: client.id,
+                state: ParkedState::CatchingUp {
+                    after,
+                    sink: client.sink.clone(),
+                },
+            });
+        }
     }
 
     /// Adds a live subscriber and sends the reply under the channel's
@@ -248,16 +291,44 @@ impl Node {
         result
     }
 
-    /// Queues `frame` on every live subscriber of `ch` (and, for a
-    /// publication at offset `park`, on the parked ones).
+    /// Queues `frame` on every live subscriber of `ch`, and on the parked
+    /// ones: for a publication at offset `park`, a subscriber reading
+    /// history keeps it for later, one catching up gets it if it is past
+    /// its position (and goes live); other pushes go to those catching up
+    /// as to the live.
     pub(super) fn deliver(&self, ch: &Channel, frame: &Frame, park: Option<u64>) {
         let mut subs = lock(&ch.subscribers);
-        if let Some(offset) = park {
-            for (_, parked) in subs.parked.iter_mut() {
-                parked.push((offset, frame.clone()));
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        let mut caught_up = Vec::new();
+        for parked in subs.parked.iter_mut() {
+            match (&mut parked.state, park) {
+                (ParkedState::Reading(frames), Some(offset)) => {
+                    frames.push((offset, frame.clone()));
+                }
+                (ParkedState::Reading(_), None) => {}
+                (ParkedState::CatchingUp { after, .. }, Some(offset)) if offset <= *after => {}
+                (ParkedState::CatchingUp { sink, .. }, _) => {
+                    match sink.send(frame.clone(), FrameKind::Publication) {
+                        SendOutcome::Queued => delivered += 1,
+                        SendOutcome::Dropped => dropped += 1,
+                        SendOutcome::Closed => {}
+                    }
+                    if park.is_some() {
+                        caught_up.push(parked.client);
+                    }
+                }
             }
         }
-        let (mut delivered, mut dropped) = (0u64, 0u64);
+        if let Some(offset) = park {
+            subs.delivered = subs.delivered.max(offset);
+        }
+        let caught_up: Vec<(u64, Arc<dyn ClientSink>)> = caught_up
+            .into_iter()
+            .filter_map(|client| match subs.take_parked(client) {
+                Some(ParkedState::CatchingUp { sink, .. }) => Some((client, sink)),
+                _ => None,
+            })
+            .collect();
         // Queued on every subscriber first; the ones not already due are
         // woken afterwards by the dispatcher, a wave at a time.
         let mut due = Vec::new();
@@ -271,6 +342,10 @@ impl Node {
             if wake {
                 due.push(sink.clone());
             }
+        }
+        // Live from the next frame on (they have this one).
+        for (client, sink) in caught_up {
+            subs.add_live(client, sink);
         }
         drop(subs);
         if !due.is_empty() {

@@ -25,11 +25,74 @@ pub struct TestEngine {
     pub calls: Mutex<Vec<String>>,
     /// How long a subscribe and an unsubscribe take.
     pub delays: Mutex<(Duration, Duration)>,
+    /// Between the engine and the node: holds publications back on
+    /// request (see [`hold`](Self::hold)).
+    relay: Arc<Relay>,
+}
+
+/// Passes the engine's events to the node, or holds publications back.
+#[derive(Default)]
+struct Relay {
+    node: Mutex<Option<Weak<dyn EngineEvents>>>,
+    holding: AtomicBool,
+    held: Mutex<Vec<(String, Arc<Publication>)>>,
+}
+
+impl Relay {
+    fn node(&self) -> Option<Arc<dyn EngineEvents>> {
+        self.node.lock().unwrap().as_ref().and_then(Weak::upgrade)
+    }
+}
+
+impl EngineEvents for Relay {
+    fn publication(&self, channel: &str, publication: &Arc<Publication>) {
+        if self.holding.load(Ordering::SeqCst) {
+            self.held
+                .lock()
+                .unwrap()
+                .push((channel.to_owned(), publication.clone()));
+        } else if let Some(node) = self.node() {
+            node.publication(channel, publication);
+        }
+    }
+    fn join(&self, channel: &str, info: &Arc<ClientInfo>) {
+        if let Some(node) = self.node() {
+            node.join(channel, info);
+        }
+    }
+    fn leave(&self, channel: &str, info: &Arc<ClientInfo>) {
+        if let Some(node) = self.node() {
+            node.leave(channel, info);
+        }
+    }
+    fn control(&self, message: &[u8]) {
+        if let Some(node) = self.node() {
+            node.control(message);
+        }
+    }
 }
 
 impl TestEngine {
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
+    }
+
+    /// From now on publications are stored but not handed to the node,
+    /// as if still on their way through a broker.
+    pub fn hold(&self) {
+        self.relay.holding.store(true, Ordering::SeqCst);
+    }
+
+    /// Hands the held publications to the node, in order, and stops
+    /// holding.
+    pub fn release(&self) {
+        self.relay.holding.store(false, Ordering::SeqCst);
+        let held = std::mem::take(&mut *self.relay.held.lock().unwrap());
+        if let Some(node) = self.relay.node() {
+            for (channel, publication) in held {
+                node.publication(&channel, &publication);
+            }
+        }
     }
 
     async fn call(&self, what: String) {
@@ -48,7 +111,9 @@ impl TestEngine {
 
 impl Broker for TestEngine {
     fn set_events(&self, events: Weak<dyn EngineEvents>) {
-        self.inner.set_events(events)
+        *self.relay.node.lock().unwrap() = Some(events);
+        let relay: Arc<dyn EngineEvents> = self.relay.clone();
+        self.inner.set_events(Arc::downgrade(&relay))
     }
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
