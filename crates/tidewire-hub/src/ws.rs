@@ -19,7 +19,7 @@ use tidewire::{CloseCode, Message, SendError, Sender, WebSocket};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
-use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Session};
+use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Session, Transport};
 use crate::protocol::Frame;
 
 struct WsSink {
@@ -61,6 +61,10 @@ impl WsSink {
 }
 
 impl ClientSink for WsSink {
+    fn transport(&self) -> Transport {
+        Transport::WEBSOCKET
+    }
+
     fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
         self.outcome(self.sender.try_send(Message::Text(frame)), kind)
     }

@@ -511,6 +511,9 @@ async fn a_connection_accepted_before_shutdown_still_gets_its_answer() {
 struct RecordingSink(std::sync::Mutex<Vec<String>>);
 
 impl tidewire_hub::node::ClientSink for RecordingSink {
+    fn transport(&self) -> tidewire_hub::node::Transport {
+        tidewire_hub::node::Transport::WEBSOCKET
+    }
     fn send(
         &self,
         frame: tidewire_hub::protocol::Frame,

@@ -11,7 +11,7 @@ mod common;
 
 use common::engine::TestEngine;
 use serde_json::{json, Value};
-use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session};
+use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session, Transport};
 use tidewire_hub::node::{HEARTBEAT, SURVEY_TIMEOUT};
 use tidewire_hub::protocol::{Disconnect, DisconnectCode, Frame, HistoryRequest};
 use tidewire_hub::{Config, Hub, MemoryEngine, ResumeError};
@@ -50,6 +50,13 @@ impl MemorySink {
 }
 
 impl ClientSink for MemorySink {
+    fn transport(&self) -> Transport {
+        Transport {
+            name: "memory",
+            unidirectional: false,
+        }
+    }
+
     fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
         if self.closed().is_some() {
             return SendOutcome::Closed;

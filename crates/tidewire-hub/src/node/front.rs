@@ -26,8 +26,30 @@ pub enum SendOutcome {
     Closed,
 }
 
+/// What a front's transport is, as far as the core needs to know (the
+/// core never names one itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transport {
+    /// Its name, as the connect proxy is told (`websocket`; later `sse`,
+    /// `http_stream`, `long_poll`, `socketio`).
+    pub name: &'static str,
+    /// Server to client only (SSE, HTTP streaming): the client's commands
+    /// come another way.
+    pub unidirectional: bool,
+}
+
+impl Transport {
+    /// A WebSocket: both ways.
+    pub const WEBSOCKET: Transport = Transport {
+        name: "websocket",
+        unidirectional: false,
+    };
+}
+
 /// A front's handle on one client connection.
 pub trait ClientSink: Send + Sync + 'static {
+    /// The transport behind this sink.
+    fn transport(&self) -> Transport;
     /// Queues a frame without waiting.
     fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome;
     /// Ends the connection after what is queued, with a close code and

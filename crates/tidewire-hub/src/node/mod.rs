@@ -55,7 +55,7 @@ mod wakes;
 
 use channels::Channel;
 pub use cluster::{NodeInfo, HEARTBEAT, SURVEY_TIMEOUT};
-pub use front::{ClientSink, FrameKind, SendOutcome};
+pub use front::{ClientSink, FrameKind, SendOutcome, Transport};
 use registry::{Client, ClientState};
 pub use resume::ResumeError;
 pub use server_api::HistoryReply;

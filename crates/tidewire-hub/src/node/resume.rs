@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::front::{ClientSink, FrameKind, SendOutcome};
+use super::front::{ClientSink, FrameKind, SendOutcome, Transport};
 use super::session::Session;
 use super::{Hub, Node};
 use crate::protocol::Frame;
@@ -44,6 +44,9 @@ pub enum ResumeError {
 /// Where a resumable session's frames go: its transport while it has
 /// one, a bounded buffer while it has none.
 pub(super) struct ResumableSink {
+    /// The transport of the sink it was opened over (a resume brings one
+    /// of the same front).
+    transport: Transport,
     link: Mutex<Link>,
     max_messages: usize,
     max_bytes: usize,
@@ -65,6 +68,7 @@ impl ResumableSink {
         max_bytes: usize,
     ) -> ResumableSink {
         ResumableSink {
+            transport: sink.transport(),
             link: Mutex::new(Link::Attached(sink)),
             max_messages,
             max_bytes,
@@ -109,6 +113,10 @@ impl ResumableSink {
 }
 
 impl ClientSink for ResumableSink {
+    fn transport(&self) -> Transport {
+        self.transport
+    }
+
     fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
         let mut link = lock(&self.link);
         match &mut *link {

@@ -196,7 +196,7 @@ impl Session {
         if let Some(proxy) = &node.proxy {
             let call = ConnectCall {
                 client: &client_id,
-                transport: "websocket",
+                transport: self.client.sink.transport().name,
                 user: &claims.user,
                 data: request.data.as_deref(),
             };
