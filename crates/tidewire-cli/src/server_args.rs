@@ -20,7 +20,7 @@ use tidewire::{
 
 /// Plain numbers are seconds; otherwise "500ms", "10s", "2m", "1h".
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
-    tidewire_hub::config::parse_duration(s)
+    tidewire_hub::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// A duration where 0 (or "off") means "never".

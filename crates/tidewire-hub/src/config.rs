@@ -139,6 +139,27 @@ impl Default for ClientSettings {
     }
 }
 
+/// A setting's value that does not parse (from a flag, a variable or the
+/// file).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValueError {
+    /// A number that is not a duration (negative, not finite, too big).
+    #[error("{0:?} is not a duration (a number of seconds from 0, or \"10s\", \"5m\")")]
+    NotADuration(String),
+    /// Text that is not a duration.
+    #[error("{value:?}: {reason}")]
+    BadDuration {
+        /// The text.
+        value: String,
+        /// Why, from the duration parser.
+        reason: String,
+    },
+    /// A slow-consumer policy the hub does not offer.
+    #[error("slow-consumer policy {0:?} is not available for the hub (close or drop)")]
+    SlowConsumerPolicy(String),
+}
+
 /// The hub's `close` slow-consumer policy: 1013, try again later.
 pub const SLOW_CONSUMER_CLOSE: SlowConsumer = SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER);
 
@@ -147,13 +168,11 @@ pub const SLOW_CONSUMER_CLOSE: SlowConsumer = SlowConsumer::Close(CloseCode::TRY
 ///
 /// # Errors
 /// Any other name, `wait` included (see [`ClientSettings::slow_consumer`]).
-pub fn parse_slow_consumer(name: &str) -> Result<SlowConsumer, String> {
+pub fn parse_slow_consumer(name: &str) -> Result<SlowConsumer, ValueError> {
     match name {
         "close" => Ok(SLOW_CONSUMER_CLOSE),
         "drop" => Ok(SlowConsumer::Drop),
-        other => Err(format!(
-            "slow-consumer policy {other:?} is not available for the hub (close or drop)"
-        )),
+        other => Err(ValueError::SlowConsumerPolicy(other.to_owned())),
     }
 }
 
@@ -626,15 +645,20 @@ pub fn namespace_of(channel: &str) -> Option<&str> {
 }
 
 /// Parses "10s", "5m", "250ms", or a number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+///
+/// # Errors
+/// Anything else, a negative or non-finite number included.
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
         // Negative, NaN, infinite or past Duration::MAX: an error, not a panic.
-        return Duration::try_from_secs_f64(secs).map_err(|_| {
-            format!("{s:?} is not a duration (a number of seconds from 0, or \"10s\", \"5m\")")
-        });
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| ValueError::NotADuration(s.to_owned()));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+    humantime::parse_duration(s).map_err(|e| ValueError::BadDuration {
+        value: s.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// A duration as the TOML file writes it ("30s", "5m", "0s").
