@@ -207,6 +207,22 @@ function publicationContext(channel, pub) {
   return ctx;
 }
 
+/** The length of `text` in UTF-8 bytes (what the server counts). */
+function utf8Length(text) {
+  let bytes = 0;
+  for (let i = 0; i < text.length; i++) {
+    const unit = text.charCodeAt(i);
+    if (unit < 0x80) bytes += 1;
+    else if (unit < 0x800) bytes += 2;
+    else if (unit >= 0xd800 && unit <= 0xdbff && i + 1 < text.length) {
+      // A surrogate pair: one 4-byte character.
+      bytes += 4;
+      i++;
+    } else bytes += 3;
+  }
+  return bytes;
+}
+
 /**
  * A connection to `tidewire serve`. See README.md for a tour.
  */
@@ -816,9 +832,11 @@ export class Client extends Emitter {
       bytes = 0;
     };
     for (const frame of frames) {
-      if (batch.length >= this._options.maxBatch || (batch.length > 0 && bytes + frame.length > this._options.maxBatchBytes)) send();
+      // The server's limit is in bytes of UTF-8, not in characters.
+      const size = utf8Length(frame);
+      if (batch.length >= this._options.maxBatch || (batch.length > 0 && bytes + size > this._options.maxBatchBytes)) send();
       batch.push(frame);
-      bytes += frame.length + 1;
+      bytes += size + 1;
     }
     send();
   }

@@ -129,6 +129,26 @@ describe('client against tidewire serve', { timeout: 60000 }, () => {
     a.disconnect();
   });
 
+  test('batches stay under the server\'s message size in bytes, not characters', async () => {
+    const client = newClient(server.wsUrl, FAST);
+    client.connect();
+    await client.ready(5000);
+    const sub = client.newSubscription('bytes:euro');
+    sub.subscribe();
+    await sub.ready(5000);
+    // 10,000 three-byte characters a command: 4 of them are 40,000
+    // characters (over maxBatchBytes only by bytes) and 120 KB.
+    const text = '€'.repeat(10000);
+    // Queued in one tick: one flush batches them.
+    const acks = await Promise.all([1, 2, 3, 4].map((n) => client.publish('bytes:euro', { n, text })));
+    assert.deepEqual(
+      acks.map((a) => a.offset),
+      [1, 2, 3, 4],
+    );
+    assert.equal(client.state, State.Connected, 'not closed for a message over the size limit');
+    client.disconnect();
+  });
+
   test('presence diffs: joins gathered into one event, counts only in a big channel, relist after', async () => {
     const big = await Server.start('[namespaces.big]\njoin_leave_max_members = 2\njoin_leave_interval = "0s"\n');
     try {
