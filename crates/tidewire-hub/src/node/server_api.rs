@@ -40,13 +40,7 @@ impl Hub {
     /// # Errors
     /// 108 / 109 for the channel, 112 when presence is off, 114.
     pub async fn presence(&self, channel: &str) -> Result<Vec<Arc<ClientInfo>>, ErrorReply> {
-        let options = self.node.channel_options(channel)?;
-        if !options.presence {
-            return Err(error(
-                ErrorCode::NotAvailable,
-                "presence is off for this namespace",
-            ));
-        }
+        self.node.presence_is_on(channel)?;
         self.node
             .presence_store
             .presence(channel)
@@ -59,13 +53,7 @@ impl Hub {
     /// # Errors
     /// As [`presence`](Self::presence).
     pub async fn presence_stats(&self, channel: &str) -> Result<PresenceStats, ErrorReply> {
-        let options = self.node.channel_options(channel)?;
-        if !options.presence {
-            return Err(error(
-                ErrorCode::NotAvailable,
-                "presence is off for this namespace",
-            ));
-        }
+        self.node.presence_is_on(channel)?;
         self.node
             .presence_store
             .presence_stats(channel)
@@ -159,6 +147,19 @@ pub struct HistoryReply {
 }
 
 impl Node {
+    /// A valid channel whose namespace keeps presence, or the error
+    /// (108 / 109 for the channel, 112 when presence is off).
+    fn presence_is_on(&self, channel: &str) -> Result<(), ErrorReply> {
+        if self.channel_options(channel)?.presence {
+            Ok(())
+        } else {
+            Err(error(
+                ErrorCode::NotAvailable,
+                "presence is off for this namespace",
+            ))
+        }
+    }
+
     pub(super) async fn history(
         &self,
         request: &HistoryRequest,
