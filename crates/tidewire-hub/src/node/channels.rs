@@ -294,8 +294,9 @@ impl Node {
     /// Queues `frame` on every live subscriber of `ch`, and on the parked
     /// ones: for a publication at offset `park`, a subscriber reading
     /// history keeps it for later, one catching up gets it if it is past
-    /// its position (and goes live); other pushes go to those catching up
-    /// as to the live.
+    /// its position; either way it goes live once the publication at or
+    /// past its position came; other pushes go to those catching up as to
+    /// the live.
     pub(super) fn deliver(&self, ch: &Channel, frame: &Frame, park: Option<u64>) {
         let mut subs = lock(&ch.subscribers);
         let (mut delivered, mut dropped) = (0u64, 0u64);
@@ -306,7 +307,13 @@ impl Node {
                     frames.push((offset, frame.clone()));
                 }
                 (ParkedState::Reading(_), None) => {}
-                (ParkedState::CatchingUp { after, .. }, Some(offset)) if offset <= *after => {}
+                (ParkedState::CatchingUp { after, .. }, Some(offset)) if offset <= *after => {
+                    // In its position already; the one at its position
+                    // was the last on its way: live from the next one.
+                    if offset == *after {
+                        caught_up.push(parked.client);
+                    }
+                }
                 (ParkedState::CatchingUp { sink, .. }, _) => {
                     match sink.send(frame.clone(), FrameKind::Publication) {
                         SendOutcome::Queued => delivered += 1,
