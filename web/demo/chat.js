@@ -21,11 +21,13 @@ const HISTORY = 50;
  */
 const LIST_MAX = 100;
 /**
- * The largest WebSocket message the server reads: its default
- * `client.max_message_size` (docs/configuration.md). A bigger publish
- * would close the connection (1009), so the page refuses it before sending.
+ * The largest WebSocket message the server reads, until its connect reply
+ * says (`max_message_size`, the server's `client.max_message_size`;
+ * this is its default). A bigger publish would close the connection
+ * (1009), so the page refuses it before sending.
  */
-const MAX_MESSAGE_BYTES = 64 * 1024;
+const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024;
+const maxMessageBytes = () => client.maxMessageSize || DEFAULT_MAX_MESSAGE_BYTES;
 /** The widest command id the client may put on a publish (it counts up). */
 const WIDEST_COMMAND_ID = Number.MAX_SAFE_INTEGER;
 
@@ -455,16 +457,17 @@ function publishBytes(data) {
 
 /** Says how close the text is to the server's limit; false when over it. */
 function checkSize() {
+  const limit = maxMessageBytes();
   const bytes = publishBytes(chatMessage(textInput.value.trim()));
-  const over = bytes > MAX_MESSAGE_BYTES;
+  const over = bytes > limit;
   sizeNote.dataset.bytes = bytes;
-  sizeNote.dataset.limit = MAX_MESSAGE_BYTES;
+  sizeNote.dataset.limit = limit;
   if (over) {
     sizeNote.dataset.kind = 'error';
-    sizeNote.textContent = `Too long to send: ${formatBytes(bytes)} bytes with the message envelope; the server accepts at most ${formatBytes(MAX_MESSAGE_BYTES)}.`;
-  } else if (bytes > MAX_MESSAGE_BYTES * 0.9) {
+    sizeNote.textContent = `Too long to send: ${formatBytes(bytes)} bytes with the message envelope; the server accepts at most ${formatBytes(limit)}.`;
+  } else if (bytes > limit * 0.9) {
     sizeNote.dataset.kind = 'warn';
-    sizeNote.textContent = `${formatBytes(MAX_MESSAGE_BYTES - bytes)} bytes left of the server's ${formatBytes(MAX_MESSAGE_BYTES)}.`;
+    sizeNote.textContent = `${formatBytes(limit - bytes)} bytes left of the server's ${formatBytes(limit)}.`;
   } else {
     delete sizeNote.dataset.kind;
     sizeNote.textContent = '';

@@ -330,6 +330,8 @@ export declare class Client extends Emitter<ClientEvents> {
   readonly clientId: string | null;
   /** The user id ("" for anonymous), or null before the first connect. */
   readonly user: string | null;
+  /** The largest message the server reads, in bytes (from the connect reply), or null before. */
+  readonly maxMessageSize: number | null;
   connect(): void;
   disconnect(): void;
   /** Resolves when connected; rejects when disconnected or after `timeout` ms. */

@@ -245,6 +245,8 @@ export class Client extends Emitter {
     this.clientId = null;
     /** The user id of this connection ("" for anonymous), or null before the first connect. */
     this.user = null;
+    /** The largest message the server reads, in bytes (from the connect reply), or null before. */
+    this.maxMessageSize = null;
     this._token = this._options.token || null;
     /** @type {Map<string, Subscription>} */
     this._subs = new Map();
@@ -488,6 +490,7 @@ export class Client extends Emitter {
     this._clearConnectTimer();
     this.clientId = result.client;
     this.user = result.user;
+    if (Number.isInteger(result.max_message_size)) this.maxMessageSize = result.max_message_size;
     this._attempt = 0;
     this._refreshAttempt = 0;
     this._setState(State.Connected);

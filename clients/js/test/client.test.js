@@ -37,6 +37,7 @@ describe('client against tidewire serve', { timeout: 60000 }, () => {
     await client.ready(5000);
     assert.equal(client.state, State.Connected);
     assert.match(client.clientId, /^[0-9a-f]{16}$/);
+    assert.equal(client.maxMessageSize, 64 * 1024, "the server's limit, from the connect reply");
     assert.equal(client.user, '');
     assert.deepEqual(
       events.map((e) => e.event),

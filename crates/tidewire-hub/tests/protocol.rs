@@ -16,6 +16,7 @@ async fn connect_reply_carries_client_user_and_ping_interval() {
     assert_eq!(reply["user"], "");
     assert_eq!(reply["version"], 1);
     assert_eq!(reply["ping_interval"], 25);
+    assert_eq!(reply["max_message_size"], 64 * 1024);
     assert_eq!(reply["client"].as_str().unwrap().len(), 16);
     assert!(reply.get("expires_in").is_none());
     let (mut authed, reply) = Client::connect(&server, Some(&token("42", 600, &[]))).await;

@@ -41,6 +41,8 @@ async function tour(): Promise<void> {
   sub.on('publication', (ctx) => console.log(ctx.info?.user, ctx.data));
   sub.on('join', (ctx) => console.log(ctx.info.client));
   sub.on('leave', (ctx) => console.log(ctx.info.user));
+  const limit: number | null = client.maxMessageSize;
+  console.log(limit);
   sub.on('presence_diff', (ctx) => {
     const change: number = ctx.joined - ctx.left;
     if (ctx.relist) void sub.presence();

@@ -45,6 +45,10 @@ struct ConnectReply<'a> {
     version: u32,
     /// Seconds between the server's application pings (0: none).
     ping_interval: u64,
+    /// The largest message the server reads, in bytes (a bigger one
+    /// closes the connection, 1009): a client can refuse one before
+    /// sending it.
+    max_message_size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_in: Option<u64>,
 }
@@ -258,6 +262,7 @@ impl Session {
             user: &claims.user,
             version: protocol::VERSION,
             ping_interval: node.config.client.ping_interval.as_secs(),
+            max_message_size: node.config.client.max_message_size,
             expires_in: claims.expires_at.map(|exp| exp.saturating_sub(now_unix())),
         })
     }
