@@ -15,7 +15,7 @@
 //! | [`node`] | the hub core: the node and its handle [`Hub`], sessions and their commands, channels and fan-out, presence diffs, maintenance, the front contract ([`node::ClientSink`]), the server-side API |
 //! | [`auth`] | JWT connection and subscription tokens (HS256, RS256, ES256, JWKS) |
 //! | [`proxy`] | HTTP callbacks to the application on connect and publish |
-//! | [`ws`] | the WebSocket front: a session per connection |
+//! | [`fronts`] | the fronts, one per transport: [`fronts::websocket`] (a session per WebSocket connection) |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`http`] | the axum router, its handlers (`/health`, `/metrics`, the WebSocket upgrade), [`http::api`] the HTTP API, the embedded static files, and the accept loop (limits, TLS, shutdown) |
 
@@ -26,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 mod fields;
+pub mod fronts;
 mod http_client;
 pub mod metrics;
 pub mod node;
@@ -34,7 +35,6 @@ pub mod http;
 pub mod protocol;
 pub mod proxy;
 mod shards;
-pub mod ws;
 
 pub use config::Config;
 pub use engine::{Broker, Engine, MemoryEngine, PresenceStore};

@@ -61,7 +61,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
             ping_interval: (!settings.ping_interval.is_zero()).then_some(settings.ping_interval),
             pong_timeout: settings.pong_timeout,
             idle_timeout: (!settings.idle_timeout.is_zero()).then_some(settings.idle_timeout),
-            send_queue: crate::ws::queue_limits(&config.client),
+            send_queue: crate::fronts::websocket::queue_limits(&config.client),
             ..IoOptions::default()
         },
         handshake_timeout: settings.handshake_timeout,
@@ -140,7 +140,7 @@ async fn websocket(
             Ok(mut ws) => {
                 ws.set_shutdown(shutdown);
                 // The connection's limit slot lives as long as the WebSocket.
-                tokio::spawn(crate::ws::run_session(hub, ws, slot));
+                tokio::spawn(crate::fronts::websocket::run_session(hub, ws, slot));
             }
             Err(e) => tracing::debug!("WebSocket upgrade failed: {e}"),
         }

@@ -2,7 +2,7 @@
 //! permissions, presence, join/leave, history, and the routing of each
 //! publication once to this node's subscribers.
 //!
-//! A front (the WebSocket front in [`crate::ws`], later others) opens a
+//! A front (the WebSocket front in [`crate::fronts::websocket`], later others) opens a
 //! [`Session`] per connection with a [`ClientSink`], hands it every text
 //! message, and closes it when the transport ends. The core writes
 //! replies and pushes only through the sink, as encoded JSON frames, so it
