@@ -9,7 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | defaults, TOML, environment; namespace options |
-//! | [`protocol`] | the JSON wire types and the table of codes |
+//! | [`protocol`] | the codec-neutral protocol (commands, replies, pushes, payloads as bytes, the [`protocol::Codec`] trait, the table of codes); [`protocol::json`] JSON v1, the first codec |
 //! | `fields` | strict field-by-field reading of commands and API bodies, with errors for people |
 //! | [`engine`] | offsets, epochs, history, recovery, presence; [`engine::MemoryEngine`] |
 //! | [`node`] | the hub core: the node and its handle [`Hub`], sessions and their commands, channels and fan-out, presence diffs, maintenance, the front contract ([`node::ClientSink`]), the server-side API |

@@ -519,7 +519,10 @@ impl tidewire_hub::node::ClientSink for RecordingSink {
         frame: tidewire_hub::protocol::Frame,
         _: tidewire_hub::node::FrameKind,
     ) -> tidewire_hub::node::SendOutcome {
-        self.0.lock().unwrap().push(frame.as_str().to_owned());
+        self.0
+            .lock()
+            .unwrap()
+            .push(frame.as_text().expect("JSON is text").to_owned());
         tidewire_hub::node::SendOutcome::Queued
     }
     fn close(&self, code: u16, reason: &str) {

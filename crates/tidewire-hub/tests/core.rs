@@ -4,6 +4,7 @@
 //! slow-consumer outcomes are checked with no network and no front.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +14,10 @@ use common::engine::TestEngine;
 use serde_json::{json, Value};
 use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session, Transport};
 use tidewire_hub::node::{HEARTBEAT, SURVEY_TIMEOUT};
-use tidewire_hub::protocol::{Disconnect, DisconnectCode, Frame, HistoryRequest};
+use tidewire_hub::protocol::{
+    Batch, Codec, Disconnect, DisconnectCode, ErrorReply, Frame, HistoryRequest, Incoming, Payload,
+    Push, Reply, JSON,
+};
 use tidewire_hub::{Config, Hub, MemoryEngine, ResumeError};
 
 /// An in-memory transport: frames queue up to `capacity`, like a
@@ -21,15 +25,25 @@ use tidewire_hub::{Config, Hub, MemoryEngine, ResumeError};
 /// else closes the connection (1013), as the WebSocket front does with
 /// its `drop` policy.
 struct MemorySink {
+    codec: &'static dyn Codec,
+    /// Frames as text (a binary codec's JSON bytes too), in order.
     frames: Mutex<VecDeque<String>>,
+    /// How many of them came as binary frames.
+    binary: AtomicUsize,
     closed: Mutex<Option<(u16, String)>>,
     capacity: usize,
 }
 
 impl MemorySink {
     fn new(capacity: usize) -> Arc<MemorySink> {
+        MemorySink::with_codec(capacity, &JSON)
+    }
+
+    fn with_codec(capacity: usize, codec: &'static dyn Codec) -> Arc<MemorySink> {
         Arc::new(MemorySink {
+            codec,
             frames: Mutex::new(VecDeque::new()),
+            binary: AtomicUsize::new(0),
             closed: Mutex::new(None),
             capacity,
         })
@@ -53,6 +67,7 @@ impl ClientSink for MemorySink {
     fn transport(&self) -> Transport {
         Transport {
             name: "memory",
+            codec: self.codec,
             unidirectional: false,
         }
     }
@@ -70,7 +85,10 @@ impl ClientSink for MemorySink {
             self.close(1013, "send queue full");
             return SendOutcome::Closed;
         }
-        frames.push_back(frame.as_str().to_owned());
+        if let Frame::Binary(_) = frame {
+            self.binary.fetch_add(1, Ordering::Relaxed);
+        }
+        frames.push_back(String::from_utf8(frame.as_bytes().to_vec()).expect("JSON in the frame"));
         SendOutcome::Queued
     }
 
@@ -226,9 +244,12 @@ async fn a_reconnecting_client_recovers_exactly_what_it_missed() {
     a.ok("publish", json!({"channel": "feed", "data": 1})).await;
     a.session.close().await;
     for n in 2..=4 {
-        hub.publish("feed", serde_json::value::to_raw_value(&n).unwrap())
-            .await
-            .unwrap();
+        hub.publish(
+            "feed",
+            Payload::from_json(serde_json::value::to_raw_value(&n).unwrap()),
+        )
+        .await
+        .unwrap();
     }
     let (mut again, _) = Conn::connected(&hub).await;
     let sub = again
@@ -785,4 +806,75 @@ async fn a_publication_stored_before_a_subscribe_but_delivered_after_it_is_not_s
         .await;
     engine.release();
     assert_eq!(offsets(&c), [] as [u64; 0]);
+}
+
+/// A second codec for the fan-out tests: JSON v1 in binary frames, which
+/// counts the publications it encodes.
+struct BinaryJson;
+
+static BINARY_PUBLICATIONS: AtomicUsize = AtomicUsize::new(0);
+
+impl Codec for BinaryJson {
+    fn name(&self) -> &'static str {
+        "binary-json"
+    }
+    fn decode_batch<'a>(
+        &self,
+        message: Incoming<'a>,
+        max_batch: usize,
+    ) -> Result<Batch<'a>, ErrorReply> {
+        match message {
+            Incoming::Binary(bytes) => match std::str::from_utf8(bytes) {
+                Ok(text) => JSON.decode_batch(Incoming::Text(text), max_batch),
+                Err(_) => JSON.decode_batch(Incoming::Binary(bytes), max_batch),
+            },
+            text => JSON.decode_batch(text, max_batch),
+        }
+    }
+    fn encode_reply(&self, id: u64, reply: &Reply) -> Frame {
+        binary(JSON.encode_reply(id, reply))
+    }
+    fn encode_error(&self, id: u64, error: &ErrorReply) -> Frame {
+        binary(JSON.encode_error(id, error))
+    }
+    fn encode_push(&self, push: &Push<'_>) -> Frame {
+        if let Push::Publication { .. } = push {
+            BINARY_PUBLICATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        binary(JSON.encode_push(push))
+    }
+}
+
+fn binary(frame: Frame) -> Frame {
+    Frame::Binary(bytes::Bytes::copy_from_slice(frame.as_bytes()))
+}
+
+#[tokio::test]
+async fn subscribers_of_two_codecs_each_get_a_publication_in_their_own_once_encoded() {
+    static CODEC: BinaryJson = BinaryJson;
+    let hub = hub();
+    let (mut text, _) = Conn::connected(&hub).await;
+    let mut binaries = Vec::new();
+    for _ in 0..3 {
+        let sink = MemorySink::with_codec(1024, &CODEC);
+        let mut conn = Conn::over(hub.open(sink.clone()), sink);
+        conn.ok("connect", json!({})).await;
+        conn.ok("subscribe", json!({"channel": "room"})).await;
+        binaries.push(conn);
+    }
+    text.ok("subscribe", json!({"channel": "room"})).await;
+    let before = BINARY_PUBLICATIONS.load(Ordering::Relaxed);
+    text.ok("publish", json!({"channel": "room", "data": {"n": 1}}))
+        .await;
+    // One encoding for the three binary subscribers.
+    assert_eq!(BINARY_PUBLICATIONS.load(Ordering::Relaxed) - before, 1);
+    let expected = text.publications();
+    assert_eq!(expected.len(), 1, "{expected:?}");
+    assert_eq!(expected[0]["data"], json!({"n": 1}));
+    assert_eq!(text.sink.binary.load(Ordering::Relaxed), 0);
+    for conn in &binaries {
+        // Replies and pushes alike in the session's codec.
+        assert_eq!(conn.publications(), expected);
+        assert!(conn.sink.binary.load(Ordering::Relaxed) >= 3);
+    }
 }

@@ -17,7 +17,7 @@ use super::{
     BoxFuture, Engine, EngineEvents, EngineStats, HistoryOptions, HistoryQuery, HistoryResult,
     PresenceStats,
 };
-use crate::protocol::{ClientInfo, Position, Publication};
+use crate::protocol::{ClientInfo, Payload, Position, Publication};
 use crate::shards::lock;
 
 /// How the suite gets engines and lets time pass for them.
@@ -73,7 +73,7 @@ macro_rules! conformance_suite {
 fn publication(text: &str) -> Publication {
     Publication {
         offset: 0,
-        data: RawValue::from_string(format!("{text:?}")).unwrap(),
+        data: Payload::from_json(RawValue::from_string(format!("{text:?}")).unwrap()),
         info: None,
     }
 }
@@ -83,7 +83,11 @@ struct Recorder(Mutex<Vec<(String, u64, String)>>);
 
 impl EngineEvents for Recorder {
     fn publication(&self, channel: &str, p: &Arc<Publication>) {
-        lock(&self.0).push((channel.into(), p.offset, p.data.get().into()));
+        lock(&self.0).push((
+            channel.into(),
+            p.offset,
+            String::from_utf8_lossy(p.data.as_bytes()).into(),
+        ));
     }
     fn join(&self, channel: &str, info: &Arc<ClientInfo>) {
         lock(&self.0).push((channel.into(), 0, format!("join {}", info.client)));

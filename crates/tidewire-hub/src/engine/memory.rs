@@ -520,7 +520,7 @@ mod tests {
                 let data = serde_json::value::RawValue::from_string(n.to_string()).unwrap();
                 let publication = Publication {
                     offset: 0,
-                    data,
+                    data: crate::protocol::Payload::from_json(data),
                     info: None,
                 };
                 let options = HistoryOptions {

@@ -66,11 +66,11 @@ impl ClientSink for WsSink {
     }
 
     fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
-        self.outcome(self.sender.try_send(Message::Text(frame)), kind)
+        self.outcome(self.sender.try_send(message(frame)), kind)
     }
 
     fn send_deferred(&self, frame: Frame, kind: FrameKind) -> (SendOutcome, bool) {
-        let outcome = self.outcome(self.sender.try_send_deferred(Message::Text(frame)), kind);
+        let outcome = self.outcome(self.sender.try_send_deferred(message(frame)), kind);
         let wake = outcome == SendOutcome::Queued
             && !self.wake_due.load(Ordering::Relaxed)
             && !self.wake_due.swap(true, Ordering::AcqRel);
@@ -93,6 +93,14 @@ impl ClientSink for WsSink {
 
     fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+}
+
+/// A codec's frame as the WebSocket message that carries it.
+fn message(frame: Frame) -> Message {
+    match frame {
+        Frame::Text(text) => Message::Text(text),
+        Frame::Binary(bytes) => Message::Binary(bytes),
     }
 }
 
@@ -166,7 +174,7 @@ where
             // Boxed: command handling's state is on the heap while it
             // runs, not part of every idle connection's task.
             Some(Ok(Message::Text(text))) => Box::pin(session.handle_text(text.as_str())).await,
-            Some(Ok(Message::Binary(_))) => session.handle_binary(),
+            Some(Ok(Message::Binary(bytes))) => Box::pin(session.handle_binary(&bytes)).await,
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 tracing::debug!(client = %session.client_id(), "connection ended: {e}");

@@ -19,7 +19,7 @@ use crate::fields::{quoted, ListError, Object};
 use crate::metrics::MethodLabel;
 use crate::node::Hub;
 use crate::protocol::{
-    ChannelRequest, Disconnect, DisconnectCode, ErrorCode, ErrorReply, HistoryRequest,
+    ChannelRequest, Disconnect, DisconnectCode, ErrorCode, ErrorReply, HistoryRequest, Payload,
     PublishRequest,
 };
 
@@ -310,8 +310,11 @@ fn position_json(position: Option<crate::engine::StreamPosition>) -> serde_json:
 
 async fn dispatch(hub: &Hub, method: &str, body: &[u8]) -> Result<serde_json::Value, ErrorReply> {
     Ok(match parse_call(method, body)? {
-        ApiCall::Publish(p) => position_json(hub.publish(&p.channel, p.data).await?),
+        ApiCall::Publish(p) => {
+            position_json(hub.publish(&p.channel, Payload::from_json(p.data)).await?)
+        }
         ApiCall::Broadcast { channels, data } => {
+            let data = Payload::from_json(data);
             let mut results = Vec::with_capacity(channels.len());
             for channel in &channels {
                 results.push(match hub.publish(channel, data.clone()).await {

@@ -12,7 +12,7 @@ use super::presence_diff::PendingDiff;
 use super::registry::Client;
 use super::Node;
 use crate::engine::{EngineError, EngineEvents};
-use crate::protocol::{self, ClientInfo, Frame, Publication, Unsubscribed};
+use crate::protocol::{ClientInfo, Codec, EncodedPush, Frame, Publication, Push, Unsubscribed};
 use crate::shards::lock;
 
 #[derive(Default)]
@@ -27,6 +27,8 @@ type ParkedFrames = Vec<(u64, Frame)>;
 /// A subscriber not live yet.
 pub(super) struct Parked {
     client: u64,
+    /// What the frames it keeps are encoded with.
+    codec: &'static dyn Codec,
     state: ParkedState,
 }
 
@@ -99,10 +101,11 @@ impl Subscribers {
 
 impl Node {
     /// Adds a parked subscriber (reading history before it goes live).
-    pub(super) fn park(&self, channel: &str, client: u64) {
+    pub(super) fn park(&self, channel: &str, client: u64, codec: &'static dyn Codec) {
         self.add_subscriber(channel, |subs| {
             subs.parked.push(Parked {
                 client,
+                codec,
                 state: ParkedState::Reading(Vec::new()),
             });
         });
@@ -157,6 +160,7 @@ impl Node {
         } else {
             subs.parked.push(Parked {
                 client: client.id,
+                codec: client.codec,
                 state: ParkedState::CatchingUp {
                     after,
                     sink: client.sink.clone(),
@@ -207,7 +211,7 @@ impl Node {
         };
         if removed {
             self.leave_channel(client, channel).await;
-            client.send(protocol::encode_unsubscribe(channel, why));
+            client.push(&Push::Unsubscribe { channel, why });
         }
         removed
     }
@@ -291,20 +295,21 @@ impl Node {
         result
     }
 
-    /// Queues `frame` on every live subscriber of `ch`, and on the parked
+    /// Queues `push` (encoded once per codec) on every live subscriber of
+    /// `ch`, and on the parked
     /// ones: for a publication at offset `park`, a subscriber reading
     /// history keeps it for later, one catching up gets it if it is past
     /// its position; either way it goes live once the publication at or
     /// past its position came; other pushes go to those catching up as to
     /// the live.
-    pub(super) fn deliver(&self, ch: &Channel, frame: &Frame, park: Option<u64>) {
+    pub(super) fn deliver(&self, ch: &Channel, push: &mut EncodedPush<'_>, park: Option<u64>) {
         let mut subs = lock(&ch.subscribers);
         let (mut delivered, mut dropped) = (0u64, 0u64);
         let mut caught_up = Vec::new();
         for parked in subs.parked.iter_mut() {
             match (&mut parked.state, park) {
                 (ParkedState::Reading(frames), Some(offset)) => {
-                    frames.push((offset, frame.clone()));
+                    frames.push((offset, push.frame(parked.codec).clone()));
                 }
                 (ParkedState::Reading(_), None) => {}
                 (ParkedState::CatchingUp { after, .. }, Some(offset)) if offset <= *after => {
@@ -315,7 +320,8 @@ impl Node {
                     }
                 }
                 (ParkedState::CatchingUp { sink, .. }, _) => {
-                    match sink.send(frame.clone(), FrameKind::Publication) {
+                    let frame = push.frame(sink.transport().codec).clone();
+                    match sink.send(frame, FrameKind::Publication) {
                         SendOutcome::Queued => delivered += 1,
                         SendOutcome::Dropped => dropped += 1,
                         SendOutcome::Closed => {}
@@ -340,7 +346,8 @@ impl Node {
         // woken afterwards by the dispatcher, a wave at a time.
         let mut due = Vec::new();
         for (_, sink) in &subs.live {
-            let (outcome, wake) = sink.send_deferred(frame.clone(), FrameKind::Publication);
+            let frame = push.frame(sink.transport().codec).clone();
+            let (outcome, wake) = sink.send_deferred(frame, FrameKind::Publication);
             match outcome {
                 SendOutcome::Queued => delivered += 1,
                 SendOutcome::Dropped => dropped += 1,
@@ -410,9 +417,9 @@ impl Node {
         max_listed: usize,
     ) {
         let members = lock(&ch.subscribers).members();
-        if let Some(frame) = pending.take(channel, members, max_listed) {
+        if let Some(taken) = pending.take(members, max_listed) {
             pending.last_sent = Some(Instant::now());
-            self.deliver(ch, &frame, None);
+            self.deliver(ch, &mut EncodedPush::new(taken.push(channel)), None);
         }
     }
 }
@@ -442,7 +449,6 @@ impl EngineEvents for Node {
         let Some(ch) = self.channels.lock(channel).get(channel).cloned() else {
             return;
         };
-        let frame = protocol::encode_publication(channel, publication);
         let mut pending = lock(&ch.presence);
         // Members hear who joined before what the newcomer publishes.
         if pending.has_listed() {
@@ -450,7 +456,11 @@ impl EngineEvents for Node {
                 self.send_presence_diff(channel, &ch, &mut pending, options.join_leave_max_members);
             }
         }
-        self.deliver(&ch, &frame, Some(publication.offset));
+        let mut push = EncodedPush::new(Push::Publication {
+            channel,
+            publication,
+        });
+        self.deliver(&ch, &mut push, Some(publication.offset));
     }
 
     fn join(&self, channel: &str, info: &Arc<ClientInfo>) {

@@ -2,7 +2,7 @@
 //! core for each connection (a [`ClientSink`]) and what becomes of the
 //! frames the core queues on it.
 
-use crate::protocol::Frame;
+use crate::protocol::{Codec, Frame, JSON};
 
 /// How a frame may be treated when the client's queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,22 +28,35 @@ pub enum SendOutcome {
 
 /// What a front's transport is, as far as the core needs to know (the
 /// core never names one itself).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct Transport {
     /// Its name, as the connect proxy is told (`websocket`; later `sse`,
     /// `http_stream`, `long_poll`, `socketio`).
     pub name: &'static str,
+    /// How its messages are encoded.
+    pub codec: &'static dyn Codec,
     /// Server to client only (SSE, HTTP streaming): the client's commands
     /// come another way.
     pub unidirectional: bool,
 }
 
 impl Transport {
-    /// A WebSocket: both ways.
+    /// A WebSocket with the JSON v1 protocol: both ways.
     pub const WEBSOCKET: Transport = Transport {
         name: "websocket",
+        codec: &JSON,
         unidirectional: false,
     };
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("name", &self.name)
+            .field("codec", &self.codec.name())
+            .field("unidirectional", &self.unidirectional)
+            .finish()
+    }
 }
 
 /// A front's handle on one client connection.

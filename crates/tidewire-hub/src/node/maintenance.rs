@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::front::FrameKind;
 use super::Node;
 use crate::auth::now_unix;
-use crate::protocol::{self, ClientInfo, Disconnect, DisconnectCode, Unsubscribed};
+use crate::protocol::{ClientInfo, Disconnect, DisconnectCode, EncodedPush, Push, Unsubscribed};
 use crate::shards::lock;
 
 /// Token expiry, application pings and engine expiry, about once a second.
@@ -37,7 +37,7 @@ pub(super) async fn maintenance(node: Weak<Node>) {
         }
         let grace = node.config.client.refresh_grace;
         let unix = now_unix();
-        let ping_frame = protocol::ping_frame();
+        let mut ping_push = EncodedPush::new(Push::Ping);
         for shard in node.clients.each() {
             for client in shard.values() {
                 let mut st = lock(&client.state);
@@ -45,7 +45,8 @@ pub(super) async fn maintenance(node: Weak<Node>) {
                     continue;
                 }
                 if ping {
-                    client.sink.send(ping_frame.clone(), FrameKind::Publication);
+                    let frame = ping_push.frame(client.codec).clone();
+                    client.sink.send(frame, FrameKind::Publication);
                 }
                 if st.expiring.iter().any(|(_, exp)| unix >= *exp) {
                     let expired: Vec<String> = st
@@ -70,7 +71,9 @@ pub(super) async fn maintenance(node: Weak<Node>) {
                     match st.refresh_deadline {
                         None => {
                             st.refresh_deadline = Some(now + grace);
-                            client.send(protocol::encode_refresh(grace.as_secs()));
+                            client.push(&Push::Refresh {
+                                grace_secs: grace.as_secs(),
+                            });
                         }
                         Some(deadline) if now >= deadline => {
                             st.expires_at = None;

@@ -38,7 +38,7 @@ use crate::engine::{
     Broker, Engine, EngineError, EngineEvents, EngineStats, HistoryOptions, PresenceStore,
 };
 use crate::metrics::Metrics;
-use crate::protocol::{self, Disconnect, DisconnectCode, ErrorCode, ErrorReply, Frame};
+use crate::protocol::{Disconnect, DisconnectCode, EncodedPush, ErrorCode, ErrorReply, Push};
 use crate::proxy::Proxy;
 use crate::shards::{lock, Shards};
 
@@ -53,12 +53,12 @@ mod server_api;
 mod session;
 mod wakes;
 
+pub use crate::protocol::HistoryReply;
 use channels::Channel;
 pub use cluster::{NodeInfo, HEARTBEAT, SURVEY_TIMEOUT};
 pub use front::{ClientSink, FrameKind, SendOutcome, Transport};
 use registry::{Client, ClientState};
 pub use resume::ResumeError;
-pub use server_api::HistoryReply;
 pub use session::Session;
 
 /// Entries the hub holds, for metrics, `/api/info` and leak tests.
@@ -270,6 +270,7 @@ impl Hub {
         };
         let client = Arc::new(Client {
             id,
+            codec: sink.transport().codec,
             sink,
             state: Mutex::new(ClientState::default()),
         });
@@ -281,7 +282,11 @@ impl Hub {
         // this load sees the flag, or `shutdown` sees this client (SeqCst on
         // both sides): none is missed.
         if self.node.shutting_down.load(Ordering::SeqCst) {
-            tell_to_leave(&client, &shutdown_notice());
+            let disconnect = shutdown_disconnect();
+            tell_to_leave(
+                &client,
+                &mut EncodedPush::new(Push::Disconnect(&disconnect)),
+            );
         }
         Session {
             node: self.node.clone(),
@@ -365,10 +370,11 @@ impl Hub {
     /// are refused.
     pub fn shutdown(&self) {
         self.node.shutting_down.store(true, Ordering::SeqCst);
-        let notice = shutdown_notice();
+        let disconnect = shutdown_disconnect();
+        let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
         for shard in self.node.clients.each() {
             for client in shard.values() {
-                tell_to_leave(client, &notice);
+                tell_to_leave(client, &mut notice);
             }
         }
     }
@@ -379,17 +385,15 @@ impl Hub {
     }
 }
 
-/// The `disconnect` push of a shutdown (3001, reconnect).
-pub(super) fn shutdown_notice() -> Frame {
-    protocol::encode_disconnect(&Disconnect::new(
-        DisconnectCode::Shutdown,
-        "server shutting down",
-    ))
+/// The `disconnect` of a shutdown (3001, reconnect).
+pub(super) fn shutdown_disconnect() -> Disconnect {
+    Disconnect::new(DisconnectCode::Shutdown, "server shutting down")
 }
 
 /// Sends the shutdown `notice`, then close 1001.
-pub(super) fn tell_to_leave(client: &Client, notice: &Frame) {
-    client.sink.send(notice.clone(), FrameKind::Control);
+pub(super) fn tell_to_leave(client: &Client, notice: &mut EncodedPush<'_>) {
+    let frame = notice.frame(client.codec).clone();
+    client.sink.send(frame, FrameKind::Control);
     client.sink.close(1001, "server shutting down");
 }
 

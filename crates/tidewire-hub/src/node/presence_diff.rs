@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::protocol::{self, ClientInfo, Frame};
+use crate::protocol::{ClientInfo, Push};
 
 /// What gathered since the channel's last `presence_diff` push.
 #[derive(Debug)]
@@ -102,29 +102,22 @@ impl PendingDiff {
         self.listed && self.joined + self.left > 0
     }
 
-    /// The push for what gathered, if anything did, and a fresh start.
-    /// `members`: the channel's subscribers now.
-    pub(crate) fn take(
-        &mut self,
-        channel: &str,
-        members: usize,
-        max_listed: usize,
-    ) -> Option<Frame> {
-        let frame = (self.joined + self.left > 0).then(|| {
-            protocol::encode_presence_diff(
-                channel,
-                &self.joins,
-                &self.leaves,
-                (self.joined, self.left),
-                self.listed && members <= max_listed,
-            )
+    /// What gathered, if anything did, and a fresh start. `members`: the
+    /// channel's subscribers now.
+    pub(crate) fn take(&mut self, members: usize, max_listed: usize) -> Option<TakenDiff> {
+        let taken = (self.joined + self.left > 0).then(|| TakenDiff {
+            joins: std::mem::take(&mut self.joins),
+            leaves: std::mem::take(&mut self.leaves),
+            joined: self.joined,
+            left: self.left,
+            listed: self.listed && members <= max_listed,
         });
         self.joins = Vec::new();
         self.leaves = Vec::new();
         self.joined = 0;
         self.left = 0;
         self.listed = true;
-        frame
+        taken
     }
 
     fn unlist(&mut self) {
@@ -134,9 +127,34 @@ impl PendingDiff {
     }
 }
 
+/// One interval's joins and leaves, taken to go out as one push.
+#[derive(Debug)]
+pub(crate) struct TakenDiff {
+    joins: Vec<Arc<ClientInfo>>,
+    leaves: Vec<Arc<ClientInfo>>,
+    joined: u64,
+    left: u64,
+    listed: bool,
+}
+
+impl TakenDiff {
+    /// The `presence_diff` push of `channel` for it.
+    pub(crate) fn push<'a>(&'a self, channel: &'a str) -> Push<'a> {
+        Push::PresenceDiff {
+            channel,
+            joins: &self.joins,
+            leaves: &self.leaves,
+            joined: self.joined,
+            left: self.left,
+            listed: self.listed,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{Codec, JSON};
 
     fn client(id: &str) -> Arc<ClientInfo> {
         Arc::new(ClientInfo {
@@ -146,9 +164,15 @@ mod tests {
         })
     }
 
-    fn json(frame: Option<Frame>) -> serde_json::Value {
-        let frame = frame.expect("a push");
-        serde_json::from_str(frame.as_str()).unwrap()
+    fn json(
+        diff: &mut PendingDiff,
+        channel: &str,
+        members: usize,
+        max: usize,
+    ) -> serde_json::Value {
+        let taken = diff.take(members, max).expect("a push");
+        let frame = JSON.encode_push(&taken.push(channel));
+        serde_json::from_str(frame.as_text().unwrap()).unwrap()
     }
 
     #[test]
@@ -158,7 +182,7 @@ mod tests {
         diff.record(&client("b"), true, 2, 100);
         diff.record(&client("old"), false, 1, 100);
         assert!(diff.has_listed());
-        let push = json(diff.take("chat:x", 1, 100));
+        let push = json(&mut diff, "chat:x", 1, 100);
         assert_eq!(
             push,
             serde_json::json!({"push":{"channel":"chat:x","presence_diff":{
@@ -167,7 +191,7 @@ mod tests {
                 "leaves":[{"client":"old","user":"u-old"}]}}})
         );
         // Taken: nothing is left to send.
-        assert!(diff.take("chat:x", 1, 100).is_none());
+        assert!(diff.take(1, 100).is_none());
         assert!(!diff.has_listed());
     }
 
@@ -176,12 +200,12 @@ mod tests {
         let mut diff = PendingDiff::default();
         diff.record(&client("a"), true, 1, 100);
         diff.record(&client("a"), false, 0, 100);
-        assert!(diff.take("c", 0, 100).is_none());
+        assert!(diff.take(0, 100).is_none());
         // Leave then join again (unsubscribe and subscribe on one session).
         diff.record(&client("b"), false, 0, 100);
         diff.record(&client("b"), true, 1, 100);
         diff.record(&client("c"), true, 2, 100);
-        let push = json(diff.take("c", 2, 100));
+        let push = json(&mut diff, "c", 2, 100);
         assert_eq!(push["push"]["presence_diff"]["joined"], 1);
         assert_eq!(push["push"]["presence_diff"]["left"], 0);
         assert_eq!(push["push"]["presence_diff"]["joins"][0]["client"], "c");
@@ -204,14 +228,14 @@ mod tests {
         diff.record(&client("x"), false, 101, 100);
         assert!(!diff.has_listed());
         assert!(diff.joins.is_empty(), "the lists are dropped, not kept");
-        let push = json(diff.take("c", 101, 100));
+        let push = json(&mut diff, "c", 101, 100);
         assert_eq!(
             push,
             serde_json::json!({"push":{"channel":"c","presence_diff":{"joined":101,"left":1}}})
         );
         // The next interval of a channel back under the limit lists again.
         diff.record(&client("z"), false, 100, 100);
-        let push = json(diff.take("c", 100, 100));
+        let push = json(&mut diff, "c", 100, 100);
         assert_eq!(push["push"]["presence_diff"]["leaves"][0]["client"], "z");
     }
 
@@ -219,7 +243,7 @@ mod tests {
     fn a_channel_that_grew_past_the_limit_before_the_push_counts_only() {
         let mut diff = PendingDiff::default();
         diff.record(&client("a"), true, 100, 100);
-        let push = json(diff.take("c", 150, 100));
+        let push = json(&mut diff, "c", 150, 100);
         assert!(push["push"]["presence_diff"].get("joins").is_none());
         assert_eq!(push["push"]["presence_diff"]["joined"], 1);
     }
@@ -232,7 +256,7 @@ mod tests {
             diff.record(&client(&format!("out{n}")), false, 49, 100);
         }
         assert!(diff.joins.len() + diff.leaves.len() <= 200);
-        let push = json(diff.take("c", 50, 100));
+        let push = json(&mut diff, "c", 50, 100);
         assert_eq!(push["push"]["presence_diff"]["joined"], 10_000);
         assert_eq!(push["push"]["presence_diff"]["left"], 10_000);
         assert!(push["push"]["presence_diff"].get("joins").is_none());
@@ -243,7 +267,7 @@ mod tests {
         let mut diff = PendingDiff::default();
         diff.record(&client("a"), true, 1, 0);
         diff.record(&client("b"), false, 0, 0);
-        let push = json(diff.take("c", 0, 0));
+        let push = json(&mut diff, "c", 0, 0);
         assert_eq!(
             push,
             serde_json::json!({"push":{"channel":"c","presence_diff":{"joined":1,"left":1}}})

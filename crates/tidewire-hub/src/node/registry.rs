@@ -6,13 +6,15 @@ use tokio::time::Instant;
 
 use super::front::{ClientSink, FrameKind};
 use super::Node;
-use crate::protocol::{self, ClientInfo, Disconnect, Frame};
+use crate::protocol::{ClientInfo, Codec, Disconnect, Frame, Push, Reply};
 use crate::shards::lock;
 
 /// A client connection as the core sees it.
 pub(crate) struct Client {
     pub(super) id: u64,
     pub(super) sink: Arc<dyn ClientSink>,
+    /// The codec of the sink's transport.
+    pub(super) codec: &'static dyn Codec,
     pub(super) state: Mutex<ClientState>,
 }
 
@@ -38,8 +40,18 @@ impl Client {
         self.sink.send(frame, FrameKind::Control);
     }
 
+    /// Sends a push, encoded for this client.
+    pub(super) fn push(&self, push: &Push<'_>) {
+        self.send(self.codec.encode_push(push));
+    }
+
+    /// Sends the reply to command `id`.
+    pub(super) fn reply(&self, id: u64, reply: &Reply) {
+        self.send(self.codec.encode_reply(id, reply));
+    }
+
     pub(super) fn disconnect(&self, disconnect: &Disconnect) {
-        self.send(protocol::encode_disconnect(disconnect));
+        self.push(&Push::Disconnect(disconnect));
         self.sink.close(disconnect.code, &disconnect.reason);
     }
 

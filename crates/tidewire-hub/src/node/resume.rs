@@ -122,7 +122,7 @@ impl ClientSink for ResumableSink {
         match &mut *link {
             Link::Attached(sink) => sink.send(frame, kind),
             Link::Detached { frames, bytes } => {
-                let len = frame.as_str().len();
+                let len = frame.as_bytes().len();
                 if frames.len() < self.max_messages && *bytes + len <= self.max_bytes {
                     frames.push_back((frame, kind));
                     *bytes += len;

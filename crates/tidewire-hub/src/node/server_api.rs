@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
-use serde_json::value::RawValue;
-
 use super::cluster::{by_the_server, Control};
 use super::{error, history_options, unavailable, Hub, Node};
 use crate::engine::{HistoryQuery, PresenceStats, StreamPosition};
-use crate::protocol::{ClientInfo, Disconnect, ErrorCode, ErrorReply, HistoryRequest, Publication};
+use crate::protocol::{
+    ClientInfo, Disconnect, ErrorCode, ErrorReply, HistoryReply, HistoryRequest, Payload,
+    Publication,
+};
 
 impl Hub {
     /// Publishes from the server (the HTTP API): no permission check
@@ -20,7 +20,7 @@ impl Hub {
     pub async fn publish(
         &self,
         channel: &str,
-        data: Box<RawValue>,
+        data: Payload,
     ) -> Result<Option<StreamPosition>, ErrorReply> {
         let options = self.node.channel_options(channel)?;
         let publication = Publication {
@@ -132,18 +132,6 @@ impl Hub {
             .await;
         count
     }
-}
-
-/// A history reply.
-#[derive(Debug, Serialize)]
-pub struct HistoryReply {
-    /// The publications.
-    pub publications: Vec<Arc<Publication>>,
-    /// The stream's current offset.
-    pub offset: u64,
-    /// The stream's epoch: `""` when the channel has no stream (no
-    /// publication and no subscriber yet, or it expired).
-    pub epoch: Arc<str>,
 }
 
 impl Node {

@@ -4,8 +4,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use super::front::{FrameKind, SendOutcome};
 use super::registry::Client;
 use super::resume::ResumableSink;
@@ -15,8 +13,9 @@ use crate::config::{ChannelOptions, PublishRule, SubscribeRule};
 use crate::engine::HistoryQuery;
 use crate::metrics::MethodLabel;
 use crate::protocol::{
-    self, BatchItem, ClientInfo, Command, ConnectRequest, Disconnect, DisconnectCode, ErrorCode,
-    ErrorReply, HistoryRequest, Position, Publication, PublishRequest, Request, SubscribeRequest,
+    self, BatchItem, ClientInfo, Command, ConnectReply, ConnectRequest, Disconnect, DisconnectCode,
+    ErrorCode, ErrorReply, HistoryRequest, Incoming, Payload, Position, Publication,
+    PublishRequest, PublishedAt, Reply, Request, SubscribeReply, SubscribeRequest,
 };
 use crate::proxy::{ConnectCall, PublishCall};
 use crate::shards::lock;
@@ -38,41 +37,7 @@ impl std::fmt::Debug for Session {
     }
 }
 
-#[derive(Serialize)]
-struct ConnectReply<'a> {
-    client: &'a str,
-    user: &'a str,
-    version: u32,
-    /// Seconds between the server's application pings (0: none).
-    ping_interval: u64,
-    /// The largest message the server reads, in bytes (a bigger one
-    /// closes the connection, 1009): a client can refuse one before
-    /// sending it.
-    max_message_size: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_in: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct SubscribeReply<'a> {
-    recoverable: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    epoch: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    offset: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    recovered: Option<bool>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    publications: &'a [Arc<Publication>],
-}
-
-type Outcome = Result<Option<String>, ErrorReply>;
-
-fn body(value: &impl Serialize) -> Outcome {
-    Ok(Some(
-        serde_json::to_string(value).unwrap_or_else(|_| "{}".into()),
-    ))
-}
+type Outcome = Result<Option<Reply>, ErrorReply>;
 
 impl Session {
     /// The client id.
@@ -93,16 +58,33 @@ impl Session {
         ));
     }
 
-    /// Handles one text message: a command, or a newline-separated batch.
+    /// Handles one text message: a command, or a batch.
+    pub async fn handle_text(&self, message: &str) {
+        self.handle(Incoming::Text(message)).await;
+    }
+
+    /// Handles one binary message (the JSON codec refuses it, 101).
+    pub async fn handle_binary(&self, message: &[u8]) {
+        self.handle(Incoming::Binary(message)).await;
+    }
+
+    /// Handles one message: a command, or a batch, as the codec reads it.
     /// Commands past `client.max_batch` are not run; each gets error 113
     /// with its id, and those without an id one 113 without id together.
     /// Once an error reply finds the connection closing (its queue
     /// overflowed, say), the rest of the message is dropped unread: a
     /// flood of refusals costs at most one send queue.
-    pub async fn handle_text(&self, message: &str) {
+    pub async fn handle(&self, message: Incoming<'_>) {
         let max = self.node.config.client.max_batch;
+        let batch = match self.client.codec.decode_batch(message, max) {
+            Ok(batch) => batch,
+            Err(e) => {
+                self.reply_error(0, &e);
+                return;
+            }
+        };
         let mut refused_without_id = 0;
-        for item in protocol::parse_batch(message, max) {
+        for item in batch {
             // A reply that overflowed the queue closed the connection: the
             // rest of the batch must not run (its effects, a publication
             // say, would happen for a client that never hears of them).
@@ -133,22 +115,11 @@ impl Session {
         }
     }
 
-    /// A binary message: not part of the protocol.
-    pub fn handle_binary(&self) {
-        self.reply_error(
-            0,
-            &error(
-                ErrorCode::BadRequest,
-                "binary messages are not part of the protocol: send JSON text",
-            ),
-        );
-    }
-
     fn reply_error(&self, id: u64, e: &ErrorReply) -> SendOutcome {
         self.node.metrics.error(e.code);
         self.client
             .sink
-            .send(protocol::encode_error(id, e), FrameKind::Control)
+            .send(self.client.codec.encode_error(id, e), FrameKind::Control)
     }
 
     async fn dispatch(&self, command: Command) {
@@ -170,13 +141,10 @@ impl Session {
             Request::PresenceStats(r) => self.presence_stats(&r.channel).await,
             Request::History(r) => self.history(r).await,
             Request::Refresh(r) => self.refresh(&r.token).await,
-            Request::Ping => Ok(Some("{}".into())),
+            Request::Ping => Ok(Some(Reply::Ping)),
         };
         match outcome {
-            Ok(Some(result)) if id != 0 => {
-                let frame = format!("{{\"id\":{id},\"{name}\":{result}}}");
-                self.client.send(frame.into());
-            }
+            Ok(Some(reply)) if id != 0 => self.client.reply(id, &reply),
             Ok(_) => {}
             Err(e) => {
                 self.reply_error(id, &e);
@@ -257,14 +225,14 @@ impl Session {
         }
         node.metrics.clients.inc();
         tracing::debug!(client = %client_id, user = %claims.user, "connected");
-        body(&ConnectReply {
-            client: &client_id,
-            user: &claims.user,
+        Ok(Some(Reply::Connect(ConnectReply {
+            client: client_id,
+            user: claims.user,
             version: protocol::VERSION,
             ping_interval: node.config.client.ping_interval.as_secs(),
             max_message_size: node.config.client.max_message_size,
             expires_in: claims.expires_at.map(|exp| exp.saturating_sub(now_unix())),
-        })
+        })))
     }
 
     async fn can_subscribe(
@@ -357,14 +325,14 @@ impl Session {
         if options.has_history() {
             self.subscribe_positioned(id, &request, options).await?;
         } else {
-            let reply = SubscribeReply {
+            let reply = Reply::Subscribe(SubscribeReply {
                 recoverable: false,
                 epoch: None,
                 offset: None,
                 recovered: None,
-                publications: &[],
-            };
-            let frame = protocol::encode_reply(id, "subscribe", &reply);
+                publications: Vec::new(),
+            });
+            let frame = self.client.codec.encode_reply(id, &reply);
             node.attach(channel, &self.client, frame);
             if let Err(e) = node.sync_engine_subscription(channel).await {
                 tracing::warn!("{e}");
@@ -402,7 +370,7 @@ impl Session {
             offset: request.offset.unwrap_or(0),
             epoch: request.epoch.clone().unwrap_or_default(),
         });
-        node.park(channel, self.client.id);
+        node.park(channel, self.client.id, self.client.codec);
         // The engine first, the history after: with a broker between
         // nodes, what is published meanwhile then reaches the parking
         // buffer and follows the reply (merged by offset), where reading
@@ -439,20 +407,20 @@ impl Session {
             }
         };
         let recovered = since.as_ref().map(|p| result.recovers(p));
-        let publications: &[Arc<Publication>] = if recovered == Some(true) {
-            &result.publications
-        } else {
-            &[]
-        };
-        let reply = SubscribeReply {
+        let offset = result.position.offset;
+        let reply = Reply::Subscribe(SubscribeReply {
             recoverable: options.has_recovery(),
-            epoch: Some(&result.position.epoch),
-            offset: Some(result.position.offset),
+            epoch: Some(result.position.epoch),
+            offset: Some(offset),
             recovered: request.recover.then_some(recovered == Some(true)),
-            publications,
-        };
-        let frame = protocol::encode_reply(id, "subscribe", &reply);
-        node.go_live(channel, &self.client, frame, result.position.offset);
+            publications: if recovered == Some(true) {
+                result.publications
+            } else {
+                Vec::new()
+            },
+        });
+        let frame = self.client.codec.encode_reply(id, &reply);
+        node.go_live(channel, &self.client, frame, offset);
         Ok(())
     }
 
@@ -468,7 +436,7 @@ impl Session {
             return Err(error(ErrorCode::NotSubscribed, "not subscribed"));
         }
         self.node.leave_channel(&self.client, channel).await;
-        Ok(Some("{}".into()))
+        Ok(Some(Reply::Unsubscribe))
     }
 
     fn is_subscribed(&self, channel: &str) -> bool {
@@ -518,7 +486,7 @@ impl Session {
         }
         let publication = Publication {
             offset: 0,
-            data,
+            data: Payload::from_json(data),
             info: Some(info),
         };
         let position = node
@@ -527,8 +495,11 @@ impl Session {
             .await
             .map_err(unavailable)?;
         match position {
-            Some(p) => body(&serde_json::json!({"offset": p.offset, "epoch": &*p.epoch})),
-            None => Ok(Some("{}".into())),
+            Some(p) => Ok(Some(Reply::Publish(Some(PublishedAt {
+                offset: p.offset,
+                epoch: p.epoch,
+            })))),
+            None => Ok(Some(Reply::Publish(None))),
         }
     }
 
@@ -550,7 +521,7 @@ impl Session {
         hub.node.channel_options(channel)?;
         self.must_be_subscribed(channel)?;
         let clients = hub.presence(channel).await?;
-        body(&serde_json::json!({ "clients": clients }))
+        Ok(Some(Reply::Presence(clients)))
     }
 
     async fn presence_stats(&self, channel: &str) -> Outcome {
@@ -560,13 +531,16 @@ impl Session {
         hub.node.channel_options(channel)?;
         self.must_be_subscribed(channel)?;
         let stats = hub.presence_stats(channel).await?;
-        body(&serde_json::json!({ "clients": stats.clients, "users": stats.users }))
+        Ok(Some(Reply::PresenceStats {
+            clients: stats.clients,
+            users: stats.users,
+        }))
     }
 
     async fn history(&self, request: HistoryRequest) -> Outcome {
         self.node.channel_options(&request.channel)?;
         self.must_be_subscribed(&request.channel)?;
-        body(&self.node.history(&request).await?)
+        Ok(Some(Reply::History(self.node.history(&request).await?)))
     }
 
     async fn refresh(&self, token: &str) -> Outcome {
@@ -581,8 +555,8 @@ impl Session {
         }
         st.expires_at = claims.expires_at;
         st.refresh_deadline = None;
-        body(&serde_json::json!({
-            "expires_in": claims.expires_at.map(|exp| exp.saturating_sub(now_unix()))
+        Ok(Some(Reply::Refresh {
+            expires_in: claims.expires_at.map(|exp| exp.saturating_sub(now_unix())),
         }))
     }
 
