@@ -16,8 +16,8 @@ mod error_text;
 
 use libfuzzer_sys::fuzz_target;
 use tidewire_hub::protocol::{
-    batch_limit_error, batch_limit_error_without_id, encode_error, parse_batch, parse_command,
-    split_batch, BatchItem, ErrorCode, ErrorReply, Request, COMMANDS,
+    batch_limit_error, batch_limit_error_without_id, parse_batch, parse_command, split_batch,
+    BatchItem, Codec, ErrorCode, ErrorReply, Incoming, Request, COMMANDS, JSON,
 };
 
 /// The id a refusal of `line` (past the batch limit) would carry: the
@@ -40,9 +40,9 @@ fn id_of(line: &str) -> u64 {
 /// An error reply encodes to `{"id":N,"error":{code, message}}` (no `id`
 /// for 0) that reads back as itself.
 fn check_encoding(id: u64, error: &ErrorReply) {
-    let frame = encode_error(id, error);
-    let value: serde_json::Value =
-        serde_json::from_str(frame.as_str()).expect("an error reply is JSON");
+    let frame = JSON.encode_error(id, error);
+    let text = frame.as_text().expect("JSON v1 frames are text");
+    let value: serde_json::Value = serde_json::from_str(text).expect("an error reply is JSON");
     match id {
         0 => assert!(value.get("id").is_none(), "{value}"),
         id => assert_eq!(value["id"].as_u64(), Some(id), "{value}"),
@@ -110,6 +110,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     assert_eq!(count, lines.len(), "one item per command line");
+    // The codec, as a session uses it, reads the same batch.
+    let decoded = JSON
+        .decode_batch(Incoming::Text(&message), max_batch)
+        .expect("JSON v1 takes any text");
+    assert_eq!(decoded.count(), count, "the codec's batch");
     let summary = batch_limit_error_without_id(max_batch, count);
     assert_eq!(summary.code, ErrorCode::LimitExceeded);
     check_encoding(0, &summary);
