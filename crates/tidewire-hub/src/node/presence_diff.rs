@@ -112,8 +112,6 @@ impl PendingDiff {
             left: self.left,
             listed: self.listed && members <= max_listed,
         });
-        self.joins = Vec::new();
-        self.leaves = Vec::new();
         self.joined = 0;
         self.left = 0;
         self.listed = true;

@@ -218,8 +218,9 @@ fn write_publications(out: &mut Vec<u8>, publications: &[Arc<Publication>]) {
 }
 
 fn text_frame(out: Vec<u8>) -> Frame {
-    match String::from_utf8(out) {
-        Ok(text) => text.into(),
+    // One SIMD pass, no copy: the frame's bytes become the text as they are.
+    match tidewire::Utf8Text::try_from(out) {
+        Ok(text) => Frame::Text(text),
         // Unreachable: every part written is UTF-8 (payloads are checked).
         Err(_) => Frame::from_static("{\"error\":{\"code\":100,\"message\":\"encoding failed\"}}"),
     }
