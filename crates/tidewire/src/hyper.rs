@@ -46,6 +46,11 @@
 //!
 //! [`ServerConfig::handshake_timeout`] does not apply here: hyper reads the
 //! request, with its own header timeout.
+//!
+//! [`Server::serve_http`](crate::Server::serve_http) serves such a service
+//! with the server's connection limits, TLS, header deadline and drain;
+//! keep the request's [`ConnectionSlot`] with the WebSocket upgraded from
+//! it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -60,6 +65,8 @@ use tidewire_proto::{Connection, HandshakeError};
 
 use crate::websocket::IoOptions;
 use crate::{Accept, Error, Reject, ServerConfig, WebSocket};
+
+pub use crate::runtime::ConnectionSlot;
 
 /// The transport of a WebSocket mounted in hyper or axum: hyper's upgraded
 /// connection, adapted to tokio's I/O traits.

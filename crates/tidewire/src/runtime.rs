@@ -37,6 +37,11 @@ use crate::{Error, Message, ServerConfig, WebSocket};
 /// The transport of a server connection: TCP, with or without TLS.
 pub type ServerStream = MaybeTlsStream<TcpStream>;
 
+#[cfg(feature = "hyper")]
+mod http_service;
+#[cfg(feature = "hyper")]
+pub use self::http_service::ConnectionSlot;
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The authentication hook: sees the request before the upgrade; returns
@@ -345,31 +350,8 @@ impl Server {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let tracker = TaskTracker::new();
-        let shutdown = self.shared.shutdown.clone();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, don't spin.
-                        warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            self.shared
-                .stats
-                .tcp_accepted
-                .fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = self.admit(stream, peer).await else {
-                continue;
-            };
+        let accepted = |stream: TcpStream, peer: SocketAddr, slot: Slot, tracker: &TaskTracker| {
             let (shared, handler) = (self.shared.clone(), handler.clone());
-            let (stream, slot) = slot;
             // The handshake's state (TLS, head parsing, auth hook) is large
             // and short-lived: boxed, it is freed once the connection is
             // open. The handler's future is boxed too: moving the session
@@ -396,66 +378,84 @@ impl Server {
                     slot: Some(slot),
                 });
             });
+        };
+        let draining = |stream: TcpStream, peer: SocketAddr, slot: Slot| {
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                answer_draining(&shared, stream, peer).await;
+                drop(slot);
+            });
+        };
+        self.accept_loop(listener, accepted, draining).await
+    }
+
+    /// The accept loop every way of serving shares: connection limits,
+    /// counters, and the drain (see [`Server::shutdown_token`]).
+    ///
+    /// `accepted` starts an admitted connection; the tasks it spawns on the
+    /// tracker (or that hold one of its tokens) are what the drain waits
+    /// for. `draining` answers a connection accepted during the drain; the
+    /// drain does not wait for it.
+    async fn accept_loop<A, D>(
+        &self,
+        listener: TcpListener,
+        mut accepted: A,
+        mut draining: D,
+    ) -> std::io::Result<()>
+    where
+        A: FnMut(TcpStream, SocketAddr, Slot, &TaskTracker),
+        D: FnMut(TcpStream, SocketAddr, Slot),
+    {
+        let tracker = TaskTracker::new();
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                conn = accept_next(&listener) => conn,
+            };
+            if let Some((stream, slot)) = self.admit(stream, peer) {
+                accepted(stream, peer, slot, &tracker);
+            }
         }
         tracker.close();
         info!(
             connections = tracker.len(),
-            "shutting down: waiting for closing handshakes"
+            "shutting down: waiting for open connections"
         );
         // The listener stays open until the drain ends: health checks and
-        // new clients get 503 "shutting down" (a load balancer then takes
-        // this server out) rather than connection refused.
+        // new clients get an answer (503 "shutting down" from `serve`), so
+        // that a load balancer takes this server out, rather than
+        // connection refused.
+        let refuse_while_draining = async {
+            loop {
+                let (stream, peer) = accept_next(&listener).await;
+                // The connection limits hold during the drain too.
+                if let Some((stream, slot)) = self.admit(stream, peer) {
+                    draining(stream, peer, slot);
+                }
+            }
+        };
         tokio::select! {
             drained = tokio::time::timeout(self.shared.shutdown_timeout, tracker.wait()) => {
                 if drained.is_err() {
                     warn!(
                         remaining = tracker.len(),
-                        "shutdown timeout: dropping the remaining connections"
+                        "shutdown timeout: leaving the remaining connections"
                     );
                 }
             }
-            never = self.refuse_while_draining(&listener) => match never {},
+            () = refuse_while_draining => {}
         }
         drop(listener);
         Ok(())
     }
 
-    /// The accept loop of the drain: every request on a new connection,
-    /// `/health` and WebSocket upgrades alike, gets 503 "shutting down".
-    /// Runs until the drain ends (the caller drops it).
-    async fn refuse_while_draining(&self, listener: &TcpListener) -> std::convert::Infallible {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            self.shared
-                .stats
-                .tcp_accepted
-                .fetch_add(1, Ordering::Relaxed);
-            // The connection limits hold during the drain too.
-            let Some((stream, slot)) = self.admit(stream, peer).await else {
-                continue;
-            };
-            let shared = self.shared.clone();
-            // Not in the drain's tracker: the drain waits for the open
-            // connections, not for these; each is bounded by the handshake
-            // timeout and the write timeout.
-            tokio::spawn(async move {
-                answer_draining(&shared, stream, peer).await;
-                drop(slot);
-            });
-        }
-    }
-
     /// Applies the connection limits; refused connections get their HTTP
     /// status at once (without reading the request).
-    async fn admit(&self, mut stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, Slot)> {
+    fn admit(&self, mut stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, Slot)> {
+        let _ = stream.set_nodelay(true);
         let shared = &self.shared;
+        shared.stats.tcp_accepted.fetch_add(1, Ordering::Relaxed);
         let current = shared.stats.current.fetch_add(1, Ordering::Relaxed) + 1;
         let mut slot = Slot {
             shared: shared.clone(),
@@ -496,6 +496,20 @@ impl Server {
             return None;
         }
         Some((stream, slot))
+    }
+}
+
+/// The next connection; accept errors (out of file descriptors and the
+/// like) are logged and retried after a pause, not spun on.
+async fn accept_next(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

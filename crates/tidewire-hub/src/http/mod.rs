@@ -1,7 +1,7 @@
 //! The HTTP side of the hub: the axum [`Router`] (`/connection/websocket`,
 //! `/api/*`, `/health`, `/metrics`, the demo app at `/` and the JavaScript
-//! client at `/client/tidewire.js`), and [`serve`], the accept loop around
-//! it (`accept.rs`: limits, TLS, graceful shutdown; see [`serve`]).
+//! client at `/client/tidewire.js`), and [`serve`], which serves it through
+//! `tidewire::Server` (`serve.rs`: limits, TLS, graceful shutdown).
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::Router;
 use http::{header, HeaderMap, StatusCode};
 use tidewire::axum::WebSocketUpgrade;
+use tidewire::hyper::ConnectionSlot;
 use tidewire::{
     CancellationToken, Config as WsProtocolConfig, DeflateConfig, IoOptions, OriginPolicy,
     ServerConfig,
@@ -19,12 +20,11 @@ use tidewire::{
 use crate::node::Hub;
 use crate::protocol::SUBPROTOCOL;
 
-mod accept;
 pub mod api;
+mod serve;
 mod static_files;
 
-pub use accept::serve;
-use accept::ConnectionSlot;
+pub use serve::serve;
 use static_files::{static_file, STATIC_FILES};
 
 /// The path of the WebSocket endpoint.
