@@ -81,6 +81,19 @@ fn publication(text: &str) -> Publication {
 #[derive(Default)]
 struct Recorder(Mutex<Vec<(String, u64, String)>>);
 
+impl Recorder {
+    /// Waits (a bounded while) until `n` events came.
+    async fn wait_for(&self, n: usize) {
+        for _ in 0..500 {
+            if lock(&self.0).len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} events expected, got {:?}", lock(&self.0));
+    }
+}
+
 impl EngineEvents for Recorder {
     fn publication(&self, channel: &str, p: &Arc<Publication>) {
         lock(&self.0).push((
@@ -163,10 +176,14 @@ pub(crate) async fn offsets_increase_per_channel_and_events_follow_in_order(h: &
         .await
         .unwrap();
     assert!(none.is_none());
-    let seen: Vec<(String, u64)> = lock(&recorder.0)
+    // Events may come from another task, and channels do not wait for
+    // each other: the order that holds is the one within a channel.
+    recorder.wait_for(4).await;
+    let mut seen: Vec<(String, u64)> = lock(&recorder.0)
         .iter()
         .map(|(c, o, _)| (c.clone(), *o))
         .collect();
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         seen,
         [

@@ -61,14 +61,85 @@ impl Stream {
 /// to the nodes (outside the stream's lock, in offset order).
 struct StreamCell {
     stream: Mutex<Stream>,
-    delivery: Mutex<Delivery>,
+    delivery: Arc<Mutex<Delivery>>,
 }
 
+/// A channel's publications on their way to the nodes.
 #[derive(Default)]
 struct Delivery {
     waiting: VecDeque<Arc<Publication>>,
-    /// A publisher is handing them over: the others only queue theirs.
+    /// A delivery task is handing them over: publishers only queue theirs.
     busy: bool,
+}
+
+/// The nodes over an engine (replaced whole when one joins, so that a
+/// delivery takes the list and holds no lock).
+type Nodes = RwLock<Arc<Vec<Weak<dyn EngineEvents>>>>;
+
+/// Calls `deliver` for every node still there, holding no lock.
+fn each_node(nodes: &Nodes, mut deliver: impl FnMut(&dyn EngineEvents)) {
+    let nodes = nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+    for node in nodes.iter() {
+        if let Some(node) = node.upgrade() {
+            deliver(&*node);
+        }
+    }
+}
+
+/// Queues `publication` on its channel's delivery, and starts a delivery
+/// task unless one is running: the publisher does not wait for the
+/// fan-out (its reply goes out at once), and one task per channel at a
+/// time keeps the channel's publications in order.
+fn queue(
+    nodes: &Arc<Nodes>,
+    channel: &str,
+    delivery: &Arc<Mutex<Delivery>>,
+    publication: Arc<Publication>,
+) {
+    let start = {
+        let mut queued = lock(delivery);
+        queued.waiting.push_back(publication);
+        !std::mem::replace(&mut queued.busy, true)
+    };
+    if start {
+        tokio::spawn(hand_over(nodes.clone(), channel.into(), delivery.clone()));
+    }
+}
+
+/// A channel's delivery task: hands its queued publications to the nodes,
+/// oldest first, and ends when none is left.
+async fn hand_over(nodes: Arc<Nodes>, channel: Box<str>, delivery: Arc<Mutex<Delivery>>) {
+    /// Lets the next publisher start a task again should a node's
+    /// callback panic (the publications queued stay queued).
+    struct Idle<'a>(&'a Mutex<Delivery>);
+    impl Drop for Idle<'_> {
+        fn drop(&mut self) {
+            lock(self.0).busy = false;
+        }
+    }
+    let idle = Idle(&delivery);
+    let mut handed = 0u32;
+    loop {
+        let next = {
+            let mut queued = lock(&delivery);
+            match queued.waiting.pop_front() {
+                Some(next) => next,
+                None => {
+                    // Marked idle under the lock that publishers queue
+                    // under: a publication queued after this starts a task.
+                    queued.busy = false;
+                    std::mem::forget(idle);
+                    return;
+                }
+            }
+        };
+        each_node(&nodes, |node| node.publication(&channel, &next));
+        handed += 1;
+        // A channel that never stops publishing shares its worker thread.
+        if handed % 32 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// The in-memory engine (the embedded default): one process, one node,
@@ -76,14 +147,16 @@ struct Delivery {
 /// engine is a node; tests use this for cluster behaviour).
 ///
 /// Per channel stream one mutex, held while a publication is assigned its
-/// offset, stored and handed to the nodes: publications of a channel are
-/// delivered one at a time in offset order, and other channels never wait.
+/// offset and stored and queued for delivery; a delivery task per busy
+/// channel hands the publications to the nodes, one at a time in offset
+/// order, holding no lock. Publishing needs a tokio runtime.
 #[derive(Default)]
 pub struct MemoryEngine {
-    /// The nodes over this engine (replaced whole when one joins, so that
-    /// a delivery takes the list and holds no lock).
-    nodes: RwLock<Arc<Vec<Weak<dyn EngineEvents>>>>,
+    nodes: Arc<Nodes>,
     streams: Shards<String, Arc<StreamCell>>,
+    /// The deliveries of channels without history (no stream to hold
+    /// them); idle ones are dropped by `maintain`.
+    live: Shards<String, Arc<Mutex<Delivery>>>,
     /// Per channel, per client: the entry and when it expires.
     presence: Shards<String, HashMap<String, (Arc<ClientInfo>, Instant)>>,
     /// Per channel: subscribes less unsubscribes (see `Engine::subscribe`).
@@ -97,13 +170,8 @@ impl MemoryEngine {
     }
 
     /// Calls `deliver` for every node still there, holding no lock.
-    fn each_node(&self, mut deliver: impl FnMut(&dyn EngineEvents)) {
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
-        for node in nodes.iter() {
-            if let Some(node) = node.upgrade() {
-                deliver(&*node);
-            }
-        }
+    fn each_node(&self, deliver: impl FnMut(&dyn EngineEvents)) {
+        each_node(&self.nodes, deliver);
     }
 
     /// The stream of `channel`, started if there is none.
@@ -115,7 +183,7 @@ impl MemoryEngine {
             .or_insert_with(|| {
                 Arc::new(StreamCell {
                     stream: Mutex::new(Stream::new(options, now)),
-                    delivery: Mutex::default(),
+                    delivery: Arc::default(),
                 })
             })
             .clone()
@@ -129,48 +197,30 @@ impl MemoryEngine {
     ) -> Option<StreamPosition> {
         if !options.enabled() {
             publication.offset = 0;
-            let publication = Arc::new(publication);
-            self.each_node(|node| node.publication(channel, &publication));
+            let delivery = self
+                .live
+                .lock(channel)
+                .entry(channel.to_owned())
+                .or_default()
+                .clone();
+            queue(&self.nodes, channel, &delivery, Arc::new(publication));
             return None;
         }
         let cell = self.stream(channel, options);
-        let (position, deliverer) = {
-            let mut stream = lock(&cell.stream);
-            let now = Instant::now();
-            stream.options = options;
-            stream.top += 1;
-            publication.offset = stream.top;
-            let publication = Arc::new(publication);
-            stream
-                .entries
-                .push_back((now + options.ttl, publication.clone()));
-            stream.trim(now);
-            stream.expires = now + options.ttl;
-            // Queued under the stream's lock, so in offset order.
-            let mut delivery = lock(&cell.delivery);
-            delivery.waiting.push_back(publication);
-            let deliverer = !std::mem::replace(&mut delivery.busy, true);
-            (stream.position(), deliverer)
-        };
-        // Handed to the nodes with no lock held (a node may call the engine
-        // back), by one publisher at a time per channel, so in offset
-        // order: a publisher that finds another handing over only queues.
-        if deliverer {
-            loop {
-                let next = {
-                    let mut delivery = lock(&cell.delivery);
-                    match delivery.waiting.pop_front() {
-                        Some(next) => next,
-                        None => {
-                            delivery.busy = false;
-                            break;
-                        }
-                    }
-                };
-                self.each_node(|node| node.publication(channel, &next));
-            }
-        }
-        Some(position)
+        let mut stream = lock(&cell.stream);
+        let now = Instant::now();
+        stream.options = options;
+        stream.top += 1;
+        publication.offset = stream.top;
+        let publication = Arc::new(publication);
+        stream
+            .entries
+            .push_back((now + options.ttl, publication.clone()));
+        stream.trim(now);
+        stream.expires = now + options.ttl;
+        // Queued under the stream's lock, so in offset order.
+        queue(&self.nodes, channel, &cell.delivery, publication);
+        Some(stream.position())
     }
 
     fn history_now(&self, channel: &str, query: &HistoryQuery) -> HistoryResult {
@@ -271,8 +321,7 @@ impl Broker for MemoryEngine {
         publication: Publication,
         options: HistoryOptions,
     ) -> BoxFuture<'a, Result<Option<StreamPosition>, EngineError>> {
-        let position = self.publish_now(channel, publication, options);
-        Box::pin(async move { Ok(position) })
+        Box::pin(async move { Ok(self.publish_now(channel, publication, options)) })
     }
 
     fn publish_join<'a>(
@@ -313,6 +362,10 @@ impl Broker for MemoryEngine {
 
     fn maintain(&self) {
         let now = Instant::now();
+        for mut shard in self.live.each() {
+            // Held elsewhere: a publisher or a delivery task has it.
+            shard.retain(|_, delivery| Arc::strong_count(delivery) > 1);
+        }
         for mut shard in self.streams.each() {
             shard.retain(|channel, stream| {
                 // Held elsewhere: in use right now, keep it.
@@ -515,25 +568,154 @@ mod tests {
         engine.set_events(Arc::downgrade(&events));
         let (done, finished) = std::sync::mpsc::channel();
         let publisher = engine.clone();
+        let seen = node.clone();
         std::thread::spawn(move || {
-            for n in 0..3 {
-                let data = serde_json::value::RawValue::from_string(n.to_string()).unwrap();
-                let publication = Publication {
-                    offset: 0,
-                    data: crate::protocol::Payload::from_json(data),
-                    info: None,
-                };
-                let options = HistoryOptions {
-                    size: 10,
-                    ttl: Duration::from_secs(60),
-                };
-                drop(publisher.publish("a", publication, options));
-            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                for n in 0..3 {
+                    let data = serde_json::value::RawValue::from_string(n.to_string()).unwrap();
+                    let publication = Publication {
+                        offset: 0,
+                        data: crate::protocol::Payload::from_json(data),
+                        info: None,
+                    };
+                    let options = HistoryOptions {
+                        size: 10,
+                        ttl: Duration::from_secs(60),
+                    };
+                    publisher.publish("a", publication, options).await.unwrap();
+                }
+                // Handed over by a task of their own.
+                while seen.seen.lock().unwrap().len() < 3 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
             let _ = done.send(());
         });
         finished
             .recv_timeout(Duration::from_secs(10))
             .expect("publishing deadlocked on a callback that calls the engine");
         assert_eq!(*node.seen.lock().unwrap(), [1, 2, 3]);
+    }
+
+    /// Records the publications a node is handed: (channel, offset, data).
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<(String, u64, String)>>);
+
+    impl crate::engine::EngineEvents for Seen {
+        fn publication(&self, channel: &str, p: &Arc<crate::protocol::Publication>) {
+            let data = String::from_utf8_lossy(p.data.as_bytes()).into_owned();
+            self.0
+                .lock()
+                .unwrap()
+                .push((channel.into(), p.offset, data));
+        }
+        fn join(&self, _: &str, _: &Arc<crate::protocol::ClientInfo>) {}
+        fn leave(&self, _: &str, _: &Arc<crate::protocol::ClientInfo>) {}
+        fn control(&self, _: &[u8]) {}
+    }
+
+    fn numbered(n: usize) -> crate::protocol::Publication {
+        crate::protocol::Publication {
+            offset: 0,
+            data: crate::protocol::Payload::from_json(
+                serde_json::value::RawValue::from_string(n.to_string()).unwrap(),
+            ),
+            info: None,
+        }
+    }
+
+    const KEEP: crate::engine::HistoryOptions = crate::engine::HistoryOptions {
+        size: 10,
+        ttl: Duration::from_secs(60),
+    };
+
+    fn watched() -> (
+        Arc<MemoryEngine>,
+        Arc<Seen>,
+        Arc<dyn crate::engine::EngineEvents>,
+    ) {
+        let engine = Arc::new(MemoryEngine::new());
+        let seen = Arc::new(Seen::default());
+        let events: Arc<dyn crate::engine::EngineEvents> = seen.clone();
+        engine.set_events(Arc::downgrade(&events));
+        (engine, seen, events)
+    }
+
+    /// The publisher's reply does not wait for the fan-out: the
+    /// publication is stored and its position known when `publish`
+    /// returns, and a task of its own hands it to the nodes.
+    #[tokio::test]
+    async fn the_publisher_does_not_wait_for_the_hand_over() {
+        let (engine, seen, _events) = watched();
+        let position = engine.publish("a", numbered(1), KEEP).await.unwrap();
+        assert_eq!(position.map(|p| p.offset), Some(1));
+        // On this current-thread runtime the delivery task has not run.
+        assert!(seen.0.lock().unwrap().is_empty());
+        let none = engine
+            .publish("b", numbered(2), crate::engine::HistoryOptions::NONE)
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        assert!(seen.0.lock().unwrap().is_empty());
+        tokio::task::yield_now().await;
+        let mut got = seen.0.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(
+            got,
+            [("a".into(), 1, "1".into()), ("b".into(), 0, "2".into())]
+        );
+        // The idle delivery of the channel without history is dropped.
+        engine.maintain();
+        assert_eq!(engine.live.len(), 0);
+    }
+
+    /// Concurrent publishers on many threads: every publication of a
+    /// channel is handed over once, in offset order; one publisher's
+    /// publications to a channel without history keep its order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn hand_over_keeps_offset_order_under_concurrent_publishers() {
+        let (engine, seen, _events) = watched();
+        let mut publishers = Vec::new();
+        for p in 0..4 {
+            let engine = engine.clone();
+            publishers.push(tokio::spawn(async move {
+                for n in 0..250 {
+                    engine.publish("a", numbered(n), KEEP).await.unwrap();
+                    let none = crate::engine::HistoryOptions::NONE;
+                    engine
+                        .publish("live", numbered(p * 1000 + n), none)
+                        .await
+                        .unwrap();
+                    if n % 50 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+        for publisher in publishers {
+            publisher.await.unwrap();
+        }
+        for _ in 0..1000 {
+            if seen.0.lock().unwrap().len() == 2000 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let got = seen.0.lock().unwrap().clone();
+        let offsets: Vec<u64> = got.iter().filter(|e| e.0 == "a").map(|e| e.1).collect();
+        assert_eq!(offsets, (1..=1000).collect::<Vec<u64>>());
+        for p in 0..4 {
+            let from_p: Vec<usize> = got
+                .iter()
+                .filter(|e| e.0 == "live")
+                .map(|e| e.2.parse::<usize>().unwrap())
+                .filter(|n| n / 1000 == p)
+                .collect();
+            assert_eq!(from_p, (0..250).map(|n| p * 1000 + n).collect::<Vec<_>>());
+        }
     }
 }

@@ -13,16 +13,17 @@
 //! `EngineEvents` on each node.
 //!
 //! The execution contract, the same for every engine: it calls
-//! [`EngineEvents`] from any task (the publisher's, or a broker's reader
+//! [`EngineEvents`] from any task (a delivery task, or a broker's reader
 //! task), never while it holds a lock of its own, so a node may call the
 //! engine back from a callback; it calls [`EngineEvents::publication`] for
 //! the publications of one channel one at a time, in offset order. A
 //! publication may reach a node after a history read that already
 //! includes it (stored, then still on its way): the node skips what a
-//! subscriber's position already covers (see the node's channels). The
-//! memory engine hands a channel's publications over on the task of the
-//! publisher that finds nobody else doing it; the others only queue
-//! theirs.
+//! subscriber's position already covers (see the node's channels).
+//! `publish` returns once the publication is stored and its position
+//! known, without waiting for its delivery: the publisher's reply does not
+//! wait for the fan-out. The memory engine queues a channel's publications
+//! and hands them over from one delivery task per busy channel.
 //!
 //! Streams: a channel's stream (its epoch, newest offset and kept
 //! publications) starts with its first publication, or with a history
