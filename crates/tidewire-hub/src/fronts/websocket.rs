@@ -137,19 +137,19 @@ where
             wake_due: AtomicBool::new(false),
         });
         let session = hub.open(sink);
-        run(&session, &mut ws, &hub).await;
+        run(&session, &mut ws).await;
         tracing::debug!(client = %session.client_id(), "session ended");
         session.close().await;
         drop(guard);
     }
 }
 
-async fn run<S>(session: &Session, ws: &mut WebSocket<S>, hub: &Hub)
+async fn run<S>(session: &Session, ws: &mut WebSocket<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // Until `connect` succeeds, the connection has connect_timeout.
-    let mut deadline = Some(Instant::now() + hub.config().client.connect_timeout);
+    let mut deadline = Some(Instant::now() + session.connect_timeout_after());
     loop {
         let next = match deadline {
             Some(at) if !session.is_connected() => {

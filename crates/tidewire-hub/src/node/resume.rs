@@ -193,7 +193,7 @@ impl Session {
     /// (hard to guess; give it to the client): `None` unless it was opened
     /// with [`Hub::open_resumable`].
     pub fn resume_key(&self) -> Option<&str> {
-        self.resumable.as_ref().map(|(_, key)| key.as_str())
+        self.resumable.as_ref().map(|r| r.1.as_str())
     }
 
     /// Leaves the session without a transport for at most `within`: it
@@ -201,7 +201,7 @@ impl Session {
     /// [`Hub::resume`]. Returns the resume key; `None` (and the session
     /// ends) when it was not opened with [`Hub::open_resumable`].
     pub fn detach(self, within: Duration) -> Option<String> {
-        let (sink, key) = self.resumable.clone()?;
+        let (sink, key) = (*self.resumable.clone()?).clone();
         sink.detach();
         let node = self.node.clone();
         let detached = Detached {
@@ -226,7 +226,7 @@ impl Hub {
         ));
         let mut session = self.open(resumable.clone());
         let key = format!("{}.{:032x}", session.client_id(), rand::random::<u128>());
-        session.resumable = Some((resumable, key));
+        session.resumable = Some(Box::new((resumable, key)));
         session
     }
 

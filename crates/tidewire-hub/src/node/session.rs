@@ -25,8 +25,10 @@ pub struct Session {
     pub(super) node: Arc<Node>,
     pub(super) client: Arc<Client>,
     pub(super) closed: bool,
-    /// For a session that can be detached: its sink and resume key.
-    pub(super) resumable: Option<(Arc<ResumableSink>, String)>,
+    /// For a session that can be detached: its sink and resume key (boxed:
+    /// every idle WebSocket session's task holds a `Session`, and no
+    /// WebSocket session can be detached).
+    pub(super) resumable: Option<Box<(Arc<ResumableSink>, String)>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -48,6 +50,12 @@ impl Session {
     /// Whether `connect` succeeded.
     pub fn is_connected(&self) -> bool {
         self.client.info().is_some()
+    }
+
+    /// How long a front waits for `connect` before it calls
+    /// [`connect_timeout`](Self::connect_timeout).
+    pub fn connect_timeout_after(&self) -> std::time::Duration {
+        self.node.config.client.connect_timeout
     }
 
     /// The connect timeout fired: disconnect.
