@@ -160,7 +160,7 @@ impl Node {
         } else {
             subs.parked.push(Parked {
                 client: client.id,
-                codec: client.codec,
+                codec: client.codec(),
                 state: ParkedState::CatchingUp {
                     after,
                     sink: client.sink.clone(),

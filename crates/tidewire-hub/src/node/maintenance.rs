@@ -45,7 +45,7 @@ pub(super) async fn maintenance(node: Weak<Node>) {
                     continue;
                 }
                 if ping {
-                    let frame = ping_push.frame(client.codec).clone();
+                    let frame = ping_push.frame(client.codec()).clone();
                     client.sink.send(frame, FrameKind::Publication);
                 }
                 if st.expiring.iter().any(|(_, exp)| unix >= *exp) {

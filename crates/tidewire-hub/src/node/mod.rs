@@ -270,7 +270,6 @@ impl Hub {
         };
         let client = Arc::new(Client {
             id,
-            codec: sink.transport().codec,
             sink,
             state: Mutex::new(ClientState::default()),
         });
@@ -392,7 +391,7 @@ pub(super) fn shutdown_disconnect() -> Disconnect {
 
 /// Sends the shutdown `notice`, then close 1001.
 pub(super) fn tell_to_leave(client: &Client, notice: &mut EncodedPush<'_>) {
-    let frame = notice.frame(client.codec).clone();
+    let frame = notice.frame(client.codec()).clone();
     client.sink.send(frame, FrameKind::Control);
     client.sink.close(1001, "server shutting down");
 }

@@ -13,8 +13,6 @@ use crate::shards::lock;
 pub(crate) struct Client {
     pub(super) id: u64,
     pub(super) sink: Arc<dyn ClientSink>,
-    /// The codec of the sink's transport.
-    pub(super) codec: &'static dyn Codec,
     pub(super) state: Mutex<ClientState>,
 }
 
@@ -36,18 +34,24 @@ pub(super) struct ClientState {
 }
 
 impl Client {
+    /// The codec of the client's transport (asked of the sink rather than
+    /// kept here: every connection holds a `Client`).
+    pub(super) fn codec(&self) -> &'static dyn Codec {
+        self.sink.transport().codec
+    }
+
     pub(super) fn send(&self, frame: Frame) {
         self.sink.send(frame, FrameKind::Control);
     }
 
     /// Sends a push, encoded for this client.
     pub(super) fn push(&self, push: &Push<'_>) {
-        self.send(self.codec.encode_push(push));
+        self.send(self.codec().encode_push(push));
     }
 
     /// Sends the reply to command `id`.
     pub(super) fn reply(&self, id: u64, reply: &Reply) {
-        self.send(self.codec.encode_reply(id, reply));
+        self.send(self.codec().encode_reply(id, reply));
     }
 
     pub(super) fn disconnect(&self, disconnect: &Disconnect) {

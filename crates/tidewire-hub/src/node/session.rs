@@ -84,7 +84,7 @@ impl Session {
     /// flood of refusals costs at most one send queue.
     pub async fn handle(&self, message: Incoming<'_>) {
         let max = self.node.config.client.max_batch;
-        let batch = match self.client.codec.decode_batch(message, max) {
+        let batch = match self.client.codec().decode_batch(message, max) {
             Ok(batch) => batch,
             Err(e) => {
                 self.reply_error(0, &e);
@@ -127,7 +127,7 @@ impl Session {
         self.node.metrics.error(e.code);
         self.client
             .sink
-            .send(self.client.codec.encode_error(id, e), FrameKind::Control)
+            .send(self.client.codec().encode_error(id, e), FrameKind::Control)
     }
 
     async fn dispatch(&self, command: Command) {
@@ -340,7 +340,7 @@ impl Session {
                 recovered: None,
                 publications: Vec::new(),
             });
-            let frame = self.client.codec.encode_reply(id, &reply);
+            let frame = self.client.codec().encode_reply(id, &reply);
             node.attach(channel, &self.client, frame);
             if let Err(e) = node.sync_engine_subscription(channel).await {
                 tracing::warn!("{e}");
@@ -378,7 +378,7 @@ impl Session {
             offset: request.offset.unwrap_or(0),
             epoch: request.epoch.clone().unwrap_or_default(),
         });
-        node.park(channel, self.client.id, self.client.codec);
+        node.park(channel, self.client.id, self.client.codec());
         // The engine first, the history after: with a broker between
         // nodes, what is published meanwhile then reaches the parking
         // buffer and follows the reply (merged by offset), where reading
@@ -427,7 +427,7 @@ impl Session {
                 Vec::new()
             },
         });
-        let frame = self.client.codec.encode_reply(id, &reply);
+        let frame = self.client.codec().encode_reply(id, &reply);
         node.go_live(channel, &self.client, frame, offset);
         Ok(())
     }
