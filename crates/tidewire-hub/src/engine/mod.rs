@@ -45,6 +45,7 @@ use crate::protocol::{ClientInfo, Position, Publication};
 #[macro_use]
 pub(crate) mod conformance;
 mod memory;
+pub mod wire;
 
 pub use memory::MemoryEngine;
 

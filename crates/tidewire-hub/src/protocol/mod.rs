@@ -528,6 +528,15 @@ pub struct ClientInfo {
     pub info: Option<Box<RawValue>>,
 }
 
+/// Equal when the ids are and the connection infos are the same text.
+impl PartialEq for ClientInfo {
+    fn eq(&self, other: &ClientInfo) -> bool {
+        self.client == other.client
+            && self.user == other.user
+            && self.info.as_ref().map(|i| i.get()) == other.info.as_ref().map(|i| i.get())
+    }
+}
+
 /// A publication's payload: bytes the core and the engines carry without
 /// reading them. From a JSON v1 client or the HTTP API it is a JSON text
 /// (checked on the way in), and JSON encoders write it as it is.
@@ -583,7 +592,7 @@ impl Serialize for Payload {
 }
 
 /// A publication in a channel.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Publication {
     /// Its offset in the channel's stream (absent without history).
     #[serde(skip_serializing_if = "is_zero")]
