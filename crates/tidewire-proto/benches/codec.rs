@@ -26,7 +26,7 @@ fn json_like(n: usize, seed: usize) -> String {
             i % 977,
             (i * 31) % 1000,
             i % 10,
-            i % 3 == 0,
+            i.is_multiple_of(3),
             i % 13,
             i % 7
         ));

@@ -204,7 +204,7 @@ fn deliver_chunked(
     while !rest.is_empty() {
         let n = (*sizes.next().unwrap()).clamp(1, rest.len());
         // Alternate between the two ways of handing over input.
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             to.receive_data(&rest[..n]);
         } else {
             to.input_buffer().extend_from_slice(&rest[..n]);

@@ -136,7 +136,7 @@ async fn hand_over(nodes: Arc<Nodes>, channel: Box<str>, delivery: Arc<Mutex<Del
         each_node(&nodes, |node| node.publication(&channel, &next));
         handed += 1;
         // A channel that never stops publishing shares its worker thread.
-        if handed % 32 == 0 {
+        if handed.is_multiple_of(32) {
             tokio::task::yield_now().await;
         }
     }

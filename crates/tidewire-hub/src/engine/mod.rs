@@ -45,8 +45,10 @@ use crate::protocol::{ClientInfo, Position, Publication};
 #[macro_use]
 pub(crate) mod conformance;
 mod memory;
+mod redis;
 pub mod wire;
 
+pub use self::redis::{RedisConfig, RedisEngine};
 pub use memory::MemoryEngine;
 
 /// A boxed future, so that the trait is object-safe (`Arc<dyn Engine>`).

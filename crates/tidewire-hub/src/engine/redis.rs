@@ -1,0 +1,1051 @@
+//! [`RedisEngine`]: streams, offsets, epochs and presence in Redis, and
+//! the fan-out between nodes over Redis PUB/SUB.
+//!
+//! Keys of a channel share one hash tag, `{<channel>}`, so that a script's
+//! keys are in one slot (Redis Cluster):
+//!
+//! - `<prefix>:{<channel>}:m` the stream's meta hash: `e` epoch, `t` the
+//!   newest offset, `l` the history TTL in ms;
+//! - `<prefix>:{<channel>}:s` the stream: entry id `<offset>-0`, fields
+//!   `d` (the publication's envelope, [`super::wire`]) and `x` (when it
+//!   expires, ms since the Unix epoch);
+//! - `<prefix>:{<channel>}:t` the channel's PUB/SUB topic;
+//! - `<prefix>:{<channel>}:p` / `:z` presence: client id to client info,
+//!   and client id to its expiry (ms);
+//! - `<prefix>:control` the topic of control messages between nodes.
+//!
+//! One script per publication assigns the offset (starting a new epoch
+//! when the meta hash is missing), appends the entry, trims the stream to
+//! the history size and to its TTL, sets the keys' expiry, and publishes
+//! the publication with its offset and epoch, so that every node learns
+//! the position with the publication. A history read is one script too
+//! (the position and the entries in one step).
+//!
+//! One reader task per node holds the PUB/SUB connection: it hands what
+//! arrives to the node in arrival order (so a channel's publications stay
+//! in offset order), and after a lost connection reconnects and
+//! subscribes every channel again.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, PubSubSink};
+use redis::{Script, Value};
+
+use super::wire::{self, Event};
+use super::{
+    BoxFuture, Broker, EngineError, EngineEvents, EngineStats, HistoryOptions, HistoryQuery,
+    HistoryResult, PresenceStats, PresenceStore, StreamPosition,
+};
+use crate::protocol::{ClientInfo, Publication};
+use crate::shards::lock;
+
+/// How a node reaches Redis.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// The prefix of every key and topic (nodes of one cluster share it).
+    pub prefix: String,
+    /// How long a command may take before the engine reports Redis
+    /// unavailable.
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "tidewire".into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+const PUBLISH: &str = r#"
+-- KEYS: stream, meta. ARGV: envelope, size, ttl ms, topic, fresh epoch, now ms.
+local now = tonumber(ARGV[6])
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 't', 0)
+end
+local top = redis.call('HINCRBY', KEYS[2], 't', 1)
+redis.call('HSET', KEYS[2], 'l', ARGV[3])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], top .. '-0', 'd', ARGV[1], 'x', now + tonumber(ARGV[3]))
+while true do
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if #first == 0 or tonumber(first[1][2][4]) > now then break end
+  redis.call('XDEL', KEYS[1], first[1][1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'p' .. top .. ' ' .. epoch .. ' ' .. ARGV[1])
+return {top, epoch}
+"#;
+
+const HISTORY: &str = r#"
+-- KEYS: stream, meta. ARGV: start stream (0/1), fresh epoch, ttl ms, now ms,
+-- reverse (0/1), from (an id, '-' or '+'), limit.
+local now = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[3])
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  if ARGV[1] ~= '1' then return {0, ''} end
+  epoch = ARGV[2]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 't', 0, 'l', ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  return {0, epoch}
+end
+local top = tonumber(redis.call('HGET', KEYS[2], 't'))
+if ARGV[1] == '1' then
+  redis.call('HSET', KEYS[2], 'l', ttl)
+  if redis.call('PTTL', KEYS[2]) < ttl then
+    redis.call('PEXPIRE', KEYS[2], ttl)
+    if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  end
+end
+while true do
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if #first == 0 or tonumber(first[1][2][4]) > now then break end
+  redis.call('XDEL', KEYS[1], first[1][1])
+end
+local entries
+if ARGV[5] == '1' then
+  entries = redis.call('XREVRANGE', KEYS[1], ARGV[6], '-', 'COUNT', ARGV[7])
+else
+  entries = redis.call('XRANGE', KEYS[1], ARGV[6], '+', 'COUNT', ARGV[7])
+end
+return {top, epoch, entries}
+"#;
+
+const KEEP: &str = r#"
+-- KEYS: stream, meta. Extends the stream's expiry to its TTL from now.
+local ttl = tonumber(redis.call('HGET', KEYS[2], 'l') or '0')
+if ttl > 0 and redis.call('PTTL', KEYS[2]) < ttl then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+return 0
+"#;
+
+const ADD_PRESENCE: &str = r#"
+-- KEYS: clients hash, expiries zset. ARGV: client, info, expires ms, ttl ms.
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) < tonumber(ARGV[4]) then redis.call('PEXPIRE', key, ARGV[4]) end
+end
+return 0
+"#;
+
+const PRESENCE: &str = r#"
+-- KEYS: clients hash, expiries zset. ARGV: now ms. Drops the expired, returns the rest.
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, client in ipairs(gone) do redis.call('HDEL', KEYS[1], client) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+return redis.call('HVALS', KEYS[1])
+"#;
+
+/// The Redis engine; see the module docs.
+pub struct RedisEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    client: redis::Client,
+    commands: ConnectionManager,
+    publish: Script,
+    history: Script,
+    keep: Script,
+    add_presence: Script,
+    presence: Script,
+    events: RwLock<Option<Weak<dyn EngineEvents>>>,
+    /// The channels this node is subscribed to, and the PUB/SUB
+    /// connection's sink (none while it reconnects). One lock, held while
+    /// a (re)subscription is under way, so that none is lost in between.
+    subscriptions: tokio::sync::Mutex<Subscriptions>,
+    /// Their count, for the synchronous `stats`.
+    subscribed: Mutex<usize>,
+    /// Whether the PUB/SUB connection is up.
+    listening: AtomicBool,
+}
+
+#[derive(Default)]
+struct Subscriptions {
+    channels: HashSet<String>,
+    sink: Option<PubSubSink>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Corrupt(e.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn fresh_epoch() -> String {
+    format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    (ttl.as_millis() as u64).max(1)
+}
+
+impl Inner {
+    fn key(&self, channel: &str, kind: &str) -> String {
+        format!("{}:{{{channel}}}:{kind}", self.config.prefix)
+    }
+
+    fn control_topic(&self) -> String {
+        format!("{}:control", self.config.prefix)
+    }
+
+    /// The channel of a topic, or `None` for the control topic.
+    fn channel_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        topic
+            .strip_prefix(self.config.prefix.as_str())?
+            .strip_prefix(":{")?
+            .strip_suffix("}:t")
+    }
+
+    fn events(&self) -> Option<Arc<dyn EngineEvents>> {
+        self.events
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade)
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, EngineError> {
+        let mut conn = self.commands.clone();
+        tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map_err(unavailable)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, EngineError> {
+        let mut conn = self.commands.clone();
+        tokio::time::timeout(self.config.timeout, cmd.query_async(&mut conn))
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map_err(unavailable)
+    }
+
+    /// Hands one PUB/SUB message to the node.
+    fn dispatch(&self, topic: &str, payload: &[u8]) {
+        let Some(events) = self.events() else { return };
+        let Some(channel) = self.channel_of(topic) else {
+            if topic == self.control_topic() {
+                events.control(payload);
+            }
+            return;
+        };
+        match wire::decode_event(&Bytes::copy_from_slice(payload)) {
+            Ok(Event::Publication { publication, .. }) => {
+                events.publication(channel, &Arc::new(publication));
+            }
+            Ok(Event::Join(info)) => events.join(channel, &Arc::new(info)),
+            Ok(Event::Leave(info)) => events.leave(channel, &Arc::new(info)),
+            Err(e) => tracing::warn!(channel, "unreadable message from Redis: {e}"),
+        }
+    }
+}
+
+/// The PUB/SUB reader: (re)connects, subscribes every channel, hands
+/// what arrives to the node; ends when the engine is dropped.
+async fn listen(inner: Weak<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(engine) = inner.upgrade() else {
+            return;
+        };
+        let connected = engine.client.get_async_pubsub().await;
+        let mut stream = match connected {
+            Ok(pubsub) => {
+                let (mut sink, stream) = pubsub.split();
+                let mut subscriptions = engine.subscriptions.lock().await;
+                let mut topics = vec![engine.control_topic()];
+                topics.extend(subscriptions.channels.iter().map(|c| engine.key(c, "t")));
+                match sink.subscribe(&topics).await {
+                    Ok(()) => {
+                        subscriptions.sink = Some(sink);
+                        engine.listening.store(true, Ordering::SeqCst);
+                        backoff = Duration::from_millis(100);
+                        stream
+                    }
+                    Err(e) => {
+                        tracing::warn!("Redis PUB/SUB subscribe failed: {e}");
+                        drop(subscriptions);
+                        drop(engine);
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("Redis PUB/SUB connection failed: {e}");
+                drop(engine);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        drop(engine);
+        while let Some(message) = stream.next().await {
+            let Some(engine) = inner.upgrade() else {
+                return;
+            };
+            engine.dispatch(message.get_channel_name(), message.get_payload_bytes());
+        }
+        let Some(engine) = inner.upgrade() else {
+            return;
+        };
+        tracing::warn!("Redis PUB/SUB connection lost; reconnecting");
+        engine.listening.store(false, Ordering::SeqCst);
+        engine.subscriptions.lock().await.sink = None;
+    }
+}
+
+impl RedisEngine {
+    /// Connects to Redis and starts the PUB/SUB reader.
+    ///
+    /// # Errors
+    /// A URL that does not parse, or a Redis that cannot be reached.
+    pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(corrupt)?;
+        let commands = tokio::time::timeout(config.timeout, client.get_connection_manager())
+            .await
+            .map_err(|_| unavailable("Redis did not answer in time"))?
+            .map_err(unavailable)?;
+        let inner = Arc::new(Inner {
+            config,
+            client,
+            commands,
+            publish: Script::new(PUBLISH),
+            history: Script::new(HISTORY),
+            keep: Script::new(KEEP),
+            add_presence: Script::new(ADD_PRESENCE),
+            presence: Script::new(PRESENCE),
+            events: RwLock::new(None),
+            subscriptions: tokio::sync::Mutex::default(),
+            subscribed: Mutex::new(0),
+            listening: AtomicBool::new(false),
+        });
+        tokio::spawn(listen(Arc::downgrade(&inner)));
+        // Ready once the control topic is subscribed (a node's own
+        // heartbeats come back through it).
+        let ready = async {
+            while !inner.listening.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(inner.config.timeout, ready)
+            .await
+            .map_err(|_| unavailable("Redis PUB/SUB did not connect in time"))?;
+        Ok(RedisEngine { inner })
+    }
+
+    /// Extends the expiry of the streams this node is subscribed to (a
+    /// subscribed stream is never forgotten); runs from `maintain`.
+    async fn keep_subscribed(inner: Arc<Inner>) {
+        let channels: Vec<String> = inner
+            .subscriptions
+            .lock()
+            .await
+            .channels
+            .iter()
+            .cloned()
+            .collect();
+        for channel in channels {
+            let mut invocation = inner.keep.prepare_invoke();
+            invocation
+                .key(inner.key(&channel, "s"))
+                .key(inner.key(&channel, "m"));
+            if let Err(e) = inner.run::<i64>(invocation).await {
+                tracing::debug!(channel, "keeping the stream failed: {e}");
+            }
+        }
+    }
+}
+
+fn entries_of(value: &Value) -> Result<Vec<Arc<Publication>>, EngineError> {
+    let Value::Array(entries) = value else {
+        return Err(corrupt("history entries are not a list"));
+    };
+    let mut publications = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let (id, fields): (String, Vec<Vec<u8>>) =
+            redis::from_redis_value_ref(entry).map_err(corrupt)?;
+        let offset = id
+            .split_once('-')
+            .and_then(|(o, _)| o.parse::<u64>().ok())
+            .ok_or_else(|| corrupt(format!("stream entry id {id}")))?;
+        let envelope = fields
+            .chunks(2)
+            .find(|f| f.len() == 2 && f[0] == b"d")
+            .map(|f| Bytes::from(f[1].clone()))
+            .ok_or_else(|| corrupt("stream entry without its publication"))?;
+        let publication = wire::decode_publication(&envelope, offset).map_err(corrupt)?;
+        publications.push(Arc::new(publication));
+    }
+    Ok(publications)
+}
+
+impl Broker for RedisEngine {
+    fn set_events(&self, events: Weak<dyn EngineEvents>) {
+        *self.inner.events.write().unwrap_or_else(|e| e.into_inner()) = Some(events);
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut subscriptions = inner.subscriptions.lock().await;
+            if subscriptions.channels.insert(channel.to_owned()) {
+                *lock(&inner.subscribed) += 1;
+            }
+            // Without a connection, the reader subscribes it when it is back.
+            if let Some(sink) = subscriptions.sink.as_mut() {
+                let topic = inner.key(channel, "t");
+                tokio::time::timeout(inner.config.timeout, sink.subscribe(topic))
+                    .await
+                    .map_err(|_| unavailable("Redis did not answer in time"))?
+                    .map_err(unavailable)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            {
+                let mut subscriptions = inner.subscriptions.lock().await;
+                if subscriptions.channels.remove(channel) {
+                    *lock(&inner.subscribed) -= 1;
+                }
+                if let Some(sink) = subscriptions.sink.as_mut() {
+                    let topic = inner.key(channel, "t");
+                    tokio::time::timeout(inner.config.timeout, sink.unsubscribe(topic))
+                        .await
+                        .map_err(|_| unavailable("Redis did not answer in time"))?
+                        .map_err(unavailable)?;
+                }
+            }
+            // The stream's TTL counts from the last subscriber leaving too.
+            let mut invocation = inner.keep.prepare_invoke();
+            invocation
+                .key(inner.key(channel, "s"))
+                .key(inner.key(channel, "m"));
+            inner.run::<i64>(invocation).await?;
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        publication: Publication,
+        options: HistoryOptions,
+    ) -> BoxFuture<'a, Result<Option<StreamPosition>, EngineError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let envelope = wire::encode_publication(&publication);
+            if !options.enabled() {
+                let event = wire::encode_publication_event(0, "", &envelope);
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(inner.key(channel, "t")).arg(&event[..]);
+                inner.query::<i64>(&cmd).await?;
+                return Ok(None);
+            }
+            let mut invocation = inner.publish.prepare_invoke();
+            invocation
+                .key(inner.key(channel, "s"))
+                .key(inner.key(channel, "m"))
+                .arg(&envelope[..])
+                .arg(options.size)
+                .arg(ttl_ms(options.ttl))
+                .arg(inner.key(channel, "t"))
+                .arg(fresh_epoch())
+                .arg(now_ms());
+            let (offset, epoch): (u64, String) = inner.run(invocation).await?;
+            Ok(Some(StreamPosition {
+                offset,
+                epoch: epoch.into(),
+            }))
+        })
+    }
+
+    fn publish_join<'a>(
+        &'a self,
+        channel: &'a str,
+        info: Arc<ClientInfo>,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let event = wire::encode_presence_event(wire::JOIN, &info);
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(self.inner.key(channel, "t")).arg(&event[..]);
+            self.inner.query::<i64>(&cmd).await.map(drop)
+        })
+    }
+
+    fn publish_leave<'a>(
+        &'a self,
+        channel: &'a str,
+        info: Arc<ClientInfo>,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let event = wire::encode_presence_event(wire::LEAVE, &info);
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(self.inner.key(channel, "t")).arg(&event[..]);
+            self.inner.query::<i64>(&cmd).await.map(drop)
+        })
+    }
+
+    fn publish_control<'a>(&'a self, message: &'a [u8]) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(self.inner.control_topic()).arg(message);
+            self.inner.query::<i64>(&cmd).await.map(drop)
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        query: HistoryQuery,
+    ) -> BoxFuture<'a, Result<HistoryResult, EngineError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let none = HistoryResult {
+                publications: Vec::new(),
+                position: StreamPosition {
+                    offset: 0,
+                    epoch: "".into(),
+                },
+            };
+            if !query.options.enabled() {
+                return Ok(none);
+            }
+            let from = match (query.reverse, query.since) {
+                (false, None) => "-".to_owned(),
+                (false, Some(after)) => format!("{}-0", after.saturating_add(1)),
+                (true, None) => "+".to_owned(),
+                (true, Some(0)) => return self.position_only(channel, &query).await,
+                (true, Some(before)) => format!("{}-0", before - 1),
+            };
+            let mut invocation = inner.history.prepare_invoke();
+            invocation
+                .key(inner.key(channel, "s"))
+                .key(inner.key(channel, "m"))
+                .arg(u8::from(query.start_stream))
+                .arg(fresh_epoch())
+                .arg(ttl_ms(query.options.ttl))
+                .arg(now_ms())
+                .arg(u8::from(query.reverse))
+                .arg(from)
+                .arg(query.limit.max(1));
+            let reply: Vec<Value> = inner.run(invocation).await?;
+            let (offset, epoch): (u64, String) = match reply.as_slice() {
+                [offset, epoch, ..] => (
+                    redis::from_redis_value_ref(offset).map_err(corrupt)?,
+                    redis::from_redis_value_ref(epoch).map_err(corrupt)?,
+                ),
+                _ => return Err(corrupt("history reply too short")),
+            };
+            if epoch.is_empty() {
+                return Ok(none);
+            }
+            let publications = match reply.get(2) {
+                Some(entries) if query.limit > 0 => entries_of(entries)?,
+                _ => Vec::new(),
+            };
+            Ok(HistoryResult {
+                publications,
+                position: StreamPosition {
+                    offset,
+                    epoch: epoch.into(),
+                },
+            })
+        })
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            if !self.inner.listening.load(Ordering::SeqCst) {
+                return Err(unavailable("the Redis PUB/SUB connection is down"));
+            }
+            self.inner
+                .query::<String>(&redis::cmd("PING"))
+                .await
+                .map(drop)
+        })
+    }
+
+    fn maintain(&self) {
+        tokio::spawn(RedisEngine::keep_subscribed(self.inner.clone()));
+    }
+
+    fn stats(&self) -> EngineStats {
+        // What lives in Redis is not counted here (it would take a round
+        // trip): only this node's subscriptions.
+        EngineStats {
+            subscribed_channels: *lock(&self.inner.subscribed),
+            ..EngineStats::default()
+        }
+    }
+}
+
+impl RedisEngine {
+    /// A reverse read before offset 1: no publications, the position.
+    async fn position_only(
+        &self,
+        channel: &str,
+        query: &HistoryQuery,
+    ) -> Result<HistoryResult, EngineError> {
+        let query = HistoryQuery {
+            limit: 0,
+            since: None,
+            ..query.clone()
+        };
+        self.history(channel, query).await
+    }
+}
+
+impl PresenceStore for RedisEngine {
+    fn add_presence<'a>(
+        &'a self,
+        channel: &'a str,
+        info: Arc<ClientInfo>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let entry = wire::encode_presence_event(wire::JOIN, &info);
+            let mut invocation = inner.add_presence.prepare_invoke();
+            invocation
+                .key(inner.key(channel, "p"))
+                .key(inner.key(channel, "z"))
+                .arg(&info.client)
+                .arg(&entry[..])
+                .arg(now_ms() + ttl_ms(ttl))
+                .arg(ttl_ms(ttl));
+            inner.run::<i64>(invocation).await.map(drop)
+        })
+    }
+
+    fn remove_presence<'a>(
+        &'a self,
+        channel: &'a str,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .hdel(inner.key(channel, "p"), client)
+                .zrem(inner.key(channel, "z"), client);
+            let mut conn = inner.commands.clone();
+            tokio::time::timeout(inner.config.timeout, pipe.query_async::<()>(&mut conn))
+                .await
+                .map_err(|_| unavailable("Redis did not answer in time"))?
+                .map_err(unavailable)
+        })
+    }
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Arc<ClientInfo>>, EngineError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut invocation = inner.presence.prepare_invoke();
+            invocation
+                .key(inner.key(channel, "p"))
+                .key(inner.key(channel, "z"))
+                .arg(now_ms());
+            let entries: Vec<Vec<u8>> = inner.run(invocation).await?;
+            let mut clients = Vec::with_capacity(entries.len());
+            for entry in entries {
+                match wire::decode_event(&Bytes::from(entry)).map_err(corrupt)? {
+                    Event::Join(info) => clients.push(Arc::new(info)),
+                    _ => return Err(corrupt("a presence entry that is not a client info")),
+                }
+            }
+            clients.sort_by(|a: &Arc<ClientInfo>, b| a.client.cmp(&b.client));
+            Ok(clients)
+        })
+    }
+
+    fn presence_stats<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<PresenceStats, EngineError>> {
+        Box::pin(async move {
+            let clients = self.presence(channel).await?;
+            let users: HashSet<&str> = clients.iter().map(|c| c.user.as_str()).collect();
+            Ok(PresenceStats {
+                clients: clients.len(),
+                users: users.len(),
+            })
+        })
+    }
+
+    fn presence_health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            self.inner
+                .query::<String>(&redis::cmd("PING"))
+                .await
+                .map(drop)
+        })
+    }
+
+    fn presence_channels(&self) -> usize {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::HistoryOptions;
+    use crate::protocol::Payload;
+
+    /// A redis-server of the test's own on a free loopback port, stopped
+    /// by PID when dropped. A missing redis-server is a failure, not a skip
+    /// (scripts/install-deps installs it).
+    pub(crate) struct RedisServer {
+        pub(crate) port: u16,
+        child: std::process::Child,
+    }
+
+    impl RedisServer {
+        pub(crate) async fn start() -> RedisServer {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            RedisServer::on(port).await
+        }
+
+        pub(crate) async fn on(port: u16) -> RedisServer {
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (scripts/install-deps installs it)");
+            // Stopped by its drop should it never listen.
+            let server = RedisServer { port, child };
+            for _ in 0..200 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return server;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("redis-server did not listen on {port}");
+        }
+
+        pub(crate) fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        pub(crate) fn stop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl EngineEvents for Recorder {
+        fn publication(&self, channel: &str, p: &Arc<Publication>) {
+            let data = String::from_utf8_lossy(p.data.as_bytes());
+            let from = p.info.as_ref().map_or("", |i| i.client.as_str());
+            lock(&self.0).push(format!("{channel} {} {data} {from}", p.offset));
+        }
+        fn join(&self, channel: &str, info: &Arc<ClientInfo>) {
+            lock(&self.0).push(format!("{channel} join {}", info.client));
+        }
+        fn leave(&self, channel: &str, info: &Arc<ClientInfo>) {
+            lock(&self.0).push(format!("{channel} leave {}", info.client));
+        }
+        fn control(&self, message: &[u8]) {
+            lock(&self.0).push(format!("control {}", String::from_utf8_lossy(message)));
+        }
+    }
+
+    impl Recorder {
+        async fn wait_for(&self, n: usize) -> Vec<String> {
+            for _ in 0..500 {
+                let seen = lock(&self.0).clone();
+                if seen.len() >= n {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{n} events expected, got {:?}", lock(&self.0));
+        }
+    }
+
+    async fn node(
+        server: &RedisServer,
+        prefix: &str,
+    ) -> (RedisEngine, Arc<Recorder>, Arc<dyn EngineEvents>) {
+        let engine = RedisEngine::connect(RedisConfig {
+            url: server.url(),
+            prefix: prefix.into(),
+            timeout: Duration::from_secs(2),
+        })
+        .await
+        .unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let events: Arc<dyn EngineEvents> = recorder.clone();
+        engine.set_events(Arc::downgrade(&events));
+        (engine, recorder, events)
+    }
+
+    fn publication(data: &str, from: Option<&str>) -> Publication {
+        Publication {
+            offset: 0,
+            data: Payload::from_bytes(Bytes::from(data.to_owned())),
+            info: from.map(|c| {
+                Arc::new(ClientInfo {
+                    client: c.into(),
+                    user: "u".into(),
+                    info: None,
+                })
+            }),
+        }
+    }
+
+    const KEEP: HistoryOptions = HistoryOptions {
+        size: 3,
+        ttl: Duration::from_secs(60),
+    };
+
+    fn read(since: Option<u64>, reverse: bool) -> HistoryQuery {
+        HistoryQuery {
+            since,
+            limit: 10,
+            reverse,
+            start_stream: false,
+            options: KEEP,
+        }
+    }
+
+    #[tokio::test]
+    async fn publications_reach_the_subscribed_nodes_with_their_position_and_history_keeps_them() {
+        let server = RedisServer::start().await;
+        let (a, _a_seen, _a_events) = node(&server, "t1").await;
+        let (b, b_seen, _b_events) = node(&server, "t1").await;
+        b.subscribe("room").await.unwrap();
+        let mut positions = Vec::new();
+        for n in 1..=4 {
+            let p = a
+                .publish("room", publication(&format!("\"m{n}\""), Some("c1")), KEEP)
+                .await
+                .unwrap()
+                .unwrap();
+            positions.push(p);
+        }
+        assert_eq!(
+            positions.iter().map(|p| p.offset).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert!(positions.iter().all(|p| p.epoch == positions[0].epoch));
+        let seen = b_seen.wait_for(4).await;
+        assert_eq!(
+            seen,
+            [
+                "room 1 \"m1\" c1",
+                "room 2 \"m2\" c1",
+                "room 3 \"m3\" c1",
+                "room 4 \"m4\" c1"
+            ]
+        );
+        // History keeps the newest 3, read both ways.
+        let forward = b.history("room", read(None, false)).await.unwrap();
+        let offsets: Vec<u64> = forward.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [2, 3, 4]);
+        assert_eq!(forward.position, positions[3]);
+        assert_eq!(forward.publications[0].info.as_ref().unwrap().client, "c1");
+        let since = b.history("room", read(Some(2), false)).await.unwrap();
+        assert!(since.recovers(&crate::protocol::Position {
+            offset: 2,
+            epoch: positions[0].epoch.to_string()
+        }));
+        assert!(!forward.recovers(&crate::protocol::Position {
+            offset: 0,
+            epoch: positions[0].epoch.to_string()
+        }));
+        let reverse = b.history("room", read(Some(4), true)).await.unwrap();
+        let offsets: Vec<u64> = reverse.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [3, 2]);
+        // A plain read of a channel with no stream leaves none behind;
+        // a subscribe's read starts one at offset 0.
+        let none = b.history("empty", read(None, false)).await.unwrap();
+        assert_eq!(none.position.offset, 0);
+        assert_eq!(&*none.position.epoch, "");
+        let started = b
+            .history(
+                "empty",
+                HistoryQuery {
+                    start_stream: true,
+                    ..read(Some(0), false)
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(started.position.offset, 0);
+        assert!(!started.position.epoch.is_empty());
+        let first = a
+            .publish("empty", publication("1", None), KEEP)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((first.offset, &first.epoch), (1, &started.position.epoch));
+        // Unsubscribed: nothing more arrives.
+        b.unsubscribe("room").await.unwrap();
+        a.publish("room", publication("5", None), KEEP)
+            .await
+            .unwrap();
+        a.publish_control(b"ping").await.unwrap();
+        let seen = b_seen.wait_for(5).await;
+        assert_eq!(seen[4], "control ping", "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn joins_leaves_presence_and_channels_without_history() {
+        let server = RedisServer::start().await;
+        let (a, _a_seen, _a_events) = node(&server, "t2").await;
+        let (b, b_seen, _b_events) = node(&server, "t2").await;
+        b.subscribe("lobby").await.unwrap();
+        let who = |c: &str, u: &str| {
+            Arc::new(ClientInfo {
+                client: c.into(),
+                user: u.into(),
+                info: Some(serde_json::value::RawValue::from_string("{\"n\":1}".into()).unwrap()),
+            })
+        };
+        a.publish_join("lobby", who("c1", "u1")).await.unwrap();
+        let none = a
+            .publish("lobby", publication("\"x\"", None), HistoryOptions::NONE)
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        a.publish_leave("lobby", who("c1", "u1")).await.unwrap();
+        assert_eq!(
+            b_seen.wait_for(3).await,
+            ["lobby join c1", "lobby 0 \"x\" ", "lobby leave c1"]
+        );
+        let minute = Duration::from_secs(60);
+        a.add_presence("lobby", who("c1", "u1"), minute)
+            .await
+            .unwrap();
+        a.add_presence("lobby", who("c2", "u1"), minute)
+            .await
+            .unwrap();
+        b.add_presence("lobby", who("c3", "u2"), Duration::from_millis(300))
+            .await
+            .unwrap();
+        let present = b.presence("lobby").await.unwrap();
+        assert_eq!(present.len(), 3);
+        assert_eq!(present[0].info.as_ref().unwrap().get(), "{\"n\":1}");
+        assert_eq!(
+            a.presence_stats("lobby").await.unwrap(),
+            PresenceStats {
+                clients: 3,
+                users: 2
+            }
+        );
+        // c3's node stopped refreshing it: gone after its TTL, with no
+        // other node cleaning up.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let present: Vec<String> = a
+            .presence("lobby")
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.client.clone())
+            .collect();
+        assert_eq!(present, ["c1", "c2"]);
+        a.remove_presence("lobby", "c1").await.unwrap();
+        assert_eq!(
+            b.presence_stats("lobby").await.unwrap(),
+            PresenceStats {
+                clients: 1,
+                users: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn after_redis_comes_back_the_node_is_subscribed_again() {
+        let mut server = RedisServer::start().await;
+        let port = server.port;
+        let (a, _a_seen, _a_events) = node(&server, "t3").await;
+        let (b, b_seen, _b_events) = node(&server, "t3").await;
+        b.subscribe("news").await.unwrap();
+        a.health().await.unwrap();
+        server.stop();
+        // Unhealthy while Redis is away.
+        let mut down = false;
+        for _ in 0..200 {
+            if b.health().await.is_err() {
+                down = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(down, "health stays ok with Redis gone");
+        let _server = RedisServer::on(port).await;
+        let mut up = false;
+        for _ in 0..500 {
+            if b.health().await.is_ok() && a.health().await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(up, "health never came back");
+        a.publish("news", publication("\"after\"", None), KEEP)
+            .await
+            .unwrap();
+        let seen = b_seen.wait_for(1).await;
+        // A new Redis, without the old data: a new stream.
+        assert_eq!(seen, ["news 1 \"after\" "]);
+    }
+}
