@@ -506,8 +506,8 @@ mod tests {
     struct Memory;
 
     impl Harness for Memory {
-        fn engine(&self) -> Arc<dyn Engine> {
-            Arc::new(MemoryEngine::new())
+        fn engine(&self) -> BoxFuture<'_, Arc<dyn Engine>> {
+            Box::pin(async { Arc::new(MemoryEngine::new()) as Arc<dyn Engine> })
         }
 
         fn pass<'a>(&'a self, engine: &'a dyn Engine, secs: u64) -> BoxFuture<'a, ()> {
@@ -516,6 +516,10 @@ mod tests {
                 engine.maintain();
                 engine.expire_presence();
             })
+        }
+
+        fn advance(&self, secs: u64) -> BoxFuture<'_, ()> {
+            Box::pin(tokio::time::advance(Duration::from_secs(secs)))
         }
     }
 

@@ -44,8 +44,22 @@ use super::{
 use crate::protocol::{ClientInfo, Publication};
 use crate::shards::lock;
 
+/// The time expiries are counted in: ms since the Unix epoch. Nodes of a
+/// cluster compare theirs (as for presence), so keep their clocks in sync
+/// (NTP); tests give a clock they move themselves.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    })
+}
+
 /// How a node reaches Redis.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]`.
     pub url: String,
@@ -54,6 +68,18 @@ pub struct RedisConfig {
     /// How long a command may take before the engine reports Redis
     /// unavailable.
     pub timeout: Duration,
+    /// Where expiries are read from ([`system_clock`] by default).
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for RedisConfig {
@@ -62,13 +88,40 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             prefix: "tidewire".into(),
             timeout: Duration::from_secs(5),
+            clock: system_clock(),
         }
     }
 }
 
+/// The start of every stream script: a stream whose expiry (`x` in the
+/// meta hash, node time) has passed is gone. Keys get a Redis expiry a
+/// minute past that too, so that Redis drops what no node reads again.
+const EXPIRED: &str = r#"
+local function expire(now)
+  local x = redis.call('HGET', KEYS[2], 'x')
+  if x and tonumber(x) <= now then
+    redis.call('DEL', KEYS[1], KEYS[2])
+  end
+end
+local function keep_until(x)
+  redis.call('HSET', KEYS[2], 'x', x)
+  redis.call('PEXPIREAT', KEYS[2], x + 60000)
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIREAT', KEYS[1], x + 60000) end
+end
+local function trim(now)
+  while true do
+    local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+    if #first == 0 or tonumber(first[1][2][4]) > now then break end
+    redis.call('XDEL', KEYS[1], first[1][1])
+  end
+end
+"#;
+
 const PUBLISH: &str = r#"
 -- KEYS: stream, meta. ARGV: envelope, size, ttl ms, topic, fresh epoch, now ms.
 local now = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[3])
+expire(now)
 local epoch = redis.call('HGET', KEYS[2], 'e')
 if not epoch then
   epoch = ARGV[5]
@@ -76,15 +129,11 @@ if not epoch then
   redis.call('HSET', KEYS[2], 'e', epoch, 't', 0)
 end
 local top = redis.call('HINCRBY', KEYS[2], 't', 1)
-redis.call('HSET', KEYS[2], 'l', ARGV[3])
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], top .. '-0', 'd', ARGV[1], 'x', now + tonumber(ARGV[3]))
-while true do
-  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-  if #first == 0 or tonumber(first[1][2][4]) > now then break end
-  redis.call('XDEL', KEYS[1], first[1][1])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[2], 'l', ttl)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], top .. '-0', 'd', ARGV[1], 'x', now + ttl)
+trim(now)
+local x = tonumber(redis.call('HGET', KEYS[2], 'x') or '0')
+keep_until(math.max(x, now + ttl))
 redis.call('PUBLISH', ARGV[4], 'p' .. top .. ' ' .. epoch .. ' ' .. ARGV[1])
 return {top, epoch}
 "#;
@@ -94,28 +143,23 @@ const HISTORY: &str = r#"
 -- reverse (0/1), from (an id, '-' or '+'), limit.
 local now = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[3])
+expire(now)
 local epoch = redis.call('HGET', KEYS[2], 'e')
 if not epoch then
   if ARGV[1] ~= '1' then return {0, ''} end
   epoch = ARGV[2]
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'e', epoch, 't', 0, 'l', ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
+  keep_until(now + ttl)
   return {0, epoch}
 end
 local top = tonumber(redis.call('HGET', KEYS[2], 't'))
 if ARGV[1] == '1' then
   redis.call('HSET', KEYS[2], 'l', ttl)
-  if redis.call('PTTL', KEYS[2]) < ttl then
-    redis.call('PEXPIRE', KEYS[2], ttl)
-    if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
-  end
+  local x = tonumber(redis.call('HGET', KEYS[2], 'x') or '0')
+  if x < now + ttl then keep_until(now + ttl) end
 end
-while true do
-  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-  if #first == 0 or tonumber(first[1][2][4]) > now then break end
-  redis.call('XDEL', KEYS[1], first[1][1])
-end
+trim(now)
 local entries
 if ARGV[5] == '1' then
   entries = redis.call('XREVRANGE', KEYS[1], ARGV[6], '-', 'COUNT', ARGV[7])
@@ -126,12 +170,13 @@ return {top, epoch, entries}
 "#;
 
 const KEEP: &str = r#"
--- KEYS: stream, meta. Extends the stream's expiry to its TTL from now.
+-- KEYS: stream, meta. ARGV: now ms. Extends the stream's expiry to its
+-- TTL from now (a node is subscribed, or its last subscriber just left).
+local now = tonumber(ARGV[1])
+expire(now)
 local ttl = tonumber(redis.call('HGET', KEYS[2], 'l') or '0')
-if ttl > 0 and redis.call('PTTL', KEYS[2]) < ttl then
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl) end
-end
+local x = tonumber(redis.call('HGET', KEYS[2], 'x') or '0')
+if ttl > 0 and x < now + ttl then keep_until(now + ttl) end
 return 0
 "#;
 
@@ -192,12 +237,6 @@ fn corrupt(e: impl std::fmt::Display) -> EngineError {
     EngineError::Corrupt(e.to_string())
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn fresh_epoch() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
@@ -207,6 +246,10 @@ fn ttl_ms(ttl: Duration) -> u64 {
 }
 
 impl Inner {
+    fn now(&self) -> u64 {
+        (self.config.clock)()
+    }
+
     fn key(&self, channel: &str, kind: &str) -> String {
         format!("{}:{{{channel}}}:{kind}", self.config.prefix)
     }
@@ -340,9 +383,9 @@ impl RedisEngine {
             config,
             client,
             commands,
-            publish: Script::new(PUBLISH),
-            history: Script::new(HISTORY),
-            keep: Script::new(KEEP),
+            publish: Script::new(&format!("{EXPIRED}{PUBLISH}")),
+            history: Script::new(&format!("{EXPIRED}{HISTORY}")),
+            keep: Script::new(&format!("{EXPIRED}{KEEP}")),
             add_presence: Script::new(ADD_PRESENCE),
             presence: Script::new(PRESENCE),
             events: RwLock::new(None),
@@ -379,7 +422,8 @@ impl RedisEngine {
             let mut invocation = inner.keep.prepare_invoke();
             invocation
                 .key(inner.key(&channel, "s"))
-                .key(inner.key(&channel, "m"));
+                .key(inner.key(&channel, "m"))
+                .arg(inner.now());
             if let Err(e) = inner.run::<i64>(invocation).await {
                 tracing::debug!(channel, "keeping the stream failed: {e}");
             }
@@ -454,7 +498,8 @@ impl Broker for RedisEngine {
             let mut invocation = inner.keep.prepare_invoke();
             invocation
                 .key(inner.key(channel, "s"))
-                .key(inner.key(channel, "m"));
+                .key(inner.key(channel, "m"))
+                .arg(inner.now());
             inner.run::<i64>(invocation).await?;
             Ok(())
         })
@@ -485,7 +530,7 @@ impl Broker for RedisEngine {
                 .arg(ttl_ms(options.ttl))
                 .arg(inner.key(channel, "t"))
                 .arg(fresh_epoch())
-                .arg(now_ms());
+                .arg(inner.now());
             let (offset, epoch): (u64, String) = inner.run(invocation).await?;
             Ok(Some(StreamPosition {
                 offset,
@@ -559,7 +604,7 @@ impl Broker for RedisEngine {
                 .arg(u8::from(query.start_stream))
                 .arg(fresh_epoch())
                 .arg(ttl_ms(query.options.ttl))
-                .arg(now_ms())
+                .arg(inner.now())
                 .arg(u8::from(query.reverse))
                 .arg(from)
                 .arg(query.limit.max(1));
@@ -646,7 +691,7 @@ impl PresenceStore for RedisEngine {
                 .key(inner.key(channel, "z"))
                 .arg(&info.client)
                 .arg(&entry[..])
-                .arg(now_ms() + ttl_ms(ttl))
+                .arg(inner.now() + ttl_ms(ttl))
                 .arg(ttl_ms(ttl));
             inner.run::<i64>(invocation).await.map(drop)
         })
@@ -681,7 +726,7 @@ impl PresenceStore for RedisEngine {
             invocation
                 .key(inner.key(channel, "p"))
                 .key(inner.key(channel, "z"))
-                .arg(now_ms());
+                .arg(inner.now());
             let entries: Vec<Vec<u8>> = inner.run(invocation).await?;
             let mut clients = Vec::with_capacity(entries.len());
             for entry in entries {
@@ -741,16 +786,16 @@ mod tests {
     }
 
     impl RedisServer {
-        pub(crate) async fn start() -> RedisServer {
+        pub(crate) fn start() -> RedisServer {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            RedisServer::on(port).await
+            RedisServer::on(port)
         }
 
-        pub(crate) async fn on(port: u16) -> RedisServer {
+        pub(crate) fn on(port: u16) -> RedisServer {
             let child = std::process::Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -759,14 +804,11 @@ mod tests {
                 .expect("redis-server (scripts/install-deps installs it)");
             // Stopped by its drop should it never listen.
             let server = RedisServer { port, child };
-            for _ in 0..200 {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
+            for _ in 0..500 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return server;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                std::thread::sleep(Duration::from_millis(5));
             }
             panic!("redis-server did not listen on {port}");
         }
@@ -828,6 +870,7 @@ mod tests {
             url: server.url(),
             prefix: prefix.into(),
             timeout: Duration::from_secs(2),
+            ..RedisConfig::default()
         })
         .await
         .unwrap();
@@ -868,7 +911,7 @@ mod tests {
 
     #[tokio::test]
     async fn publications_reach_the_subscribed_nodes_with_their_position_and_history_keeps_them() {
-        let server = RedisServer::start().await;
+        let server = RedisServer::start();
         let (a, _a_seen, _a_events) = node(&server, "t1").await;
         let (b, b_seen, _b_events) = node(&server, "t1").await;
         b.subscribe("room").await.unwrap();
@@ -949,7 +992,7 @@ mod tests {
 
     #[tokio::test]
     async fn joins_leaves_presence_and_channels_without_history() {
-        let server = RedisServer::start().await;
+        let server = RedisServer::start();
         let (a, _a_seen, _a_events) = node(&server, "t2").await;
         let (b, b_seen, _b_events) = node(&server, "t2").await;
         b.subscribe("lobby").await.unwrap();
@@ -1014,7 +1057,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_redis_comes_back_the_node_is_subscribed_again() {
-        let mut server = RedisServer::start().await;
+        let mut server = RedisServer::start();
         let port = server.port;
         let (a, _a_seen, _a_events) = node(&server, "t3").await;
         let (b, b_seen, _b_events) = node(&server, "t3").await;
@@ -1031,7 +1074,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(down, "health stays ok with Redis gone");
-        let _server = RedisServer::on(port).await;
+        let _server = RedisServer::on(port);
         let mut up = false;
         for _ in 0..500 {
             if b.health().await.is_ok() && a.health().await.is_ok() {
@@ -1048,4 +1091,146 @@ mod tests {
         // A new Redis, without the old data: a new stream.
         assert_eq!(seen, ["news 1 \"after\" "]);
     }
+
+    /// The conformance suite over a redis-server of its own, time moved
+    /// by the harness's clock.
+    struct RedisHarness {
+        server: RedisServer,
+        clock_ms: Arc<std::sync::atomic::AtomicU64>,
+        engines: Mutex<Vec<Arc<RedisEngine>>>,
+    }
+
+    impl RedisHarness {
+        fn new() -> RedisHarness {
+            RedisHarness {
+                server: RedisServer::start(),
+                clock_ms: Arc::new(std::sync::atomic::AtomicU64::new(1_800_000_000_000)),
+                engines: Mutex::default(),
+            }
+        }
+
+        fn now(&self) -> u64 {
+            self.clock_ms.load(Ordering::SeqCst)
+        }
+
+        fn find(&self, engine: &dyn crate::engine::Engine) -> Arc<RedisEngine> {
+            lock(&self.engines)
+                .iter()
+                .find(|e| {
+                    std::ptr::addr_eq(Arc::as_ptr(e), engine as *const dyn crate::engine::Engine)
+                })
+                .cloned()
+                .expect("an engine of this harness")
+        }
+    }
+
+    impl crate::engine::conformance::Harness for RedisHarness {
+        fn engine(&self) -> BoxFuture<'_, Arc<dyn crate::engine::Engine>> {
+            Box::pin(async move {
+                let clock = self.clock_ms.clone();
+                let n = lock(&self.engines).len();
+                let engine = Arc::new(
+                    RedisEngine::connect(RedisConfig {
+                        url: self.server.url(),
+                        // A new prefix is a store with nothing in it.
+                        prefix: format!("run{n}"),
+                        timeout: Duration::from_secs(5),
+                        clock: Arc::new(move || clock.load(Ordering::SeqCst)),
+                    })
+                    .await
+                    .unwrap(),
+                );
+                lock(&self.engines).push(engine.clone());
+                engine as Arc<dyn crate::engine::Engine>
+            })
+        }
+
+        fn pass<'a>(
+            &'a self,
+            _engine: &'a dyn crate::engine::Engine,
+            secs: u64,
+        ) -> BoxFuture<'a, ()> {
+            Box::pin(async move {
+                // A second at a time, the upkeep after each, as on a node.
+                for _ in 0..secs {
+                    self.clock_ms.fetch_add(1000, Ordering::SeqCst);
+                    let engines = lock(&self.engines).clone();
+                    for engine in engines {
+                        RedisEngine::keep_subscribed(engine.inner.clone()).await;
+                    }
+                }
+            })
+        }
+
+        fn advance(&self, secs: u64) -> BoxFuture<'_, ()> {
+            self.clock_ms.fetch_add(secs * 1000, Ordering::SeqCst);
+            Box::pin(async {})
+        }
+
+        fn stored<'a>(
+            &'a self,
+            engine: &'a dyn crate::engine::Engine,
+        ) -> BoxFuture<'a, EngineStats> {
+            Box::pin(async move {
+                let engine = self.find(engine);
+                let now = self.now();
+                let mut conn = engine.inner.commands.clone();
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{}:*", engine.inner.config.prefix))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let mut stats = engine.stats();
+                for key in keys {
+                    if let Some(base) = key.strip_suffix(":m") {
+                        let x: Option<u64> = redis::cmd("HGET")
+                            .arg(&key)
+                            .arg("x")
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        if x.is_some_and(|x| x > now) {
+                            stats.streams += 1;
+                            let entries: Value = redis::cmd("XRANGE")
+                                .arg(format!("{base}:s"))
+                                .arg("-")
+                                .arg("+")
+                                .query_async(&mut conn)
+                                .await
+                                .unwrap();
+                            let entries: Vec<(String, Vec<Vec<u8>>)> =
+                                redis::from_redis_value_ref(&entries).unwrap();
+                            stats.publications += entries
+                                .iter()
+                                .filter(|(_, f)| {
+                                    std::str::from_utf8(&f[3])
+                                        .ok()
+                                        .and_then(|x| x.parse::<u64>().ok())
+                                        .is_some_and(|x| x > now)
+                                })
+                                .count();
+                        }
+                    } else if key.ends_with(":z") {
+                        let present: usize = redis::cmd("ZCOUNT")
+                            .arg(&key)
+                            .arg(format!("({now}"))
+                            .arg("+inf")
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        if present > 0 {
+                            stats.presence_channels += 1;
+                        }
+                    }
+                }
+                stats
+            })
+        }
+
+        fn expires_lazily(&self) -> bool {
+            false
+        }
+    }
+
+    conformance_suite!(RedisHarness::new(), real_time, cases = 12);
 }
