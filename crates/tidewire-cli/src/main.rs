@@ -226,6 +226,9 @@ mod tests {
             "--slow-consumer" if shown == "drop" => return "close".into(),
             "--slow-consumer" => return "drop".into(),
             "--prefix" => return format!("{shown}x"),
+            "--engine" if shown == "memory" => return "redis".into(),
+            "--engine" => return "memory".into(),
+            "--redis-url" => return format!("{shown}/1"),
             _ => {}
         }
         if let Ok(n) = shown.parse::<u64>() {

@@ -15,7 +15,9 @@ use anyhow::Context;
 use clap::{ArgMatches, Args, Command};
 use tidewire::tls::TlsAcceptor;
 use tidewire::{CancellationToken, SlowConsumer};
+use tidewire_hub::config::EngineKind;
 use tidewire_hub::config::SLOW_CONSUMER_CLOSE;
+use tidewire_hub::engine::{RedisConfig, RedisEngine};
 use tidewire_hub::{Config, Hub, MemoryEngine};
 use tracing::info;
 
@@ -38,6 +40,13 @@ pub struct ServeArgs {
     /// compressor per connection costs far more than an idle connection).
     #[arg(long, conflicts_with = "no_deflate")]
     deflate: bool,
+    /// Where streams, presence and the fan-out between nodes live: memory
+    /// (this process, one node) or redis (many nodes on one Redis).
+    #[arg(long, value_name = "ENGINE", value_parser = ["memory", "redis"], default_value = "memory")]
+    engine: String,
+    /// The Redis server of --engine redis.
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -51,6 +60,8 @@ pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[
     ("host", "listen"),
     ("port", "listen"),
     ("api_key", "api.key"),
+    ("engine", "engine.type"),
+    ("redis_url", "engine.redis_url"),
     ("token_secret", "token.hmac_secret"),
     ("tls_cert", "server.tls_cert"),
     ("tls_key", "server.tls_key"),
@@ -167,6 +178,15 @@ pub(crate) fn configuration(
         config.token.hmac_secret = Some(secret.clone());
     }
     let given = |id: &str| given(matches, id);
+    if given("engine") {
+        config.engine.kind = match args.engine.as_str() {
+            "redis" => EngineKind::Redis,
+            _ => EngineKind::Memory,
+        };
+    }
+    if given("redis_url") {
+        config.engine.redis_url = args.redis_url.clone();
+    }
     let s = &args.server;
     if given("listen") {
         config.listen = s.listen.clone();
@@ -281,7 +301,22 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
     } else {
         ("http", "ws")
     };
-    let hub = Hub::new(config, Arc::new(MemoryEngine::new()))?;
+    let engine: Arc<dyn tidewire_hub::Engine> = match config.engine.kind {
+        EngineKind::Redis => {
+            let redis = RedisConfig {
+                url: config.engine.redis_url.clone(),
+                prefix: config.engine.redis_prefix.clone(),
+                ..RedisConfig::default()
+            };
+            let engine = RedisEngine::connect(redis)
+                .await
+                .with_context(|| format!("engine redis at {}", config.engine.redis_url))?;
+            info!(url = %config.engine.redis_url, "engine: redis");
+            Arc::new(engine)
+        }
+        _ => Arc::new(MemoryEngine::new()),
+    };
+    let hub = Hub::new(config, engine)?;
     if generated_key {
         // Safe by default: nobody can use /api without this key, and the
         // operator who started the server can.

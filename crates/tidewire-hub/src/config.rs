@@ -41,6 +41,8 @@ pub struct Config {
     pub namespaces: BTreeMap<String, ChannelOptions>,
     /// What a channel in a namespace that is not configured gets.
     pub unknown_namespaces: UnknownNamespaces,
+    /// Where streams, presence and the fan-out between nodes live.
+    pub engine: EngineSettings,
 }
 
 impl Default for Config {
@@ -52,6 +54,7 @@ impl Default for Config {
             api: ApiSettings::default(),
             proxy: ProxySettings::default(),
             server: ServerSettings::default(),
+            engine: EngineSettings::default(),
             channels: ChannelOptions::default(),
             namespaces: BTreeMap::new(),
             unknown_namespaces: UnknownNamespaces::Default,
@@ -208,6 +211,42 @@ pub struct TokenSettings {
     pub audience: Option<String>,
     /// If set, tokens must have this `iss` (likewise).
     pub issuer: Option<String>,
+}
+
+/// Which engine a node runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum EngineKind {
+    /// In this process (the embedded default): one node.
+    Memory,
+    /// Redis: history, offsets, epochs and presence in Redis, the fan-out
+    /// between nodes over its PUB/SUB; many nodes.
+    Redis,
+}
+
+/// The engine.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// `memory` or `redis`.
+    #[serde(rename = "type")]
+    pub kind: EngineKind,
+    /// The Redis server (`redis://[user:password@]host:port[/db]`).
+    pub redis_url: String,
+    /// The prefix of the Redis keys and topics (the nodes of one cluster
+    /// share it; two clusters on one Redis need two).
+    pub redis_prefix: String,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            kind: EngineKind::Memory,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_prefix: "tidewire".into(),
+        }
+    }
 }
 
 /// HTTP API settings.
@@ -448,6 +487,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TIDEWIRE_MAX_CONNECTIONS", "server.max_connections"),
     ("TIDEWIRE_TLS_CERT", "server.tls_cert"),
     ("TIDEWIRE_TLS_KEY", "server.tls_key"),
+    ("TIDEWIRE_ENGINE", "engine.type"),
+    ("TIDEWIRE_ENGINE_REDIS_URL", "engine.redis_url"),
+    ("TIDEWIRE_ENGINE_REDIS_PREFIX", "engine.redis_prefix"),
 ];
 
 impl Config {
@@ -554,6 +596,24 @@ impl Config {
         }
         if let Some(v) = get("TIDEWIRE_TLS_KEY") {
             self.server.tls_key = Some(v.into());
+        }
+        if let Some(v) = get("TIDEWIRE_ENGINE") {
+            self.engine.kind = match v.as_str() {
+                "memory" => EngineKind::Memory,
+                "redis" => EngineKind::Redis,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "TIDEWIRE_ENGINE",
+                        message: format!("{v:?} is not memory or redis"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = get("TIDEWIRE_ENGINE_REDIS_URL") {
+            self.engine.redis_url = v;
+        }
+        if let Some(v) = get("TIDEWIRE_ENGINE_REDIS_PREFIX") {
+            self.engine.redis_prefix = v;
         }
         Ok(())
     }
@@ -837,6 +897,7 @@ mod tests {
             let value = match before[key] {
                 serde_json::Value::Bool(b) => (!b).to_string(),
                 serde_json::Value::Number(_) => "7".to_string(),
+                _ if key == "engine.type" => "redis".to_string(),
                 _ => "https://a.example, https://b.example".to_string(),
             };
             let mut config = Config::default();

@@ -37,5 +37,5 @@ pub mod proxy;
 mod shards;
 
 pub use config::Config;
-pub use engine::{Broker, Engine, MemoryEngine, PresenceStore};
+pub use engine::{Broker, Engine, MemoryEngine, PresenceStore, RedisEngine};
 pub use node::{Hub, HubCounts, HubError, ResumeError, Unhealthy};
