@@ -219,9 +219,22 @@ struct Inner {
     subscriptions: tokio::sync::Mutex<Subscriptions>,
     /// Their count, for the synchronous `stats`.
     subscribed: Mutex<usize>,
-    /// Whether the PUB/SUB connection is up.
+    /// Whether the PUB/SUB connection is up (and its self-probe comes
+    /// back).
     listening: AtomicBool,
+    /// Per subscribed channel: the position of the last publication handed
+    /// to the node (offset, epoch), to notice what PUB/SUB lost.
+    positions: Mutex<std::collections::HashMap<String, (u64, String)>>,
+    /// This engine's own probe topic.
+    probe_topic: String,
 }
+
+/// How often the reader publishes to its probe topic, and checks the
+/// positions of its channels against the streams.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// A PUB/SUB connection whose probes do not come back for this long is
+/// dropped and made again, its channels checked for what they missed.
+const PROBE_DEADLINE: Duration = Duration::from_secs(6);
 
 #[derive(Default)]
 struct Subscriptions {
@@ -293,8 +306,9 @@ impl Inner {
             .map_err(unavailable)
     }
 
-    /// Hands one PUB/SUB message to the node.
-    fn dispatch(&self, topic: &str, payload: &[u8]) {
+    /// Hands one PUB/SUB message to the node; a publication past a gap
+    /// is preceded by what the gap held, read from the stream.
+    async fn dispatch(&self, topic: &str, payload: &[u8]) {
         let Some(events) = self.events() else { return };
         let Some(channel) = self.channel_of(topic) else {
             if topic == self.control_topic() {
@@ -303,12 +317,131 @@ impl Inner {
             return;
         };
         match wire::decode_event(&Bytes::copy_from_slice(payload)) {
-            Ok(Event::Publication { publication, .. }) => {
+            Ok(Event::Publication { publication, epoch }) => {
+                if publication.offset > 0 {
+                    self.catch_up(&*events, channel, publication.offset - 1, &epoch)
+                        .await;
+                    if !self.advance(channel, publication.offset, &epoch) {
+                        return;
+                    }
+                }
                 events.publication(channel, &Arc::new(publication));
             }
             Ok(Event::Join(info)) => events.join(channel, &Arc::new(info)),
             Ok(Event::Leave(info)) => events.leave(channel, &Arc::new(info)),
             Err(e) => tracing::warn!(channel, "unreadable message from Redis: {e}"),
+        }
+    }
+
+    /// Records that the publication at `offset` of `epoch` goes to the
+    /// node; false when it went already (read from the stream by a
+    /// catch-up, then arriving over PUB/SUB).
+    fn advance(&self, channel: &str, offset: u64, epoch: &str) -> bool {
+        let mut positions = lock(&self.positions);
+        let Some(position) = positions.get_mut(channel) else {
+            // Not subscribed (any more): nobody to deliver to.
+            return false;
+        };
+        if position.1 == epoch && offset <= position.0 {
+            return false;
+        }
+        *position = (offset, epoch.to_owned());
+        true
+    }
+
+    /// Hands the node what the stream holds after the channel's last
+    /// delivered position, up to `upto` (a publication arriving past a
+    /// gap, or the stream's top in a periodic check).
+    async fn catch_up(&self, events: &dyn EngineEvents, channel: &str, upto: u64, epoch: &str) {
+        let (last, known) = match lock(&self.positions).get(channel) {
+            Some((last, known)) => (*last, known.clone()),
+            None => return,
+        };
+        if upto <= last || known.is_empty() {
+            return;
+        }
+        if known != epoch {
+            // A new stream (Redis lost its data, or the stream expired):
+            // what the old one held after `last` is gone.
+            tracing::warn!(channel, from = %known, to = %epoch, "stream epoch changed");
+            return;
+        }
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.key(channel, "s"))
+            .arg(format!("{}-0", last + 1))
+            .arg(format!("{upto}-0"));
+        let entries: Value = match self.query(&cmd).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(channel, "reading a gap from the stream failed: {e}");
+                return;
+            }
+        };
+        let missed = match entries_of(&entries) {
+            Ok(missed) => missed,
+            Err(e) => {
+                tracing::warn!(channel, "reading a gap from the stream failed: {e}");
+                return;
+            }
+        };
+        if missed.first().map(|p| p.offset) != Some(last + 1) {
+            tracing::warn!(
+                channel,
+                after = last,
+                "publications lost by PUB/SUB are no longer in the stream"
+            );
+        }
+        tracing::debug!(channel, count = missed.len(), "caught up from the stream");
+        for publication in missed {
+            if self.advance(channel, publication.offset, epoch) {
+                events.publication(channel, &publication);
+            }
+        }
+    }
+
+    /// Compares every subscribed channel's delivered position with its
+    /// stream and hands over what PUB/SUB did not bring.
+    async fn check_positions(&self) {
+        let Some(events) = self.events() else { return };
+        let channels: Vec<(String, String)> = lock(&self.positions)
+            .iter()
+            .filter(|(_, (_, epoch))| !epoch.is_empty())
+            .map(|(c, (_, e))| (c.clone(), e.clone()))
+            .collect();
+        for (channel, epoch) in channels {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(self.key(&channel, "m")).arg("e").arg("t");
+            let Ok((current, top)) = self.query::<(Option<String>, Option<u64>)>(&cmd).await else {
+                continue;
+            };
+            match (current, top) {
+                (Some(current), Some(top)) if current == epoch => {
+                    self.catch_up(&*events, &channel, top, &epoch).await;
+                }
+                (Some(current), _) => {
+                    tracing::warn!(channel, from = %epoch, to = %current, "stream epoch changed");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The position a subscription starts from: the stream's top now (the
+    /// node reads the history after the engine is subscribed, so what came
+    /// before is the node's to merge).
+    async fn start_position(&self, channel: &str) {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.key(channel, "m")).arg("e").arg("t");
+        let (epoch, top) = self
+            .query::<(Option<String>, Option<u64>)>(&cmd)
+            .await
+            .unwrap_or((None, None));
+        let mut positions = lock(&self.positions);
+        let position = positions.entry(channel.to_owned()).or_default();
+        if let (Some(epoch), Some(top)) = (epoch, top) {
+            if position.1.is_empty() {
+                *position = (top, epoch);
+            }
         }
     }
 }
@@ -326,7 +459,7 @@ async fn listen(inner: Weak<Inner>) {
             Ok(pubsub) => {
                 let (mut sink, stream) = pubsub.split();
                 let mut subscriptions = engine.subscriptions.lock().await;
-                let mut topics = vec![engine.control_topic()];
+                let mut topics = vec![engine.control_topic(), engine.probe_topic.clone()];
                 topics.extend(subscriptions.channels.iter().map(|c| engine.key(c, "t")));
                 match sink.subscribe(&topics).await {
                     Ok(()) => {
@@ -352,12 +485,40 @@ async fn listen(inner: Weak<Inner>) {
                 continue;
             }
         };
+        // What was published while the connection was down.
+        engine.check_positions().await;
         drop(engine);
-        while let Some(message) = stream.next().await {
-            let Some(engine) = inner.upgrade() else {
-                return;
-            };
-            engine.dispatch(message.get_channel_name(), message.get_payload_bytes());
+        let mut ticks = tokio::time::interval(PROBE_EVERY);
+        let mut probe_seen = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                message = stream.next() => {
+                    let Some(message) = message else { break };
+                    let Some(engine) = inner.upgrade() else { return };
+                    let topic = message.get_channel_name();
+                    if topic == engine.probe_topic {
+                        probe_seen = tokio::time::Instant::now();
+                        engine.listening.store(true, Ordering::SeqCst);
+                        continue;
+                    }
+                    engine.dispatch(topic, message.get_payload_bytes()).await;
+                }
+                _ = ticks.tick() => {
+                    let Some(engine) = inner.upgrade() else { return };
+                    if probe_seen.elapsed() > PROBE_DEADLINE {
+                        // Alive but delivering nothing: make it again.
+                        tracing::warn!("Redis PUB/SUB delivers nothing (its probes do not come back); reconnecting");
+                        break;
+                    }
+                    if probe_seen.elapsed() > PROBE_EVERY * 2 {
+                        engine.listening.store(false, Ordering::SeqCst);
+                    }
+                    let mut cmd = redis::cmd("PUBLISH");
+                    cmd.arg(&engine.probe_topic).arg("probe");
+                    let _ = engine.query::<i64>(&cmd).await;
+                    engine.check_positions().await;
+                }
+            }
         }
         let Some(engine) = inner.upgrade() else {
             return;
@@ -379,6 +540,7 @@ impl RedisEngine {
             .await
             .map_err(|_| unavailable("Redis did not answer in time"))?
             .map_err(unavailable)?;
+        let config_prefix = config.prefix.clone();
         let inner = Arc::new(Inner {
             config,
             client,
@@ -392,6 +554,8 @@ impl RedisEngine {
             subscriptions: tokio::sync::Mutex::default(),
             subscribed: Mutex::new(0),
             listening: AtomicBool::new(false),
+            positions: Mutex::default(),
+            probe_topic: format!("{}:probe:{:016x}", config_prefix, rand::random::<u64>()),
         });
         tokio::spawn(listen(Arc::downgrade(&inner)));
         // Ready once the control topic is subscribed (a node's own
@@ -474,6 +638,8 @@ impl Broker for RedisEngine {
                     .map_err(|_| unavailable("Redis did not answer in time"))?
                     .map_err(unavailable)?;
             }
+            drop(subscriptions);
+            inner.start_position(channel).await;
             Ok(())
         })
     }
@@ -486,6 +652,7 @@ impl Broker for RedisEngine {
                 if subscriptions.channels.remove(channel) {
                     *lock(&inner.subscribed) -= 1;
                 }
+                lock(&inner.positions).remove(channel);
                 if let Some(sink) = subscriptions.sink.as_mut() {
                     let topic = inner.key(channel, "t");
                     tokio::time::timeout(inner.config.timeout, sink.unsubscribe(topic))
@@ -1090,6 +1257,53 @@ mod tests {
         let seen = b_seen.wait_for(1).await;
         // A new Redis, without the old data: a new stream.
         assert_eq!(seen, ["news 1 \"after\" "]);
+    }
+
+    /// Publishes as the engine does, but to a topic nobody listens on:
+    /// stored, and lost on the way, as PUB/SUB may lose it.
+    async fn publish_lost(engine: &RedisEngine, channel: &str, data: &str) -> u64 {
+        let inner = &engine.inner;
+        let envelope = wire::encode_publication(&publication(data, None));
+        let mut invocation = inner.publish.prepare_invoke();
+        invocation
+            .key(inner.key(channel, "s"))
+            .key(inner.key(channel, "m"))
+            .arg(&envelope[..])
+            .arg(KEEP.size)
+            .arg(ttl_ms(KEEP.ttl))
+            .arg("nowhere")
+            .arg(fresh_epoch())
+            .arg(inner.now());
+        let (offset, _epoch): (u64, String) = inner.run(invocation).await.unwrap();
+        offset
+    }
+
+    #[tokio::test]
+    async fn what_pub_sub_lost_is_read_from_the_stream_in_order() {
+        let server = RedisServer::start();
+        let (a, _a_seen, _a_events) = node(&server, "t4").await;
+        let (b, b_seen, _b_events) = node(&server, "t4").await;
+        b.subscribe("feed").await.unwrap();
+        a.publish("feed", publication("\"1\"", None), KEEP)
+            .await
+            .unwrap();
+        b_seen.wait_for(1).await;
+        // Lost on the way, then revealed by the next one: handed over
+        // first, in order, once.
+        assert_eq!(publish_lost(&a, "feed", "\"2\"").await, 2);
+        a.publish("feed", publication("\"3\"", None), KEEP)
+            .await
+            .unwrap();
+        assert_eq!(
+            b_seen.wait_for(3).await,
+            ["feed 1 \"1\" ", "feed 2 \"2\" ", "feed 3 \"3\" "]
+        );
+        // Lost with nothing after it: the periodic check finds it.
+        assert_eq!(publish_lost(&a, "feed", "\"4\"").await, 4);
+        let seen = b_seen.wait_for(4).await;
+        assert_eq!(seen[3], "feed 4 \"4\" ");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(lock(&b_seen.0).len(), 4, "nothing twice");
     }
 
     /// The conformance suite over a redis-server of its own, time moved
