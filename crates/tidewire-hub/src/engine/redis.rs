@@ -1306,6 +1306,137 @@ mod tests {
         assert_eq!(lock(&b_seen.0).len(), 4, "nothing twice");
     }
 
+    /// A TCP proxy in front of Redis that can stop forwarding what Redis
+    /// sends to its PUB/SUB connections (those whose client sent a
+    /// SUBSCRIBE), keeping them open: alive, delivering nothing.
+    struct StallingProxy {
+        port: u16,
+        stalled: Arc<AtomicBool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl StallingProxy {
+        async fn start(redis_port: u16) -> StallingProxy {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let stalled = Arc::new(AtomicBool::new(false));
+            let stall = stalled.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                    else {
+                        continue;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let subscriber = Arc::new(AtomicBool::new(false));
+                    let marks = subscriber.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = client_read.read(&mut buf).await {
+                            if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                            let text = String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase();
+                            if text.contains("SUBSCRIBE") {
+                                marks.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    });
+                    let stall = stall.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = server_read.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                            if stall.load(Ordering::SeqCst) && subscriber.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            if client_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            StallingProxy {
+                port,
+                stalled,
+                task,
+            }
+        }
+    }
+
+    impl Drop for StallingProxy {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pub_sub_connection_that_delivers_nothing_is_noticed_and_nothing_is_lost() {
+        let server = RedisServer::start();
+        let proxy = StallingProxy::start(server.port).await;
+        let (a, _a_seen, _a_events) = node(&server, "t5").await;
+        let b = RedisEngine::connect(RedisConfig {
+            url: format!("redis://127.0.0.1:{}", proxy.port),
+            prefix: "t5".into(),
+            timeout: Duration::from_secs(2),
+            ..RedisConfig::default()
+        })
+        .await
+        .unwrap();
+        let b_seen = Arc::new(Recorder::default());
+        let b_events: Arc<dyn EngineEvents> = b_seen.clone();
+        b.set_events(Arc::downgrade(&b_events));
+        b.subscribe("live").await.unwrap();
+        a.publish("live", publication("\"1\"", None), KEEP)
+            .await
+            .unwrap();
+        b_seen.wait_for(1).await;
+        b.health().await.unwrap();
+        proxy.stalled.store(true, Ordering::SeqCst);
+        // Publishes succeed; PUB/SUB brings nothing, the stream does.
+        for n in 2..=3 {
+            a.publish("live", publication(&format!("\"{n}\""), None), KEEP)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            b_seen.wait_for(3).await,
+            ["live 1 \"1\" ", "live 2 \"2\" ", "live 3 \"3\" "]
+        );
+        // Its probes do not come back: unhealthy within a bounded time.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while b.health().await.is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "still healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        proxy.stalled.store(false, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while b.health().await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never healthy again"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        a.publish("live", publication("\"4\"", None), KEEP)
+            .await
+            .unwrap();
+        let seen = b_seen.wait_for(4).await;
+        assert_eq!(seen[3], "live 4 \"4\" ");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(lock(&b_seen.0).len(), 4, "nothing twice");
+    }
+
     /// The conformance suite over a redis-server of its own, time moved
     /// by the harness's clock.
     struct RedisHarness {
