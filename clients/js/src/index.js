@@ -1257,6 +1257,16 @@ export class Subscription extends Emitter {
   }
 
   _onServerUnsubscribe({ code, reason }) {
+    if (code === 2002) {
+      // Publications were lost between the server's nodes: subscribe
+      // again, recovering from the last position seen (the server says
+      // whether it could).
+      this._gen++;
+      this._inflight = false;
+      this._setSubscribing(subscribingCodes.gap, reason);
+      if (this.client.state === State.Connected) this._sendSubscribe();
+      return;
+    }
     if (code === 2001) {
       // The subscription token expired: subscribe again with a new one.
       this._token = null;

@@ -889,3 +889,41 @@ async fn subscribers_of_two_codecs_each_get_a_publication_in_their_own_once_enco
         assert!(conn.sink.binary.load(Ordering::Relaxed) >= 3);
     }
 }
+
+#[tokio::test]
+async fn subscribers_are_told_to_subscribe_again_when_publications_were_lost() {
+    let engine = Arc::new(TestEngine::default());
+    let hub = Hub::new(Config::default(), engine.clone()).unwrap();
+    let (mut a, _) = Conn::connected(&hub).await;
+    let (mut b, _) = Conn::connected(&hub).await;
+    let sub = a.ok("subscribe", json!({"channel": "feed"})).await;
+    b.ok("subscribe", json!({"channel": "feed"})).await;
+    a.ok("publish", json!({"channel": "feed", "data": 1})).await;
+    assert_eq!(a.publications().len(), 1);
+    assert_eq!(b.publications().len(), 1);
+    engine.lose("feed");
+    settle().await;
+    for conn in [&a, &b] {
+        let pushes = conn.pushes();
+        assert_eq!(pushes.len(), 1, "{pushes:?}");
+        assert_eq!(pushes[0]["channel"], "feed");
+        assert_eq!(pushes[0]["unsubscribe"]["code"], 2002);
+    }
+    // No longer subscribed: nothing more arrives, the engine is let go.
+    let data = serde_json::value::RawValue::from_string("2".into()).unwrap();
+    hub.publish("feed", Payload::from_json(data)).await.unwrap();
+    settle().await;
+    assert!(a.publications().is_empty());
+    assert!(b.publications().is_empty());
+    assert_eq!(hub.counts().subscriptions, 0);
+    assert_eq!(engine.calls().last().map(String::as_str), Some("-feed"));
+    // Subscribing again recovers from the last position seen.
+    let again = a
+        .ok(
+            "subscribe",
+            json!({"channel": "feed", "recover": true, "offset": 1, "epoch": sub["epoch"]}),
+        )
+        .await;
+    assert_eq!(again["recovered"], true);
+    assert_eq!(again["publications"][0]["offset"], 2);
+}

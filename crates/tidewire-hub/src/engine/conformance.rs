@@ -144,6 +144,9 @@ impl EngineEvents for Recorder {
         let text = String::from_utf8_lossy(message).into_owned();
         lock(&self.0).push((String::new(), 0, format!("control {text}")));
     }
+    fn gap(&self, channel: &str) {
+        lock(&self.0).push((channel.into(), 0, "gap".into()));
+    }
 }
 
 const KEEP: HistoryOptions = HistoryOptions {

@@ -563,6 +563,7 @@ mod tests {
             fn join(&self, _: &str, _: &Arc<ClientInfo>) {}
             fn leave(&self, _: &str, _: &Arc<ClientInfo>) {}
             fn control(&self, _: &[u8]) {}
+            fn gap(&self, _: &str) {}
         }
 
         let engine = Arc::new(MemoryEngine::new());
@@ -620,6 +621,7 @@ mod tests {
         fn join(&self, _: &str, _: &Arc<crate::protocol::ClientInfo>) {}
         fn leave(&self, _: &str, _: &Arc<crate::protocol::ClientInfo>) {}
         fn control(&self, _: &[u8]) {}
+        fn gap(&self, _: &str) {}
     }
 
     fn numbered(n: usize) -> crate::protocol::Publication {

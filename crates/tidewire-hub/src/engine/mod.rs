@@ -65,6 +65,13 @@ pub trait EngineEvents: Send + Sync {
     /// A control message from a node (this one included), as it was sent
     /// with [`Broker::publish_control`].
     fn control(&self, message: &[u8]);
+    /// Publications of `channel` were lost on their way to this node and
+    /// cannot be read back (the stream no longer holds them, or it was
+    /// lost and started anew): the node's subscribers must subscribe again
+    /// (and learn whether they recovered). Called in order with the
+    /// channel's publications: the ones handed over after it come after
+    /// the gap.
+    fn gap(&self, channel: &str);
 }
 
 /// An engine failure.

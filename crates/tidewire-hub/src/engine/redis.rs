@@ -357,13 +357,17 @@ impl Inner {
             Some((last, known)) => (*last, known.clone()),
             None => return,
         };
-        if upto <= last || known.is_empty() {
+        if known.is_empty() {
             return;
         }
         if known != epoch {
             // A new stream (Redis lost its data, or the stream expired):
             // what the old one held after `last` is gone.
             tracing::warn!(channel, from = %known, to = %epoch, "stream epoch changed");
+            events.gap(channel);
+            return;
+        }
+        if upto <= last {
             return;
         }
         let mut cmd = redis::cmd("XRANGE");
@@ -390,6 +394,11 @@ impl Inner {
                 after = last,
                 "publications lost by PUB/SUB are no longer in the stream"
             );
+            events.gap(channel);
+            if let Some(position) = lock(&self.positions).get_mut(channel) {
+                *position = (upto, epoch.to_owned());
+            }
+            return;
         }
         tracing::debug!(channel, count = missed.len(), "caught up from the stream");
         for publication in missed {
@@ -418,8 +427,12 @@ impl Inner {
                 (Some(current), Some(top)) if current == epoch => {
                     self.catch_up(&*events, &channel, top, &epoch).await;
                 }
-                (Some(current), _) => {
+                (Some(current), top) => {
                     tracing::warn!(channel, from = %epoch, to = %current, "stream epoch changed");
+                    events.gap(&channel);
+                    if let Some(position) = lock(&self.positions).get_mut(&channel) {
+                        *position = (top.unwrap_or(0), current);
+                    }
                 }
                 _ => {}
             }
@@ -1014,6 +1027,9 @@ mod tests {
         fn control(&self, message: &[u8]) {
             lock(&self.0).push(format!("control {}", String::from_utf8_lossy(message)));
         }
+        fn gap(&self, channel: &str) {
+            lock(&self.0).push(format!("{channel} gap"));
+        }
     }
 
     impl Recorder {
@@ -1304,6 +1320,38 @@ mod tests {
         assert_eq!(seen[3], "feed 4 \"4\" ");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(lock(&b_seen.0).len(), 4, "nothing twice");
+    }
+
+    #[tokio::test]
+    async fn publications_no_longer_in_the_stream_or_a_new_epoch_are_a_gap() {
+        let server = RedisServer::start();
+        let (a, _a_seen, _a_events) = node(&server, "t6").await;
+        let (b, b_seen, _b_events) = node(&server, "t6").await;
+        b.subscribe("feed").await.unwrap();
+        a.publish("feed", publication("\"1\"", None), KEEP)
+            .await
+            .unwrap();
+        b_seen.wait_for(1).await;
+        // Four lost, and the stream keeps three: one is gone for good.
+        for n in 2..=5 {
+            publish_lost(&a, "feed", &format!("\"{n}\"")).await;
+        }
+        a.publish("feed", publication("\"6\"", None), KEEP)
+            .await
+            .unwrap();
+        let seen = b_seen.wait_for(3).await;
+        assert_eq!(seen[1..3], ["feed gap", "feed 6 \"6\" "]);
+        // Redis loses the stream: the next publication starts a new epoch.
+        let mut conn = a.inner.commands.clone();
+        redis::cmd("FLUSHALL")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        a.publish("feed", publication("\"new\"", None), KEEP)
+            .await
+            .unwrap();
+        let seen = b_seen.wait_for(5).await;
+        assert_eq!(seen[3..5], ["feed gap", "feed 1 \"new\" "]);
     }
 
     /// A TCP proxy in front of Redis that can stop forwarding what Redis

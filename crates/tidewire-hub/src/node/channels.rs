@@ -220,6 +220,11 @@ impl Node {
     /// was already updated by the caller).
     pub(super) async fn leave_channel(&self, client: &Client, channel: &str) {
         let (removed, emptied) = self.detach(channel, client.id);
+        self.after_leaving(client, channel, removed, emptied).await;
+    }
+
+    /// What follows a client's removal from a channel's subscribers.
+    async fn after_leaving(&self, client: &Client, channel: &str, removed: bool, emptied: bool) {
         if removed {
             self.metrics.subscriptions.dec();
         }
@@ -469,6 +474,64 @@ impl EngineEvents for Node {
 
     fn leave(&self, channel: &str, info: &Arc<ClientInfo>) {
         self.presence_event(channel, info, false);
+    }
+
+    fn gap(&self, channel: &str) {
+        let Some(node) = self.me.upgrade() else {
+            return;
+        };
+        let why = Unsubscribed {
+            code: 2002,
+            reason: "publications were lost on their way: subscribe again to recover".into(),
+        };
+        // Out of the live list and told under the channel's lock, so that
+        // no publication from after the gap reaches them first (they
+        // would take its offset for their position).
+        let (gone, emptied) = {
+            let mut shard = self.channels.lock(channel);
+            let Some(ch) = shard.get(channel).cloned() else {
+                return;
+            };
+            let mut subs = lock(&ch.subscribers);
+            let ids: Vec<u64> = subs.live.iter().map(|(id, _)| *id).collect();
+            let mut gone = Vec::with_capacity(ids.len());
+            let mut notice = EncodedPush::new(Push::Unsubscribe { channel, why: &why });
+            for id in ids {
+                if let Some(&at) = subs.index.get(&id) {
+                    let sink = subs.live[at].1.clone();
+                    subs.remove(id);
+                    sink.send(
+                        notice.frame(sink.transport().codec).clone(),
+                        FrameKind::Control,
+                    );
+                    gone.push(id);
+                }
+            }
+            let emptied = subs.is_empty();
+            drop(subs);
+            if emptied {
+                shard.remove(channel);
+            }
+            (gone, emptied)
+        };
+        tracing::warn!(
+            channel,
+            subscribers = gone.len(),
+            "publications lost: subscribers told to subscribe again"
+        );
+        let channel = channel.to_owned();
+        tokio::spawn(async move {
+            let count = gone.len();
+            for (n, id) in gone.into_iter().enumerate() {
+                let client = node.clients.lock(&id).get(&id).cloned();
+                let Some(client) = client else { continue };
+                lock(&client.state).subscriptions.retain(|s| *s != channel);
+                // The channel's own bookkeeping once, with the last one.
+                let last = n + 1 == count;
+                node.after_leaving(&client, &channel, true, emptied && last)
+                    .await;
+            }
+        });
     }
 
     fn control(&self, message: &[u8]) {

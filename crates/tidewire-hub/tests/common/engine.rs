@@ -70,9 +70,23 @@ impl EngineEvents for Relay {
             node.control(message);
         }
     }
+    fn gap(&self, channel: &str) {
+        if let Some(node) = self.node() {
+            node.gap(channel);
+        }
+    }
 }
 
 impl TestEngine {
+    /// Tells the node that publications of `channel` were lost on their
+    /// way, as a broker engine does when it cannot read them back.
+    #[allow(dead_code)] // not every test binary loses publications
+    pub fn lose(&self, channel: &str) {
+        if let Some(node) = self.relay.node() {
+            node.gap(channel);
+        }
+    }
+
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
