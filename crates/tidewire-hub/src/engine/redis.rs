@@ -474,7 +474,17 @@ async fn listen(inner: Weak<Inner>) {
                 let mut subscriptions = engine.subscriptions.lock().await;
                 let mut topics = vec![engine.control_topic(), engine.probe_topic.clone()];
                 topics.extend(subscriptions.channels.iter().map(|c| engine.key(c, "t")));
-                match sink.subscribe(&topics).await {
+                // Bounded: a connection that stalls right away must not
+                // hold the subscriptions' lock.
+                let subscribed =
+                    tokio::time::timeout(engine.config.timeout, sink.subscribe(&topics))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(redis::RedisError::from(std::io::Error::from(
+                                std::io::ErrorKind::TimedOut,
+                            )))
+                        });
+                match subscribed {
                     Ok(()) => {
                         subscriptions.sink = Some(sink);
                         engine.listening.store(true, Ordering::SeqCst);
@@ -693,6 +703,12 @@ impl Broker for RedisEngine {
     ) -> BoxFuture<'a, Result<Option<StreamPosition>, EngineError>> {
         Box::pin(async move {
             let inner = &self.inner;
+            // A node that cannot hear the others does not publish either:
+            // its publishers are told (114) rather than its subscribers
+            // silently missing what they publish.
+            if !inner.listening.load(Ordering::SeqCst) {
+                return Err(unavailable("the Redis PUB/SUB connection is down"));
+            }
             let envelope = wire::encode_publication(&publication);
             if !options.enabled() {
                 let event = wire::encode_publication_event(0, "", &envelope);
@@ -1461,12 +1477,18 @@ mod tests {
             b_seen.wait_for(3).await,
             ["live 1 \"1\" ", "live 2 \"2\" ", "live 3 \"3\" "]
         );
-        // Its probes do not come back: unhealthy within a bounded time.
+        // Its probes do not come back: unhealthy within a bounded time,
+        // and its own publishes are refused meanwhile.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while b.health().await.is_ok() {
             assert!(tokio::time::Instant::now() < deadline, "still healthy");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let refused = b.publish("live", publication("\"x\"", None), KEEP).await;
+        assert!(
+            matches!(refused, Err(EngineError::Unavailable(_))),
+            "{refused:?}"
+        );
         proxy.stalled.store(false, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         while b.health().await.is_err() {
