@@ -327,6 +327,12 @@ pub struct ServerSettings {
     /// How long graceful shutdown waits.
     #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
+    /// Over how long a graceful shutdown spreads its disconnects (0: all
+    /// at once): in a rolling restart behind a load balancer the clients
+    /// move to the other nodes a few at a time. Shorter than
+    /// `shutdown_timeout`.
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
+    pub drain_window: Duration,
 }
 
 impl Default for ServerSettings {
@@ -346,6 +352,7 @@ impl Default for ServerSettings {
             deflate: false,
             deflate_no_context_takeover: false,
             shutdown_timeout: Duration::from_secs(10),
+            drain_window: Duration::ZERO,
         }
     }
 }
@@ -644,6 +651,15 @@ impl Config {
                     "namespace name {name:?} must be 1 to 64 bytes without ':'"
                 ));
             }
+        }
+        if !self.server.drain_window.is_zero()
+            && self.server.drain_window >= self.server.shutdown_timeout
+        {
+            return invalid(
+                "server.drain_window must be shorter than server.shutdown_timeout (the \
+                 drain's disconnects come within the shutdown's wait)"
+                    .into(),
+            );
         }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return invalid("server.tls_cert and server.tls_key go together".into());

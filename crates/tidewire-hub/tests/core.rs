@@ -927,3 +927,39 @@ async fn subscribers_are_told_to_subscribe_again_when_publications_were_lost() {
     assert_eq!(again["recovered"], true);
     assert_eq!(again["publications"][0]["offset"], 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_window_spreads_the_shutdown_disconnects() {
+    let mut config = Config::default();
+    config.server.drain_window = Duration::from_secs(1);
+    let hub = Hub::new(config, Arc::new(MemoryEngine::new())).unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(Conn::connected(&hub).await.0);
+    }
+    let told = |conns: &[Conn]| conns.iter().filter(|c| c.sink.closed().is_some()).count();
+    hub.shutdown();
+    assert!(hub.is_shutting_down());
+    settle().await;
+    // Ten steps of 100 ms: two clients per step, the first at once.
+    assert_eq!(told(&conns), 2);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(told(&conns), 10);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(told(&conns), 20);
+    for conn in &conns {
+        let pushes = conn.pushes();
+        assert_eq!(pushes[0]["disconnect"]["code"], 3001, "{pushes:?}");
+        assert_eq!(
+            conn.sink.closed(),
+            Some((1001, "server shutting down".into()))
+        );
+    }
+    // One that opens meanwhile is told at once.
+    let late = Conn::open(&hub, 16);
+    assert!(late.sink.closed().is_some());
+    // The window must fit in the shutdown's wait.
+    let mut bad = Config::default();
+    bad.server.drain_window = bad.server.shutdown_timeout;
+    assert!(bad.validate().is_err());
+}

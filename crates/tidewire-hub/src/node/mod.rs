@@ -367,14 +367,46 @@ impl Hub {
     /// Graceful shutdown: every client gets a `disconnect` push (3001,
     /// reconnect) and its connection is closed with 1001; new connections
     /// are refused.
+    ///
+    /// With `server.drain_window` the disconnects are spread over it, in
+    /// equal steps every 100 ms (sessions that open meanwhile are told at
+    /// once, as always during shutdown).
     pub fn shutdown(&self) {
         self.node.shutting_down.store(true, Ordering::SeqCst);
-        let disconnect = shutdown_disconnect();
-        let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
-        for shard in self.node.clients.each() {
-            for client in shard.values() {
-                tell_to_leave(client, &mut notice);
+        let window = self.node.config.server.drain_window;
+        let runtime = tokio::runtime::Handle::try_current();
+        if window.is_zero() || runtime.is_err() {
+            let disconnect = shutdown_disconnect();
+            let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
+            for shard in self.node.clients.each() {
+                for client in shard.values() {
+                    tell_to_leave(client, &mut notice);
+                }
             }
+            return;
+        }
+        let clients: Vec<Arc<Client>> = self
+            .node
+            .clients
+            .each()
+            .flat_map(|shard| shard.values().cloned().collect::<Vec<_>>())
+            .collect();
+        const STEP: Duration = Duration::from_millis(100);
+        let steps = (window.as_millis() / STEP.as_millis()).max(1) as usize;
+        let per_step = clients.len().div_ceil(steps).max(1);
+        tracing::info!(clients = clients.len(), ?window, "draining");
+        if let Ok(runtime) = runtime {
+            runtime.spawn(async move {
+                let disconnect = shutdown_disconnect();
+                let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
+                let mut ticks = tokio::time::interval(STEP);
+                for batch in clients.chunks(per_step) {
+                    ticks.tick().await;
+                    for client in batch {
+                        tell_to_leave(client, &mut notice);
+                    }
+                }
+            });
         }
     }
 
