@@ -48,7 +48,7 @@ mod memory;
 mod redis;
 pub mod wire;
 
-pub use self::redis::{RedisConfig, RedisEngine};
+pub use self::redis::{system_clock, Clock, RedisConfig, RedisEngine};
 pub use memory::MemoryEngine;
 
 /// A boxed future, so that the trait is object-safe (`Arc<dyn Engine>`).
