@@ -11,7 +11,7 @@ import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 
 import { Client, subscribingCodes } from '../src/index.js';
-import { Server, clientFactory, nextEvent, record, sleep, waitFor } from './helpers.js';
+import { Server, clientFactory, nextEvent, sleep, subscriber, waitFor } from './helpers.js';
 
 const FAST = { minReconnectDelay: 50, maxReconnectDelay: 400, timeout: 5000 };
 
@@ -63,14 +63,7 @@ describe('several nodes on Redis', { timeout: 60000 }, () => {
   });
 
   test('history lost in Redis: the subscription is told, subscribes again and says recovered: false', async () => {
-    const client = newClient(server.wsUrl, FAST);
-    const sub = client.newSubscription('lost:feed');
-    const got = [];
-    sub.on('publication', (p) => got.push(p.data.n));
-    const events = record(sub, ['subscribing', 'subscribed']);
-    sub.subscribe();
-    client.connect();
-    await sub.ready(5000);
+    const { sub, got, events } = await subscriber(newClient, server.wsUrl, 'lost:feed', FAST);
     for (const n of [1, 2, 3]) await server.api('publish', { channel: 'lost:feed', data: { n } });
     await waitFor(() => got.length === 3, 'three publications');
     const oldEpoch = sub.position.epoch;

@@ -283,3 +283,20 @@ export function record(emitter, events) {
   for (const event of events) emitter.on(event, (ctx) => log.push({ event, ...ctx }));
   return log;
 }
+
+/**
+ * A subscribed client (connected with `options`) that records the `n` of
+ * every publication, and its subscription's `subscribing` / `subscribed`
+ * events.
+ */
+export async function subscriber(newClient, url, channel, options) {
+  const client = newClient(url, options);
+  const sub = client.newSubscription(channel);
+  const got = [];
+  sub.on('publication', (p) => got.push(p.data.n));
+  const events = record(sub, ['subscribing', 'subscribed']);
+  sub.subscribe();
+  client.connect();
+  await sub.ready(5000);
+  return { client, sub, got, events };
+}

@@ -9,22 +9,12 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { Client, State, connectingCodes, subscribingCodes } from '../src/index.js';
-import { Proxy, Server, clientFactory, nextEvent, record, sleep, waitFor } from './helpers.js';
+import { Proxy, Server, clientFactory, nextEvent, record, sleep, subscriber as subscribe, waitFor } from './helpers.js';
 
 const FAST = { minReconnectDelay: 50, maxReconnectDelay: 400, timeout: 5000 };
 
 /** A subscribed client that records the `n` of every publication, and its subscription's events. */
-async function subscriber(newClient, url, channel) {
-  const client = newClient(url, FAST);
-  const sub = client.newSubscription(channel);
-  const got = [];
-  sub.on('publication', (p) => got.push(p.data.n));
-  const events = record(sub, ['subscribing', 'subscribed']);
-  sub.subscribe();
-  client.connect();
-  await sub.ready(5000);
-  return { client, sub, got, events };
-}
+const subscriber = (newClient, url, channel) => subscribe(newClient, url, channel, FAST);
 
 const range = (from, to) => Array.from({ length: to - from }, (_, i) => from + i);
 

@@ -9,52 +9,18 @@
 //! stop them by PID.
 
 mod common;
+#[path = "../../tidewire-hub/tests/support/redis_server.rs"]
+mod redis_server;
 
 use std::time::Duration;
 
 use common::{start_serve, Served, LIMIT};
+use redis_server::RedisServer;
 use serde_json::{json, Value};
 use tidewire::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const API_KEY: &str = "cluster-test-key";
-
-struct RedisServer {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/install-deps installs it)");
-        // Stopped by its drop should it never listen.
-        let server = RedisServer { port, child };
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("redis-server did not listen on {port}");
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn node(redis: &RedisServer, name: &str) -> Served {
     node_with(redis, name, "").await

@@ -218,7 +218,7 @@ struct Inner {
     /// a (re)subscription is under way, so that none is lost in between.
     subscriptions: tokio::sync::Mutex<Subscriptions>,
     /// Their count, for the synchronous `stats`.
-    subscribed: Mutex<usize>,
+    subscribed: std::sync::atomic::AtomicUsize,
     /// Whether the PUB/SUB connection is up (and its self-probe comes
     /// back).
     listening: AtomicBool,
@@ -287,23 +287,45 @@ impl Inner {
             .and_then(Weak::upgrade)
     }
 
-    async fn run<T: redis::FromRedisValue>(
+    /// `call` within the configured timeout; Redis's errors and a late
+    /// answer are both "unavailable".
+    async fn bounded<T>(
         &self,
-        invocation: redis::ScriptInvocation<'_>,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, EngineError> {
-        let mut conn = self.commands.clone();
-        tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn))
+        tokio::time::timeout(self.config.timeout, call)
             .await
             .map_err(|_| unavailable("Redis did not answer in time"))?
             .map_err(unavailable)
     }
 
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, EngineError> {
+        let mut conn = self.commands.clone();
+        self.bounded(invocation.invoke_async(&mut conn)).await
+    }
+
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, EngineError> {
         let mut conn = self.commands.clone();
-        tokio::time::timeout(self.config.timeout, cmd.query_async(&mut conn))
-            .await
-            .map_err(|_| unavailable("Redis did not answer in time"))?
-            .map_err(unavailable)
+        self.bounded(cmd.query_async(&mut conn)).await
+    }
+
+    async fn publish_to(&self, topic: &str, message: &[u8]) -> Result<(), EngineError> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(topic).arg(message);
+        self.query::<i64>(&cmd).await.map(drop)
+    }
+
+    /// Extends the expiry of `channel`'s stream to its TTL from now.
+    async fn keep(&self, channel: &str) -> Result<(), EngineError> {
+        let mut invocation = self.keep.prepare_invoke();
+        invocation
+            .key(self.key(channel, "s"))
+            .key(self.key(channel, "m"))
+            .arg(self.now());
+        self.run::<i64>(invocation).await.map(drop)
     }
 
     /// Hands one PUB/SUB message to the node; a publication past a gap
@@ -318,7 +340,9 @@ impl Inner {
         };
         match wire::decode_event(&Bytes::copy_from_slice(payload)) {
             Ok(Event::Publication { publication, epoch }) => {
-                if publication.offset > 0 {
+                if publication.offset > 0
+                    && !self.next_in_order(channel, publication.offset, &epoch)
+                {
                     self.catch_up(&*events, channel, publication.offset - 1, &epoch)
                         .await;
                     if !self.advance(channel, publication.offset, &epoch) {
@@ -330,6 +354,19 @@ impl Inner {
             Ok(Event::Join(info)) => events.join(channel, &Arc::new(info)),
             Ok(Event::Leave(info)) => events.leave(channel, &Arc::new(info)),
             Err(e) => tracing::warn!(channel, "unreadable message from Redis: {e}"),
+        }
+    }
+
+    /// Whether the publication at `offset` of `epoch` is the one after the
+    /// channel's last, as nearly always: then recorded in place, with
+    /// nothing allocated.
+    fn next_in_order(&self, channel: &str, offset: u64, epoch: &str) -> bool {
+        match lock(&self.positions).get_mut(channel) {
+            Some(position) if position.1 == epoch && offset == position.0 + 1 => {
+                position.0 = offset;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -476,14 +513,7 @@ async fn listen(inner: Weak<Inner>) {
                 topics.extend(subscriptions.channels.iter().map(|c| engine.key(c, "t")));
                 // Bounded: a connection that stalls right away must not
                 // hold the subscriptions' lock.
-                let subscribed =
-                    tokio::time::timeout(engine.config.timeout, sink.subscribe(&topics))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(redis::RedisError::from(std::io::Error::from(
-                                std::io::ErrorKind::TimedOut,
-                            )))
-                        });
+                let subscribed = engine.bounded(sink.subscribe(&topics)).await;
                 match subscribed {
                     Ok(()) => {
                         subscriptions.sink = Some(sink);
@@ -536,9 +566,7 @@ async fn listen(inner: Weak<Inner>) {
                     if probe_seen.elapsed() > PROBE_EVERY * 2 {
                         engine.listening.store(false, Ordering::SeqCst);
                     }
-                    let mut cmd = redis::cmd("PUBLISH");
-                    cmd.arg(&engine.probe_topic).arg("probe");
-                    let _ = engine.query::<i64>(&cmd).await;
+                    let _ = engine.publish_to(&engine.probe_topic, b"probe").await;
                     engine.check_positions().await;
                 }
             }
@@ -575,7 +603,7 @@ impl RedisEngine {
             presence: Script::new(PRESENCE),
             events: RwLock::new(None),
             subscriptions: tokio::sync::Mutex::default(),
-            subscribed: Mutex::new(0),
+            subscribed: std::sync::atomic::AtomicUsize::new(0),
             listening: AtomicBool::new(false),
             positions: Mutex::default(),
             probe_topic: format!("{}:probe:{:016x}", config_prefix, rand::random::<u64>()),
@@ -606,12 +634,7 @@ impl RedisEngine {
             .cloned()
             .collect();
         for channel in channels {
-            let mut invocation = inner.keep.prepare_invoke();
-            invocation
-                .key(inner.key(&channel, "s"))
-                .key(inner.key(&channel, "m"))
-                .arg(inner.now());
-            if let Err(e) = inner.run::<i64>(invocation).await {
+            if let Err(e) = inner.keep(&channel).await {
                 tracing::debug!(channel, "keeping the stream failed: {e}");
             }
         }
@@ -630,11 +653,16 @@ fn entries_of(value: &Value) -> Result<Vec<Arc<Publication>>, EngineError> {
             .split_once('-')
             .and_then(|(o, _)| o.parse::<u64>().ok())
             .ok_or_else(|| corrupt(format!("stream entry id {id}")))?;
-        let envelope = fields
-            .chunks(2)
-            .find(|f| f.len() == 2 && f[0] == b"d")
-            .map(|f| Bytes::from(f[1].clone()))
-            .ok_or_else(|| corrupt("stream entry without its publication"))?;
+        // Field names and values alternate; the envelope is moved out.
+        let mut fields = fields.into_iter();
+        let mut envelope = None;
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            if name == b"d" {
+                envelope = Some(Bytes::from(value));
+                break;
+            }
+        }
+        let envelope = envelope.ok_or_else(|| corrupt("stream entry without its publication"))?;
         let publication = wire::decode_publication(&envelope, offset).map_err(corrupt)?;
         publications.push(Arc::new(publication));
     }
@@ -651,15 +679,12 @@ impl Broker for RedisEngine {
             let inner = &self.inner;
             let mut subscriptions = inner.subscriptions.lock().await;
             if subscriptions.channels.insert(channel.to_owned()) {
-                *lock(&inner.subscribed) += 1;
+                inner.subscribed.fetch_add(1, Ordering::Relaxed);
             }
             // Without a connection, the reader subscribes it when it is back.
             if let Some(sink) = subscriptions.sink.as_mut() {
                 let topic = inner.key(channel, "t");
-                tokio::time::timeout(inner.config.timeout, sink.subscribe(topic))
-                    .await
-                    .map_err(|_| unavailable("Redis did not answer in time"))?
-                    .map_err(unavailable)?;
+                inner.bounded(sink.subscribe(topic)).await?;
             }
             drop(subscriptions);
             inner.start_position(channel).await;
@@ -673,25 +698,16 @@ impl Broker for RedisEngine {
             {
                 let mut subscriptions = inner.subscriptions.lock().await;
                 if subscriptions.channels.remove(channel) {
-                    *lock(&inner.subscribed) -= 1;
+                    inner.subscribed.fetch_sub(1, Ordering::Relaxed);
                 }
                 lock(&inner.positions).remove(channel);
                 if let Some(sink) = subscriptions.sink.as_mut() {
                     let topic = inner.key(channel, "t");
-                    tokio::time::timeout(inner.config.timeout, sink.unsubscribe(topic))
-                        .await
-                        .map_err(|_| unavailable("Redis did not answer in time"))?
-                        .map_err(unavailable)?;
+                    inner.bounded(sink.unsubscribe(topic)).await?;
                 }
             }
             // The stream's TTL counts from the last subscriber leaving too.
-            let mut invocation = inner.keep.prepare_invoke();
-            invocation
-                .key(inner.key(channel, "s"))
-                .key(inner.key(channel, "m"))
-                .arg(inner.now());
-            inner.run::<i64>(invocation).await?;
-            Ok(())
+            inner.keep(channel).await
         })
     }
 
@@ -712,9 +728,7 @@ impl Broker for RedisEngine {
             let envelope = wire::encode_publication(&publication);
             if !options.enabled() {
                 let event = wire::encode_publication_event(0, "", &envelope);
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(inner.key(channel, "t")).arg(&event[..]);
-                inner.query::<i64>(&cmd).await?;
+                inner.publish_to(&inner.key(channel, "t"), &event).await?;
                 return Ok(None);
             }
             let mut invocation = inner.publish.prepare_invoke();
@@ -742,9 +756,9 @@ impl Broker for RedisEngine {
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
             let event = wire::encode_presence_event(wire::JOIN, &info);
-            let mut cmd = redis::cmd("PUBLISH");
-            cmd.arg(self.inner.key(channel, "t")).arg(&event[..]);
-            self.inner.query::<i64>(&cmd).await.map(drop)
+            self.inner
+                .publish_to(&self.inner.key(channel, "t"), &event)
+                .await
         })
     }
 
@@ -755,17 +769,17 @@ impl Broker for RedisEngine {
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
             let event = wire::encode_presence_event(wire::LEAVE, &info);
-            let mut cmd = redis::cmd("PUBLISH");
-            cmd.arg(self.inner.key(channel, "t")).arg(&event[..]);
-            self.inner.query::<i64>(&cmd).await.map(drop)
+            self.inner
+                .publish_to(&self.inner.key(channel, "t"), &event)
+                .await
         })
     }
 
     fn publish_control<'a>(&'a self, message: &'a [u8]) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let mut cmd = redis::cmd("PUBLISH");
-            cmd.arg(self.inner.control_topic()).arg(message);
-            self.inner.query::<i64>(&cmd).await.map(drop)
+            self.inner
+                .publish_to(&self.inner.control_topic(), message)
+                .await
         })
     }
 
@@ -849,7 +863,7 @@ impl Broker for RedisEngine {
         // What lives in Redis is not counted here (it would take a round
         // trip): only this node's subscriptions.
         EngineStats {
-            subscribed_channels: *lock(&self.inner.subscribed),
+            subscribed_channels: self.inner.subscribed.load(Ordering::Relaxed),
             ..EngineStats::default()
         }
     }
@@ -905,10 +919,7 @@ impl PresenceStore for RedisEngine {
                 .hdel(inner.key(channel, "p"), client)
                 .zrem(inner.key(channel, "z"), client);
             let mut conn = inner.commands.clone();
-            tokio::time::timeout(inner.config.timeout, pipe.query_async::<()>(&mut conn))
-                .await
-                .map_err(|_| unavailable("Redis did not answer in time"))?
-                .map_err(unavailable)
+            inner.bounded(pipe.query_async::<()>(&mut conn)).await
         })
     }
 
@@ -965,6 +976,10 @@ impl PresenceStore for RedisEngine {
 }
 
 #[cfg(test)]
+#[path = "../../tests/support/redis_server.rs"]
+mod redis_server;
+
+#[cfg(test)]
 mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
@@ -973,57 +988,7 @@ mod tests {
     use crate::engine::HistoryOptions;
     use crate::protocol::Payload;
 
-    /// A redis-server of the test's own on a free loopback port, stopped
-    /// by PID when dropped. A missing redis-server is a failure, not a skip
-    /// (scripts/install-deps installs it).
-    pub(crate) struct RedisServer {
-        pub(crate) port: u16,
-        child: std::process::Child,
-    }
-
-    impl RedisServer {
-        pub(crate) fn start() -> RedisServer {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            RedisServer::on(port)
-        }
-
-        pub(crate) fn on(port: u16) -> RedisServer {
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server (scripts/install-deps installs it)");
-            // Stopped by its drop should it never listen.
-            let server = RedisServer { port, child };
-            for _ in 0..500 {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return server;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            panic!("redis-server did not listen on {port}");
-        }
-
-        pub(crate) fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        pub(crate) fn stop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    impl Drop for RedisServer {
-        fn drop(&mut self) {
-            self.stop();
-        }
-    }
+    use super::redis_server::RedisServer;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<String>>);

@@ -374,17 +374,19 @@ impl Hub {
     pub fn shutdown(&self) {
         self.node.shutting_down.store(true, Ordering::SeqCst);
         let window = self.node.config.server.drain_window;
-        let runtime = tokio::runtime::Handle::try_current();
-        if window.is_zero() || runtime.is_err() {
-            let disconnect = shutdown_disconnect();
-            let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
-            for shard in self.node.clients.each() {
-                for client in shard.values() {
-                    tell_to_leave(client, &mut notice);
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !window.is_zero() => runtime,
+            _ => {
+                let disconnect = shutdown_disconnect();
+                let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
+                for shard in self.node.clients.each() {
+                    for client in shard.values() {
+                        tell_to_leave(client, &mut notice);
+                    }
                 }
+                return;
             }
-            return;
-        }
+        };
         let clients: Vec<Arc<Client>> = self
             .node
             .clients
@@ -395,19 +397,17 @@ impl Hub {
         let steps = (window.as_millis() / STEP.as_millis()).max(1) as usize;
         let per_step = clients.len().div_ceil(steps).max(1);
         tracing::info!(clients = clients.len(), ?window, "draining");
-        if let Ok(runtime) = runtime {
-            runtime.spawn(async move {
-                let disconnect = shutdown_disconnect();
-                let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
-                let mut ticks = tokio::time::interval(STEP);
-                for batch in clients.chunks(per_step) {
-                    ticks.tick().await;
-                    for client in batch {
-                        tell_to_leave(client, &mut notice);
-                    }
+        runtime.spawn(async move {
+            let disconnect = shutdown_disconnect();
+            let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
+            let mut ticks = tokio::time::interval(STEP);
+            for batch in clients.chunks(per_step) {
+                ticks.tick().await;
+                for client in batch {
+                    tell_to_leave(client, &mut notice);
                 }
-            });
-        }
+            }
+        });
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.

@@ -75,31 +75,25 @@ impl Server {
         // Ends the connections accepted during the drain when it is over.
         let draining_over = CancellationToken::new();
         let _end_draining = draining_over.clone().drop_guard();
+        let connection = |keep_alive: bool, shutdown: &CancellationToken| Connection {
+            shared: self.shared.clone(),
+            service: service.clone(),
+            keep_alive,
+            shutdown: shutdown.clone(),
+        };
         let accepted = |stream: TcpStream, peer: SocketAddr, slot: Slot, tracker: &TaskTracker| {
             let held = Held {
                 _slot: slot,
                 _drain: Some(tracker.token()),
             };
-            let connection = Connection {
-                shared: self.shared.clone(),
-                service: service.clone(),
-                keep_alive: true,
-                shutdown: shutdown.clone(),
-            };
-            tracker.spawn(connection.run(stream, peer, held));
+            tracker.spawn(connection(true, &shutdown).run(stream, peer, held));
         };
         let draining = |stream: TcpStream, peer: SocketAddr, slot: Slot| {
             let held = Held {
                 _slot: slot,
                 _drain: None,
             };
-            let connection = Connection {
-                shared: self.shared.clone(),
-                service: service.clone(),
-                keep_alive: false,
-                shutdown: draining_over.clone(),
-            };
-            tokio::spawn(connection.run(stream, peer, held));
+            tokio::spawn(connection(false, &draining_over).run(stream, peer, held));
         };
         self.accept_loop(listener, accepted, draining).await
     }
