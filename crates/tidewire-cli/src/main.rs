@@ -228,7 +228,8 @@ mod tests {
             "--prefix" => return format!("{shown}x"),
             "--engine" if shown == "memory" => return "redis".into(),
             "--engine" => return "memory".into(),
-            "--redis-url" => return format!("{shown}/1"),
+            "--redis-url" | "--nats-url" => return format!("{shown}/1"),
+            "--broker" if shown == "redis" => return "nats".into(),
             _ => {}
         }
         if let Ok(n) = shown.parse::<u64>() {
@@ -375,6 +376,7 @@ mod tests {
                         .into(),
                 ),
                 "no_deflate" => (vec!["--config", deflate_on], vec![long.clone()]),
+                "broker" => (vec!["--engine", "redis"], vec![long.clone(), "nats".into()]),
                 "api_key" | "token_secret" => (vec![], vec![long.clone(), "s3cret".into()]),
                 "allow_origins" => (vec![], vec![long.clone(), "https://a.example".into()]),
                 _ if !arg.get_action().takes_values() => (vec![], vec![long.clone()]),

@@ -15,9 +15,9 @@ use anyhow::Context;
 use clap::{ArgMatches, Args, Command};
 use tidewire::tls::TlsAcceptor;
 use tidewire::{CancellationToken, SlowConsumer};
-use tidewire_hub::config::EngineKind;
 use tidewire_hub::config::SLOW_CONSUMER_CLOSE;
-use tidewire_hub::engine::{RedisConfig, RedisEngine};
+use tidewire_hub::config::{BrokerKind, EngineKind};
+use tidewire_hub::engine::{NatsConfig, NatsEngine, RedisConfig, RedisEngine};
 use tidewire_hub::{Config, Hub, MemoryEngine};
 use tracing::info;
 
@@ -42,11 +42,23 @@ pub struct ServeArgs {
     deflate: bool,
     /// Where streams, presence and the fan-out between nodes live: memory
     /// (this process, one node) or redis (many nodes on one Redis).
-    #[arg(long, value_name = "ENGINE", value_parser = ["memory", "redis"], default_value = "memory")]
+    #[arg(long, value_name = "ENGINE", value_parser = ["memory", "redis", "nats"], default_value = "memory")]
     engine: String,
-    /// The Redis server of --engine redis.
+    /// The Redis server of --engine redis; several URLs separated by
+    /// commas are the seed nodes of a Redis Cluster.
     #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// --redis-url is a node of a Redis Cluster (implied by several URLs).
+    #[arg(long)]
+    redis_cluster: bool,
+    /// What carries publications between the nodes of --engine redis:
+    /// redis (its PUB/SUB) or nats (--nats-url; Redis keeps history and
+    /// presence).
+    #[arg(long, value_name = "BROKER", value_parser = ["redis", "nats"], default_value = "redis")]
+    broker: String,
+    /// The NATS server of --broker nats.
+    #[arg(long, value_name = "URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -62,6 +74,9 @@ pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[
     ("api_key", "api.key"),
     ("engine", "engine.type"),
     ("redis_url", "engine.redis_url"),
+    ("redis_cluster", "engine.redis_cluster"),
+    ("broker", "engine.broker"),
+    ("nats_url", "engine.nats_url"),
     ("token_secret", "token.hmac_secret"),
     ("tls_cert", "server.tls_cert"),
     ("tls_key", "server.tls_key"),
@@ -181,11 +196,24 @@ pub(crate) fn configuration(
     if given("engine") {
         config.engine.kind = match args.engine.as_str() {
             "redis" => EngineKind::Redis,
+            "nats" => EngineKind::Nats,
             _ => EngineKind::Memory,
         };
     }
     if given("redis_url") {
         config.engine.redis_url = args.redis_url.clone();
+    }
+    if given("redis_cluster") {
+        config.engine.redis_cluster = true;
+    }
+    if given("broker") {
+        config.engine.broker = match args.broker.as_str() {
+            "nats" => BrokerKind::Nats,
+            _ => BrokerKind::Redis,
+        };
+    }
+    if given("nats_url") {
+        config.engine.nats_url = args.nats_url.clone();
     }
     let s = &args.server;
     if given("listen") {
@@ -305,13 +333,33 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
         EngineKind::Redis => {
             let redis = RedisConfig {
                 url: config.engine.redis_url.clone(),
+                cluster: config.engine.redis_cluster,
+                nats_url: (config.engine.broker == BrokerKind::Nats)
+                    .then(|| config.engine.nats_url.clone()),
                 prefix: config.engine.redis_prefix.clone(),
                 ..RedisConfig::default()
             };
             let engine = RedisEngine::connect(redis)
                 .await
                 .with_context(|| format!("engine redis at {}", config.engine.redis_url))?;
-            info!(url = %config.engine.redis_url, "engine: redis");
+            let cluster = config.engine.redis_cluster || config.engine.redis_url.contains(',');
+            let broker = match config.engine.broker {
+                BrokerKind::Nats => config.engine.nats_url.as_str(),
+                _ => "redis",
+            };
+            info!(url = %config.engine.redis_url, cluster, broker, "engine: redis");
+            Arc::new(engine)
+        }
+        EngineKind::Nats => {
+            let nats = NatsConfig {
+                url: config.engine.nats_url.clone(),
+                prefix: config.engine.redis_prefix.clone(),
+                ..NatsConfig::default()
+            };
+            let engine = NatsEngine::connect(nats)
+                .await
+                .with_context(|| format!("engine nats at {}", config.engine.nats_url))?;
+            info!(url = %config.engine.nats_url, "engine: nats (no history, no presence)");
             Arc::new(engine)
         }
         _ => Arc::new(MemoryEngine::new()),

@@ -9,14 +9,23 @@
 //! stop them by PID.
 
 mod common;
+#[path = "../../tidewire-hub/tests/support/nats_server.rs"]
+mod nats_server;
+#[path = "../../tidewire-hub/tests/support/redis_cluster.rs"]
+mod redis_cluster;
 #[path = "../../tidewire-hub/tests/support/redis_server.rs"]
 mod redis_server;
+#[path = "../../tidewire-hub/tests/support/stalling_proxy.rs"]
+mod stalling_proxy;
 
 use std::time::Duration;
 
 use common::{start_serve, Served, LIMIT};
-use redis_server::RedisServer;
+use nats_server::NatsServer;
+use redis_cluster::RedisCluster;
+use redis_server::{Persistence, RedisServer};
 use serde_json::{json, Value};
+use stalling_proxy::StallingProxy;
 use tidewire::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -28,19 +37,21 @@ async fn node(redis: &RedisServer, name: &str) -> Served {
 
 /// A node with `toml` as its configuration file.
 async fn node_with(redis: &RedisServer, name: &str, toml: &str) -> Served {
+    node_at(&redis.url(), &[], name, toml).await
+}
+
+/// A node on the Redis at `url`, with more flags and `toml` as its
+/// configuration file.
+async fn node_at(url: &str, flags: &[&str], name: &str, toml: &str) -> Served {
     let dir = std::env::temp_dir().join(format!("tidewire-cluster-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("tidewire.toml"), toml).unwrap();
-    let url = format!("redis://127.0.0.1:{}", redis.port);
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--engine",
-        "redis",
-        "--redis-url",
-        &url,
-    ];
+    let mut args = vec!["--engine", "redis", "--redis-url", url];
+    if !flags.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(flags);
     start_serve(&dir, &args, &[("TIDEWIRE_API_KEY", API_KEY)], "serve.log").await
 }
 
@@ -103,13 +114,168 @@ impl Drop for Haproxy {
     }
 }
 
+/// nginx in front of `nodes`, as docs/deployment.md configures it:
+/// least_conn, WebSocket upgrades passed on, long read timeouts, a failed
+/// or refusing (503: draining) node's requests passed to the next. (nginx
+/// without its commercial part has no active health checks.)
+struct Nginx {
+    addr: String,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Nginx {
+    fn start(nodes: &[&Served]) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("tidewire-nginx-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let servers: String = nodes
+            .iter()
+            .map(|n| format!("    server {} max_fails=1 fail_timeout=5s;\n", n.addr))
+            .collect();
+        let config = format!(
+            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n\
+               client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
+               upstream tidewire {{\n    least_conn;\n{servers}  }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+                   proxy_pass http://tidewire;\n      proxy_http_version 1.1;\n\
+                   proxy_set_header Upgrade $http_upgrade;\n\
+                   proxy_set_header Connection $connection_upgrade;\n\
+                   proxy_set_header Host $host;\n\
+                   proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+                   proxy_connect_timeout 2s;\n      proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n\
+                   proxy_buffering off;\n\
+                   proxy_next_upstream error timeout http_502 http_503;\n    }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), config).unwrap();
+        let child = std::process::Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx (scripts/install-deps installs it)");
+        let proxy = Nginx {
+            addr: format!("127.0.0.1:{port}"),
+            dir,
+            child,
+        };
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return proxy;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!(
+            "nginx did not listen on {port}: {}",
+            std::fs::read_to_string(proxy.dir.join("error.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 async fn api(addr: &str, method: &str, body: Value) -> Value {
+    let (status, reply) = try_api(addr, method, body).await;
+    assert_eq!(status, 200, "{method}: {reply}");
+    reply
+}
+
+/// An HTTP API call: its status and JSON body.
+async fn try_api(addr: &str, method: &str, body: Value) -> (u16, Value) {
     let body = body.to_string();
     let request = format!(
         "POST /api/{method} HTTP/1.1\r\nHost: x\r\nAuthorization: apikey {API_KEY}\r\n\
          Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
+    let (status, body) = http(addr, &request).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// `/health`'s status.
+async fn health(addr: &str) -> u16 {
+    http(
+        addr,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .0
+}
+
+/// Waits until every node's `/health` answers `status`.
+async fn wait_health(nodes: &[&Served], status: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut all = true;
+        for node in nodes {
+            all &= health(&node.addr).await == status;
+        }
+        if all {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let mut seen = Vec::new();
+            for node in nodes {
+                let answer = http(
+                    &node.addr,
+                    "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+                let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+                let tail: Vec<String> = log.lines().rev().take(15).map(str::to_owned).collect();
+                seen.push((node.addr.clone(), answer, tail));
+            }
+            panic!("/health never answered {status} on every node: {seen:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes `{"n": n}` to `channel`, again while the node refuses (an
+/// engine failing over); the offset it got.
+async fn publish_until_taken(addr: &str, channel: &str, n: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, reply) = try_api(
+            addr,
+            "publish",
+            json!({"channel": channel, "data": {"n": n}}),
+        )
+        .await;
+        if status == 200 {
+            return reply["offset"].as_u64().unwrap();
+        }
+        assert_eq!(reply["error"]["code"], 114, "{status} {reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} never published"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One HTTP/1.1 exchange: the status and the body.
+async fn http(addr: &str, request: &str) -> (u16, String) {
     let answer = tokio::time::timeout(LIMIT, async {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.write_all(request.as_bytes()).await.unwrap();
@@ -120,8 +286,12 @@ async fn api(addr: &str, method: &str, body: Value) -> Value {
     .await
     .expect("the node answers in time");
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{method}: {answer}");
-    serde_json::from_str(body).unwrap()
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{answer}"));
+    (status, body.to_owned())
 }
 
 /// A client of the hub's JSON protocol.
@@ -142,6 +312,37 @@ impl Client {
         };
         client.call("connect", json!({})).await;
         client
+    }
+
+    /// Connected with a token of `user` signed with `secret`.
+    async fn connect_as(addr: &str, user: &str, secret: &str) -> Client {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .args(["token", "--user", user, "--secret", secret])
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success());
+        let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+        let url = format!("ws://{addr}/connection/websocket");
+        let (ws, _) = tidewire::connect(&url).await.unwrap();
+        let mut client = Client {
+            ws,
+            next_id: 1,
+            pushes: Vec::new(),
+        };
+        let reply = client.call("connect", json!({ "token": token })).await;
+        assert_eq!(reply["user"], user);
+        client
+    }
+
+    /// The next push with a `kind` (`disconnect`, `unsubscribe`...).
+    async fn push_of(&mut self, kind: &str) -> Value {
+        loop {
+            let push = self.push().await;
+            if push["push"].get(kind).is_some() {
+                return push["push"].clone();
+            }
+        }
     }
 
     async fn call(&mut self, command: &str, body: Value) -> Value {
@@ -171,6 +372,15 @@ impl Client {
         }
     }
 
+    /// The next push.
+    async fn push(&mut self) -> Value {
+        if self.pushes.is_empty() {
+            self.next().await
+        } else {
+            self.pushes.remove(0)
+        }
+    }
+
     /// The next publication in `channel`: (offset, data.n).
     async fn publication(&mut self, channel: &str) -> (u64, Value) {
         loop {
@@ -181,7 +391,7 @@ impl Client {
             };
             if push["push"]["channel"] == channel {
                 if let Some(p) = push["push"].get("pub") {
-                    return (p["offset"].as_u64().unwrap(), p["data"]["n"].clone());
+                    return (p["offset"].as_u64().unwrap_or(0), p["data"]["n"].clone());
                 }
             }
         }
@@ -349,11 +559,33 @@ async fn three_nodes_behind_haproxy_lose_nothing_when_one_is_killed() {
     let haproxy = Haproxy::start(&nodes.iter().collect::<Vec<_>>());
     // Until haproxy's checks see every node up.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    one_killed_while_publishing(nodes, &haproxy.addr).await;
+    drop(haproxy);
+}
 
+#[tokio::test]
+async fn three_nodes_behind_nginx_lose_nothing_when_one_is_killed() {
+    let redis = RedisServer::start();
+    let toml = "[client]\npresence_ttl = \"3s\"\n";
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        nodes.push(node_with(&redis, &format!("ngx{n}"), toml).await);
+    }
+    let nginx = Nginx::start(&nodes.iter().collect::<Vec<_>>());
+    one_killed_while_publishing(nodes, &nginx.addr).await;
+    drop(nginx);
+}
+
+/// Six followers through the load balancer at `balancer` spread over the
+/// three `nodes`; the third node is killed (SIGKILL) at publication 60 of
+/// 200: every follower gets all of them once, in order, the killed node's
+/// followers reconnect through the balancer, and its presence entries
+/// expire (the nodes' presence_ttl is short).
+async fn one_killed_while_publishing(mut nodes: Vec<Served>, balancer: &str) {
     const LAST: u64 = 200;
     let done = tidewire::CancellationToken::new();
     let followers: Vec<_> = (0..6)
-        .map(|_| tokio::spawn(follow(haproxy.addr.clone(), "room", LAST, done.clone())))
+        .map(|_| tokio::spawn(follow(balancer.to_owned(), "room", LAST, done.clone())))
         .collect();
     // leastconn spreads them: every node has some.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -426,5 +658,747 @@ async fn three_nodes_behind_haproxy_lose_nothing_when_one_is_killed() {
         reconnected += reconnects;
     }
     assert!(reconnected >= 1, "the killed node's clients reconnected");
+}
+
+#[tokio::test]
+async fn redis_restarted_with_its_data_recovers_everything_and_without_it_says_so() {
+    let dir = RedisServer::data_dir("cli-restart");
+    let port = RedisServer::start().port;
+    let mut redis = RedisServer::keeping(port, Persistence::AppendOnly, &dir);
+    let a = node_at(&redis.url(), &[], "ra", "").await;
+    let b = node_at(&redis.url(), &[], "rb", "").await;
+    let mut client = Client::connect(&a.addr).await;
+    let sub = client
+        .call("subscribe", json!({"channel": "news", "recover": true}))
+        .await;
+    let epoch = sub["epoch"].as_str().unwrap().to_owned();
+    for n in 1..=3 {
+        assert_eq!(publish_until_taken(&b.addr, "news", n).await, n);
+        assert_eq!(client.publication("news").await, (n, json!(n)));
+    }
+
+    // Redis away: both nodes unhealthy, publishes refused with 114.
+    redis.stop();
+    wait_health(&[&a, &b], 503).await;
+    let (status, reply) = try_api(
+        &b.addr,
+        "publish",
+        json!({"channel": "news", "data": {"n": 0}}),
+    )
+    .await;
+    assert_eq!(
+        (status, &reply["error"]["code"]),
+        (503, &json!(114)),
+        "{reply}"
+    );
+
+    // Back with its append-only file: the stream goes on, nothing missed,
+    // nothing twice, no gap.
+    redis = RedisServer::keeping(port, Persistence::AppendOnly, &dir);
+    wait_health(&[&a, &b], 200).await;
+    for n in 4..=5 {
+        assert_eq!(publish_until_taken(&b.addr, "news", n).await, n);
+        assert_eq!(client.push().await["push"]["pub"]["offset"], n);
+    }
+    let reply = client
+        .call(
+            "history",
+            json!({"channel": "news", "since": {"offset": 3, "epoch": epoch}, "limit": 10}),
+        )
+        .await;
+    assert_eq!(reply["epoch"], epoch.as_str(), "{reply}");
+
+    // Back without its data: the stream is new. The subscriber is told
+    // (2002) before anything of the new stream, subscribes again with its
+    // position and learns that it cannot be recovered.
+    redis.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    wait_health(&[&a, &b], 503).await;
+    let _redis = RedisServer::keeping(port, Persistence::None, &dir);
+    wait_health(&[&a, &b], 200).await;
+    assert_eq!(publish_until_taken(&b.addr, "news", 6).await, 1);
+    let push = client.push().await;
+    assert_eq!(push["push"]["unsubscribe"]["code"], 2002, "{push}");
+    let reply = client
+        .call(
+            "subscribe",
+            json!({"channel": "news", "recover": true, "offset": 5, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_ne!(reply["epoch"], epoch.as_str(), "{reply}");
+    assert_eq!(reply["offset"], 1, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_redis_cluster_behind_haproxy_lose_nothing_when_a_master_dies() {
+    let mut cluster = RedisCluster::start("cli");
+    let urls = cluster.urls();
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        nodes.push(node_at(&urls, &["--redis-cluster"], &format!("rc{n}"), "").await);
+    }
+    let haproxy = Haproxy::start(&nodes.iter().collect::<Vec<_>>());
+    wait_health(&nodes.iter().collect::<Vec<_>>(), 200).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    const LAST: u64 = 150;
+    let done = tidewire::CancellationToken::new();
+    let followers: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(follow(haproxy.addr.clone(), "room", LAST, done.clone())))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut counts = Vec::new();
+        for node in &nodes {
+            let info = api(&node.addr, "info", json!({})).await;
+            counts.push(info["counts"]["subscriptions"].as_u64().unwrap_or(0));
+        }
+        if counts.iter().all(|&c| c >= 1) && counts.iter().sum::<u64>() == 6 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscriptions per node: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The master holding the channel's topic: the one that dies.
+    let victim = cluster
+        .masters()
+        .into_iter()
+        .map(|(port, _)| port)
+        .find(|&port| {
+            cluster
+                .on(port, &["pubsub", "shardchannels", "tidewire:*:room:t"])
+                .lines()
+                .any(|l| !l.is_empty())
+        })
+        .expect("a master holds the room's topic");
+    for n in 1..=LAST {
+        let publisher = &nodes[(n % 3) as usize].addr;
+        assert_eq!(publish_until_taken(publisher, "room", n).await, n);
+        if n == 50 {
+            // What it acknowledged is on its replica (a master that dies
+            // before that is a gap: see the engine's tests).
+            tokio::task::block_in_place(|| cluster.wait_replicated(victim));
+            cluster.kill(victim);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    done.cancel();
+    for follower in followers {
+        let (got, _reconnects) = tokio::time::timeout(LIMIT, follower)
+            .await
+            .expect("every follower gets the last publication")
+            .unwrap();
+        assert_eq!(
+            got,
+            (1..=LAST).collect::<Vec<_>>(),
+            "every publication once, in order"
+        );
+    }
+    // Healthy again on the promoted replica; info lists the three nodes.
+    wait_health(&nodes.iter().collect::<Vec<_>>(), 200).await;
+    let info = api(&nodes[1].addr, "info", json!({})).await;
+    assert_eq!(info["nodes"].as_array().map(Vec::len), Some(3), "{info}");
+    drop(haproxy);
+}
+
+#[tokio::test]
+async fn three_nodes_over_nats_behind_haproxy_lose_nothing_when_one_is_killed_and_nats_restarts() {
+    let redis = RedisServer::start();
+    let mut nats = NatsServer::start();
+    let nats_url = nats.url();
+    let flags = ["--broker", "nats", "--nats-url", nats_url.as_str()];
+    let toml = "[client]\npresence_ttl = \"3s\"\n";
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        nodes.push(node_at(&redis.url(), &flags, &format!("nats{n}"), toml).await);
+    }
+    let haproxy = Haproxy::start(&nodes.iter().collect::<Vec<_>>());
+    wait_health(&nodes.iter().collect::<Vec<_>>(), 200).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    const LAST: u64 = 150;
+    let done = tidewire::CancellationToken::new();
+    let followers: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(follow(haproxy.addr.clone(), "room", LAST, done.clone())))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut counts = Vec::new();
+        for node in &nodes {
+            let info = api(&node.addr, "info", json!({})).await;
+            counts.push(info["counts"]["subscriptions"].as_u64().unwrap_or(0));
+        }
+        if counts.iter().all(|&c| c >= 1) && counts.iter().sum::<u64>() == 6 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscriptions per node: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let port = nats.port;
+    let mut victim = nodes.pop().unwrap();
+    let mut restarted = None;
+    for n in 1..=LAST {
+        let publisher = &nodes[(n % 2) as usize].addr;
+        assert_eq!(publish_until_taken(publisher, "room", n).await, n);
+        match n {
+            40 => victim.child.start_kill().unwrap(),
+            90 => {
+                // NATS away for a moment: publishes are refused (114) until
+                // the nodes hear each other again.
+                nats.stop();
+                wait_health(&nodes.iter().collect::<Vec<_>>(), 503).await;
+                let (status, reply) = try_api(
+                    publisher,
+                    "publish",
+                    json!({"channel": "room", "data": {"n": 0}}),
+                )
+                .await;
+                assert_eq!((status, &reply["error"]["code"]), (503, &json!(114)));
+                restarted = Some(NatsServer::on(port));
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(restarted.is_some());
+    let _ = victim.child.wait().await;
+    done.cancel();
+    let mut reconnected = 0;
+    for follower in followers {
+        let (got, reconnects) = tokio::time::timeout(LIMIT, follower)
+            .await
+            .expect("every follower gets the last publication")
+            .unwrap();
+        assert_eq!(
+            got,
+            (1..=LAST).collect::<Vec<_>>(),
+            "every publication once, in order"
+        );
+        reconnected += reconnects;
+    }
+    assert!(reconnected >= 1, "the killed node's clients reconnected");
+    wait_health(&nodes.iter().collect::<Vec<_>>(), 200).await;
+    drop(haproxy);
+}
+
+#[tokio::test]
+async fn nodes_on_the_nats_engine_deliver_to_each_other_and_refuse_history_at_start() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let dir = std::env::temp_dir().join(format!("tidewire-nats-only-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The defaults keep history and presence: refused, saying where.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--engine", "nats"])
+        .args(["--nats-url", &url])
+        .current_dir(&dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("keeps no history and no presence") && stderr.contains("[channels]"),
+        "{stderr}"
+    );
+
+    let toml = "[channels]\nhistory_size = 0\nrecovery = false\npresence = false\n";
+    let mut nodes = Vec::new();
+    for name in ["na", "nb"] {
+        let dir = std::env::temp_dir().join(format!("tidewire-nats-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tidewire.toml"), toml).unwrap();
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--engine",
+            "nats",
+            "--nats-url",
+            &url,
+        ];
+        nodes.push(start_serve(&dir, &args, &[("TIDEWIRE_API_KEY", API_KEY)], "serve.log").await);
+    }
+    let mut on_a = Client::connect(&nodes[0].addr).await;
+    on_a.call("subscribe", json!({"channel": "feed"})).await;
+    for n in 1..=5 {
+        let reply = api(
+            &nodes[1].addr,
+            "publish",
+            json!({"channel": "feed", "data": {"n": n}}),
+        )
+        .await;
+        assert_eq!(reply, json!({}), "no position without history");
+    }
+    for n in 1..=5 {
+        assert_eq!(on_a.publication("feed").await.1, json!(n));
+    }
+    wait_health(&[&nodes[0], &nodes[1]], 200).await;
+}
+
+#[tokio::test]
+async fn clients_of_a_node_that_cannot_reach_redis_are_told_to_reconnect_elsewhere() {
+    let mut redis = RedisServer::start();
+    let toml = "[server]\nunhealthy_grace = \"2s\"\n";
+    let a = node_with(&redis, "sick", toml).await;
+    let mut client = Client::connect(&a.addr).await;
+    client
+        .call("subscribe", json!({"channel": "news", "recover": true}))
+        .await;
+    let lost = tokio::time::Instant::now();
+    redis.stop();
+    // Told within the grace (and a probe round or two), with the advice
+    // to reconnect; then the close frame with the same code.
+    let push = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let push = client.push().await;
+            if push["push"].get("disconnect").is_some() {
+                return push;
+            }
+        }
+    })
+    .await
+    .expect("told in time");
+    assert_eq!(
+        push["push"]["disconnect"],
+        json!({"code": 3005, "reason": "this node cannot reach its engine", "reconnect": true}),
+        "{push}"
+    );
+    assert!(
+        lost.elapsed() >= Duration::from_secs(2),
+        "told before the grace"
+    );
+    let close = tokio::time::timeout(LIMIT, client.ws.recv())
+        .await
+        .expect("closed in time");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 3005),
+        other => panic!("expected the close frame, got {other:?}"),
+    }
+    // A node that works again keeps its clients.
+    let _redis = RedisServer::on(redis.port);
+    wait_health(&[&a], 200).await;
+    let mut again = Client::connect(&a.addr).await;
+    again.call("subscribe", json!({"channel": "news"})).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    api(
+        &a.addr,
+        "publish",
+        json!({"channel": "news", "data": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(again.publication("news").await.1, json!(1));
+}
+
+#[tokio::test]
+async fn the_http_api_of_any_node_reaches_the_clients_of_every_node() {
+    let redis = RedisServer::start();
+    let flags = ["--token-secret", "cluster-secret"];
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        nodes.push(node_at(&redis.url(), &flags, &format!("api{n}"), "").await);
+    }
+    let mut clients = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let mut client = Client::connect_as(&node.addr, &format!("u{n}"), "cluster-secret").await;
+        client.call("subscribe", json!({"channel": "room"})).await;
+        clients.push(client);
+    }
+    // publish on one node: every node's client gets it.
+    api(
+        &nodes[0].addr,
+        "publish",
+        json!({"channel": "room", "data": {"n": 1}}),
+    )
+    .await;
+    for client in &mut clients {
+        assert_eq!(client.publication("room").await.1, json!(1));
+    }
+    // presence and channels through another: the union of the nodes.
+    let present = api(&nodes[1].addr, "presence", json!({"channel": "room"})).await;
+    let mut users: Vec<&str> = present["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["user"].as_str().unwrap())
+        .collect();
+    users.sort_unstable();
+    assert_eq!(users, ["u0", "u1", "u2"], "{present}");
+    // info lists the three nodes (from their heartbeats); channels asks
+    // those.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let info = api(&nodes[2].addr, "info", json!({})).await;
+        if info["nodes"].as_array().map(Vec::len) == Some(3) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{info}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let channels = api(&nodes[2].addr, "channels", json!({})).await;
+    assert_eq!(
+        channels["channels"],
+        json!([{"channel": "room", "subscribers": 3}]),
+        "{channels}"
+    );
+    // unsubscribe and disconnect through a node the client is not on.
+    api(
+        &nodes[0].addr,
+        "unsubscribe",
+        json!({"user": "u2", "channel": "room"}),
+    )
+    .await;
+    let push = clients[2].push_of("unsubscribe").await;
+    assert_eq!(push["channel"], "room");
+    assert_eq!(push["unsubscribe"]["code"], 2000, "{push}");
+    api(&nodes[1].addr, "disconnect", json!({"user": "u0"})).await;
+    let push = clients[0].push_of("disconnect").await;
+    assert_eq!(push["disconnect"]["code"], 3000, "{push}");
+}
+
+/// A publication of the randomized run: which publisher, its sequence
+/// number in the channel.
+type Sent = (u64, u64);
+
+/// Publishes through `addr` until a node takes it (refusals, a load
+/// balancer without a healthy node, connections that fail: all retried);
+/// the offset it got.
+async fn publish_retrying(addr: &str, channel: &str, data: Value) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = json!({"channel": channel, "data": data}).to_string();
+        let request = format!(
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: apikey {API_KEY}\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+            tcp.write_all(request.as_bytes()).await.ok()?;
+            let mut response = Vec::new();
+            tcp.read_to_end(&mut response).await.ok()?;
+            String::from_utf8(response).ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(answer) = answer {
+            if answer.starts_with("HTTP/1.1 200") {
+                let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+                let reply: Value = serde_json::from_str(body).unwrap();
+                return reply["offset"].as_u64().unwrap();
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A subscriber of the randomized run: through the load balancer, again
+/// after every lost connection with its last position (asserting that it
+/// recovers: the epoch does not change with Redis's append-only file).
+/// Returns the offset its first subscribe started after and the
+/// publications it got, until the end marker.
+async fn follow_to_end(addr: String, channel: &'static str) -> (u64, Vec<(u64, Value)>) {
+    let url = format!("ws://{addr}/connection/websocket");
+    let mut got: Vec<(u64, Value)> = Vec::new();
+    let mut start = None;
+    let mut position: Option<(u64, String)> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "{channel}: no end");
+        let Ok(Ok((mut ws, _))) =
+            tokio::time::timeout(Duration::from_secs(5), tidewire::connect(&url)).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let subscribe = match &position {
+            None => json!({"channel": channel, "recover": true}),
+            Some((offset, epoch)) => {
+                json!({"channel": channel, "recover": true, "offset": offset, "epoch": epoch})
+            }
+        };
+        let batch = format!(
+            "{}\n{}",
+            json!({"id": 1, "connect": {}}),
+            json!({"id": 2, "subscribe": subscribe})
+        );
+        if ws.send(Message::text(batch)).await.is_err() {
+            continue;
+        }
+        let mut subscribed = false;
+        loop {
+            let Ok(next) = tokio::time::timeout(Duration::from_secs(30), ws.recv()).await else {
+                break;
+            };
+            let Some(Ok(Message::Text(text))) = next else {
+                break;
+            };
+            for line in text.as_str().lines() {
+                let frame: Value = serde_json::from_str(line).unwrap();
+                if frame["id"] == 2 {
+                    if frame.get("error").is_some() {
+                        // Refused (the node lost Redis meanwhile): again.
+                        break;
+                    }
+                    let reply = &frame["subscribe"];
+                    if position.is_some() {
+                        assert_eq!(reply["recovered"], true, "{channel}: {reply}");
+                    }
+                    let offset = reply["offset"].as_u64().unwrap();
+                    start.get_or_insert(offset);
+                    position = Some((offset, reply["epoch"].as_str().unwrap().to_owned()));
+                    for p in reply["publications"].as_array().into_iter().flatten() {
+                        got.push((p["offset"].as_u64().unwrap(), p["data"].clone()));
+                    }
+                    if let (Some(last), Some(position)) = (got.last(), position.as_mut()) {
+                        position.0 = last.0.max(offset);
+                    }
+                    subscribed = true;
+                } else if frame["push"]["channel"] == channel && subscribed {
+                    if let Some(p) = frame["push"].get("pub") {
+                        let offset = p["offset"].as_u64().unwrap();
+                        got.push((offset, p["data"].clone()));
+                        if let Some(position) = position.as_mut() {
+                            position.0 = offset;
+                        }
+                    }
+                    assert!(
+                        frame["push"].get("unsubscribe").is_none(),
+                        "{channel}: a gap with the epoch unchanged: {frame}"
+                    );
+                }
+            }
+            if got.last().is_some_and(|(_, data)| data["end"] == true) {
+                return (start.unwrap(), got);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_randomized_run_with_node_kills_redis_restarts_and_stalls_loses_nothing() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("TIDEWIRE_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("fault run seed {seed} (TIDEWIRE_FAULT_SEED={seed} runs it again)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let dir = RedisServer::data_dir("fault-run");
+    let redis_port = RedisServer::start().port;
+    let mut redis = Some(RedisServer::keeping(
+        redis_port,
+        Persistence::AppendOnly,
+        &dir,
+    ));
+    let proxy = StallingProxy::start(redis_port).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port);
+    let toml = "[client]\npresence_ttl = \"3s\"\n\
+                [channels]\nhistory_size = 100000\nhistory_ttl = \"10m\"\n";
+    let listens: Vec<String> = (0..3)
+        .map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            format!("127.0.0.1:{port}")
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for (n, listen) in listens.iter().enumerate() {
+        let flags = ["--listen", listen.as_str()];
+        nodes.push(Some(
+            node_at(&url, &flags, &format!("fault{n}"), toml).await,
+        ));
+    }
+    let haproxy = Haproxy::start(&nodes.iter().flatten().collect::<Vec<_>>());
+    wait_health(&nodes.iter().flatten().collect::<Vec<_>>(), 200).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    const CHANNELS: [&str; 3] = ["f0", "f1", "f2"];
+    let followers: Vec<_> = (0..9)
+        .map(|n| tokio::spawn(follow_to_end(haproxy.addr.clone(), CHANNELS[n % 3])))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // Publishers: each to random channels, with its own sequence per
+    // channel; what was acknowledged, with its offset.
+    let stop = tidewire::CancellationToken::new();
+    let publishers: Vec<_> = (0..3u64)
+        .map(|publisher| {
+            let addr = haproxy.addr.clone();
+            let stop = stop.clone();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (publisher + 1));
+            tokio::spawn(async move {
+                let mut acknowledged: Vec<(usize, Sent, u64)> = Vec::new();
+                let mut seq = [0u64; 3];
+                while !stop.is_cancelled() {
+                    let channel = rng.random_range(0..3);
+                    seq[channel] += 1;
+                    let data = json!({"p": publisher, "s": seq[channel]});
+                    let offset = publish_retrying(&addr, CHANNELS[channel], data).await;
+                    acknowledged.push((channel, (publisher, seq[channel]), offset));
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
+                }
+                acknowledged
+            })
+        })
+        .collect();
+
+    // Faults, one at a time, for about 40 s.
+    let run = tokio::time::Instant::now();
+    let mut faults = Vec::new();
+    while run.elapsed() < Duration::from_secs(40) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1500..4000))).await;
+        match rng.random_range(0..3) {
+            0 => {
+                let n = rng.random_range(0..3);
+                faults.push(format!("kill node {n}"));
+                if let Some(mut node) = nodes[n].take() {
+                    node.child.start_kill().unwrap();
+                    let _ = node.child.wait().await;
+                }
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
+                let flags = ["--listen", listens[n].as_str()];
+                let name = format!("fault{n}-{}", faults.len());
+                nodes[n] = Some(node_at(&url, &flags, &name, toml).await);
+            }
+            1 => {
+                faults.push("restart Redis".into());
+                drop(redis.take());
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+                redis = Some(RedisServer::keeping(
+                    redis_port,
+                    Persistence::AppendOnly,
+                    &dir,
+                ));
+            }
+            _ => {
+                let stall = rng.random_range(1000..8000);
+                faults.push(format!("stall PUB/SUB {stall} ms"));
+                proxy.stall(true);
+                tokio::time::sleep(Duration::from_millis(stall)).await;
+                proxy.stall(false);
+            }
+        }
+    }
+    eprintln!("faults: {faults:?}");
+    stop.cancel();
+    let mut acknowledged = Vec::new();
+    for publisher in publishers {
+        acknowledged.extend(publisher.await.unwrap());
+    }
+    wait_health(&nodes.iter().flatten().collect::<Vec<_>>(), 200).await;
+    let mut ends = [0u64; 3];
+    for (n, channel) in CHANNELS.iter().enumerate() {
+        ends[n] = publish_retrying(&haproxy.addr, channel, json!({"end": true})).await;
+    }
+
+    // The streams as Redis holds them.
+    let node = nodes.iter().flatten().next().unwrap();
+    let mut streams = Vec::new();
+    for channel in CHANNELS {
+        // In pages (the API answers at most 1000 at a time).
+        let newest = api(
+            &node.addr,
+            "history",
+            json!({"channel": channel, "limit": 1}),
+        )
+        .await;
+        let epoch = newest["epoch"].clone();
+        let mut entries: Vec<(u64, Value)> = Vec::new();
+        loop {
+            let after = entries.last().map_or(0, |(o, _)| *o);
+            let page = api(
+                &node.addr,
+                "history",
+                json!({"channel": channel, "limit": 1000, "since": {"offset": after, "epoch": epoch}}),
+            )
+            .await;
+            assert_eq!(page["epoch"], epoch, "{channel}: the epoch did not change");
+            let publications = page["publications"].as_array().unwrap();
+            if publications.is_empty() {
+                break;
+            }
+            entries.extend(
+                publications
+                    .iter()
+                    .map(|p| (p["offset"].as_u64().unwrap(), p["data"].clone())),
+            );
+        }
+        let offsets: Vec<u64> = entries.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            offsets,
+            (1..=offsets.len() as u64).collect::<Vec<_>>(),
+            "{channel}: the stream has no holes"
+        );
+        streams.push(entries);
+    }
+    // Everything acknowledged is in its stream at its offset; each
+    // publisher's sequence in a channel is in order.
+    for (channel, (publisher, seq), offset) in &acknowledged {
+        let (_, data) = &streams[*channel][(*offset - 1) as usize];
+        assert_eq!(
+            data,
+            &json!({"p": publisher, "s": seq}),
+            "{}",
+            CHANNELS[*channel]
+        );
+    }
+    // Every subscriber got its channel's stream from where it started to
+    // the end, in order, each once.
+    for (n, follower) in followers.into_iter().enumerate() {
+        let (start, got) = tokio::time::timeout(LIMIT, follower)
+            .await
+            .expect("every follower gets to the end")
+            .unwrap();
+        let channel = n % 3;
+        let expected: Vec<(u64, Value)> =
+            streams[channel][start as usize..ends[channel] as usize].to_vec();
+        if got != expected {
+            let first = got
+                .iter()
+                .zip(&expected)
+                .position(|(g, e)| g != e)
+                .unwrap_or(got.len().min(expected.len()));
+            let around = |v: &[(u64, Value)]| {
+                v[first.saturating_sub(2)..(first + 3).min(v.len())]
+                    .iter()
+                    .map(|(o, d)| format!("{o}:{d}"))
+                    .collect::<Vec<_>>()
+            };
+            eprintln!(
+                "follower {n}: first difference at {first}: got {:?}, expected {:?}",
+                around(&got),
+                around(&expected)
+            );
+        }
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "follower {n} of {} from {start} (seed {seed}, faults {faults:?})",
+            CHANNELS[channel]
+        );
+        assert!(
+            got == expected,
+            "follower {n}: what it got differs from the stream (seed {seed})"
+        );
+    }
+    eprintln!(
+        "{} publications acknowledged, faults {faults:?}",
+        acknowledged.len()
+    );
     drop(haproxy);
 }

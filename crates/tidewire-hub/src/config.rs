@@ -223,6 +223,21 @@ pub enum EngineKind {
     /// Redis: history, offsets, epochs and presence in Redis, the fan-out
     /// between nodes over its PUB/SUB; many nodes.
     Redis,
+    /// NATS: the fan-out between nodes only; no history and no presence
+    /// (namespaces that ask for them are refused).
+    Nats,
+}
+
+/// What carries the publications between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum BrokerKind {
+    /// The engine's own (Redis PUB/SUB for the Redis engine).
+    Redis,
+    /// NATS (`engine.nats_url`); the Redis engine keeps the streams and
+    /// presence.
+    Nats,
 }
 
 /// The engine.
@@ -232,11 +247,20 @@ pub struct EngineSettings {
     /// `memory` or `redis`.
     #[serde(rename = "type")]
     pub kind: EngineKind,
-    /// The Redis server (`redis://[user:password@]host:port[/db]`).
+    /// The Redis server (`redis://[user:password@]host:port[/db]`), or
+    /// nodes of a Redis Cluster separated by commas.
     pub redis_url: String,
+    /// Whether `redis_url` is a node of a Redis Cluster (implied by
+    /// several URLs).
+    pub redis_cluster: bool,
     /// The prefix of the Redis keys and topics (the nodes of one cluster
     /// share it; two clusters on one Redis need two).
     pub redis_prefix: String,
+    /// What carries publications between the nodes of the Redis engine:
+    /// `redis` (its PUB/SUB) or `nats`.
+    pub broker: BrokerKind,
+    /// The NATS server of `broker = "nats"`.
+    pub nats_url: String,
 }
 
 impl Default for EngineSettings {
@@ -244,7 +268,10 @@ impl Default for EngineSettings {
         EngineSettings {
             kind: EngineKind::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster: false,
             redis_prefix: "tidewire".into(),
+            broker: BrokerKind::Redis,
+            nats_url: "nats://127.0.0.1:4222".into(),
         }
     }
 }
@@ -333,6 +360,13 @@ pub struct ServerSettings {
     /// `shutdown_timeout`.
     #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub drain_window: Duration,
+    /// A node whose engine stays unreachable this long tells its clients
+    /// to reconnect elsewhere (disconnect 3005), spread over
+    /// `drain_window`, and again each time as long as it lasts (0:
+    /// never): a load balancer has taken it out by then (its `/health`
+    /// says 503), and its clients would otherwise hear nothing.
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
+    pub unhealthy_grace: Duration,
 }
 
 impl Default for ServerSettings {
@@ -353,6 +387,7 @@ impl Default for ServerSettings {
             deflate_no_context_takeover: false,
             shutdown_timeout: Duration::from_secs(10),
             drain_window: Duration::ZERO,
+            unhealthy_grace: Duration::from_secs(15),
         }
     }
 }
@@ -497,6 +532,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TIDEWIRE_ENGINE", "engine.type"),
     ("TIDEWIRE_ENGINE_REDIS_URL", "engine.redis_url"),
     ("TIDEWIRE_ENGINE_REDIS_PREFIX", "engine.redis_prefix"),
+    ("TIDEWIRE_ENGINE_REDIS_CLUSTER", "engine.redis_cluster"),
+    ("TIDEWIRE_ENGINE_BROKER", "engine.broker"),
+    ("TIDEWIRE_ENGINE_NATS_URL", "engine.nats_url"),
 ];
 
 impl Config {
@@ -608,10 +646,11 @@ impl Config {
             self.engine.kind = match v.as_str() {
                 "memory" => EngineKind::Memory,
                 "redis" => EngineKind::Redis,
+                "nats" => EngineKind::Nats,
                 _ => {
                     return Err(ConfigError::Env {
                         name: "TIDEWIRE_ENGINE",
-                        message: format!("{v:?} is not memory or redis"),
+                        message: format!("{v:?} is not memory, redis or nats"),
                     })
                 }
             };
@@ -622,6 +661,33 @@ impl Config {
         if let Some(v) = get("TIDEWIRE_ENGINE_REDIS_PREFIX") {
             self.engine.redis_prefix = v;
         }
+        if let Some(v) = get("TIDEWIRE_ENGINE_BROKER") {
+            self.engine.broker = match v.as_str() {
+                "redis" => BrokerKind::Redis,
+                "nats" => BrokerKind::Nats,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "TIDEWIRE_ENGINE_BROKER",
+                        message: format!("{v:?} is not redis or nats"),
+                    })
+                }
+            };
+        }
+        if let Some(v) = get("TIDEWIRE_ENGINE_NATS_URL") {
+            self.engine.nats_url = v;
+        }
+        if let Some(v) = get("TIDEWIRE_ENGINE_REDIS_CLUSTER") {
+            self.engine.redis_cluster = match v.as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "TIDEWIRE_ENGINE_REDIS_CLUSTER",
+                        message: format!("{v:?} is not true or false"),
+                    })
+                }
+            };
+        }
         Ok(())
     }
 
@@ -631,6 +697,30 @@ impl Config {
     /// [`ConfigError::Invalid`] saying what is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.engine.broker == BrokerKind::Nats && self.engine.kind == EngineKind::Memory {
+            return invalid(
+                "engine.broker = \"nats\" carries publications between nodes of \
+                 engine.type = \"redis\" (which keeps history and presence); \
+                 set engine.type = \"redis\""
+                    .into(),
+            );
+        }
+        if self.engine.kind == EngineKind::Nats {
+            let sections = std::iter::once(("[channels]".to_owned(), &self.channels)).chain(
+                self.namespaces
+                    .iter()
+                    .map(|(name, options)| (format!("[namespaces.{name}]"), options)),
+            );
+            for (section, options) in sections {
+                if options.has_history() || options.presence {
+                    return invalid(format!(
+                        "engine.type = \"nats\" keeps no history and no presence, and {section} \
+                         asks for them: set history_size = 0, recovery = false and presence = false \
+                         there, or run engine.type = \"redis\" with engine.broker = \"nats\""
+                    ));
+                }
+            }
+        }
         let c = &self.client;
         if c.max_message_size < 256 {
             return invalid("client.max_message_size must be at least 256".into());
@@ -906,6 +996,30 @@ mod tests {
     }
 
     #[test]
+    fn the_nats_engine_refuses_history_and_presence_naming_where_they_are_asked() {
+        let mut config = Config::default();
+        config.engine.kind = EngineKind::Nats;
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(refused.contains("[channels]"), "{refused}");
+        config.channels.history_size = 0;
+        config.channels.recovery = false;
+        config.channels.presence = false;
+        config.validate().unwrap();
+        config
+            .namespaces
+            .insert("chat".into(), ChannelOptions::default());
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(refused.contains("[namespaces.chat]"), "{refused}");
+        // NATS as the broker of the Redis engine keeps both.
+        let mut config = Config::default();
+        config.engine.kind = EngineKind::Redis;
+        config.engine.broker = BrokerKind::Nats;
+        config.validate().unwrap();
+        config.engine.kind = EngineKind::Memory;
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
     fn every_environment_variable_sets_its_key() {
         let before = Config::default().keys();
         for &(name, key) in ENV_VARS {
@@ -914,6 +1028,7 @@ mod tests {
                 serde_json::Value::Bool(b) => (!b).to_string(),
                 serde_json::Value::Number(_) => "7".to_string(),
                 _ if key == "engine.type" => "redis".to_string(),
+                _ if key == "engine.broker" => "nats".to_string(),
                 _ => "https://a.example, https://b.example".to_string(),
             };
             let mut config = Config::default();

@@ -44,12 +44,18 @@ use crate::protocol::{ClientInfo, Position, Publication};
 #[cfg(test)]
 #[macro_use]
 pub(crate) mod conformance;
+mod link;
 mod memory;
+mod nats;
+#[cfg(test)]
+#[path = "../../tests/support/nats_server.rs"]
+mod nats_server;
 mod redis;
 pub mod wire;
 
 pub use self::redis::{system_clock, Clock, RedisConfig, RedisEngine};
 pub use memory::MemoryEngine;
+pub use nats::{NatsConfig, NatsEngine};
 
 /// A boxed future, so that the trait is object-safe (`Arc<dyn Engine>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -120,3 +120,45 @@ async fn refresh_presence(node: Arc<Node>) {
         }
     }
 }
+
+/// How often [`watch_health`] asks the engine.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Asks the engine whether it works, every [`HEALTH_EVERY`]; once it has
+/// not for `server.unhealthy_grace`, tells the clients to reconnect
+/// elsewhere (3005), and again after each further grace while it lasts.
+pub(super) async fn watch_health(node: Weak<Node>) {
+    let mut tick = tokio::time::interval(HEALTH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let grace = node.config.server.unhealthy_grace;
+        if grace.is_zero()
+            || node
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            continue;
+        }
+        let healthy = node.broker.health().await.is_ok()
+            && node.presence_store.presence_health().await.is_ok();
+        if healthy {
+            if failing_since.take().is_some() {
+                tracing::info!("the engine works again");
+            }
+            continue;
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= grace {
+            tracing::warn!(?grace, "the engine has been unreachable for the grace period; telling the clients to reconnect elsewhere");
+            let disconnect = Disconnect::new(
+                DisconnectCode::Unhealthy,
+                "this node cannot reach its engine",
+            );
+            node.tell_all_to_leave(disconnect, 3005, tokio::runtime::Handle::current());
+            failing_since = Some(Instant::now());
+        }
+    }
+}

@@ -231,6 +231,7 @@ impl Hub {
         node.broker.set_events(Arc::downgrade(&events));
         tokio::spawn(maintenance::maintenance(Arc::downgrade(&node)));
         tokio::spawn(cluster::heartbeats(Arc::downgrade(&node)));
+        tokio::spawn(maintenance::watch_health(Arc::downgrade(&node)));
         tokio::spawn(wakes::dispatch_wakes(
             Arc::downgrade(&node),
             node.wake_signal.clone(),
@@ -387,8 +388,28 @@ impl Hub {
                 return;
             }
         };
+        self.node
+            .tell_all_to_leave(shutdown_disconnect(), 1001, runtime);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.node.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+impl Node {
+    /// Tells every client to reconnect elsewhere (`disconnect`, then the
+    /// close frame with `close_code`), spread over `server.drain_window`
+    /// in equal steps every 100 ms.
+    pub(super) fn tell_all_to_leave(
+        &self,
+        disconnect: Disconnect,
+        close_code: u16,
+        runtime: tokio::runtime::Handle,
+    ) {
+        let window = self.config.server.drain_window;
         let clients: Vec<Arc<Client>> = self
-            .node
             .clients
             .each()
             .flat_map(|shard| shard.values().cloned().collect::<Vec<_>>())
@@ -396,23 +417,25 @@ impl Hub {
         const STEP: Duration = Duration::from_millis(100);
         let steps = (window.as_millis() / STEP.as_millis()).max(1) as usize;
         let per_step = clients.len().div_ceil(steps).max(1);
-        tracing::info!(clients = clients.len(), ?window, "draining");
+        tracing::info!(
+            clients = clients.len(),
+            ?window,
+            code = disconnect.code,
+            "telling clients to leave"
+        );
         runtime.spawn(async move {
-            let disconnect = shutdown_disconnect();
+            let reason = disconnect.reason.clone();
             let mut notice = EncodedPush::new(Push::Disconnect(&disconnect));
             let mut ticks = tokio::time::interval(STEP);
             for batch in clients.chunks(per_step) {
                 ticks.tick().await;
                 for client in batch {
-                    tell_to_leave(client, &mut notice);
+                    let frame = notice.frame(client.codec()).clone();
+                    client.sink.send(frame, FrameKind::Control);
+                    client.sink.close(close_code, &reason);
                 }
             }
         });
-    }
-
-    /// Whether [`shutdown`](Self::shutdown) was called.
-    pub fn is_shutting_down(&self) -> bool {
-        self.node.shutting_down.load(Ordering::Relaxed)
     }
 }
 

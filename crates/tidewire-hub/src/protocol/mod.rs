@@ -293,6 +293,9 @@ pub enum DisconnectCode {
     TokenExpired,
     /// 3004: refused by the application backend (connect proxy).
     Refused,
+    /// 3005: this node cannot reach its engine (for longer than
+    /// `server.unhealthy_grace`); reconnect (to another node).
+    Unhealthy,
 }
 
 impl DisconnectCode {
@@ -304,6 +307,7 @@ impl DisconnectCode {
             DisconnectCode::ConnectTimeout => 3002,
             DisconnectCode::TokenExpired => 3003,
             DisconnectCode::Refused => 3004,
+            DisconnectCode::Unhealthy => 3005,
         }
     }
 

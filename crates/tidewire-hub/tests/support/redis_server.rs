@@ -10,6 +10,18 @@ pub struct RedisServer {
     child: std::process::Child,
 }
 
+/// What a redis-server keeps of its data across a restart.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[allow(dead_code)]
+pub enum Persistence {
+    /// Nothing: a restart starts empty.
+    None,
+    /// The snapshot a `SAVE` wrote last (what came after is lost).
+    Snapshot,
+    /// Every write (append-only file, fsync every second).
+    AppendOnly,
+}
+
 #[allow(dead_code)] // not every test that includes it uses every part
 impl RedisServer {
     pub fn start() -> RedisServer {
@@ -23,9 +35,25 @@ impl RedisServer {
 
     /// On `port` (again, after [`stop`](Self::stop): a restart).
     pub fn on(port: u16) -> RedisServer {
-        let child = std::process::Command::new("redis-server")
+        RedisServer::keeping(port, Persistence::None, &std::env::temp_dir())
+    }
+
+    /// On `port`, keeping its data in `dir` as `persistence` says (the
+    /// same `dir` again after [`stop`](Self::stop): a restart with it).
+    pub fn keeping(port: u16, persistence: Persistence, dir: &std::path::Path) -> RedisServer {
+        let aof = if persistence == Persistence::AppendOnly {
+            "yes"
+        } else {
+            "no"
+        };
+        let mut command = std::process::Command::new("redis-server");
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--save", "", "--appendonly", aof, "--protected-mode", "no"]);
+        if persistence != Persistence::None {
+            command.arg("--dir").arg(dir);
+        }
+        let child = command
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (scripts/install-deps installs it)");
@@ -44,6 +72,16 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// A temporary directory of the test's own for [`keeping`](Self::keeping).
+    pub fn data_dir(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("tidewire-redis-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Killed (SIGKILL): what it did not persist is lost.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

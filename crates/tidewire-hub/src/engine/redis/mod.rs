@@ -32,9 +32,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, PubSubSink};
 use redis::{Script, Value};
+
+use super::link::{self, Commands, Nats, Partitions, Sink, Target};
 
 use super::wire::{self, Event};
 use super::{
@@ -61,8 +61,15 @@ pub fn system_clock() -> Clock {
 /// How a node reaches Redis.
 #[derive(Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`; for a Redis Cluster,
+    /// one or more of its nodes separated by commas.
     pub url: String,
+    /// Whether `url` is a Redis Cluster (implied by several URLs).
+    pub cluster: bool,
+    /// With a NATS URL (`nats://host:port`), the publications travel
+    /// between nodes over NATS instead of Redis PUB/SUB; Redis keeps the
+    /// streams, offsets, epochs and presence.
+    pub nats_url: Option<String>,
     /// The prefix of every key and topic (nodes of one cluster share it).
     pub prefix: String,
     /// How long a command may take before the engine reports Redis
@@ -76,6 +83,8 @@ impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &self.url)
+            .field("cluster", &self.cluster)
+            .field("nats_url", &self.nats_url)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -86,6 +95,8 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
+            nats_url: None,
             prefix: "tidewire".into(),
             timeout: Duration::from_secs(5),
             clock: system_clock(),
@@ -118,7 +129,9 @@ end
 "#;
 
 const PUBLISH: &str = r#"
--- KEYS: stream, meta. ARGV: envelope, size, ttl ms, topic, fresh epoch, now ms.
+-- KEYS: stream, meta. ARGV: envelope, size, ttl ms, topic, fresh epoch, now ms,
+-- the publish command (PUBLISH, or SPUBLISH on a cluster; none when the node
+-- publishes over NATS itself).
 local now = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[3])
 expire(now)
@@ -134,7 +147,9 @@ redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], top .. '-0', 'd', ARGV[1], 'x', n
 trim(now)
 local x = tonumber(redis.call('HGET', KEYS[2], 'x') or '0')
 keep_until(math.max(x, now + ttl))
-redis.call('PUBLISH', ARGV[4], 'p' .. top .. ' ' .. epoch .. ' ' .. ARGV[1])
+if ARGV[7] ~= '' then
+  redis.call(ARGV[7], ARGV[4], 'p' .. top .. ' ' .. epoch .. ' ' .. ARGV[1])
+end
 return {top, epoch}
 "#;
 
@@ -180,6 +195,15 @@ if ttl > 0 and x < now + ttl then keep_until(now + ttl) end
 return 0
 "#;
 
+const RESTART: &str = r#"
+-- KEYS: meta. ARGV: the epoch that went back, a fresh one. Returns the
+-- epoch and top now.
+if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'e', ARGV[2])
+end
+return {redis.call('HGET', KEYS[1], 'e') or '', tonumber(redis.call('HGET', KEYS[1], 't') or '0')}
+"#;
+
 const ADD_PRESENCE: &str = r#"
 -- KEYS: clients hash, expiries zset. ARGV: client, info, expires ms, ttl ms.
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -187,6 +211,13 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 for _, key in ipairs(KEYS) do
   if redis.call('PTTL', key) < tonumber(ARGV[4]) then redis.call('PEXPIRE', key, ARGV[4]) end
 end
+return 0
+"#;
+
+const REMOVE_PRESENCE: &str = r#"
+-- KEYS: clients hash, expiries zset. ARGV: client.
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return 0
 "#;
 
@@ -205,12 +236,21 @@ pub struct RedisEngine {
 
 struct Inner {
     config: RedisConfig,
-    client: redis::Client,
-    commands: ConnectionManager,
+    target: Target,
+    /// Replaced when a cluster's stops answering altogether (see
+    /// `keep_commands_answering`).
+    commands: RwLock<Commands>,
+    /// Since when commands fail, none answered in between.
+    failing: Mutex<Option<tokio::time::Instant>>,
+    /// `--broker nats`: NATS, and the connection publications go out on.
+    nats: Option<(Nats, async_nats::Client)>,
+    partitions: Partitions,
     publish: Script,
     history: Script,
     keep: Script,
+    restart: Script,
     add_presence: Script,
+    remove_presence: Script,
     presence: Script,
     events: RwLock<Option<Weak<dyn EngineEvents>>>,
     /// The channels this node is subscribed to, and the PUB/SUB
@@ -222,24 +262,44 @@ struct Inner {
     /// Whether the PUB/SUB connection is up (and its self-probe comes
     /// back).
     listening: AtomicBool,
-    /// Per subscribed channel: the position of the last publication handed
-    /// to the node (offset, epoch), to notice what PUB/SUB lost.
-    positions: Mutex<std::collections::HashMap<String, (u64, String)>>,
-    /// This engine's own probe topic.
-    probe_topic: String,
+    /// Per subscribed channel: where its stream stands for this node, to
+    /// notice what PUB/SUB lost and a stream that went back.
+    positions: Mutex<std::collections::HashMap<String, Position>>,
+    /// Held while a publication or a gap goes to the node: the reader and
+    /// the watcher's catch-ups both deliver, and one channel's order (and
+    /// a gap before what follows it) must hold across them.
+    delivery: Mutex<()>,
+    /// This engine's own probe topics: one per partition on a cluster
+    /// (each master's connection is probed), one on a single server.
+    probe_topics: Vec<String>,
 }
 
-/// How often the reader publishes to its probe topic, and checks the
-/// positions of its channels against the streams.
+/// How often the watcher publishes to the probe topics, and checks the
+/// positions of the channels against their streams.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// A PUB/SUB connection whose probes do not come back for this long is
 /// dropped and made again, its channels checked for what they missed.
 const PROBE_DEADLINE: Duration = Duration::from_secs(6);
 
+/// A subscribed channel's position for this node.
+#[derive(Default)]
+struct Position {
+    /// The offset of the last publication handed to the node.
+    delivered: u64,
+    /// Its epoch (empty until the stream is known).
+    epoch: String,
+    /// The highest offset of this epoch that arrived over PUB/SUB. The
+    /// stream's order is PUB/SUB's order, so an offset at or below it
+    /// arriving again means the stream went back (a Redis restarted from
+    /// an older snapshot, a replica promoted before it had everything):
+    /// its offsets are being given to other publications.
+    heard: u64,
+}
+
 #[derive(Default)]
 struct Subscriptions {
     channels: HashSet<String>,
-    sink: Option<PubSubSink>,
+    sink: Option<Sink>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> EngineError {
@@ -264,19 +324,25 @@ impl Inner {
     }
 
     fn key(&self, channel: &str, kind: &str) -> String {
-        format!("{}:{{{channel}}}:{kind}", self.config.prefix)
+        let tag = self.partitions.tag_of(channel);
+        format!("{}:{{{tag}}}:{channel}:{kind}", self.config.prefix)
     }
 
     fn control_topic(&self) -> String {
-        format!("{}:control", self.config.prefix)
+        format!(
+            "{}:{{{}}}:control",
+            self.config.prefix,
+            self.partitions.tags()[0]
+        )
     }
 
     /// The channel of a topic, or `None` for the control topic.
     fn channel_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        topic
+        let (_tag, rest) = topic
             .strip_prefix(self.config.prefix.as_str())?
             .strip_prefix(":{")?
-            .strip_suffix("}:t")
+            .split_once("}:")?;
+        rest.strip_suffix(":t")
     }
 
     fn events(&self) -> Option<Arc<dyn EngineEvents>> {
@@ -289,9 +355,9 @@ impl Inner {
 
     /// `call` within the configured timeout; Redis's errors and a late
     /// answer are both "unavailable".
-    async fn bounded<T>(
+    async fn bounded<T, E: std::fmt::Display>(
         &self,
-        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+        call: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, EngineError> {
         tokio::time::timeout(self.config.timeout, call)
             .await
@@ -299,23 +365,106 @@ impl Inner {
             .map_err(unavailable)
     }
 
+    /// The command of the publish script (none: the node publishes over
+    /// NATS after it).
+    fn script_publish_command(&self) -> &'static str {
+        if self.nats.is_some() {
+            ""
+        } else {
+            self.target.publish_command()
+        }
+    }
+
     async fn run<T: redis::FromRedisValue>(
         &self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, EngineError> {
-        let mut conn = self.commands.clone();
-        self.bounded(invocation.invoke_async(&mut conn)).await
+        let mut conn = self.commands();
+        let result = self.bounded(invocation.invoke_async(&mut conn)).await;
+        self.note(result.is_ok());
+        result
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, EngineError> {
-        let mut conn = self.commands.clone();
-        self.bounded(cmd.query_async(&mut conn)).await
+        let mut conn = self.commands();
+        let result = self.bounded(cmd.query_async(&mut conn)).await;
+        self.note(result.is_ok());
+        result
+    }
+
+    fn commands(&self) -> Commands {
+        self.commands
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn note(&self, answered: bool) {
+        let mut failing = lock(&self.failing);
+        if answered {
+            *failing = None;
+        } else {
+            failing.get_or_insert_with(tokio::time::Instant::now);
+        }
+    }
+
+    /// A cluster connection can stay stuck in a slot refresh after a
+    /// master died (every command then fails after its timeout, even on
+    /// the live masters): when commands failed for three timeouts and none
+    /// answered, or `stuck` (streams stayed unread over checks in a row),
+    /// a new connection is made from the seeds.
+    async fn keep_commands_answering(&self, stuck: bool) -> bool {
+        let silent = lock(&self.failing).map_or(Duration::ZERO, |since| since.elapsed());
+        if !self.target.is_cluster() || !(stuck || silent >= self.config.timeout * 3) {
+            return false;
+        }
+        tracing::warn!(
+            silent_ms = silent.as_millis() as u64,
+            stuck,
+            "the Redis Cluster connection does not answer; connecting again"
+        );
+        match tokio::time::timeout(self.config.timeout, self.target.commands()).await {
+            Ok(Ok(commands)) => {
+                *self.commands.write().unwrap_or_else(|e| e.into_inner()) = commands;
+                *lock(&self.failing) = None;
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("connecting to the Redis Cluster failed: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("connecting to the Redis Cluster timed out");
+                false
+            }
+        }
     }
 
     async fn publish_to(&self, topic: &str, message: &[u8]) -> Result<(), EngineError> {
-        let mut cmd = redis::cmd("PUBLISH");
+        if let Some((_, nats)) = &self.nats {
+            let message = Bytes::copy_from_slice(message);
+            return self
+                .bounded(nats.publish(Nats::subject(topic), message))
+                .await;
+        }
+        let mut cmd = redis::cmd(self.target.publish_command());
         cmd.arg(topic).arg(message);
         self.query::<i64>(&cmd).await.map(drop)
+    }
+
+    /// Whether Redis answers. On a cluster a PING goes to every node, the
+    /// failed ones too; there the probes tell instead: sent through the
+    /// command connections and received over PUB/SUB, each partition's,
+    /// they came back from every master within the last two rounds.
+    async fn ping(&self) -> Result<(), EngineError> {
+        if self.target.is_cluster() {
+            return if self.listening.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(unavailable("a Redis Cluster master does not answer"))
+            };
+        }
+        self.query::<String>(&redis::cmd("PING")).await.map(drop)
     }
 
     /// Extends the expiry of `channel`'s stream to its TTL from now.
@@ -340,16 +489,32 @@ impl Inner {
         };
         match wire::decode_event(&Bytes::copy_from_slice(payload)) {
             Ok(Event::Publication { publication, epoch }) => {
-                if publication.offset > 0
-                    && !self.next_in_order(channel, publication.offset, &epoch)
+                let publication = Arc::new(publication);
+                if publication.offset == 0 {
+                    events.publication(channel, &publication);
+                    return;
+                }
                 {
-                    self.catch_up(&*events, channel, publication.offset - 1, &epoch)
-                        .await;
-                    if !self.advance(channel, publication.offset, &epoch) {
+                    let _order = lock(&self.delivery);
+                    if self.next_in_order(channel, publication.offset, &epoch) {
+                        events.publication(channel, &publication);
                         return;
                     }
                 }
-                events.publication(channel, &Arc::new(publication));
+                // Over NATS, publications of several nodes may cross: an
+                // offset heard late is no sign of a stream gone back.
+                if self.nats.is_none() && self.heard(channel, publication.offset, &epoch) {
+                    self.went_back(&*events, channel, &epoch).await;
+                    return;
+                }
+                if self
+                    .catch_up(&*events, channel, publication.offset - 1, &epoch)
+                    .await
+                {
+                    self.deliver(&*events, channel, &publication, &epoch);
+                }
+                // Else the gap could not be read: this one waits in the
+                // stream for the watcher's next check, behind it.
             }
             Ok(Event::Join(info)) => events.join(channel, &Arc::new(info)),
             Ok(Event::Leave(info)) => events.leave(channel, &Arc::new(info)),
@@ -362,50 +527,109 @@ impl Inner {
     /// nothing allocated.
     fn next_in_order(&self, channel: &str, offset: u64, epoch: &str) -> bool {
         match lock(&self.positions).get_mut(channel) {
-            Some(position) if position.1 == epoch && offset == position.0 + 1 => {
-                position.0 = offset;
+            Some(position) if position.epoch == epoch && offset == position.delivered + 1 => {
+                position.delivered = offset;
+                position.heard = offset;
                 true
             }
             _ => false,
         }
     }
 
+    /// Records that the publication at `offset` of `epoch` arrived over
+    /// PUB/SUB (not in order); true when the stream went back.
+    fn heard(&self, channel: &str, offset: u64, epoch: &str) -> bool {
+        let mut positions = lock(&self.positions);
+        let Some(position) = positions.get_mut(channel) else {
+            return false;
+        };
+        if position.epoch != epoch {
+            return false;
+        }
+        if offset <= position.heard {
+            return true;
+        }
+        position.heard = offset;
+        false
+    }
+
+    /// Hands `publication` of `epoch` to the node unless it went already
+    /// (read from the stream by a catch-up, then arriving over PUB/SUB).
+    fn deliver(
+        &self,
+        events: &dyn EngineEvents,
+        channel: &str,
+        publication: &Arc<Publication>,
+        epoch: &str,
+    ) {
+        let _order = lock(&self.delivery);
+        if self.advance(channel, publication.offset, epoch) {
+            events.publication(channel, publication);
+        }
+    }
+
+    /// Tells the node that `channel` lost publications, its position set
+    /// to `after` (where the stream goes on from); none when it is not
+    /// subscribed any more.
+    fn lose(&self, events: &dyn EngineEvents, channel: &str, after: impl FnOnce(&mut Position)) {
+        let _order = lock(&self.delivery);
+        match lock(&self.positions).get_mut(channel) {
+            Some(position) => after(position),
+            None => return,
+        }
+        events.gap(channel);
+    }
+
     /// Records that the publication at `offset` of `epoch` goes to the
-    /// node; false when it went already (read from the stream by a
-    /// catch-up, then arriving over PUB/SUB).
+    /// node; false when it went already.
     fn advance(&self, channel: &str, offset: u64, epoch: &str) -> bool {
         let mut positions = lock(&self.positions);
         let Some(position) = positions.get_mut(channel) else {
             // Not subscribed (any more): nobody to deliver to.
             return false;
         };
-        if position.1 == epoch && offset <= position.0 {
+        if position.epoch == epoch && offset <= position.delivered {
             return false;
         }
-        *position = (offset, epoch.to_owned());
+        if position.epoch != epoch {
+            position.epoch = epoch.to_owned();
+            position.heard = 0;
+        }
+        position.delivered = offset;
         true
     }
 
     /// Hands the node what the stream holds after the channel's last
     /// delivered position, up to `upto` (a publication arriving past a
-    /// gap, or the stream's top in a periodic check).
-    async fn catch_up(&self, events: &dyn EngineEvents, channel: &str, upto: u64, epoch: &str) {
+    /// gap, or the stream's top in a periodic check); false when the
+    /// stream could not be read (nothing after the position may go then).
+    async fn catch_up(
+        &self,
+        events: &dyn EngineEvents,
+        channel: &str,
+        upto: u64,
+        epoch: &str,
+    ) -> bool {
         let (last, known) = match lock(&self.positions).get(channel) {
-            Some((last, known)) => (*last, known.clone()),
-            None => return,
+            Some(position) => (position.delivered, position.epoch.clone()),
+            None => return false,
         };
-        if known.is_empty() {
-            return;
-        }
+        // Subscribed before the stream existed: all of its first epoch is
+        // to be handed over.
+        let (last, known) = if known.is_empty() {
+            (0, epoch.to_owned())
+        } else {
+            (last, known)
+        };
         if known != epoch {
             // A new stream (Redis lost its data, or the stream expired):
             // what the old one held after `last` is gone.
             tracing::warn!(channel, from = %known, to = %epoch, "stream epoch changed");
-            events.gap(channel);
-            return;
+            self.lose(events, channel, |_| {});
+            return true;
         }
         if upto <= last {
-            return;
+            return true;
         }
         let mut cmd = redis::cmd("XRANGE");
         cmd.arg(self.key(channel, "s"))
@@ -415,14 +639,14 @@ impl Inner {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::warn!(channel, "reading a gap from the stream failed: {e}");
-                return;
+                return false;
             }
         };
         let missed = match entries_of(&entries) {
             Ok(missed) => missed,
             Err(e) => {
                 tracing::warn!(channel, "reading a gap from the stream failed: {e}");
-                return;
+                return false;
             }
         };
         if missed.first().map(|p| p.offset) != Some(last + 1) {
@@ -431,47 +655,119 @@ impl Inner {
                 after = last,
                 "publications lost by PUB/SUB are no longer in the stream"
             );
-            events.gap(channel);
-            if let Some(position) = lock(&self.positions).get_mut(channel) {
-                *position = (upto, epoch.to_owned());
-            }
-            return;
+            self.lose(events, channel, |position| {
+                position.delivered = position.delivered.max(upto);
+            });
+            return true;
         }
         tracing::debug!(channel, count = missed.len(), "caught up from the stream");
-        for publication in missed {
-            if self.advance(channel, publication.offset, epoch) {
-                events.publication(channel, &publication);
-            }
+        for publication in &missed {
+            self.deliver(events, channel, publication, epoch);
         }
+        true
     }
 
     /// Compares every subscribed channel's delivered position with its
-    /// stream and hands over what PUB/SUB did not bring.
-    async fn check_positions(&self) {
-        let Some(events) = self.events() else { return };
-        let channels: Vec<(String, String)> = lock(&self.positions)
+    /// stream and hands over what PUB/SUB did not bring; how many streams
+    /// could not be read (they are read again at the next check).
+    async fn check_positions(&self) -> usize {
+        let Some(events) = self.events() else {
+            return 0;
+        };
+        let channels: Vec<(String, u64, String)> = lock(&self.positions)
             .iter()
-            .filter(|(_, (_, epoch))| !epoch.is_empty())
-            .map(|(c, (_, e))| (c.clone(), e.clone()))
+            .filter(|(_, position)| !position.epoch.is_empty())
+            .map(|(c, position)| (c.clone(), position.delivered, position.epoch.clone()))
             .collect();
-        for (channel, epoch) in channels {
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(self.key(&channel, "m")).arg("e").arg("t");
-            let Ok((current, top)) = self.query::<(Option<String>, Option<u64>)>(&cmd).await else {
-                continue;
-            };
+        let asked = channels.len();
+        // The reads at once, and all of them within one timeout: a failed
+        // master makes its reads wait, and the watcher must come back to
+        // its probes.
+        let mut reads = futures_util::StreamExt::buffer_unordered(
+            futures_util::stream::iter(channels.into_iter().map(
+                |(channel, delivered, epoch)| async move {
+                    let mut cmd = redis::cmd("HMGET");
+                    cmd.arg(self.key(&channel, "m")).arg("e").arg("t");
+                    let top = self.query::<(Option<String>, Option<u64>)>(&cmd).await;
+                    (channel, delivered, epoch, top)
+                },
+            )),
+            256,
+        );
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let mut tops = Vec::with_capacity(asked);
+        while let Ok(Some(read)) =
+            tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut reads)).await
+        {
+            if let (channel, delivered, epoch, Ok(top)) = read {
+                tops.push((channel, delivered, epoch, top));
+            }
+        }
+        drop(reads);
+        let mut unread = asked - tops.len();
+        for (channel, delivered, epoch, (current, top)) in tops {
             match (current, top) {
+                (Some(current), Some(top)) if current == epoch && top < delivered => {
+                    self.went_back(&*events, &channel, &epoch).await;
+                }
                 (Some(current), Some(top)) if current == epoch => {
-                    self.catch_up(&*events, &channel, top, &epoch).await;
+                    if !self.catch_up(&*events, &channel, top, &epoch).await {
+                        unread += 1;
+                    }
                 }
                 (Some(current), top) => {
                     tracing::warn!(channel, from = %epoch, to = %current, "stream epoch changed");
-                    events.gap(&channel);
-                    if let Some(position) = lock(&self.positions).get_mut(&channel) {
-                        *position = (top.unwrap_or(0), current);
-                    }
+                    self.lose(&*events, &channel, |position| {
+                        *position = Position {
+                            delivered: top.unwrap_or(0),
+                            epoch: current,
+                            heard: 0,
+                        };
+                    });
                 }
-                _ => {}
+                (None, _) => {
+                    // Gone while subscribed (a subscribed stream is kept):
+                    // Redis lost its data. The next publication starts a
+                    // new epoch.
+                    tracing::warn!(channel, epoch = %epoch, "the stream is gone");
+                    self.lose(&*events, &channel, |position| {
+                        *position = Position::default();
+                    });
+                }
+            }
+        }
+        if unread > 0 {
+            tracing::debug!(unread, "reading stream positions failed");
+        }
+        unread
+    }
+
+    /// `channel`'s stream went back: it gives offsets this node delivered
+    /// already to other publications. It gets a new epoch (so that no
+    /// client takes those for what it has) and the channel is a gap.
+    async fn went_back(&self, events: &dyn EngineEvents, channel: &str, epoch: &str) {
+        tracing::warn!(
+            channel,
+            epoch,
+            "the stream went back (Redis lost what it had acknowledged); a new epoch"
+        );
+        let mut invocation = self.restart.prepare_invoke();
+        invocation
+            .key(self.key(channel, "m"))
+            .arg(epoch)
+            .arg(fresh_epoch());
+        match self.run::<(String, u64)>(invocation).await {
+            Ok((current, top)) => self.lose(events, channel, |position| {
+                *position = Position {
+                    delivered: top,
+                    epoch: current,
+                    heard: 0,
+                };
+            }),
+            Err(e) => {
+                // Checked again at the next tick.
+                tracing::warn!(channel, "starting a new epoch failed: {e}");
+                self.lose(events, channel, |_| {});
             }
         }
     }
@@ -489,8 +785,14 @@ impl Inner {
         let mut positions = lock(&self.positions);
         let position = positions.entry(channel.to_owned()).or_default();
         if let (Some(epoch), Some(top)) = (epoch, top) {
-            if position.1.is_empty() {
-                *position = (top, epoch);
+            if position.epoch.is_empty() {
+                // Not heard: what was published between the SUBSCRIBE and
+                // this read arrives still.
+                *position = Position {
+                    delivered: top,
+                    epoch,
+                    heard: 0,
+                };
             }
         }
     }
@@ -504,12 +806,15 @@ async fn listen(inner: Weak<Inner>) {
         let Some(engine) = inner.upgrade() else {
             return;
         };
-        let connected = engine.client.get_async_pubsub().await;
-        let mut stream = match connected {
-            Ok(pubsub) => {
-                let (mut sink, stream) = pubsub.split();
+        let connected = match &engine.nats {
+            Some((nats, _)) => engine.bounded(nats.subscriber()).await,
+            None => engine.bounded(engine.target.subscriber()).await,
+        };
+        let mut messages = match connected {
+            Ok((mut sink, messages)) => {
                 let mut subscriptions = engine.subscriptions.lock().await;
-                let mut topics = vec![engine.control_topic(), engine.probe_topic.clone()];
+                let mut topics = vec![engine.control_topic()];
+                topics.extend(engine.probe_topics.iter().cloned());
                 topics.extend(subscriptions.channels.iter().map(|c| engine.key(c, "t")));
                 // Bounded: a connection that stalls right away must not
                 // hold the subscriptions' lock.
@@ -519,13 +824,14 @@ async fn listen(inner: Weak<Inner>) {
                         subscriptions.sink = Some(sink);
                         engine.listening.store(true, Ordering::SeqCst);
                         backoff = Duration::from_millis(100);
-                        stream
+                        messages
                     }
                     Err(e) => {
                         tracing::warn!("Redis PUB/SUB subscribe failed: {e}");
                         drop(subscriptions);
                         drop(engine);
                         tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
                     }
                 }
@@ -538,39 +844,41 @@ async fn listen(inner: Weak<Inner>) {
                 continue;
             }
         };
-        // What was published while the connection was down.
-        engine.check_positions().await;
+        // When each probe topic's probe came back last.
+        let probes_seen = Arc::new(Mutex::new(vec![
+            tokio::time::Instant::now();
+            engine.probe_topics.len()
+        ]));
+        let (stalled, mut stalling) = tokio::sync::oneshot::channel();
+        // Apart from the reader: its probes and reads wait for a failed
+        // master's timeouts, and what arrives meanwhile must be read.
+        let watcher = AbortOnDrop(tokio::spawn(watch(
+            Arc::downgrade(&engine),
+            probes_seen.clone(),
+            stalled,
+        )));
         drop(engine);
-        let mut ticks = tokio::time::interval(PROBE_EVERY);
-        let mut probe_seen = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                message = stream.next() => {
+                message = messages.next() => {
                     let Some(message) = message else { break };
                     let Some(engine) = inner.upgrade() else { return };
-                    let topic = message.get_channel_name();
-                    if topic == engine.probe_topic {
-                        probe_seen = tokio::time::Instant::now();
-                        engine.listening.store(true, Ordering::SeqCst);
+                    let topic = message.topic();
+                    if let Some(n) = engine.probe_topics.iter().position(|t| t == topic) {
+                        let mut seen = lock(&probes_seen);
+                        seen[n] = tokio::time::Instant::now();
+                        if seen.iter().all(|seen| seen.elapsed() <= PROBE_EVERY * 2) {
+                            engine.listening.store(true, Ordering::SeqCst);
+                        }
                         continue;
                     }
-                    engine.dispatch(topic, message.get_payload_bytes()).await;
+                    engine.dispatch(topic, message.payload()).await;
                 }
-                _ = ticks.tick() => {
-                    let Some(engine) = inner.upgrade() else { return };
-                    if probe_seen.elapsed() > PROBE_DEADLINE {
-                        // Alive but delivering nothing: make it again.
-                        tracing::warn!("Redis PUB/SUB delivers nothing (its probes do not come back); reconnecting");
-                        break;
-                    }
-                    if probe_seen.elapsed() > PROBE_EVERY * 2 {
-                        engine.listening.store(false, Ordering::SeqCst);
-                    }
-                    let _ = engine.publish_to(&engine.probe_topic, b"probe").await;
-                    engine.check_positions().await;
-                }
+                // Alive but delivering nothing (or the engine is gone).
+                _ = &mut stalling => break,
             }
         }
+        drop(watcher);
         let Some(engine) = inner.upgrade() else {
             return;
         };
@@ -580,33 +888,173 @@ async fn listen(inner: Weak<Inner>) {
     }
 }
 
+/// Aborts its task when dropped (the watcher ends with its connection).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The watcher of one PUB/SUB connection: publishes the probes,
+/// subscribes again the partitions whose probes are late, checks the
+/// positions (the first time at once, for what was published while the
+/// connection was being made), makes the commands connection again when
+/// it stays stuck, and sends on `stalled` when a probe stays silent past
+/// the deadline. A round is bounded by a few timeouts, whatever fails.
+async fn watch(
+    inner: Weak<Inner>,
+    probes_seen: Arc<Mutex<Vec<tokio::time::Instant>>>,
+    stalled: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ticks = tokio::time::interval(PROBE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Checks in a row that left streams unread, and whether every probe
+    // failed to go out in the last round (no master answered).
+    let mut unread_checks = 0;
+    let mut no_probe_sent = false;
+    loop {
+        ticks.tick().await;
+        let Some(engine) = inner.upgrade() else {
+            return;
+        };
+        if engine
+            .keep_commands_answering(unread_checks >= 2 || no_probe_sent)
+            .await
+        {
+            unread_checks = 0;
+        }
+        let (late, oldest): (Vec<usize>, Duration) = {
+            let seen = lock(&probes_seen);
+            let late = (0..seen.len())
+                .filter(|&n| seen[n].elapsed() > PROBE_EVERY * 2)
+                .collect();
+            let oldest = seen.iter().map(|seen| seen.elapsed()).max();
+            (late, oldest.unwrap_or(Duration::ZERO))
+        };
+        if oldest > PROBE_DEADLINE {
+            tracing::warn!(
+                "Redis PUB/SUB delivers nothing (its probes do not come back); reconnecting"
+            );
+            let _ = stalled.send(());
+            return;
+        }
+        engine.listening.store(late.is_empty(), Ordering::SeqCst);
+        if !late.is_empty() {
+            engine.subscribe_again(&late).await;
+        }
+        let sent = futures_util::future::join_all(
+            engine
+                .probe_topics
+                .iter()
+                .map(|topic| engine.publish_to(topic, b"probe")),
+        )
+        .await;
+        no_probe_sent = sent.iter().all(Result::is_err);
+        if engine.check_positions().await > 0 {
+            unread_checks += 1;
+        } else {
+            unread_checks = 0;
+        }
+    }
+}
+
+impl Inner {
+    /// On a cluster: subscribes again the topics of the partitions whose
+    /// probes are late. Their master failed over, and the client moves
+    /// its subscriptions only once it learns the new slot map, which a
+    /// subscriptions' connection (sending no commands) may never do; a
+    /// subscription sent now reaches the shard's new master.
+    async fn subscribe_again(&self, late: &[usize]) {
+        let (mut router, channels) = {
+            let subscriptions = self.subscriptions.lock().await;
+            let Some(router) = subscriptions.sink.as_ref().and_then(Sink::cluster) else {
+                return;
+            };
+            (router, subscriptions.channels.clone())
+        };
+        let tags: HashSet<&str> = late
+            .iter()
+            .filter_map(|&n| self.partitions.tags().get(n).map(String::as_str))
+            .collect();
+        let mut topics: Vec<String> = late
+            .iter()
+            .filter_map(|&n| self.probe_topics.get(n).cloned())
+            .collect();
+        topics.extend(
+            channels
+                .iter()
+                .filter(|c| tags.contains(self.partitions.tag_of(c)))
+                .map(|c| self.key(c, "t")),
+        );
+        tracing::info!(
+            partitions = late.len(),
+            topics = topics.len(),
+            "Redis PUB/SUB probes late: subscribing their partitions again"
+        );
+        if let Err(e) = self.bounded(link::ssubscribe(&mut router, &topics)).await {
+            tracing::debug!("subscribing again failed: {e}");
+        }
+    }
+}
+
 impl RedisEngine {
     /// Connects to Redis and starts the PUB/SUB reader.
     ///
     /// # Errors
     /// A URL that does not parse, or a Redis that cannot be reached.
     pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(corrupt)?;
-        let commands = tokio::time::timeout(config.timeout, client.get_connection_manager())
+        if config.prefix.contains(['{', '}']) {
+            return Err(corrupt("a Redis prefix may not contain { or }"));
+        }
+        let target = Target::parse(&config.url, config.cluster, config.timeout).map_err(corrupt)?;
+        let commands = tokio::time::timeout(config.timeout, target.commands())
             .await
             .map_err(|_| unavailable("Redis did not answer in time"))?
             .map_err(unavailable)?;
-        let config_prefix = config.prefix.clone();
+        let partitions = Partitions::new();
+        let node = rand::random::<u64>();
+        let nats = match &config.nats_url {
+            Some(url) => {
+                let nats = Nats::new(url, config.timeout);
+                let client = nats.connect().await.map_err(unavailable)?;
+                Some((nats, client))
+            }
+            None => None,
+        };
+        // Over a cluster's sharded PUB/SUB, every partition (so every
+        // master) is probed; NATS or one Redis is one connection.
+        let probe_tags = if target.is_cluster() && nats.is_none() {
+            partitions.tags()
+        } else {
+            &partitions.tags()[..1]
+        };
+        let probe_topics = probe_tags
+            .iter()
+            .map(|tag| format!("{}:{{{tag}}}:probe:{node:016x}", config.prefix))
+            .collect();
         let inner = Arc::new(Inner {
             config,
-            client,
-            commands,
+            target,
+            commands: RwLock::new(commands),
+            failing: Mutex::new(None),
+            nats,
+            partitions,
             publish: Script::new(&format!("{EXPIRED}{PUBLISH}")),
             history: Script::new(&format!("{EXPIRED}{HISTORY}")),
             keep: Script::new(&format!("{EXPIRED}{KEEP}")),
+            restart: Script::new(RESTART),
             add_presence: Script::new(ADD_PRESENCE),
+            remove_presence: Script::new(REMOVE_PRESENCE),
             presence: Script::new(PRESENCE),
             events: RwLock::new(None),
             subscriptions: tokio::sync::Mutex::default(),
             subscribed: std::sync::atomic::AtomicUsize::new(0),
             listening: AtomicBool::new(false),
             positions: Mutex::default(),
-            probe_topic: format!("{}:probe:{:016x}", config_prefix, rand::random::<u64>()),
+            delivery: Mutex::default(),
+            probe_topics,
         });
         tokio::spawn(listen(Arc::downgrade(&inner)));
         // Ready once the control topic is subscribed (a node's own
@@ -684,7 +1132,7 @@ impl Broker for RedisEngine {
             // Without a connection, the reader subscribes it when it is back.
             if let Some(sink) = subscriptions.sink.as_mut() {
                 let topic = inner.key(channel, "t");
-                inner.bounded(sink.subscribe(topic)).await?;
+                inner.bounded(sink.subscribe(&[topic])).await?;
             }
             drop(subscriptions);
             inner.start_position(channel).await;
@@ -703,7 +1151,7 @@ impl Broker for RedisEngine {
                 lock(&inner.positions).remove(channel);
                 if let Some(sink) = subscriptions.sink.as_mut() {
                     let topic = inner.key(channel, "t");
-                    inner.bounded(sink.unsubscribe(topic)).await?;
+                    inner.bounded(sink.unsubscribe(&[topic])).await?;
                 }
             }
             // The stream's TTL counts from the last subscriber leaving too.
@@ -740,8 +1188,15 @@ impl Broker for RedisEngine {
                 .arg(ttl_ms(options.ttl))
                 .arg(inner.key(channel, "t"))
                 .arg(fresh_epoch())
-                .arg(inner.now());
+                .arg(inner.now())
+                .arg(inner.script_publish_command());
             let (offset, epoch): (u64, String) = inner.run(invocation).await?;
+            if inner.nats.is_some() {
+                // Lost here (this node dies), it is found in the stream by
+                // the other nodes' position checks.
+                let event = wire::encode_publication_event(offset, &epoch, &envelope);
+                inner.publish_to(&inner.key(channel, "t"), &event).await?;
+            }
             Ok(Some(StreamPosition {
                 offset,
                 epoch: epoch.into(),
@@ -848,10 +1303,7 @@ impl Broker for RedisEngine {
             if !self.inner.listening.load(Ordering::SeqCst) {
                 return Err(unavailable("the Redis PUB/SUB connection is down"));
             }
-            self.inner
-                .query::<String>(&redis::cmd("PING"))
-                .await
-                .map(drop)
+            self.inner.ping().await
         })
     }
 
@@ -914,12 +1366,13 @@ impl PresenceStore for RedisEngine {
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
             let inner = &self.inner;
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .hdel(inner.key(channel, "p"), client)
-                .zrem(inner.key(channel, "z"), client);
-            let mut conn = inner.commands.clone();
-            inner.bounded(pipe.query_async::<()>(&mut conn)).await
+            // A script, not MULTI: a cluster connection routes it whole.
+            let mut invocation = inner.remove_presence.prepare_invoke();
+            invocation
+                .key(inner.key(channel, "p"))
+                .key(inner.key(channel, "z"))
+                .arg(client);
+            inner.run::<i64>(invocation).await.map(drop)
         })
     }
 
@@ -962,12 +1415,7 @@ impl PresenceStore for RedisEngine {
     }
 
     fn presence_health(&self) -> BoxFuture<'_, Result<(), EngineError>> {
-        Box::pin(async move {
-            self.inner
-                .query::<String>(&redis::cmd("PING"))
-                .await
-                .map(drop)
-        })
+        Box::pin(async move { self.inner.ping().await })
     }
 
     fn presence_channels(&self) -> usize {
@@ -976,8 +1424,16 @@ impl PresenceStore for RedisEngine {
 }
 
 #[cfg(test)]
-#[path = "../../tests/support/redis_server.rs"]
+#[path = "../../../tests/support/redis_server.rs"]
 mod redis_server;
+
+#[cfg(test)]
+#[path = "../../../tests/support/redis_cluster.rs"]
+mod redis_cluster;
+
+#[cfg(test)]
+#[path = "../../../tests/support/stalling_proxy.rs"]
+mod stalling_proxy;
 
 #[cfg(test)]
 mod tests {
@@ -988,7 +1444,10 @@ mod tests {
     use crate::engine::HistoryOptions;
     use crate::protocol::Payload;
 
-    use super::redis_server::RedisServer;
+    use super::redis_cluster::RedisCluster;
+    use super::redis_server::{Persistence, RedisServer};
+    use super::stalling_proxy::StallingProxy;
+    use crate::engine::nats_server::NatsServer;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<String>>);
@@ -1026,15 +1485,13 @@ mod tests {
         }
     }
 
-    async fn node(
-        server: &RedisServer,
-        prefix: &str,
-    ) -> (RedisEngine, Arc<Recorder>, Arc<dyn EngineEvents>) {
+    type Node = (RedisEngine, Arc<Recorder>, Arc<dyn EngineEvents>);
+
+    /// An engine on `config` (a 2 s timeout), recording what it hands over.
+    async fn engine_with(config: RedisConfig) -> Node {
         let engine = RedisEngine::connect(RedisConfig {
-            url: server.url(),
-            prefix: prefix.into(),
             timeout: Duration::from_secs(2),
-            ..RedisConfig::default()
+            ..config
         })
         .await
         .unwrap();
@@ -1042,6 +1499,15 @@ mod tests {
         let events: Arc<dyn EngineEvents> = recorder.clone();
         engine.set_events(Arc::downgrade(&events));
         (engine, recorder, events)
+    }
+
+    async fn node(server: &RedisServer, prefix: &str) -> Node {
+        engine_with(RedisConfig {
+            url: server.url(),
+            prefix: prefix.into(),
+            ..RedisConfig::default()
+        })
+        .await
     }
 
     fn publication(data: &str, from: Option<&str>) -> Publication {
@@ -1256,6 +1722,447 @@ mod tests {
         assert_eq!(seen, ["news 1 \"after\" "]);
     }
 
+    async fn healthy_again(engines: &[&RedisEngine]) {
+        for _ in 0..500 {
+            let mut all = true;
+            for engine in engines {
+                all &= engine.health().await.is_ok();
+            }
+            if all {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("health never came back");
+    }
+
+    #[tokio::test]
+    async fn a_redis_back_from_an_older_snapshot_starts_a_new_epoch_and_the_channel_is_a_gap() {
+        let dir = RedisServer::data_dir("snapshot");
+        let port = RedisServer::start().port;
+        let mut server = RedisServer::keeping(port, Persistence::Snapshot, &dir);
+        let (a, _a_seen, _a_events) = node(&server, "t9").await;
+        let (b, b_seen, _b_events) = node(&server, "t9").await;
+        b.subscribe("feed").await.unwrap();
+        let mut first = None;
+        for n in 1..=4 {
+            let position = a
+                .publish("feed", publication(&format!("\"{n}\""), None), KEEP)
+                .await
+                .unwrap();
+            first = first.or(position);
+            if n == 2 {
+                let mut conn = a.inner.commands();
+                redis::cmd("SAVE")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        b_seen.wait_for(4).await;
+        // Back with offsets 1 and 2 only, in the same epoch: offsets 3 and
+        // 4 would go to other publications.
+        server.stop();
+        let _server = RedisServer::keeping(port, Persistence::Snapshot, &dir);
+        healthy_again(&[&a, &b]).await;
+        let seen = b_seen.wait_for(5).await;
+        assert_eq!(seen[4], "feed gap");
+        let next = a
+            .publish("feed", publication("\"5\"", None), KEEP)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.offset, 3);
+        assert_ne!(next.epoch, first.unwrap().epoch, "the same epoch again");
+        let seen = b_seen.wait_for(6).await;
+        assert_eq!(seen[5], "feed 3 \"5\" ");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(lock(&b_seen.0).len(), 6, "{:?}", lock(&b_seen.0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_redis_back_with_its_append_only_file_continues_the_stream_without_a_gap() {
+        let dir = RedisServer::data_dir("aof");
+        let port = RedisServer::start().port;
+        let mut server = RedisServer::keeping(port, Persistence::AppendOnly, &dir);
+        let (a, _a_seen, _a_events) = node(&server, "t11").await;
+        let (b, b_seen, _b_events) = node(&server, "t11").await;
+        b.subscribe("feed").await.unwrap();
+        let mut first = None;
+        for n in 1..=3 {
+            let position = a
+                .publish("feed", publication(&format!("\"{n}\""), None), KEEP)
+                .await
+                .unwrap();
+            first = first.or(position);
+        }
+        b_seen.wait_for(3).await;
+        server.stop();
+        let _server = RedisServer::keeping(port, Persistence::AppendOnly, &dir);
+        healthy_again(&[&a, &b]).await;
+        let next = a
+            .publish("feed", publication("\"4\"", None), KEEP)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((next.offset, &next.epoch), (4, &first.unwrap().epoch));
+        let seen = b_seen.wait_for(4).await;
+        assert_eq!(seen[3], "feed 4 \"4\" ");
+        // A periodic check after the restart finds nothing to report.
+        tokio::time::sleep(PROBE_EVERY + Duration::from_millis(200)).await;
+        assert_eq!(lock(&b_seen.0).len(), 4, "{:?}", lock(&b_seen.0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_publication_at_an_offset_heard_already_is_a_stream_that_went_back() {
+        let server = RedisServer::start();
+        let (a, _a_seen, _a_events) = node(&server, "t10").await;
+        let (b, b_seen, _b_events) = node(&server, "t10").await;
+        b.subscribe("feed").await.unwrap();
+        for n in 1..=3 {
+            a.publish("feed", publication(&format!("\"{n}\""), None), KEEP)
+                .await
+                .unwrap();
+        }
+        b_seen.wait_for(3).await;
+        // The stream's top back at 1 (as after a failover to a replica
+        // that had not received 2 and 3), and a publication right after,
+        // before any periodic check.
+        let back = Script::new(
+            "local first = redis.call('XRANGE', KEYS[1], '1-0', '1-0')
+             redis.call('DEL', KEYS[1])
+             redis.call('XADD', KEYS[1], '1-0', unpack(first[1][2]))
+             redis.call('HSET', KEYS[2], 't', 1)
+             return 0",
+        );
+        let mut invocation = back.prepare_invoke();
+        invocation
+            .key(a.inner.key("feed", "s"))
+            .key(a.inner.key("feed", "m"));
+        a.inner.run::<i64>(invocation).await.unwrap();
+        a.publish("feed", publication("\"other 2\"", None), KEEP)
+            .await
+            .unwrap();
+        let seen = b_seen.wait_for(4).await;
+        assert_eq!(seen[3], "feed gap");
+        let next = a
+            .publish("feed", publication("\"after\"", None), KEEP)
+            .await
+            .unwrap()
+            .unwrap();
+        let seen = b_seen.wait_for(5).await;
+        assert_eq!(seen[4], format!("feed {} \"after\" ", next.offset));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(lock(&b_seen.0).len(), 5, "{:?}", lock(&b_seen.0));
+    }
+
+    async fn cluster_node(cluster: &RedisCluster, prefix: &str) -> Node {
+        engine_with(RedisConfig {
+            url: cluster.urls(),
+            cluster: true,
+            prefix: prefix.into(),
+            ..RedisConfig::default()
+        })
+        .await
+    }
+
+    /// Publishes until Redis takes it (a failover refuses publishes for a
+    /// while); the offset it got. The history outlasts a failover (what a
+    /// subscriber's PUB/SUB misses meanwhile is read from it).
+    async fn publish_until_taken(engine: &RedisEngine, channel: &str, data: &str) -> u64 {
+        for _ in 0..300 {
+            match engine
+                .publish(channel, publication(data, None), KEEP_MANY)
+                .await
+            {
+                Ok(Some(position)) => return position.offset,
+                Ok(None) => unreachable!("history is kept"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        panic!("{channel} {data} never published");
+    }
+
+    /// Per channel, the data received (in order), from a recorder's lines.
+    fn received(recorder: &Recorder) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut per_channel = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for line in lock(&recorder.0).iter() {
+            let mut fields = line.split(' ');
+            let (Some(channel), Some(_offset), Some(data)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            per_channel
+                .entry(channel.to_owned())
+                .or_default()
+                .push(data.to_owned());
+        }
+        per_channel
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_cluster_spreads_channels_over_its_masters_and_loses_nothing_in_a_failover() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("tidewire_hub=debug,redis=info")
+            .with_test_writer()
+            .try_init();
+        let mut cluster = RedisCluster::start("engine");
+        let (a, _a_seen, _a_events) = cluster_node(&cluster, "c1").await;
+        let (b, b_seen, _b_events) = cluster_node(&cluster, "c1").await;
+        let channels: Vec<String> = (0..300).map(|n| format!("room{n}")).collect();
+        for channel in &channels {
+            b.subscribe(channel).await.unwrap();
+        }
+        // The spread: every master holds its share of the channels' topics
+        // (and of their keys: a channel's keys and topic share a slot).
+        let masters = cluster.masters();
+        assert_eq!(masters.len(), 3);
+        let mut per_master = Vec::new();
+        for (port, _) in &masters {
+            let topics = cluster.on(*port, &["pubsub", "shardchannels", "c1:*:t"]);
+            per_master.push(topics.lines().filter(|l| !l.is_empty()).count());
+        }
+        assert_eq!(per_master.iter().sum::<usize>(), 300, "{per_master:?}");
+        assert!(
+            per_master.iter().all(|&n| (80..=120).contains(&n)),
+            "{per_master:?}"
+        );
+        let topic = a.inner.key("room0", "t");
+        assert_eq!(
+            cluster.slot_of(&topic),
+            cluster.slot_of(&a.inner.key("room0", "s")),
+            "a channel's keys and topic in one slot"
+        );
+
+        for channel in &channels {
+            publish_until_taken(&a, channel, "\"1\"").await;
+        }
+        for _ in 0..500 {
+            if lock(&b_seen.0).len() >= 300 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(lock(&b_seen.0).len(), 300);
+
+        // The master of room0 dies; its replica takes over. Publications
+        // go on all along (those of the dead master's slots wait).
+        let victim = cluster.master_of(cluster.slot_of(&topic));
+        // What it acknowledged is on its replica (see the test below for
+        // what happens when it is not).
+        tokio::task::block_in_place(|| cluster.wait_replicated(victim));
+        cluster.kill(victim);
+        let publisher = {
+            let channels = channels.clone();
+            async move {
+                for n in 2..=4 {
+                    for channel in &channels {
+                        publish_until_taken(&a, channel, &format!("\"{n}\"")).await;
+                    }
+                }
+                a
+            }
+        };
+        let a = publisher.await;
+        tokio::task::block_in_place(|| cluster.wait_until_ok());
+        assert_ne!(cluster.master_of(cluster.slot_of(&topic)), victim);
+        for channel in &channels {
+            publish_until_taken(&a, channel, "\"5\"").await;
+        }
+        let expected: Vec<String> = (1..=5).map(|n| format!("\"{n}\"")).collect();
+        let mut per_channel = received(&b_seen);
+        for _ in 0..1500 {
+            if per_channel.len() == 300 && per_channel.values().all(|got| got.len() >= 5) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            per_channel = received(&b_seen);
+        }
+        for channel in &channels {
+            assert_eq!(
+                per_channel.get(channel),
+                Some(&expected),
+                "{channel}: every publication once, in order"
+            );
+        }
+        assert!(
+            !lock(&b_seen.0).iter().any(|l| l.ends_with(" gap")),
+            "nothing acknowledged was lost"
+        );
+        healthy_again(&[&a, &b]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_master_that_dies_before_its_replica_has_everything_is_a_gap_and_a_new_epoch() {
+        let mut cluster = RedisCluster::start("unreplicated");
+        let (a, _a_seen, _a_events) = cluster_node(&cluster, "c2").await;
+        let (b, b_seen, _b_events) = cluster_node(&cluster, "c2").await;
+        b.subscribe("feed").await.unwrap();
+        let first = a
+            .publish("feed", publication("\"1\"", None), KEEP)
+            .await
+            .unwrap()
+            .unwrap();
+        b_seen.wait_for(1).await;
+        let victim = cluster.master_of(cluster.slot_of(&a.inner.key("feed", "s")));
+        let replica = cluster.replica_of(victim);
+        tokio::task::block_in_place(|| cluster.wait_replicated(victim));
+        // Two more that the replica never gets (its link cut while it is
+        // stopped, so it cannot come back for them): delivered, then gone.
+        cluster.pause(replica, true);
+        cluster.on(victim, &["client", "kill", "type", "replica"]);
+        for n in 2..=3 {
+            a.publish("feed", publication(&format!("\"{n}\""), None), KEEP)
+                .await
+                .unwrap();
+        }
+        b_seen.wait_for(3).await;
+        cluster.kill(victim);
+        cluster.pause(replica, false);
+        tokio::task::block_in_place(|| cluster.wait_until_ok());
+        assert_eq!(
+            cluster.master_of(cluster.slot_of(&a.inner.key("feed", "s"))),
+            replica
+        );
+        let next = publish_until_taken(&a, "feed", "\"4\"").await;
+        let seen = b_seen.wait_for(4).await;
+        assert_eq!(
+            seen[..3],
+            ["feed 1 \"1\" ", "feed 2 \"2\" ", "feed 3 \"3\" "]
+        );
+        assert_eq!(seen[3], "feed gap", "{seen:?}");
+        // Offset 2 again: in a new epoch, so that no client takes it for
+        // the old 2. (Whether it reaches the node depends on whether the
+        // periodic check or it revealed the loss: the node's subscribers
+        // were told of the gap either way, and read it from the history.)
+        assert_eq!(next, 2);
+        let last = a
+            .publish("feed", publication("\"5\"", None), KEEP)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(last.offset, 3);
+        assert_ne!(last.epoch, first.epoch);
+        let history = a.history("feed", read(None, false)).await.unwrap();
+        assert_eq!(history.position, last);
+        let data: Vec<String> = history
+            .publications
+            .iter()
+            .map(|p| String::from_utf8_lossy(p.data.as_bytes()).into_owned())
+            .collect();
+        assert_eq!(data, ["\"1\"", "\"4\"", "\"5\""]);
+        for _ in 0..500 {
+            if lock(&b_seen.0).last().is_some_and(|l| l == "feed 3 \"5\" ") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = lock(&b_seen.0).clone();
+        assert!(
+            seen[4..] == ["feed 3 \"5\" "] || seen[4..] == ["feed 2 \"4\" ", "feed 3 \"5\" "],
+            "{seen:?}"
+        );
+    }
+
+    async fn nats_node(redis: &RedisServer, nats: &NatsServer, prefix: &str) -> Node {
+        engine_with(RedisConfig {
+            url: redis.url(),
+            nats_url: Some(nats.url()),
+            prefix: prefix.into(),
+            ..RedisConfig::default()
+        })
+        .await
+    }
+
+    /// A history long enough that a publication overtaken on its way is
+    /// still in the stream when the one that overtook it arrives.
+    const KEEP_MANY: HistoryOptions = HistoryOptions {
+        size: 1000,
+        ttl: Duration::from_secs(60),
+    };
+
+    async fn publish_many(engine: &RedisEngine) {
+        for n in 0..50 {
+            engine
+                .publish("room", publication(&format!("\"{n}\""), None), KEEP_MANY)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The offsets a recorder saw in `channel`, in order.
+    fn offsets(recorder: &Recorder, channel: &str) -> Vec<u64> {
+        lock(&recorder.0)
+            .iter()
+            .filter_map(|l| {
+                l.strip_prefix(channel)?
+                    .strip_prefix(' ')?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn over_nats_a_channel_keeps_its_order_across_publishers_and_a_nats_restart_loses_nothing(
+    ) {
+        let redis = RedisServer::start();
+        let mut nats = NatsServer::start();
+        let (a, _a_seen, _a_events) = nats_node(&redis, &nats, "n1").await;
+        let (b, _b_seen, _b_events) = nats_node(&redis, &nats, "n1").await;
+        let (c, c_seen, _c_events) = nats_node(&redis, &nats, "n1").await;
+        c.subscribe("room").await.unwrap();
+        // Two nodes publish at once: offsets are given in Redis, the NATS
+        // messages may cross; the subscriber's node hands them over in
+        // offset order, once each.
+        tokio::join!(publish_many(&a), publish_many(&b));
+        for _ in 0..500 {
+            if offsets(&c_seen, "room").len() >= 100 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(offsets(&c_seen, "room"), (1..=100).collect::<Vec<_>>());
+
+        // NATS goes away: the nodes turn unhealthy; what is published
+        // meanwhile is in the stream only.
+        let port = nats.port;
+        nats.stop();
+        let mut down = false;
+        for _ in 0..1000 {
+            if a.health().await.is_err() && c.health().await.is_err() {
+                down = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(down, "health stays ok with NATS gone");
+        assert!(a
+            .publish("room", publication("\"refused\"", None), KEEP)
+            .await
+            .is_err());
+        assert_eq!(publish_lost(&a, "room", "\"101\"").await, 101);
+        let _nats = NatsServer::on(port);
+        healthy_again(&[&a, &b, &c]).await;
+        a.publish("room", publication("\"102\"", None), KEEP)
+            .await
+            .unwrap();
+        for _ in 0..500 {
+            if offsets(&c_seen, "room").len() >= 102 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(offsets(&c_seen, "room"), (1..=102).collect::<Vec<_>>());
+        assert!(!lock(&c_seen.0).iter().any(|l| l.ends_with(" gap")));
+    }
+
     /// Publishes as the engine does, but to a topic nobody listens on:
     /// stored, and lost on the way, as PUB/SUB may lose it.
     async fn publish_lost(engine: &RedisEngine, channel: &str, data: &str) -> u64 {
@@ -1270,7 +2177,8 @@ mod tests {
             .arg(ttl_ms(KEEP.ttl))
             .arg("nowhere")
             .arg(fresh_epoch())
-            .arg(inner.now());
+            .arg(inner.now())
+            .arg(inner.script_publish_command());
         let (offset, _epoch): (u64, String) = inner.run(invocation).await.unwrap();
         offset
     }
@@ -1323,7 +2231,7 @@ mod tests {
         let seen = b_seen.wait_for(3).await;
         assert_eq!(seen[1..3], ["feed gap", "feed 6 \"6\" "]);
         // Redis loses the stream: the next publication starts a new epoch.
-        let mut conn = a.inner.commands.clone();
+        let mut conn = a.inner.commands();
         redis::cmd("FLUSHALL")
             .query_async::<()>(&mut conn)
             .await
@@ -1333,80 +2241,6 @@ mod tests {
             .unwrap();
         let seen = b_seen.wait_for(5).await;
         assert_eq!(seen[3..5], ["feed gap", "feed 1 \"new\" "]);
-    }
-
-    /// A TCP proxy in front of Redis that can stop forwarding what Redis
-    /// sends to its PUB/SUB connections (those whose client sent a
-    /// SUBSCRIBE), keeping them open: alive, delivering nothing.
-    struct StallingProxy {
-        port: u16,
-        stalled: Arc<AtomicBool>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl StallingProxy {
-        async fn start(redis_port: u16) -> StallingProxy {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let stalled = Arc::new(AtomicBool::new(false));
-            let stall = stalled.clone();
-            let task = tokio::spawn(async move {
-                loop {
-                    let Ok((client, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let Ok(server) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
-                    else {
-                        continue;
-                    };
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut server_read, mut server_write) = server.into_split();
-                    let subscriber = Arc::new(AtomicBool::new(false));
-                    let marks = subscriber.clone();
-                    tokio::spawn(async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let mut buf = vec![0u8; 16 * 1024];
-                        while let Ok(n) = client_read.read(&mut buf).await {
-                            if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                            let text = String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase();
-                            if text.contains("SUBSCRIBE") {
-                                marks.store(true, Ordering::SeqCst);
-                            }
-                        }
-                    });
-                    let stall = stall.clone();
-                    tokio::spawn(async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let mut buf = vec![0u8; 16 * 1024];
-                        while let Ok(n) = server_read.read(&mut buf).await {
-                            if n == 0 {
-                                return;
-                            }
-                            if stall.load(Ordering::SeqCst) && subscriber.load(Ordering::SeqCst) {
-                                continue;
-                            }
-                            if client_write.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            });
-            StallingProxy {
-                port,
-                stalled,
-                task,
-            }
-        }
-    }
-
-    impl Drop for StallingProxy {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
     }
 
     #[tokio::test]
@@ -1476,6 +2310,8 @@ mod tests {
     /// by the harness's clock.
     struct RedisHarness {
         server: RedisServer,
+        /// With NATS as the broker.
+        nats: Option<NatsServer>,
         clock_ms: Arc<std::sync::atomic::AtomicU64>,
         engines: Mutex<Vec<Arc<RedisEngine>>>,
     }
@@ -1484,8 +2320,16 @@ mod tests {
         fn new() -> RedisHarness {
             RedisHarness {
                 server: RedisServer::start(),
+                nats: None,
                 clock_ms: Arc::new(std::sync::atomic::AtomicU64::new(1_800_000_000_000)),
                 engines: Mutex::default(),
+            }
+        }
+
+        fn over_nats() -> RedisHarness {
+            RedisHarness {
+                nats: Some(NatsServer::start()),
+                ..RedisHarness::new()
             }
         }
 
@@ -1512,10 +2356,12 @@ mod tests {
                 let engine = Arc::new(
                     RedisEngine::connect(RedisConfig {
                         url: self.server.url(),
+                        nats_url: self.nats.as_ref().map(NatsServer::url),
                         // A new prefix is a store with nothing in it.
                         prefix: format!("run{n}"),
                         timeout: Duration::from_secs(5),
                         clock: Arc::new(move || clock.load(Ordering::SeqCst)),
+                        ..RedisConfig::default()
                     })
                     .await
                     .unwrap(),
@@ -1554,7 +2400,7 @@ mod tests {
             Box::pin(async move {
                 let engine = self.find(engine);
                 let now = self.now();
-                let mut conn = engine.inner.commands.clone();
+                let mut conn = engine.inner.commands();
                 let keys: Vec<String> = redis::cmd("KEYS")
                     .arg(format!("{}:*", engine.inner.config.prefix))
                     .query_async(&mut conn)
@@ -1613,4 +2459,11 @@ mod tests {
     }
 
     conformance_suite!(RedisHarness::new(), real_time, cases = 12);
+
+    /// The same with NATS carrying the publications between nodes.
+    mod over_nats {
+        use super::*;
+
+        conformance_suite!(RedisHarness::over_nats(), real_time, cases = 6);
+    }
 }
