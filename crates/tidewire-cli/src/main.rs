@@ -377,7 +377,9 @@ mod tests {
                 ),
                 "no_deflate" => (vec!["--config", deflate_on], vec![long.clone()]),
                 "broker" => (vec!["--engine", "redis"], vec![long.clone(), "nats".into()]),
-                "api_key" | "token_secret" => (vec![], vec![long.clone(), "s3cret".into()]),
+                "api_key" | "token_secret" | "admin_secret" => {
+                    (vec![], vec![long.clone(), "s3cret".into()])
+                }
                 "allow_origins" => (vec![], vec![long.clone(), "https://a.example".into()]),
                 _ if !arg.get_action().takes_values() => (vec![], vec![long.clone()]),
                 _ => {

@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// HS256 secret for connection and subscription tokens.
     #[arg(long, value_name = "SECRET")]
     token_secret: Option<String>,
+    /// Secret of the admin page at /admin (unset: the API key).
+    #[arg(long, value_name = "SECRET")]
+    admin_secret: Option<String>,
     /// Offer permessage-deflate compression (off by default for serve: a
     /// compressor per connection costs far more than an idle connection).
     #[arg(long, conflicts_with = "no_deflate")]
@@ -72,6 +75,7 @@ pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[
     ("host", "listen"),
     ("port", "listen"),
     ("api_key", "api.key"),
+    ("admin_secret", "admin.secret"),
     ("engine", "engine.type"),
     ("redis_url", "engine.redis_url"),
     ("redis_cluster", "engine.redis_cluster"),
@@ -191,6 +195,9 @@ pub(crate) fn configuration(
     }
     if let Some(secret) = &args.token_secret {
         config.token.hmac_secret = Some(secret.clone());
+    }
+    if let Some(secret) = &args.admin_secret {
+        config.admin.secret = Some(secret.clone());
     }
     let given = |id: &str| given(matches, id);
     if given("engine") {

@@ -30,6 +30,8 @@ pub struct Config {
     pub token: TokenSettings,
     /// The server HTTP API.
     pub api: ApiSettings,
+    /// The operator's page at `/admin`.
+    pub admin: AdminSettings,
     /// Callbacks to the application backend.
     pub proxy: ProxySettings,
     /// Transport: TLS, connection limits, WebSocket limits, queues.
@@ -52,6 +54,7 @@ impl Default for Config {
             client: ClientSettings::default(),
             token: TokenSettings::default(),
             api: ApiSettings::default(),
+            admin: AdminSettings::default(),
             proxy: ProxySettings::default(),
             server: ServerSettings::default(),
             engine: EngineSettings::default(),
@@ -263,6 +266,22 @@ pub struct EngineSettings {
     pub nats_url: String,
 }
 
+impl EngineSettings {
+    /// In words, for people: `memory`, `redis`, `redis cluster`,
+    /// `redis + nats`, `nats`.
+    pub fn describe(&self) -> String {
+        match (self.kind, self.broker) {
+            (EngineKind::Memory, _) => "memory".into(),
+            (EngineKind::Nats, _) => "nats".into(),
+            (EngineKind::Redis, BrokerKind::Nats) => "redis + nats".into(),
+            (EngineKind::Redis, _) if self.redis_cluster || self.redis_url.contains(',') => {
+                "redis cluster".into()
+            }
+            (EngineKind::Redis, _) => "redis".into(),
+        }
+    }
+}
+
 impl Default for EngineSettings {
     fn default() -> Self {
         EngineSettings {
@@ -295,6 +314,49 @@ impl Default for ApiSettings {
         }
     }
 }
+
+/// The admin page (`/admin`): the cluster's nodes, live, for operators.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Serve the page and its token endpoint.
+    pub enabled: bool,
+    /// The secret an operator types in (unset: the API key). Every node
+    /// of a cluster must have the same one: a page's token is good on all.
+    pub secret: Option<String>,
+    /// How long an admin token is good for (the page fetches a new one
+    /// before it expires).
+    #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
+    pub token_ttl: Duration,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            enabled: true,
+            secret: None,
+            token_ttl: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// The reserved channel admin pages subscribe to: each node sends its
+/// view of the cluster there every second (see [`crate::admin`]).
+pub const ADMIN_CHANNEL: &str = "$admin";
+
+/// The options of [`ADMIN_CHANNEL`], whatever the configuration says:
+/// nothing kept, nobody but the server publishes, nobody listed.
+pub const ADMIN_CHANNEL_OPTIONS: ChannelOptions = ChannelOptions {
+    subscribe: SubscribeRule::Token,
+    publish: PublishRule::Server,
+    presence: false,
+    join_leave: false,
+    join_leave_max_members: 0,
+    join_leave_interval: Duration::ZERO,
+    history_size: 0,
+    history_ttl: Duration::ZERO,
+    recovery: false,
+};
 
 /// Proxy callbacks to the application backend.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -518,6 +580,7 @@ pub const DEFAULT_FILE: &str = "tidewire.toml";
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("TIDEWIRE_LISTEN", "listen"),
     ("TIDEWIRE_API_KEY", "api.key"),
+    ("TIDEWIRE_ADMIN_SECRET", "admin.secret"),
     ("TIDEWIRE_TOKEN_HMAC_SECRET", "token.hmac_secret"),
     ("TIDEWIRE_TOKEN_RSA_PUBLIC_KEY", "token.rsa_public_key"),
     ("TIDEWIRE_TOKEN_ECDSA_PUBLIC_KEY", "token.ecdsa_public_key"),
@@ -591,6 +654,9 @@ impl Config {
         }
         if let Some(v) = get("TIDEWIRE_API_KEY") {
             self.api.key = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_ADMIN_SECRET") {
+            self.admin.secret = Some(v);
         }
         if let Some(v) = get("TIDEWIRE_TOKEN_HMAC_SECRET") {
             self.token.hmac_secret = Some(v);
@@ -697,6 +763,11 @@ impl Config {
     /// [`ConfigError::Invalid`] saying what is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.admin.secret.as_deref() == Some("") {
+            return invalid(
+                "admin.secret is empty: set a secret, or leave it out to use the API key".into(),
+            );
+        }
         if self.engine.broker == BrokerKind::Nats && self.engine.kind == EngineKind::Memory {
             return invalid(
                 "engine.broker = \"nats\" carries publications between nodes of \
@@ -794,6 +865,9 @@ impl Config {
     /// `Err(namespace)` when the namespace is not configured and
     /// `unknown_namespaces = "reject"`.
     pub fn channel_options<'a>(&self, channel: &'a str) -> Result<&ChannelOptions, &'a str> {
+        if channel == ADMIN_CHANNEL {
+            return Ok(&ADMIN_CHANNEL_OPTIONS);
+        }
         match namespace_of(channel) {
             None => Ok(&self.channels),
             Some(ns) => match self.namespaces.get(ns) {
@@ -1121,6 +1195,11 @@ mod tests {
         assert!(Config::from_toml("[namespaces.\"a:b\"]\n", Path::new("t")).is_err());
         assert!(Config::from_toml("[client]\nmax_batch = 0\n", Path::new("t")).is_err());
         assert!(Config::from_toml("[api]\nmax_body_size = 0\n", Path::new("t")).is_err());
+        let empty = Config::from_toml("[admin]\nsecret = \"\"\n", Path::new("t"));
+        assert!(empty
+            .unwrap_err()
+            .to_string()
+            .contains("admin.secret is empty"));
         assert!(Config::from_toml("[client]\nping_interval = \"soon\"\n", Path::new("t")).is_err());
         for bad in ["-1", "inf", "NaN", "1e30", "-0.5"] {
             assert!(parse_duration(bad).is_err(), "{bad}");

@@ -13,6 +13,7 @@
 //! | `fields` | strict field-by-field reading of commands and API bodies, with errors for people |
 //! | [`engine`] | offsets, epochs, history, recovery, presence; [`engine::MemoryEngine`] |
 //! | [`node`] | the hub core: the node and its handle [`Hub`], sessions and their commands, channels and fan-out, presence diffs, maintenance, the front contract ([`node::ClientSink`]), the server-side API |
+//! | [`admin`] | admin tokens and the view of the cluster admin pages are sent |
 //! | [`auth`] | JWT connection and subscription tokens (HS256, RS256, ES256, JWKS) |
 //! | [`proxy`] | HTTP callbacks to the application on connect and publish |
 //! | [`fronts`] | the fronts, one per transport: [`fronts::websocket`] (a session per WebSocket connection) |
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod engine;

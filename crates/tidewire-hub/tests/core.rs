@@ -13,7 +13,7 @@ mod common;
 use common::engine::TestEngine;
 use serde_json::{json, Value};
 use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session, Transport};
-use tidewire_hub::node::{HEARTBEAT, SURVEY_TIMEOUT};
+use tidewire_hub::node::{HEARTBEAT, NODE_TIMEOUT, SURVEY_TIMEOUT};
 use tidewire_hub::protocol::{
     Batch, Codec, Disconnect, DisconnectCode, ErrorReply, Frame, HistoryRequest, Incoming, Payload,
     Push, Reply, JSON,
@@ -740,10 +740,10 @@ async fn the_api_disconnects_and_unsubscribes_on_every_node_and_info_lists_the_n
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert_eq!(listed[0], node_a.node_id());
     assert!(listed.contains(&node_b.node_id().to_owned()));
-    // A node that stops is dropped after three heartbeats without news.
+    // A node that stops is dropped once unheard of for NODE_TIMEOUT.
     drop(on_b);
     drop(node_b);
-    tokio::time::sleep(4 * HEARTBEAT).await;
+    tokio::time::sleep(NODE_TIMEOUT + HEARTBEAT).await;
     assert_eq!(node_a.nodes().len(), 1);
 }
 

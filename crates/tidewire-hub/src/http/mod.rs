@@ -1,6 +1,6 @@
 //! The HTTP side of the hub: the axum [`Router`] (`/connection/websocket`,
-//! `/api/*`, `/health`, `/metrics`, the demo app at `/` and the JavaScript
-//! client at `/client/tidewire.js`), and [`serve`], which serves it through
+//! `/api/*`, `/health`, `/metrics`, the admin page at `/admin`, the demo
+//! app at `/` and the JavaScript client at `/client/tidewire.js`), and [`serve`], which serves it through
 //! `tidewire::Server` (`serve.rs`: limits, TLS, graceful shutdown).
 
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use tidewire::{
 use crate::node::Hub;
 use crate::protocol::SUBPROTOCOL;
 
+mod admin;
 pub mod api;
 mod serve;
 mod static_files;
@@ -86,6 +87,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         .route("/metrics", get(metrics))
         .route(WEBSOCKET_PATH, get(websocket))
         .merge(api::routes(max_body_size))
+        .merge(admin::routes())
         .with_state(state)
 }
 

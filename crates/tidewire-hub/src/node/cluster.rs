@@ -1,9 +1,10 @@
 //! The node among its peers: its id, the control messages nodes send each
 //! other through the broker, and the registry of the nodes it heard from.
 //!
-//! Every node sends a heartbeat (its id, uptime and counts) every
-//! [`HEARTBEAT`]; a node not heard from for three heartbeats is dropped
-//! from the registry, so `/api/info` lists the nodes that are up. The HTTP
+//! Every node sends a heartbeat (its id, uptime, counts, counters and
+//! engine health) every [`HEARTBEAT`]; a node not heard from for
+//! [`NODE_TIMEOUT`] is dropped from the registry, so `/api/info` lists the
+//! nodes that are up and admin pages (`crate::admin`) see every node. The HTTP
 //! API's `disconnect` and `unsubscribe` act on this node's clients and ask
 //! every other node to act on theirs.
 
@@ -15,11 +16,16 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::{Hub, HubCounts, Node};
-use crate::protocol::{Disconnect, Unsubscribed};
+use crate::admin::{AdminNode, AdminToken, AdminTokenError, AdminView, ADMIN_CHANNEL, ADMIN_EVERY};
+use crate::protocol::{Disconnect, EncodedPush, Payload, Publication, Push, Unsubscribed};
 use crate::shards::lock;
 
-/// How often a node tells the others it is up.
-pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often a node tells the others it is up (and how it is: admin
+/// pages draw its rates from these).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A node not heard from for this long is taken for gone.
+pub const NODE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What nodes tell each other, as JSON through the broker.
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,9 +33,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 pub(super) enum Control {
     /// A node is up, with what it holds.
     Heartbeat {
-        node: String,
-        uptime_seconds: u64,
-        counts: HubCounts,
+        #[serde(flatten)]
+        info: NodeInfo,
     },
     /// Disconnect a user's clients (or one of them) on every other node.
     Disconnect {
@@ -78,7 +83,7 @@ pub(super) struct Surveys {
 }
 
 /// A node as the registry knows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// Its id.
     pub node: String,
@@ -86,6 +91,19 @@ pub struct NodeInfo {
     pub uptime_seconds: u64,
     /// What it holds.
     pub counts: HubCounts,
+    /// Publications routed to its subscribers since it started.
+    #[serde(default)]
+    pub publications: u64,
+    /// Frames queued to its subscribers since it started.
+    #[serde(default)]
+    pub deliveries: u64,
+    /// When it sent this (Unix time in milliseconds): rates are counted
+    /// between two of these.
+    #[serde(default)]
+    pub at_ms: u64,
+    /// Why its engine does not work (absent: it works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
 }
 
 /// The nodes heard from, by id, with when.
@@ -99,12 +117,24 @@ impl Registry {
         lock(&self.nodes).insert(info.node.clone(), (info, Instant::now()));
     }
 
-    /// The nodes heard from within three heartbeats (others are dropped).
+    /// The nodes heard from within [`NODE_TIMEOUT`] (others are
+    /// dropped).
     fn live(&self) -> Vec<NodeInfo> {
+        self.live_with_age()
+            .into_iter()
+            .map(|(info, _)| info)
+            .collect()
+    }
+
+    /// The same, each with how long ago it was heard from.
+    fn live_with_age(&self) -> Vec<(NodeInfo, Duration)> {
         let now = Instant::now();
         let mut nodes = lock(&self.nodes);
-        nodes.retain(|_, (_, seen)| now.duration_since(*seen) < 3 * HEARTBEAT);
-        nodes.values().map(|(info, _)| info.clone()).collect()
+        nodes.retain(|_, (_, seen)| now.duration_since(*seen) < NODE_TIMEOUT);
+        nodes
+            .values()
+            .map(|(info, seen)| (info.clone(), now.duration_since(*seen)))
+            .collect()
     }
 }
 
@@ -128,15 +158,7 @@ impl Node {
             Err(e) => return tracing::warn!("unreadable control message: {e}"),
         };
         match message {
-            Control::Heartbeat {
-                node,
-                uptime_seconds,
-                counts,
-            } => self.registry.heard(NodeInfo {
-                node,
-                uptime_seconds,
-                counts,
-            }),
+            Control::Heartbeat { info } => self.registry.heard(info),
             Control::Disconnect {
                 from,
                 user,
@@ -277,8 +299,67 @@ impl Hub {
             node: self.node.id.to_string(),
             uptime_seconds: self.uptime().as_secs(),
             counts: self.counts(),
+            publications: self.node.metrics.publications.get(),
+            deliveries: self.node.metrics.deliveries.get(),
+            at_ms: unix_ms(),
+            unhealthy: lock(&self.node.unhealthy).clone(),
         }
     }
+
+    /// Trades the admin secret for an admin token (`POST /admin/token`).
+    ///
+    /// # Errors
+    /// Admin pages are off, or the secret is wrong.
+    pub fn admin_token(&self, secret: &str) -> Result<AdminToken, AdminTokenError> {
+        let admin = self.node.admin.as_ref().ok_or(AdminTokenError::Disabled)?;
+        if admin.is_secret(secret) {
+            Ok(admin.issue())
+        } else {
+            Err(AdminTokenError::WrongSecret)
+        }
+    }
+
+    /// Whether admin pages are on.
+    pub fn admin_enabled(&self) -> bool {
+        self.node.admin.is_some()
+    }
+
+    /// What an admin page is sent: this node now, the others as of their
+    /// last heartbeat.
+    pub fn admin_view(&self) -> AdminView {
+        let mut others: Vec<AdminNode> = self
+            .node
+            .registry
+            .live_with_age()
+            .into_iter()
+            .filter(|(n, _)| *n.node != *self.node.id)
+            .map(|(info, age)| AdminNode {
+                info,
+                this_node: false,
+                heard_seconds_ago: age.as_secs(),
+            })
+            .collect();
+        others.sort_by(|a, b| a.info.node.cmp(&b.info.node));
+        let mut nodes = vec![AdminNode {
+            info: self.own_info(),
+            this_node: true,
+            heard_seconds_ago: 0,
+        }];
+        nodes.extend(others);
+        let engine = &self.node.config.engine;
+        AdminView {
+            at_ms: unix_ms(),
+            node: self.node.id.to_string(),
+            engine: engine.describe(),
+            nodes,
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Sends this node's heartbeat every [`HEARTBEAT`] while the node lives.
@@ -289,11 +370,44 @@ pub(super) async fn heartbeats(node: std::sync::Weak<Node>) {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
         let info = Hub { node: node.clone() }.own_info();
-        node.send_control(&Control::Heartbeat {
-            node: info.node,
-            uptime_seconds: info.uptime_seconds,
-            counts: info.counts,
-        })
-        .await;
+        node.send_control(&Control::Heartbeat { info }).await;
+    }
+}
+
+/// Sends the node's view of the cluster to its admin subscribers every
+/// [`ADMIN_EVERY`], while it has any; only to this node's (each node
+/// serves its own pages).
+pub(super) async fn admin_feed(node: std::sync::Weak<Node>) {
+    let mut tick = tokio::time::interval(ADMIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let Some(ch) = node
+            .channels
+            .lock(ADMIN_CHANNEL)
+            .get(ADMIN_CHANNEL)
+            .cloned()
+        else {
+            continue;
+        };
+        let view = Hub { node: node.clone() }.admin_view();
+        let data = match serde_json::to_vec(&view) {
+            Ok(data) => Payload::from_bytes(data.into()),
+            Err(e) => {
+                tracing::warn!("admin view: {e}");
+                continue;
+            }
+        };
+        let publication = Arc::new(Publication {
+            offset: 0,
+            data,
+            info: None,
+        });
+        let mut push = EncodedPush::new(Push::Publication {
+            channel: ADMIN_CHANNEL,
+            publication: &publication,
+        });
+        node.deliver(&ch, &mut push, None);
     }
 }

@@ -134,20 +134,25 @@ pub(super) async fn watch_health(node: Weak<Node>) {
     loop {
         tick.tick().await;
         let Some(node) = node.upgrade() else { return };
-        let grace = node.config.server.unhealthy_grace;
-        if grace.is_zero()
-            || node
-                .shutting_down
-                .load(std::sync::atomic::Ordering::Relaxed)
+        if node
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Relaxed)
         {
             continue;
         }
-        let healthy = node.broker.health().await.is_ok()
-            && node.presence_store.presence_health().await.is_ok();
-        if healthy {
+        let health = match node.broker.health().await {
+            Ok(()) => node.presence_store.presence_health().await,
+            Err(e) => Err(e),
+        };
+        *lock(&node.unhealthy) = health.as_ref().err().map(ToString::to_string);
+        if health.is_ok() {
             if failing_since.take().is_some() {
                 tracing::info!("the engine works again");
             }
+            continue;
+        }
+        let grace = node.config.server.unhealthy_grace;
+        if grace.is_zero() {
             continue;
         }
         let since = *failing_since.get_or_insert_with(Instant::now);

@@ -55,7 +55,7 @@ mod wakes;
 
 pub use crate::protocol::HistoryReply;
 use channels::Channel;
-pub use cluster::{NodeInfo, HEARTBEAT, SURVEY_TIMEOUT};
+pub use cluster::{NodeInfo, HEARTBEAT, NODE_TIMEOUT, SURVEY_TIMEOUT};
 pub use front::{ClientSink, FrameKind, SendOutcome, Transport};
 use registry::{Client, ClientState};
 pub use resume::ResumeError;
@@ -115,6 +115,11 @@ pub struct Node {
     broker: Arc<dyn Broker>,
     presence_store: Arc<dyn PresenceStore>,
     verifier: Verifier,
+    /// Admin tokens (`admin.secret`, or the API key), when admin pages
+    /// are on.
+    admin: Option<crate::admin::AdminAuth>,
+    /// Why the engine failed at the last health check (`None`: it works).
+    unhealthy: Mutex<Option<String>>,
     proxy: Option<Proxy>,
     metrics: Arc<Metrics>,
     clients: Shards<u64, Arc<Client>>,
@@ -205,6 +210,12 @@ impl Hub {
         presence_store: Arc<dyn PresenceStore>,
     ) -> Result<Hub, HubError> {
         let verifier = Verifier::new(&config.token)?;
+        let admin = config
+            .admin
+            .enabled
+            .then(|| config.admin.secret.as_deref().or(config.api.key.as_deref()))
+            .flatten()
+            .and_then(|secret| crate::admin::AdminAuth::new(secret, config.admin.token_ttl));
         let proxy = Proxy::new(&config.proxy);
         let node = Arc::new_cyclic(|me| Node {
             me: me.clone(),
@@ -215,6 +226,8 @@ impl Hub {
             broker,
             presence_store,
             verifier,
+            admin,
+            unhealthy: Mutex::new(None),
             proxy,
             metrics: Arc::new(Metrics::new()),
             clients: Shards::default(),
@@ -231,6 +244,9 @@ impl Hub {
         node.broker.set_events(Arc::downgrade(&events));
         tokio::spawn(maintenance::maintenance(Arc::downgrade(&node)));
         tokio::spawn(cluster::heartbeats(Arc::downgrade(&node)));
+        if node.admin.is_some() {
+            tokio::spawn(cluster::admin_feed(Arc::downgrade(&node)));
+        }
         tokio::spawn(maintenance::watch_health(Arc::downgrade(&node)));
         tokio::spawn(wakes::dispatch_wakes(
             Arc::downgrade(&node),
@@ -472,6 +488,12 @@ impl Node {
             return Err(error(
                 ErrorCode::InvalidChannel,
                 "a channel name has no spaces or control characters",
+            ));
+        }
+        if channel.starts_with('$') && channel != crate::config::ADMIN_CHANNEL {
+            return Err(error(
+                ErrorCode::InvalidChannel,
+                "channel names that start with $ are reserved for the server",
             ));
         }
         self.config.channel_options(channel).map_err(|ns| {

@@ -31,6 +31,8 @@ pub(super) struct ClientState {
     pub(super) refresh_deadline: Option<Instant>,
     /// The session has ended (no more subscriptions).
     pub(super) closed: bool,
+    /// Connected with an admin token: may subscribe to the admin channel.
+    pub(super) admin: bool,
 }
 
 impl Client {

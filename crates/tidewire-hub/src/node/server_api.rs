@@ -23,6 +23,12 @@ impl Hub {
         data: Payload,
     ) -> Result<Option<StreamPosition>, ErrorReply> {
         let options = self.node.channel_options(channel)?;
+        if channel == crate::config::ADMIN_CHANNEL {
+            return Err(error(
+                ErrorCode::PermissionDenied,
+                "the admin channel is the server's own: nothing may be published to it",
+            ));
+        }
         let publication = Publication {
             offset: 0,
             data,

@@ -8,8 +8,9 @@ use super::front::{FrameKind, SendOutcome};
 use super::registry::Client;
 use super::resume::ResumableSink;
 use super::{error, history_options, personal_users, unavailable, Hub, Node};
-use crate::auth::{claim_grants, now_unix};
-use crate::config::{ChannelOptions, PublishRule, SubscribeRule};
+use crate::admin::ADMIN_USER;
+use crate::auth::{claim_grants, now_unix, ConnectionClaims};
+use crate::config::{ChannelOptions, PublishRule, SubscribeRule, ADMIN_CHANNEL};
 use crate::engine::HistoryQuery;
 use crate::metrics::MethodLabel;
 use crate::protocol::{
@@ -169,11 +170,22 @@ impl Session {
             return Err(error(ErrorCode::Unavailable, "the server is shutting down"));
         }
         let client_id = self.client_id();
-        let mut claims = match &request.token {
-            Some(token) => node.verifier.connection(token).await?,
-            None => Default::default(),
+        // An admin page's token (see `crate::admin`): no application
+        // token nor proxy is asked about it.
+        let admin_expiry = request
+            .token
+            .as_deref()
+            .and_then(|token| node.admin.as_ref()?.verify(token));
+        let mut claims = match (&request.token, admin_expiry) {
+            (_, Some(expires_at)) => ConnectionClaims {
+                user: ADMIN_USER.into(),
+                expires_at: Some(expires_at),
+                ..ConnectionClaims::default()
+            },
+            (Some(token), None) => node.verifier.connection(token).await?,
+            (None, None) => Default::default(),
         };
-        if let Some(proxy) = &node.proxy {
+        if let Some(proxy) = node.proxy.as_ref().filter(|_| admin_expiry.is_none()) {
             let call = ConnectCall {
                 client: &client_id,
                 transport: self.client.sink.transport().name,
@@ -222,6 +234,7 @@ impl Session {
             st.info = Some(info);
             st.granted = claims.channels;
             st.expires_at = claims.expires_at;
+            st.admin = admin_expiry.is_some();
         }
         if !claims.user.is_empty() {
             let mut users = node.users.lock(claims.user.as_str());
@@ -251,6 +264,13 @@ impl Session {
         info: &ClientInfo,
     ) -> Result<Option<u64>, ErrorReply> {
         let denied = |m: &str| Err(error(ErrorCode::PermissionDenied, m));
+        if channel == ADMIN_CHANNEL {
+            return if lock(&self.client.state).admin {
+                Ok(None)
+            } else {
+                denied("the admin channel is for admin pages (their token comes from POST /admin/token)")
+            };
+        }
         if let Some(mut users) = personal_users(channel) {
             return if !info.user.is_empty() && users.any(|u| u == info.user) {
                 Ok(None)
@@ -552,6 +572,20 @@ impl Session {
     }
 
     async fn refresh(&self, token: &str) -> Outcome {
+        if lock(&self.client.state).admin {
+            let expires_at = self
+                .node
+                .admin
+                .as_ref()
+                .and_then(|admin| admin.verify(token))
+                .ok_or_else(|| error(ErrorCode::Unauthorized, "not a valid admin token"))?;
+            let mut st = lock(&self.client.state);
+            st.expires_at = Some(expires_at);
+            st.refresh_deadline = None;
+            return Ok(Some(Reply::Refresh {
+                expires_in: Some(expires_at.saturating_sub(now_unix())),
+            }));
+        }
         let claims = self.node.verifier.connection(token).await?;
         let mut st = lock(&self.client.state);
         let user = st.info.as_ref().map(|i| i.user.clone()).unwrap_or_default();
