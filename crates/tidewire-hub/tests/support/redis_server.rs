@@ -53,6 +53,13 @@ impl RedisServer {
         if persistence != Persistence::None {
             command.arg("--dir").arg(dir);
         }
+        if persistence == Persistence::AppendOnly {
+            // Every write on disk before its reply: with `everysec`, a
+            // busy disk makes Redis answer writes it has not written yet
+            // (it postpones the write while an fsync is pending), and a
+            // SIGKILL then loses acknowledged publications.
+            command.args(["--appendfsync", "always"]);
+        }
         let child = command
             .stdout(std::process::Stdio::null())
             .spawn()

@@ -774,14 +774,13 @@ impl Inner {
 
     /// The position a subscription starts from: the stream's top now (the
     /// node reads the history after the engine is subscribed, so what came
-    /// before is the node's to merge).
-    async fn start_position(&self, channel: &str) {
+    /// before is the node's to merge). An error when it cannot be read:
+    /// taking an unread position for a stream not yet made would hand the
+    /// node the whole stream again with the next publication.
+    async fn start_position(&self, channel: &str) -> Result<(), EngineError> {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(self.key(channel, "m")).arg("e").arg("t");
-        let (epoch, top) = self
-            .query::<(Option<String>, Option<u64>)>(&cmd)
-            .await
-            .unwrap_or((None, None));
+        let (epoch, top) = self.query::<(Option<String>, Option<u64>)>(&cmd).await?;
         let mut positions = lock(&self.positions);
         let position = positions.entry(channel.to_owned()).or_default();
         if let (Some(epoch), Some(top)) = (epoch, top) {
@@ -795,6 +794,7 @@ impl Inner {
                 };
             }
         }
+        Ok(())
     }
 }
 
@@ -1135,7 +1135,12 @@ impl Broker for RedisEngine {
                 inner.bounded(sink.subscribe(&[topic])).await?;
             }
             drop(subscriptions);
-            inner.start_position(channel).await;
+            if let Err(e) = inner.start_position(channel).await {
+                // Not subscribed after all: the node reports the error
+                // (its client subscribes again) and nothing stays behind.
+                let _ = self.unsubscribe(channel).await;
+                return Err(e);
+            }
             Ok(())
         })
     }
@@ -1704,6 +1709,18 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(down, "health stays ok with Redis gone");
+        // A subscription whose starting position cannot be read fails and
+        // leaves nothing behind (an unread position taken for a new stream
+        // would hand over the whole stream with the next publication).
+        assert!(b.subscribe("sport").await.is_err());
+        assert!(!b
+            .inner
+            .subscriptions
+            .lock()
+            .await
+            .channels
+            .contains("sport"));
+        assert!(!lock(&b.inner.positions).contains_key("sport"));
         let _server = RedisServer::on(port);
         let mut up = false;
         for _ in 0..500 {
@@ -1720,6 +1737,8 @@ mod tests {
         let seen = b_seen.wait_for(1).await;
         // A new Redis, without the old data: a new stream.
         assert_eq!(seen, ["news 1 \"after\" "]);
+        b.subscribe("sport").await.unwrap();
+        assert!(lock(&b.inner.positions).contains_key("sport"));
     }
 
     async fn healthy_again(engines: &[&RedisEngine]) {
