@@ -1,6 +1,8 @@
 //! The fronts: each one carries the client protocol over one transport
 //! and hands the core a [`ClientSink`](crate::node::ClientSink) per client.
-//! [`websocket`] is the only one today; SSE, HTTP streaming, long-polling
-//! and Socket.IO come next, each in a file (or folder) of its own here.
+//! [`websocket`]; [`emulation`], Server-Sent Events or HTTP streaming
+//! down with HTTP POSTs up, for networks that refuse WebSocket.
+//! Long-polling and Socket.IO come next, each in a file of its own here.
 
+pub mod emulation;
 pub mod websocket;

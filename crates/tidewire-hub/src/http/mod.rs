@@ -1,5 +1,7 @@
 //! The HTTP side of the hub: the axum [`Router`] (`/connection/websocket`,
-//! `/api/*`, `/health`, `/metrics`, the admin page at `/admin`, the demo
+//! the HTTP fallbacks `/connection/sse`, `/connection/http_stream` and
+//! `/connection/emulation`, `/api/*`, `/health`, `/metrics`, the admin
+//! page at `/admin`, the demo
 //! app at `/` and the JavaScript client at `/client/tidewire.js`), and [`serve`], which serves it through
 //! `tidewire::Server` (`serve.rs`: limits, TLS, graceful shutdown).
 
@@ -17,11 +19,13 @@ use tidewire::{
     ServerConfig,
 };
 
+use crate::fronts::emulation::Emulations;
 use crate::node::Hub;
 use crate::protocol::SUBPROTOCOL;
 
 mod admin;
 pub mod api;
+mod fallbacks;
 mod serve;
 mod static_files;
 
@@ -40,6 +44,8 @@ pub(crate) struct AppState {
     ws_io: Arc<IoOptions>,
     origins: Option<OriginPolicy>,
     shutdown: CancellationToken,
+    /// The HTTP-fallback sessions of this node.
+    emulations: Arc<Emulations>,
 }
 
 /// The router of a hub: mount it in an axum app, or run it with [`serve`].
@@ -70,7 +76,10 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
     let max_body_size = config.api.max_body_size;
     let origins = (!settings.allowed_origins.is_empty())
         .then(|| OriginPolicy::allow(settings.allowed_origins.clone()));
+    let emulations = Arc::new(Emulations::default());
+    emulations.listen(&hub);
     let state = AppState {
+        emulations,
         hub,
         api_key: api_key.into(),
         ws_io: Arc::new(ws_config.io.clone()),
@@ -86,6 +95,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route(WEBSOCKET_PATH, get(websocket))
+        .merge(fallbacks::routes())
         .merge(api::routes(max_body_size))
         .merge(admin::routes())
         .with_state(state)

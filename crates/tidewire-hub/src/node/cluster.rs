@@ -67,6 +67,22 @@ pub(super) enum Control {
         node: String,
         channels: Vec<(String, usize)>,
     },
+    /// For a front on node `to` (an HTTP request that landed on another
+    /// node than its session's, say): handed to the handler of `topic`.
+    Relay {
+        to: String,
+        topic: String,
+        payload: String,
+    },
+}
+
+/// What a front registers to receive [`Hub::relay`]ed messages.
+pub type RelayHandler = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The relay handlers of a node, by topic.
+#[derive(Default)]
+pub(super) struct Relays {
+    handlers: std::sync::RwLock<HashMap<String, RelayHandler>>,
 }
 
 /// How long a survey waits for the other nodes' answers.
@@ -202,6 +218,19 @@ impl Node {
                     node.send_control(&answer).await;
                 });
             }
+            Control::Relay { to, topic, payload } if *to == *self.id => {
+                let handler = self
+                    .relays
+                    .handlers
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&topic)
+                    .cloned();
+                match handler {
+                    Some(handler) => handler(&payload),
+                    None => tracing::debug!(topic, "relayed message for no handler"),
+                }
+            }
             Control::ChannelsAnswer {
                 to, id, channels, ..
             } if *to == *self.id => {
@@ -304,6 +333,50 @@ impl Hub {
             at_ms: unix_ms(),
             unhealthy: lock(&self.node.unhealthy).clone(),
         }
+    }
+
+    /// Sends `payload` to the handler of `topic` on node `to` (through
+    /// the broker; on this node, directly). At most once, like every
+    /// control message: the front makes up for a loss.
+    pub async fn relay(&self, to: &str, topic: &str, payload: String) {
+        if to == &*self.node.id {
+            let handler = self
+                .node
+                .relays
+                .handlers
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(topic)
+                .cloned();
+            if let Some(handler) = handler {
+                handler(&payload);
+            }
+            return;
+        }
+        self.node
+            .send_control(&Control::Relay {
+                to: to.to_owned(),
+                topic: topic.to_owned(),
+                payload,
+            })
+            .await;
+    }
+
+    /// Registers the handler of relayed messages of `topic` (replacing
+    /// any before it).
+    pub fn on_relay(&self, topic: &str, handler: RelayHandler) {
+        self.node
+            .relays
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_owned(), handler);
+    }
+
+    /// Whether node `id` is up (this one, or heard from within
+    /// [`NODE_TIMEOUT`]).
+    pub fn node_is_up(&self, id: &str) -> bool {
+        id == &*self.node.id || self.node.registry.live().iter().any(|n| n.node == id)
     }
 
     /// Trades the admin secret for an admin token (`POST /admin/token`).

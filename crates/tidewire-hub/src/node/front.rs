@@ -47,6 +47,19 @@ impl Transport {
         codec: &JSON,
         unidirectional: false,
     };
+    /// Server-Sent Events down, HTTP POSTs up (bidirectional emulation).
+    pub const SSE: Transport = Transport {
+        name: "sse",
+        codec: &JSON,
+        unidirectional: true,
+    };
+    /// Newline-delimited JSON over a streamed HTTP response down, HTTP
+    /// POSTs up (bidirectional emulation).
+    pub const HTTP_STREAM: Transport = Transport {
+        name: "http_stream",
+        codec: &JSON,
+        unidirectional: true,
+    };
 }
 
 impl std::fmt::Debug for Transport {

@@ -55,7 +55,7 @@ mod wakes;
 
 pub use crate::protocol::HistoryReply;
 use channels::Channel;
-pub use cluster::{NodeInfo, HEARTBEAT, NODE_TIMEOUT, SURVEY_TIMEOUT};
+pub use cluster::{NodeInfo, RelayHandler, HEARTBEAT, NODE_TIMEOUT, SURVEY_TIMEOUT};
 pub use front::{ClientSink, FrameKind, SendOutcome, Transport};
 use registry::{Client, ClientState};
 pub use resume::ResumeError;
@@ -111,6 +111,8 @@ pub struct Node {
     registry: cluster::Registry,
     /// Its surveys of the other nodes under way.
     surveys: cluster::Surveys,
+    /// Where messages relayed to this node for its fronts go.
+    relays: cluster::Relays,
     config: Arc<Config>,
     broker: Arc<dyn Broker>,
     presence_store: Arc<dyn PresenceStore>,
@@ -222,6 +224,7 @@ impl Hub {
             id: format!("{:016x}", rand::random::<u64>()).into(),
             registry: cluster::Registry::default(),
             surveys: cluster::Surveys::default(),
+            relays: cluster::Relays::default(),
             config: Arc::new(config),
             broker,
             presence_store,

@@ -1,0 +1,152 @@
+//! The HTTP fallbacks' routes (see [`crate::fronts::emulation`]):
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /connection/sse?commands=TEXT` | opens a session; its messages as Server-Sent Events |
+//! | `POST /connection/http_stream` (body: the first commands) | opens a session; its messages as newline-delimited JSON |
+//! | `POST /connection/emulation` (`{"session","seq","text"}`) | a batch of commands for a session on any node: 204, or 404 / 400 / 413 / 429 with `{"error"}` |
+//!
+//! Both streams answer with `Cache-Control: no-cache` and
+//! `X-Accel-Buffering: no`, so that nginx and other proxies pass each
+//! message on at once.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+
+use super::AppState;
+use crate::fronts::emulation::{Batch, BatchError, StreamKind};
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/connection/sse", get(sse))
+        .route("/connection/http_stream", post(http_stream))
+        .route("/connection/emulation", post(emulation))
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message }).to_string();
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The origin policy, and shutdown: `Some(response)` refuses.
+fn refused(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+    if let Some(origins) = &app.origins {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !origins.permits(origin) {
+            let text = format!("origin {} is not allowed", origin.unwrap_or("(none)"));
+            return Some(json_error(StatusCode::FORBIDDEN, &text));
+        }
+    }
+    if app.hub.is_shutting_down() {
+        return Some(json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down: connect to another node",
+        ));
+    }
+    None
+}
+
+fn too_large(app: &AppState, len: usize) -> Option<Response> {
+    let max = app.hub.config().client.max_message_size;
+    (len > max).then(|| {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("at most {max} bytes of commands at a time (client.max_message_size)"),
+        )
+    })
+}
+
+fn stream(app: &AppState, kind: StreamKind, initial: String) -> Response {
+    let body = Body::from_stream(app.emulations.open(&app.hub, kind, initial));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(kind.content_type()),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+async fn sse(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refused) = refused(&app, &headers) {
+        return refused;
+    }
+    let commands = query
+        .as_deref()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .filter(|(k, _)| k == "commands")
+                .map(|(_, v)| v.into_owned())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
+    if let Some(large) = too_large(&app, commands.len()) {
+        return large;
+    }
+    stream(&app, StreamKind::Sse, commands)
+}
+
+async fn http_stream(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = refused(&app, &headers) {
+        return refused;
+    }
+    if let Some(large) = too_large(&app, body.len()) {
+        return large;
+    }
+    let Ok(initial) = String::from_utf8(body.to_vec()) else {
+        return json_error(StatusCode::BAD_REQUEST, "the commands are not UTF-8");
+    };
+    stream(&app, StreamKind::Ndjson, initial)
+}
+
+async fn emulation(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(origins) = &app.origins {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !origins.permits(origin) {
+            let text = format!("origin {} is not allowed", origin.unwrap_or("(none)"));
+            return json_error(StatusCode::FORBIDDEN, &text);
+        }
+    }
+    // The envelope adds little to the commands it carries.
+    if let Some(large) = too_large(&app, body.len().saturating_sub(256)) {
+        return large;
+    }
+    let batch: Batch = match serde_json::from_slice(&body) {
+        Ok(batch) => batch,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"session\": ID, \"seq\": N, \"text\": COMMANDS}}: {e}"),
+            )
+        }
+    };
+    match app.emulations.take_or_relay(&app.hub, batch).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e @ BatchError::UnknownSession) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ BatchError::Flooded) => json_error(StatusCode::TOO_MANY_REQUESTS, &e.to_string()),
+        Err(e) => json_error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}

@@ -1,0 +1,360 @@
+//! The HTTP fallbacks: a session over HTTP streaming (NDJSON) or
+//! Server-Sent Events, its commands POSTed to any node (relayed to the
+//! session's own), in order; bad input refused with the right status.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{api, http, TestServer, API_KEY, LIMIT};
+use serde_json::{json, Value};
+use tidewire::CancellationToken;
+use tidewire_hub::{Config, Hub, MemoryEngine};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn serve(config: Config, engine: Arc<MemoryEngine>) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hub = Hub::new(config, engine).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tidewire_hub::http::serve(
+        hub.clone(),
+        listener,
+        API_KEY,
+        None,
+        shutdown.clone(),
+    ));
+    TestServer {
+        addr,
+        hub,
+        shutdown,
+        task,
+    }
+}
+
+/// A streamed HTTP response read message by message (chunked transfer
+/// decoded; NDJSON lines, or the `data:` of SSE events).
+struct Stream {
+    tcp: TcpStream,
+    raw: Vec<u8>,
+    body: Vec<u8>,
+    messages: VecDeque<Value>,
+    sse: bool,
+    pub headers: String,
+}
+
+impl Stream {
+    async fn open(addr: SocketAddr, request: String, sse: bool) -> Stream {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut stream = Stream {
+            tcp,
+            raw: Vec::new(),
+            body: Vec::new(),
+            messages: VecDeque::new(),
+            sse,
+            headers: String::new(),
+        };
+        while !stream.raw.windows(4).any(|w| w == b"\r\n\r\n") {
+            assert!(stream.read_more().await, "no response head");
+        }
+        let end = stream
+            .raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap();
+        stream.headers = String::from_utf8_lossy(&stream.raw[..end]).into_owned();
+        stream.raw.drain(..end + 4);
+        stream
+    }
+
+    async fn http_stream(addr: SocketAddr, commands: &str) -> Stream {
+        let request = format!(
+            "POST /connection/http_stream HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{commands}",
+            commands.len()
+        );
+        Stream::open(addr, request, false).await
+    }
+
+    async fn sse(addr: SocketAddr, commands: &str) -> Stream {
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("commands", commands)
+            .finish();
+        let request = format!(
+            "GET /connection/sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        Stream::open(addr, request, true).await
+    }
+
+    async fn read_more(&mut self) -> bool {
+        let mut buf = [0u8; 8192];
+        match tokio::time::timeout(LIMIT, self.tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(n)) => {
+                self.raw.extend_from_slice(&buf[..n]);
+                true
+            }
+            Err(_) => panic!("nothing from the stream in time"),
+        }
+    }
+
+    /// Moves whole chunks from `raw` to `body`; false at the last chunk.
+    fn dechunk(&mut self) -> bool {
+        loop {
+            let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return true;
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&self.raw[..eol]).unwrap(), 16)
+                .expect("chunk size");
+            if size == 0 {
+                return false;
+            }
+            if self.raw.len() < eol + 2 + size + 2 {
+                return true;
+            }
+            self.body
+                .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
+            self.raw.drain(..eol + 2 + size + 2);
+        }
+    }
+
+    fn split(&mut self) {
+        let separator: &[u8] = if self.sse { b"\n\n" } else { b"\n" };
+        while let Some(at) = self
+            .body
+            .windows(separator.len())
+            .position(|w| w == separator)
+        {
+            let item: Vec<u8> = self.body.drain(..at + separator.len()).collect();
+            let text = String::from_utf8(item).unwrap();
+            let text = if self.sse {
+                if text.starts_with(':') {
+                    continue; // a keepalive comment
+                }
+                text.lines()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.strip_prefix("data: ").expect("data lines only"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            } else {
+                text
+            };
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                self.messages.push_back(serde_json::from_str(line).unwrap());
+            }
+        }
+    }
+
+    /// The next message, or None when the stream ended.
+    async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(m) = self.messages.pop_front() {
+                return Some(m);
+            }
+            let more = self.dechunk();
+            self.split();
+            if let Some(m) = self.messages.pop_front() {
+                return Some(m);
+            }
+            if !more || !self.read_more().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next message that satisfies `check`.
+    async fn until(&mut self, check: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let m = self.next().await.expect("the stream ended");
+            if check(&m) {
+                return m;
+            }
+        }
+    }
+
+    async fn session(&mut self) -> String {
+        let first = self.next().await.expect("a first message");
+        first["emulation"]["session"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not a session message: {first}"))
+            .to_owned()
+    }
+}
+
+async fn post(addr: SocketAddr, session: &str, seq: u64, text: &str) -> (u16, String) {
+    let body = json!({"session": session, "seq": seq, "text": text}).to_string();
+    http(
+        addr,
+        "POST",
+        "/connection/emulation",
+        &[("Content-Type", "application/json")],
+        &body,
+    )
+    .await
+}
+
+fn publish(id: u64, data: &str) -> String {
+    json!({"id": id, "publish": {"channel": "news", "data": data}}).to_string()
+}
+
+#[tokio::test]
+async fn a_session_over_http_streaming_runs_its_posted_commands_in_order() {
+    let server = serve(common::config(), Arc::new(MemoryEngine::new())).await;
+    let mut stream = Stream::http_stream(
+        server.addr,
+        "{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"news\"}}",
+    )
+    .await;
+    assert!(
+        stream.headers.contains("application/x-ndjson"),
+        "{}",
+        stream.headers
+    );
+    assert!(
+        stream.headers.contains("x-accel-buffering: no"),
+        "{}",
+        stream.headers
+    );
+    assert!(
+        stream.headers.contains("cache-control: no-cache"),
+        "{}",
+        stream.headers
+    );
+    let session = stream.session().await;
+    assert!(session.starts_with(server.hub.node_id()), "{session}");
+    let connected = stream.until(|m| m["id"] == 1).await;
+    assert!(connected["connect"]["client"].is_string(), "{connected}");
+    stream
+        .until(|m| m["id"] == 2 && m.get("subscribe").is_some())
+        .await;
+
+    // The API reaches it like any client.
+    let (status, _) = api(
+        &server,
+        "publish",
+        json!({"channel": "news", "data": "api"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let p = stream.until(|m| m["push"].get("pub").is_some()).await;
+    assert_eq!(p["push"]["pub"]["data"], "api");
+
+    // Its own commands, POSTed; one that comes early waits for its turn.
+    assert_eq!(
+        post(server.addr, &session, 2, &publish(11, "second"))
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        post(server.addr, &session, 1, &publish(10, "first"))
+            .await
+            .0,
+        204
+    );
+    // A retry of a batch taken already is taken again without running.
+    assert_eq!(
+        post(server.addr, &session, 1, &publish(10, "first"))
+            .await
+            .0,
+        204
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let m = stream.next().await.unwrap();
+        if let Some(p) = m["push"].get("pub") {
+            seen.push(p["data"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(seen, ["first", "second"]);
+
+    // Bad input.
+    let (status, body) = post(
+        server.addr,
+        &format!("{}.{}", "0".repeat(16), "0".repeat(32)),
+        1,
+        "",
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = post(server.addr, "not-a-session", 1, "").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(server.addr, &session, 0, "").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = http(server.addr, "POST", "/connection/emulation", &[], "{}").await;
+    assert_eq!(status, 400);
+    let big = publish(12, &"x".repeat(70_000));
+    let (status, body) = post(server.addr, &session, 3, &big).await;
+    assert_eq!(status, 413, "{body}");
+    // A flood of batches that cannot run (their turn never comes).
+    let mut refused = 0;
+    for seq in 100..100 + tidewire_hub::fronts::emulation::MAX_PENDING as u64 + 2 {
+        if post(server.addr, &session, seq, "").await.0 == 429 {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 2);
+
+    // Shutdown: the stream says so and ends.
+    server.hub.shutdown();
+    let disconnect = stream
+        .until(|m| m["push"].get("disconnect").is_some())
+        .await;
+    assert_eq!(
+        disconnect["push"]["disconnect"]["code"], 3001,
+        "{disconnect}"
+    );
+    let close = stream.until(|m| m.get("emulation").is_some()).await;
+    assert!(close["emulation"]["close"]["code"].is_u64(), "{close}");
+    assert!(stream.next().await.is_none(), "the stream ends");
+}
+
+#[tokio::test]
+async fn a_post_to_another_node_reaches_the_session_over_sse() {
+    let engine = Arc::new(MemoryEngine::new());
+    let a = serve(common::config(), engine.clone()).await;
+    let b = serve(common::config(), engine.clone()).await;
+    // B knows A from its heartbeats.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while b.hub.nodes().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "B never heard of A");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut stream = Stream::sse(
+        a.addr,
+        "{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"news\"}}",
+    )
+    .await;
+    assert!(
+        stream.headers.contains("text/event-stream"),
+        "{}",
+        stream.headers
+    );
+    let session = stream.session().await;
+    stream.until(|m| m["id"] == 2).await;
+    assert_eq!(post(b.addr, &session, 1, &publish(5, "via B")).await.0, 204);
+    let reply = stream.until(|m| m["id"] == 5).await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    let p = stream.until(|m| m["push"].get("pub").is_some()).await;
+    assert_eq!(p["push"]["pub"]["data"], "via B");
+}
+
+#[tokio::test]
+async fn a_session_whose_client_goes_away_ends() {
+    let server = serve(common::config(), Arc::new(MemoryEngine::new())).await;
+    let mut stream = Stream::http_stream(server.addr, "{\"id\":1,\"connect\":{}}").await;
+    let session = stream.session().await;
+    stream.until(|m| m["id"] == 1).await;
+    assert_eq!(server.hub.counts().clients, 1);
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while server.hub.counts().sessions > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the session stays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(post(server.addr, &session, 1, "").await.0, 404);
+}
