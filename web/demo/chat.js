@@ -62,7 +62,9 @@ nickInput.addEventListener('change', () => {
 });
 
 // ------------------------------------------------------ connection state
-const client = new Client(wsUrl, { debug: params.has('debug') });
+// ?transports=sse,http_stream tries only those (to see the fallbacks at work).
+const transports = params.get('transports')?.split(',').filter(Boolean);
+const client = new Client(wsUrl, { debug: params.has('debug'), ...(transports?.length ? { transports } : {}) });
 let everConnected = false;
 const stateBadge = $('state');
 function showState(state, text) {
@@ -83,8 +85,11 @@ client.on('connecting', ({ code, reason }) => {
     showState('connecting', 'connecting…');
   }
 });
-client.on('connected', () => {
-  showState('connected', 'connected');
+const TRANSPORT_NAMES = { websocket: 'WebSocket', http_stream: 'HTTP streaming', sse: 'SSE' };
+client.on('connected', ({ transport }) => {
+  // Which transport got through: WebSocket, or a fallback where a proxy refuses it.
+  showState('connected', `connected · ${TRANSPORT_NAMES[transport] || transport}`);
+  stateBadge.dataset.transport = transport;
   everConnected = true;
 });
 client.on('disconnected', ({ code, reason }) => {

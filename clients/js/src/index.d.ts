@@ -113,6 +113,12 @@ export interface WebSocketLike {
 
 export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
 
+/** How the client reaches the server: WebSocket, or the HTTP fallbacks where it cannot pass. */
+export type TransportName = 'websocket' | 'http_stream' | 'sse';
+
+/** The transports the client knows, in its default order. */
+export const TRANSPORTS: readonly TransportName[];
+
 export interface ClientOptions {
   /** A connection token (JWT). */
   token?: string | null;
@@ -126,6 +132,16 @@ export interface ClientOptions {
   data?: Json;
   /** The WebSocket class. Default: `globalThis.WebSocket` (browsers, Node >= 22); on Node 20 pass `ws`'s. */
   WebSocket?: WebSocketConstructor | null;
+  /**
+   * The transports to try, in order (`TRANSPORTS`: websocket, http_stream, sse). One that fails
+   * before the server's connect reply (refused, or silent for `timeout`) gives way to the next
+   * at once; after WebSocket failed, the client tries it again first 5 minutes later.
+   */
+  transports?: TransportName[];
+  /** `fetch` for the HTTP fallbacks. Default: `globalThis.fetch`. */
+  fetch?: ((input: string, init?: any) => Promise<any>) | null;
+  /** The EventSource class for `sse`. Default: `globalThis.EventSource` (browsers). */
+  EventSource?: (new (url: string) => any) | null;
   /** First reconnect delay in ms (500); doubles up to `maxReconnectDelay` (20000), with jitter. */
   minReconnectDelay?: number;
   maxReconnectDelay?: number;
@@ -167,6 +183,8 @@ export interface ConnectedContext {
   client: string;
   user: string;
   version: number;
+  /** The transport of this connection. */
+  transport: TransportName;
   /** Seconds until the connection token expires (absent when it does not). */
   expiresIn?: number;
 }
@@ -332,6 +350,8 @@ export declare class Client extends Emitter<ClientEvents> {
   readonly user: string | null;
   /** The largest message the server reads, in bytes (from the connect reply), or null before. */
   readonly maxMessageSize: number | null;
+  /** The transport in use while connected, else null. */
+  readonly transport: TransportName | null;
   connect(): void;
   disconnect(): void;
   /** Resolves when connected; rejects when disconnected or after `timeout` ms. */

@@ -1,7 +1,9 @@
 // tidewire-client: the browser and Node (>= 20) client of `tidewire serve`.
 //
 // Speaks the JSON protocol of docs/protocol.md (version 1) over one
-// WebSocket: connect with a token (refreshed before it expires), subscribe,
+// WebSocket, or where WebSocket cannot pass over HTTP streaming or
+// Server-Sent Events with HTTP POSTs up (the `transports` option; it falls
+// back by itself and tries WebSocket again later): connect with a token (refreshed before it expires), subscribe,
 // publish, presence, history; reconnects by itself with exponential backoff
 // and jitter, resubscribes, and recovers what it missed (without gaps or
 // duplicates, or says `recovered: false` when it cannot).
@@ -102,8 +104,17 @@ export class UnauthorizedError extends Error {
   }
 }
 
+/** The transports the client knows, in the order it tries them by default. */
+export const TRANSPORTS = Object.freeze(['websocket', 'http_stream', 'sse']);
+
+/** After WebSocket failed, how long the client keeps to a fallback before it tries WebSocket again. */
+const WEBSOCKET_RETRY_AFTER = 5 * 60 * 1000;
+
 const DEFAULTS = {
   token: null,
+  transports: TRANSPORTS,
+  fetch: null,
+  EventSource: null,
   getToken: null,
   data: undefined,
   WebSocket: null,
@@ -196,6 +207,184 @@ function textOf(data) {
   return String(data);
 }
 
+/** `ws://host/connection/websocket` → `http://host/connection/` (where the HTTP fallbacks are). */
+function fallbackBase(url) {
+  const u = new URL(url);
+  u.protocol = u.protocol === 'wss:' || u.protocol === 'https:' ? 'https:' : 'http:';
+  u.pathname = u.pathname.replace(/websocket\/?$/, '');
+  if (!u.pathname.endsWith('/')) u.pathname += '/';
+  u.search = '';
+  u.hash = '';
+  return u.toString();
+}
+
+/**
+ * A WebSocket look-alike over the HTTP fallbacks (bidirectional
+ * emulation): the first `send` opens the stream with those commands, the
+ * server's first message names the session, and later sends are POSTed to
+ * `/connection/emulation` in order. Subclasses open the stream.
+ */
+class EmulatedSocket {
+  constructor(url, fetchImpl) {
+    this.readyState = 0;
+    this._base = fallbackBase(url);
+    this._fetch = fetchImpl;
+    this._abort = typeof AbortController === 'function' ? new AbortController() : null;
+    this._session = null;
+    this._seq = 0;
+    this._pending = [];
+    this._posting = Promise.resolve();
+    this._started = false;
+    this._closed = false;
+    this.onopen = this.onmessage = this.onerror = this.onclose = null;
+    // Open at once: the stream itself starts with the first commands.
+    setTimeout(() => {
+      if (this._closed) return;
+      this.readyState = 1;
+      if (this.onopen) this.onopen();
+    }, 0);
+  }
+
+  send(text) {
+    if (this._closed) throw new Error('the transport is closed');
+    if (!this._started) {
+      this._started = true;
+      this._open(text);
+    } else if (this._session === null) {
+      this._pending.push(text);
+    } else {
+      this._post(text);
+    }
+  }
+
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    this.readyState = 3;
+    this._stop();
+  }
+
+  _stop() {
+    if (this._abort) this._abort.abort();
+  }
+
+  /** One message of the stream (a line of JSON). */
+  _line(line) {
+    if (line.startsWith('{"emulation"')) {
+      const m = JSON.parse(line).emulation;
+      if (m.session) {
+        this._session = m.session;
+        for (const text of this._pending.splice(0)) this._post(text);
+      } else if (m.close) {
+        this._fail(m.close.code, m.close.reason);
+      }
+      return;
+    }
+    if (this.onmessage) this.onmessage({ data: line });
+  }
+
+  _post(text) {
+    const body = JSON.stringify({ session: this._session, seq: ++this._seq, text });
+    // One at a time: the server orders them anyway, but a failure should
+    // stop those behind it.
+    this._posting = this._posting.then(async () => {
+      if (this._closed) return;
+      try {
+        const response = await this._fetch(`${this._base}emulation`, {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json' },
+          body,
+          cache: 'no-store',
+          signal: this._abort ? this._abort.signal : undefined,
+        });
+        if (!response.ok) this._fail(response.status === 429 ? 1013 : 1006, `commands refused: HTTP ${response.status}`);
+      } catch (e) {
+        this._fail(1006, `commands failed: ${e && e.message ? e.message : e}`);
+      }
+    });
+  }
+
+  _fail(code, reason) {
+    if (this._closed) return;
+    this._closed = true;
+    this.readyState = 3;
+    this._stop();
+    if (this.onclose) this.onclose({ code, reason });
+  }
+}
+
+/** HTTP streaming: `fetch` POST /connection/http_stream, newline-delimited JSON read from its body. */
+class HttpStreamSocket extends EmulatedSocket {
+  async _open(initial) {
+    let response;
+    try {
+      response = await this._fetch(`${this._base}http_stream`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/x-ndjson' },
+        body: initial,
+        cache: 'no-store',
+        signal: this._abort ? this._abort.signal : undefined,
+      });
+    } catch (e) {
+      this._fail(1006, `stream failed: ${e && e.message ? e.message : e}`);
+      return;
+    }
+    if (!response.ok || !response.body) {
+      this._fail(1006, `stream refused: HTTP ${response.status}`);
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffered = '';
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || this._closed) break;
+        buffered += decoder.decode(value, { stream: true });
+        let nl;
+        while ((nl = buffered.indexOf('\n')) >= 0) {
+          const line = buffered.slice(0, nl);
+          buffered = buffered.slice(nl + 1);
+          if (line.trim() !== '') this._line(line);
+          if (this._closed) return;
+        }
+      }
+    } catch (e) {
+      this._fail(1006, `stream failed: ${e && e.message ? e.message : e}`);
+      return;
+    }
+    this._fail(1006, 'the stream ended');
+  }
+}
+
+/** Server-Sent Events: `EventSource` on GET /connection/sse?commands=…; each event one or more JSON lines. */
+class SseSocket extends EmulatedSocket {
+  constructor(url, fetchImpl, EventSourceImpl) {
+    super(url, fetchImpl);
+    this._EventSource = EventSourceImpl;
+    this._source = null;
+  }
+
+  _open(initial) {
+    const source = new this._EventSource(`${this._base}sse?commands=${encodeURIComponent(initial)}`);
+    this._source = source;
+    source.onmessage = (event) => {
+      for (const line of String(event.data).split('\n')) {
+        if (line.trim() !== '') this._line(line);
+        if (this._closed) return;
+      }
+    };
+    // EventSource would reconnect by itself, to a new session: the client
+    // reconnects instead, and recovers.
+    source.onerror = () => this._fail(1006, 'the event stream failed');
+  }
+
+  _stop() {
+    super._stop();
+    if (this._source) this._source.close();
+  }
+}
+
 function isBrowserWindow() {
   return typeof window !== 'undefined' && typeof window.addEventListener === 'function';
 }
@@ -239,6 +428,10 @@ export class Client extends Emitter {
     }
     this.url = url;
     this._options = { ...DEFAULTS, ...options };
+    const transports = this._options.transports;
+    if (!Array.isArray(transports) || transports.length === 0 || transports.some((t) => !TRANSPORTS.includes(t))) {
+      throw new TypeError(`tidewire: transports is a non-empty list of ${TRANSPORTS.map((t) => JSON.stringify(t)).join(', ')}`);
+    }
     /** @type {'disconnected'|'connecting'|'connected'} */
     this.state = State.Disconnected;
     /** This connection's client id (from the connect reply), or null. */
@@ -251,6 +444,12 @@ export class Client extends Emitter {
     /** @type {Map<string, Subscription>} */
     this._subs = new Map();
     this._ws = null;
+    /** The transport in use ('websocket', 'http_stream', 'sse'), or null while not connected. */
+    this.transport = null;
+    this._transportIndex = 0;
+    this._transportName = null;
+    this._attemptConnected = false;
+    this._websocketFailedAt = 0;
     this._transportId = 0;
     this._nextId = 1;
     /** @type {Map<number, {resolve: Function, reject: Function, timer: any}>} */
@@ -405,15 +604,43 @@ export class Client extends Emitter {
     this._emit('state', { newState: state, oldState });
   }
 
+  /** The transports of this client that this runtime can use. */
+  _usableTransports() {
+    const o = this._options;
+    return o.transports.filter((t) => {
+      if (t === 'websocket') return typeof (o.WebSocket || globalThis.WebSocket) === 'function';
+      const hasFetch = typeof (o.fetch || globalThis.fetch) === 'function';
+      if (t === 'sse') return hasFetch && typeof (o.EventSource || globalThis.EventSource) === 'function';
+      return hasFetch;
+    });
+  }
+
+  /** A new transport of kind `name`, WebSocket-like. */
+  _newTransport(name) {
+    const o = this._options;
+    const fetchImpl = o.fetch || globalThis.fetch.bind(globalThis);
+    if (name === 'http_stream') return new HttpStreamSocket(this.url, fetchImpl);
+    if (name === 'sse') return new SseSocket(this.url, fetchImpl, o.EventSource || globalThis.EventSource);
+    const WS = o.WebSocket || globalThis.WebSocket;
+    return new WS(this.url, SUBPROTOCOL);
+  }
+
   async _startConnecting() {
     const tid = ++this._transportId;
-    const WS = this._options.WebSocket || globalThis.WebSocket;
-    if (typeof WS !== 'function') {
+    const usable = this._usableTransports();
+    if (usable.length === 0) {
       this._emitError('configuration', errorCodes.badConfiguration,
-        'no WebSocket implementation: pass the `WebSocket` option (e.g. from the ws package) on Node < 22');
-      this._goDisconnected(disconnectedCodes.badProtocol, 'no WebSocket implementation');
+        'no usable transport: pass the `WebSocket` option (e.g. from the ws package) on Node < 22, or `fetch`');
+      this._goDisconnected(disconnectedCodes.badProtocol, 'no usable transport');
       return;
     }
+    if (this._transportIndex >= usable.length) this._transportIndex = 0;
+    // WebSocket failed a while ago: try it again first.
+    if (this._transportIndex > 0 && usable[0] === 'websocket' && Date.now() - this._websocketFailedAt > WEBSOCKET_RETRY_AFTER) {
+      this._transportIndex = 0;
+    }
+    const name = usable[this._transportIndex];
+    this._attemptConnected = false;
     if (!this._token && this._options.getToken) {
       let token;
       try {
@@ -437,14 +664,15 @@ export class Client extends Emitter {
     }
     let ws;
     try {
-      ws = new WS(this.url, SUBPROTOCOL);
+      ws = this._newTransport(name);
     } catch (e) {
-      this._emitError('transport', errorCodes.transportClosed, `cannot open a WebSocket: ${e && e.message ? e.message : e}`);
-      this._scheduleReconnect();
+      this._emitError('transport', errorCodes.transportClosed, `cannot open ${name}: ${e && e.message ? e.message : e}`);
+      this._transportLost(connectingCodes.transportClosed, `cannot open ${name}`, true);
       return;
     }
     this._ws = ws;
-    this._log('opening', this.url);
+    this._transportName = name;
+    this._log('opening', name, this.url);
     this._connectTimer = setTimeout(() => {
       this._connectTimer = null;
       if (tid !== this._transportId) return;
@@ -488,6 +716,9 @@ export class Client extends Emitter {
 
   _onConnected(result) {
     this._clearConnectTimer();
+    this._attemptConnected = true;
+    this.transport = this._transportName;
+    if (this.transport === 'websocket') this._websocketFailedAt = 0;
     this.clientId = result.client;
     this.user = result.user;
     if (Number.isInteger(result.max_message_size)) this.maxMessageSize = result.max_message_size;
@@ -496,7 +727,7 @@ export class Client extends Emitter {
     this._setState(State.Connected);
     this._startPingWatch(result.ping_interval);
     this._scheduleRefresh(result.expires_in);
-    const ctx = { client: result.client, user: result.user, version: result.version };
+    const ctx = { client: result.client, user: result.user, version: result.version, transport: this.transport };
     if (result.expires_in !== undefined) ctx.expiresIn = result.expires_in;
     this._log('connected', ctx);
     this._emit('connected', ctx);
@@ -557,6 +788,16 @@ export class Client extends Emitter {
   _transportLost(code, reason, reconnect) {
     this._ws = null;
     this._transportId++;
+    this.transport = null;
+    // This transport never got as far as a connect reply: the next one
+    // at once (WebSocket refused or black-holed by a proxy, say).
+    let fallback = false;
+    if (reconnect && !this._attemptConnected && this.state !== State.Disconnected) {
+      if (this._transportName === 'websocket') this._websocketFailedAt = Date.now();
+      this._transportIndex++;
+      fallback = this._transportIndex < this._usableTransports().length;
+      if (!fallback) this._transportIndex = 0;
+    }
     this._stopConnectionTimers();
     this._failCalls(errorCodes.transportClosed, 'transport closed');
     this._outbox = [];
@@ -570,11 +811,21 @@ export class Client extends Emitter {
       this._setState(State.Connecting);
       this._emit('connecting', { code, reason });
     }
+    if (fallback) {
+      this._log('falling back to', this._usableTransports()[this._transportIndex], 'after', reason);
+      this._clearReconnect();
+      this._reconnectTimer = setTimeout(() => {
+        this._reconnectTimer = null;
+        if (this.state === State.Connecting) this._startConnecting();
+      }, 0);
+      return;
+    }
     this._scheduleReconnect();
   }
 
   _goDisconnected(code, reason) {
     this._transportId++;
+    this.transport = null;
     this._ws = null;
     this._stopConnectionTimers();
     this._clearReconnect();
