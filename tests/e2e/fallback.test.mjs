@@ -174,6 +174,31 @@ describe('demo chat over the HTTP fallbacks', { timeout: 240000 }, () => {
     }
   });
 
+  test('a feed page with a bare EventSource recovers what it missed from Last-Event-ID', async () => {
+    const blocker = await UpgradeBlocker.start(server.addr, 'refuse');
+    try {
+      const context = await browser.newContext();
+      const page = await context.newPage();
+      page.on('pageerror', (e) => pageErrors.push(`feed: ${e.message}`));
+      await page.goto(`${blocker.url}/feed.html?channel=efeed`, { waitUntil: 'load' });
+      await page.waitForFunction(() => document.getElementById('state').dataset.state === 'connected', null, { timeout: WAIT });
+      const items = () => page.$$eval('#items li', (els) => els.map((e) => [Number(e.dataset.offset), e.textContent]));
+      for (let n = 1; n <= 3; n++) await server.api('publish', { channel: 'efeed', data: { text: `item ${n}` } });
+      await page.waitForFunction(() => document.querySelectorAll('#items li').length === 3, null, { timeout: WAIT });
+      // The stream breaks; the browser comes back by itself (retry: 2 s).
+      blocker.cut();
+      for (let n = 4; n <= 6; n++) await server.api('publish', { channel: 'efeed', data: { text: `item ${n}` } });
+      await page.waitForFunction(() => document.querySelectorAll('#items li').length >= 6, null, { timeout: WAIT });
+      await server.api('publish', { channel: 'efeed', data: { text: 'item 7' } });
+      await page.waitForFunction(() => document.querySelectorAll('#items li').length >= 7, null, { timeout: WAIT });
+      assert.deepEqual(await items(), [1, 2, 3, 4, 5, 6, 7].map((n) => [n, `item ${n}`]));
+      await page.screenshot({ path: path.join(artifacts, 'feed-uni-sse.png') });
+      await context.close();
+    } finally {
+      await blocker.close();
+    }
+  });
+
   test('upgrade swallowed: SSE after the connect timeout; chat with a page on HTTP streaming', async () => {
     const blocker = await UpgradeBlocker.start(server.addr, 'swallow');
     try {

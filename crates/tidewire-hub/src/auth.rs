@@ -551,6 +551,18 @@ pub fn sign_hs256(
     )
 }
 
+/// The `channel` claim of a (subscription) token, read without checking
+/// it: only to know which channel to subscribe with it, where the token is
+/// then verified like any other.
+pub fn channel_claim(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("channel")?.as_str().map(str::to_owned)
+}
+
 /// Whether `channel` is granted by a `channels` claim (exact names, or
 /// `ns:*` for every channel of a namespace).
 pub fn claim_grants(channels: &[String], channel: &str) -> bool {

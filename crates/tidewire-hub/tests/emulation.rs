@@ -358,3 +358,208 @@ async fn a_session_whose_client_goes_away_ends() {
     }
     assert_eq!(post(server.addr, &session, 1, "").await.0, 404);
 }
+
+/// One Server-Sent Event: its id, type and data.
+#[derive(Debug, Default, Clone)]
+struct Event {
+    id: Option<String>,
+    kind: Option<String>,
+    data: String,
+}
+
+/// A raw unidirectional SSE stream, event by event.
+struct Events {
+    stream: Stream,
+    text: String,
+}
+
+impl Events {
+    async fn open(addr: SocketAddr, query: &str, last_event_id: Option<&str>) -> (u16, Events) {
+        let last = last_event_id
+            .map(|id| format!("Last-Event-ID: {id}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "GET /connection/uni_sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{last}\r\n"
+        );
+        let stream = Stream::open(addr, request, true).await;
+        let status = stream.headers[9..12].parse().unwrap();
+        (
+            status,
+            Events {
+                stream,
+                text: String::new(),
+            },
+        )
+    }
+
+    /// The next event (comments and `retry` skipped), None at the end.
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(at) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..at + 2).collect();
+                let mut event = Event::default();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        event.id = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        event.kind = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push(v);
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                event.data = data.join("\n");
+                return Some(event);
+            }
+            let more = self.stream.dechunk();
+            let body = std::mem::take(&mut self.stream.body);
+            self.text.push_str(&String::from_utf8(body).unwrap());
+            if self.text.contains("\n\n") {
+                continue;
+            }
+            if !more || !self.stream.read_more().await {
+                return None;
+            }
+        }
+    }
+}
+
+impl Events {
+    /// The next `message` event (publications), skipping named ones
+    /// (`presence`, ...).
+    async fn message(&mut self) -> Option<Event> {
+        loop {
+            let event = self.next().await?;
+            if event.kind.is_none() {
+                return Some(event);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn unidirectional_sse_sends_publications_and_recovers_from_last_event_id() {
+    let server = serve(common::config(), Arc::new(MemoryEngine::new())).await;
+    let (status, mut events) = Events::open(server.addr, "channel=feed&channel=other", None).await;
+    assert_eq!(status, 200, "{}", events.stream.headers);
+    assert!(events.stream.headers.contains("text/event-stream"));
+    for n in 1..=3 {
+        let (status, _) = api(
+            &server,
+            "publish",
+            json!({"channel": "feed", "data": {"n": n}}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let mut last_id = String::new();
+    for n in 1..=3 {
+        let event = events.message().await.expect("an event");
+        assert_eq!(event.kind, None, "a message event");
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(data["channel"], "feed");
+        assert_eq!(data["data"]["n"], n);
+        assert_eq!(data["offset"], n);
+        last_id = event.id.expect("an id");
+        assert!(last_id.contains(&format!("feed={n}.")), "{last_id}");
+    }
+    // The browser loses the stream; publications go on; it comes back
+    // with the last id it saw and gets exactly what it missed.
+    drop(events);
+    for n in 4..=5 {
+        api(
+            &server,
+            "publish",
+            json!({"channel": "feed", "data": {"n": n}}),
+        )
+        .await;
+    }
+    api(
+        &server,
+        "publish",
+        json!({"channel": "other", "data": {"n": 100}}),
+    )
+    .await;
+    let (status, mut events) =
+        Events::open(server.addr, "channel=feed&channel=other", Some(&last_id)).await;
+    assert_eq!(status, 200);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let event = events.message().await.expect("an event");
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        got.push((
+            data["channel"].as_str().unwrap().to_owned(),
+            data["data"]["n"].as_u64().unwrap(),
+        ));
+    }
+    // `other` had no position in the id (nothing seen there): it starts
+    // from now, and what comes next arrives.
+    assert_eq!(got[..2], [("feed".to_owned(), 4), ("feed".to_owned(), 5)]);
+    api(
+        &server,
+        "publish",
+        json!({"channel": "other", "data": {"n": 101}}),
+    )
+    .await;
+    let mut later = Vec::new();
+    while !later.contains(&101) {
+        let event = events.message().await.expect("an event");
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        later.push(data["data"]["n"].as_u64().unwrap());
+    }
+    // Shutdown: a disconnect event, and the stream ends.
+    server.hub.shutdown();
+    let mut kinds = Vec::new();
+    while let Some(event) = events.next().await {
+        kinds.push(event.kind.unwrap_or_default());
+    }
+    assert!(kinds.contains(&"disconnect".to_owned()), "{kinds:?}");
+}
+
+#[tokio::test]
+async fn unidirectional_sse_refuses_with_an_http_status() {
+    let mut config = common::config();
+    config.client.anonymous = false;
+    config.namespaces.insert(
+        "private".into(),
+        tidewire_hub::config::ChannelOptions {
+            subscribe: tidewire_hub::config::SubscribeRule::Token,
+            ..Default::default()
+        },
+    );
+    let server = serve(config, Arc::new(MemoryEngine::new())).await;
+    let (status, events) = Events::open(server.addr, "channel=feed", None).await;
+    assert_eq!(status, 401, "{}", events.stream.headers);
+    let token = common::token("ann", 60, &[]);
+    let (status, _) = Events::open(
+        server.addr,
+        &format!("channel=private:x&token={token}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = Events::open(server.addr, &format!("token={token}"), None).await;
+    assert_eq!(status, 400);
+    // A subscription token names its channel.
+    let sub = common::subscription_token("ann", "private:x", 60);
+    let (status, mut events) = Events::open(
+        server.addr,
+        &format!("token={token}&subscription_token={sub}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{}", events.stream.headers);
+    api(
+        &server,
+        "publish",
+        json!({"channel": "private:x", "data": "hi"}),
+    )
+    .await;
+    let event = events.message().await.unwrap();
+    let data: Value = serde_json::from_str(&event.data).unwrap();
+    assert_eq!(data["channel"], "private:x");
+    assert_eq!(data["data"], "hi");
+}

@@ -26,7 +26,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -35,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::stream_queue::{Pushed, StreamQueue};
 use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Transport};
 use crate::protocol::Frame;
 use crate::shards::lock;
@@ -48,10 +48,6 @@ pub const MAX_PENDING: usize = 64;
 
 /// How long a session waits for a missing batch before it gives up.
 const MISSING_BATCH_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often an idle stream sends something (an SSE comment, an empty
-/// line), so that proxies keep it open and a dead peer is noticed.
-pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// The emulation sessions of this node, by id.
 #[derive(Default)]
@@ -211,22 +207,12 @@ impl Emulations {
         initial: String,
     ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
         let id = Emulations::new_id(hub);
-        let settings = &hub.config().client;
         let sink = Arc::new(StreamSink {
             kind,
-            state: Mutex::new(SinkState::default()),
-            wake: Notify::new(),
-            done: Notify::new(),
-            max_messages: settings.queue_messages,
-            max_bytes: settings.queue_bytes,
-            close_on_overflow: match settings.slow_consumer {
-                tidewire::SlowConsumer::Close(code) => Some(code.0),
-                _ => None,
-            },
-            closing: AtomicBool::new(false),
-            hub: hub.clone(),
+            queue: StreamQueue::new(hub, kind.keepalive()),
         });
-        sink.push_raw(kind.encode(&format!(r#"{{"emulation":{{"session":"{id}"}}}}"#)));
+        sink.queue
+            .push_raw(kind.encode(&format!(r#"{{"emulation":{{"session":"{id}"}}}}"#)));
         let emulated = Arc::new(Emulated {
             order: Mutex::new(Order {
                 next: 1,
@@ -250,7 +236,7 @@ impl Emulations {
             _gone: gone.drop_guard(),
         };
         futures_util::stream::unfold(body, |body| async move {
-            let chunk = body.sink.next_chunk().await?;
+            let chunk = body.sink.queue.next_chunk().await?;
             Some((Ok(chunk), body))
         })
     }
@@ -297,13 +283,13 @@ async fn run(
             Box::pin(session.handle_text(&text)).await;
             continue;
         }
-        if sink.is_done() {
+        if sink.queue.is_done() {
             break;
         }
         let connect_wait = (!timed_out && !session.is_connected()).then_some(connect_deadline);
         tokio::select! {
             _ = emulated.wake.notified() => {}
-            _ = sink.done.notified() => {}
+            _ = sink.queue.done.notified() => {}
             _ = gone.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = async {
@@ -369,93 +355,18 @@ impl StreamKind {
         }
     }
 
-    fn keepalive(self) -> Bytes {
+    fn keepalive(self) -> &'static [u8] {
         match self {
-            StreamKind::Sse => Bytes::from_static(b": keepalive\n\n"),
-            StreamKind::Ndjson => Bytes::from_static(b"\n"),
+            StreamKind::Sse => b": keepalive\n\n",
+            StreamKind::Ndjson => b"\n",
         }
     }
 }
 
-#[derive(Default)]
-struct SinkState {
-    queue: VecDeque<Bytes>,
-    bytes: usize,
-    /// Closed by the hub: the last message, sent after what is queued.
-    closed: Option<Bytes>,
-    /// The last message went out: the stream ends.
-    finished: bool,
-}
-
-/// The hub's side of a stream: a bounded queue that the response body
-/// drains.
+/// The hub's side of a stream.
 struct StreamSink {
     kind: StreamKind,
-    state: Mutex<SinkState>,
-    /// Wakes the response body.
-    wake: Notify,
-    /// Wakes the session's task when the hub closed the stream.
-    done: Notify,
-    max_messages: usize,
-    max_bytes: usize,
-    close_on_overflow: Option<u16>,
-    closing: AtomicBool,
-    hub: Hub,
-}
-
-impl StreamSink {
-    fn push_raw(&self, bytes: Bytes) {
-        let mut state = lock(&self.state);
-        state.bytes += bytes.len();
-        state.queue.push_back(bytes);
-        drop(state);
-        self.wake.notify_one();
-    }
-
-    fn is_done(&self) -> bool {
-        let state = lock(&self.state);
-        state.closed.is_some() || state.finished
-    }
-
-    /// The next bytes of the response: what is queued, a keepalive after
-    /// [`KEEPALIVE`] of silence, the closing message, or the end.
-    async fn next_chunk(&self) -> Option<Bytes> {
-        loop {
-            {
-                let mut state = lock(&self.state);
-                if !state.queue.is_empty() {
-                    let mut chunk = Vec::with_capacity(state.bytes.min(1 << 16));
-                    while let Some(bytes) = state.queue.pop_front() {
-                        state.bytes -= bytes.len();
-                        chunk.extend_from_slice(&bytes);
-                        if chunk.len() >= 1 << 16 {
-                            break;
-                        }
-                    }
-                    return Some(Bytes::from(chunk));
-                }
-                if state.finished {
-                    return None;
-                }
-                if let Some(last) = state.closed.take() {
-                    state.finished = true;
-                    return Some(last);
-                }
-            }
-            let wake = self.wake.notified();
-            if tokio::time::timeout(KEEPALIVE, wake).await.is_err() {
-                return Some(self.kind.keepalive());
-            }
-        }
-    }
-
-    fn overflow(&self) -> SendOutcome {
-        if !self.closing.swap(true, Ordering::Relaxed) {
-            self.hub.metrics().slow_consumers.inc();
-            self.close(self.close_on_overflow.unwrap_or(1013), "send queue full");
-        }
-        SendOutcome::Closed
-    }
+    queue: StreamQueue,
 }
 
 impl ClientSink for StreamSink {
@@ -468,47 +379,26 @@ impl ClientSink for StreamSink {
             // The JSON codec sends text only.
             return SendOutcome::Dropped;
         };
-        let bytes = self.kind.encode(text);
-        {
-            let mut state = lock(&self.state);
-            if state.closed.is_some() || state.finished {
-                return SendOutcome::Closed;
+        match self.queue.push(self.kind.encode(text), kind) {
+            Pushed::Outcome(outcome) => outcome,
+            Pushed::Overflow(code) => {
+                self.close(code, "send queue full");
+                SendOutcome::Closed
             }
-            let full = state.queue.len() >= self.max_messages
-                || state.bytes + bytes.len() > self.max_bytes;
-            if !full {
-                state.bytes += bytes.len();
-                state.queue.push_back(bytes);
-                drop(state);
-                self.wake.notify_one();
-                return SendOutcome::Queued;
-            }
-        }
-        if kind == FrameKind::Publication && self.close_on_overflow.is_none() {
-            SendOutcome::Dropped
-        } else {
-            self.overflow()
         }
     }
 
     fn close(&self, code: u16, reason: &str) {
-        self.closing.store(true, Ordering::Relaxed);
         let message = serde_json::json!({"emulation": {"close": {"code": code, "reason": reason}}});
-        let mut state = lock(&self.state);
-        if state.closed.is_none() && !state.finished {
-            state.closed = Some(self.kind.encode(&message.to_string()));
-        }
-        drop(state);
-        self.wake.notify_one();
-        self.done.notify_one();
+        self.queue.close(self.kind.encode(&message.to_string()));
     }
 
     fn queued(&self) -> usize {
-        lock(&self.state).queue.len()
+        self.queue.queued()
     }
 
     fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Relaxed)
+        self.queue.is_closing()
     }
 }
 

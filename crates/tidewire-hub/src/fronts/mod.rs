@@ -1,8 +1,11 @@
 //! The fronts: each one carries the client protocol over one transport
 //! and hands the core a [`ClientSink`](crate::node::ClientSink) per client.
 //! [`websocket`]; [`emulation`], Server-Sent Events or HTTP streaming
-//! down with HTTP POSTs up, for networks that refuse WebSocket.
+//! down with HTTP POSTs up, for networks that refuse WebSocket;
+//! [`uni_sse`], Server-Sent Events one way, for `new EventSource(url)`.
 //! Long-polling and Socket.IO come next, each in a file of its own here.
 
 pub mod emulation;
+mod stream_queue;
+pub mod uni_sse;
 pub mod websocket;

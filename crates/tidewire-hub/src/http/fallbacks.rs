@@ -5,6 +5,7 @@
 //! | `GET /connection/sse?commands=TEXT` | opens a session; its messages as Server-Sent Events |
 //! | `POST /connection/http_stream` (body: the first commands) | opens a session; its messages as newline-delimited JSON |
 //! | `POST /connection/emulation` (`{"session","seq","text"}`) | a batch of commands for a session on any node: 204, or 404 / 400 / 413 / 429 with `{"error"}` |
+//! | `GET /connection/uni_sse?channel=NAME&token=JWT` | unidirectional SSE ([`crate::fronts::uni_sse`]): publications as events, recovered from `Last-Event-ID` |
 //!
 //! Both streams answer with `Cache-Control: no-cache` and
 //! `X-Accel-Buffering: no`, so that nginx and other proxies pass each
@@ -19,12 +20,14 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use super::AppState;
 use crate::fronts::emulation::{Batch, BatchError, StreamKind};
+use crate::fronts::uni_sse::{self, UniRequest};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/connection/sse", get(sse))
         .route("/connection/http_stream", post(http_stream))
         .route("/connection/emulation", post(emulation))
+        .route("/connection/uni_sse", get(uni_sse))
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -70,12 +73,13 @@ fn too_large(app: &AppState, len: usize) -> Option<Response> {
 
 fn stream(app: &AppState, kind: StreamKind, initial: String) -> Response {
     let body = Body::from_stream(app.emulations.open(&app.hub, kind, initial));
+    streamed(body, kind.content_type())
+}
+
+fn streamed(body: Body, content_type: &'static str) -> Response {
     let mut response = Response::new(body);
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(kind.content_type()),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     headers.insert(
@@ -107,6 +111,32 @@ async fn sse(
         return large;
     }
     stream(&app, StreamKind::Sse, commands)
+}
+
+async fn uni_sse(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refused) = refused(&app, &headers) {
+        return refused;
+    }
+    let query = query.unwrap_or_default();
+    if let Some(large) = too_large(&app, query.len()) {
+        return large;
+    }
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let request = match UniRequest::parse(&query, last_event_id) {
+        Ok(request) => request,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    match uni_sse::open(&app.hub, &request).await {
+        Ok(events) => streamed(Body::from_stream(events), "text/event-stream"),
+        Err(refused) => json_error(
+            StatusCode::from_u16(refused.status).unwrap_or(StatusCode::BAD_REQUEST),
+            &refused.message,
+        ),
+    }
 }
 
 async fn http_stream(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {

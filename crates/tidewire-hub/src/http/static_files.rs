@@ -25,6 +25,11 @@ pub(super) const STATIC_FILES: &[(&str, &str, &str)] = &[
     ),
     ("/about.html", HTML, LANDING_PAGE),
     (
+        "/feed.html",
+        HTML,
+        include_str!("../../../../web/demo/feed.html"),
+    ),
+    (
         "/demo/chat.js",
         JS,
         include_str!("../../../../web/demo/chat.js"),

@@ -176,7 +176,7 @@ impl Codec for JsonCodec {
 
 /// Serializes what cannot fail to serialize (no maps with non-string keys,
 /// no payload that is not JSON: those are written by hand).
-fn write_serialized(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {
+pub(crate) fn write_serialized(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {
     if serde_json::to_writer(&mut *out, value).is_err() {
         out.extend_from_slice(b"null");
     }
@@ -184,7 +184,7 @@ fn write_serialized(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {
 
 /// `{"offset":N,"data":…,"info":{…}}`; no offset without history, no
 /// info from the HTTP API.
-fn write_publication(out: &mut Vec<u8>, publication: &Publication) {
+pub(crate) fn write_publication(out: &mut Vec<u8>, publication: &Publication) {
     out.push(b'{');
     if publication.offset != 0 {
         let _ = write!(out, "\"offset\":{},", publication.offset);
@@ -217,7 +217,7 @@ fn write_publications(out: &mut Vec<u8>, publications: &[Arc<Publication>]) {
     out.push(b']');
 }
 
-fn text_frame(out: Vec<u8>) -> Frame {
+pub(crate) fn text_frame(out: Vec<u8>) -> Frame {
     // One SIMD pass, no copy: the frame's bytes become the text as they are.
     match tidewire::Utf8Text::try_from(out) {
         Ok(text) => Frame::Text(text),

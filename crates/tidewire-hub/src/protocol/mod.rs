@@ -192,6 +192,12 @@ impl ErrorCode {
     ];
 
     /// The number on the wire.
+    /// The code of a number, if it is one.
+    pub fn from_number(number: u16) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.number() == number)
+    }
+
+    /// Its number on the wire.
     pub fn number(self) -> u16 {
         match self {
             ErrorCode::Internal => 100,
