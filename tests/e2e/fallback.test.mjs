@@ -199,23 +199,29 @@ describe('demo chat over the HTTP fallbacks', { timeout: 240000 }, () => {
     }
   });
 
-  test('upgrade swallowed: SSE after the connect timeout; chat with a page on HTTP streaming', async () => {
+  test('upgrade swallowed: SSE after the connect timeout; chat with pages on HTTP streaming and long-polling', async () => {
     const blocker = await UpgradeBlocker.start(server.addr, 'swallow');
     try {
-      const [cid, dan] = await Promise.all([
+      const [cid, dan, eve] = await Promise.all([
         open(blocker.url, 'Cid', 'sse', '&transports=websocket,sse'),
         open(blocker.url, 'Dan', 'sse', '&transports=http_stream'),
+        open(blocker.url, 'Eve', 'sse', '&transports=long_poll'),
       ]);
       assert.equal(cid.transport, 'sse');
       assert.equal(dan.transport, 'http_stream');
-      await waitPresence(cid.page, ['Cid', 'Dan']);
+      assert.equal(eve.transport, 'long_poll');
+      await waitPresence(cid.page, ['Cid', 'Dan', 'Eve']);
+      await waitPresence(eve.page, ['Cid', 'Dan', 'Eve']);
       await send(cid.page, 'from sse');
       await waitText(dan.page, 'from sse');
       await send(dan.page, 'from http stream');
       await waitText(cid.page, 'from http stream');
-      assert.deepEqual(await messages(cid.page), ['from sse', 'from http stream']);
-      await cid.context.close();
-      await dan.context.close();
+      await send(eve.page, 'from long poll');
+      for (const page of [cid.page, dan.page, eve.page]) await waitText(page, 'from long poll');
+      assert.deepEqual(await messages(eve.page), ['from sse', 'from http stream', 'from long poll']);
+      assert.deepEqual(await messages(cid.page), ['from sse', 'from http stream', 'from long poll']);
+      await eve.page.screenshot({ path: path.join(artifacts, 'fallback-long-poll.png') });
+      for (const page of [cid, dan, eve]) await page.context.close();
     } finally {
       await blocker.close();
     }

@@ -85,7 +85,7 @@ client.on('connecting', ({ code, reason }) => {
     showState('connecting', 'connecting…');
   }
 });
-const TRANSPORT_NAMES = { websocket: 'WebSocket', http_stream: 'HTTP streaming', sse: 'SSE' };
+const TRANSPORT_NAMES = { websocket: 'WebSocket', http_stream: 'HTTP streaming', sse: 'SSE', long_poll: 'long-polling' };
 client.on('connected', ({ transport }) => {
   // Which transport got through: WebSocket, or a fallback where a proxy refuses it.
   showState('connected', `connected · ${TRANSPORT_NAMES[transport] || transport}`);

@@ -114,7 +114,7 @@ export interface WebSocketLike {
 export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
 
 /** How the client reaches the server: WebSocket, or the HTTP fallbacks where it cannot pass. */
-export type TransportName = 'websocket' | 'http_stream' | 'sse';
+export type TransportName = 'websocket' | 'http_stream' | 'sse' | 'long_poll';
 
 /** The transports the client knows, in its default order. */
 export const TRANSPORTS: readonly TransportName[];
@@ -133,7 +133,7 @@ export interface ClientOptions {
   /** The WebSocket class. Default: `globalThis.WebSocket` (browsers, Node >= 22); on Node 20 pass `ws`'s. */
   WebSocket?: WebSocketConstructor | null;
   /**
-   * The transports to try, in order (`TRANSPORTS`: websocket, http_stream, sse). One that fails
+   * The transports to try, in order (`TRANSPORTS`: websocket, http_stream, sse, long_poll). One that fails
    * before the server's connect reply (refused, or silent for `timeout`) gives way to the next
    * at once; after WebSocket failed, the client tries it again first 5 minutes later.
    */

@@ -105,7 +105,7 @@ export class UnauthorizedError extends Error {
 }
 
 /** The transports the client knows, in the order it tries them by default. */
-export const TRANSPORTS = Object.freeze(['websocket', 'http_stream', 'sse']);
+export const TRANSPORTS = Object.freeze(['websocket', 'http_stream', 'sse', 'long_poll']);
 
 /** After WebSocket failed, how long the client keeps to a fallback before it tries WebSocket again. */
 const WEBSOCKET_RETRY_AFTER = 5 * 60 * 1000;
@@ -354,6 +354,61 @@ class HttpStreamSocket extends EmulatedSocket {
       return;
     }
     this._fail(1006, 'the stream ended');
+  }
+}
+
+/**
+ * Long-polling: POST /connection/long_poll opens the session with the first
+ * commands, then GET /connection/long_poll?session=…&ack=N waits for what
+ * is queued; `ack` (the last message it has) makes the server send again
+ * what a lost answer carried.
+ */
+class LongPollSocket extends EmulatedSocket {
+  async _open(initial) {
+    let ack = 0;
+    let answer = await this._request(`${this._base}long_poll`, { method: 'POST', body: initial });
+    while (answer !== null && !this._closed) {
+      const lines = answer.split('\n').filter((l) => l.trim() !== '');
+      const head = lines.length > 0 ? JSON.parse(lines[0]).emulation : null;
+      if (!head || typeof head.first !== 'number') {
+        this._fail(1006, 'not a long-polling answer');
+        return;
+      }
+      let seq = head.first - 1;
+      for (const line of lines.slice(1)) {
+        if (line.startsWith('{"emulation"')) {
+          this._line(line); // the end
+          continue;
+        }
+        seq++;
+        if (seq <= ack) continue; // sent again: had it
+        ack = seq;
+        this._line(line);
+        if (this._closed) return;
+      }
+      if (this._session === null) this._line(JSON.stringify({ emulation: { session: head.session } }));
+      answer = await this._request(`${this._base}long_poll?session=${encodeURIComponent(this._session)}&ack=${ack}`, { method: 'GET' });
+    }
+  }
+
+  /** One request; its body, or null once failed (then closed). */
+  async _request(url, init) {
+    try {
+      const response = await this._fetch(url, {
+        ...init,
+        cache: 'no-store',
+        signal: this._abort ? this._abort.signal : undefined,
+      });
+      const body = await response.text();
+      if (!response.ok) {
+        this._fail(1006, `long poll refused: HTTP ${response.status}`);
+        return null;
+      }
+      return body;
+    } catch (e) {
+      this._fail(1006, `long poll failed: ${e && e.message ? e.message : e}`);
+      return null;
+    }
   }
 }
 
@@ -621,6 +676,7 @@ export class Client extends Emitter {
     const fetchImpl = o.fetch || globalThis.fetch.bind(globalThis);
     if (name === 'http_stream') return new HttpStreamSocket(this.url, fetchImpl);
     if (name === 'sse') return new SseSocket(this.url, fetchImpl, o.EventSource || globalThis.EventSource);
+    if (name === 'long_poll') return new LongPollSocket(this.url, fetchImpl);
     const WS = o.WebSocket || globalThis.WebSocket;
     return new WS(this.url, SUBPROTOCOL);
   }

@@ -71,7 +71,7 @@ describe('HTTP fallbacks', { timeout: 90000 }, () => {
   });
 
   test('WebSocket refused: the client falls back to HTTP streaming by itself', async () => {
-    assert.deepEqual(TRANSPORTS, ['websocket', 'http_stream', 'sse']);
+    assert.deepEqual(TRANSPORTS, ['websocket', 'http_stream', 'sse', 'long_poll']);
     const client = newClient(server.wsUrl, { ...FAST, WebSocket: RefusedWebSocket });
     const connected = nextEvent(client, 'connected');
     client.connect();
@@ -113,6 +113,29 @@ describe('HTTP fallbacks', { timeout: 90000 }, () => {
     } finally {
       silent.close();
       await sleep(10);
+    }
+  });
+
+  test('long-polling alone: connect, subscribe, publish, recover after a cut', async () => {
+    const proxy = await Proxy.start(server.addr);
+    try {
+      const { client, sub, got } = await subscriber(newClient, proxy.wsUrl, 'fb:poll', { ...FAST, transports: ['long_poll'] });
+      assert.equal(client.transport, 'long_poll');
+      await server.api('publish', { channel: 'fb:poll', data: { n: 1 } });
+      await client.publish('fb:poll', { n: 2 });
+      await waitFor(() => got.length === 2, 'two publications');
+      const refused = proxy.refuse();
+      proxy.cut();
+      await refused;
+      await nextEvent(client, 'connecting');
+      for (let n = 3; n < 6; n++) await server.api('publish', { channel: 'fb:poll', data: { n } });
+      await proxy.accept();
+      const ctx = await nextEvent(sub, 'subscribed', (c) => c.wasRecovering);
+      assert.equal(ctx.recovered, true);
+      await waitFor(() => got.length === 5, 'every missed one');
+      assert.deepEqual(got, [1, 2, 3, 4, 5]);
+    } finally {
+      await proxy.close();
     }
   });
 

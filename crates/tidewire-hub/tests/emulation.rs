@@ -563,3 +563,142 @@ async fn unidirectional_sse_refuses_with_an_http_status() {
     assert_eq!(data["channel"], "private:x");
     assert_eq!(data["data"], "hi");
 }
+
+/// The lines of a long-poll answer: (first, messages).
+fn poll_answer(status: u16, body: &str) -> (u64, Vec<Value>) {
+    assert_eq!(status, 200, "{body}");
+    let mut lines = body.lines().filter(|l| !l.is_empty());
+    let head: Value = serde_json::from_str(lines.next().expect("a first line")).unwrap();
+    let first = head["emulation"]["first"].as_u64().expect("first");
+    (
+        first,
+        lines.map(|l| serde_json::from_str(l).unwrap()).collect(),
+    )
+}
+
+async fn poll(addr: SocketAddr, session: &str, ack: u64, wait: u64) -> (u16, String) {
+    http(
+        addr,
+        "GET",
+        &format!("/connection/long_poll?session={session}&ack={ack}&wait={wait}"),
+        &[],
+        "",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn long_polling_answers_what_is_queued_resends_what_is_not_acknowledged_and_works_from_any_node(
+) {
+    let engine = Arc::new(MemoryEngine::new());
+    let a = serve(common::config(), engine.clone()).await;
+    let b = serve(common::config(), engine.clone()).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while b.hub.nodes().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "B never heard of A");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = http(
+        a.addr,
+        "POST",
+        "/connection/long_poll?wait=2",
+        &[],
+        "{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"news\"}}",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let head: Value = serde_json::from_str(body.lines().next().unwrap()).unwrap();
+    let session = head["emulation"]["session"].as_str().unwrap().to_owned();
+    let (first, mut got) = poll_answer(status, &body);
+    assert_eq!(first, 1);
+    // The connect reply, perhaps the subscribe's too (else next time).
+    let mut last = first + got.len() as u64 - 1;
+    while !got.iter().any(|m| m["id"] == 2) {
+        let (status, body) = poll(a.addr, &session, last, 2).await;
+        let (first, more) = poll_answer(status, &body);
+        last = first + more.len() as u64 - 1;
+        got.extend(more);
+    }
+    assert!(got
+        .iter()
+        .any(|m| m["id"] == 1 && m.get("connect").is_some()));
+
+    // A poll waits for what comes.
+    let waiting = tokio::spawn({
+        let session = session.clone();
+        let addr = a.addr;
+        async move { poll(addr, &session, last, 10).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // At most one waits per session.
+    let (status, body) = poll(a.addr, &session, last, 1).await;
+    assert_eq!(status, 409, "{body}");
+    api(&a, "publish", json!({"channel": "news", "data": "one"})).await;
+    let (status, body) = waiting.await.unwrap();
+    let (first, got) = poll_answer(status, &body);
+    assert_eq!(first, last + 1);
+    assert_eq!(got[0]["push"]["pub"]["data"], "one");
+
+    // That answer "was lost": the same ack again gets it again.
+    let (status, body) = poll(a.addr, &session, last, 1).await;
+    let (again, resent) = poll_answer(status, &body);
+    assert_eq!(
+        (again, resent[0]["push"]["pub"]["data"].clone()),
+        (first, json!("one"))
+    );
+    let acked = first + resent.len() as u64 - 1;
+
+    // Commands POSTed to B; polled on B: relayed to A both ways.
+    let text = publish(9, "two");
+    assert_eq!(post(b.addr, &session, 1, &text).await.0, 204);
+    let mut seen = Vec::new();
+    let mut ack = acked;
+    while !seen
+        .iter()
+        .any(|m: &Value| m["push"]["pub"]["data"] == "two")
+    {
+        let (status, body) = poll(b.addr, &session, ack, 3).await;
+        let (first, more) = poll_answer(status, &body);
+        if !more.is_empty() {
+            ack = first + more.len() as u64 - 1;
+        }
+        seen.extend(more);
+    }
+    assert!(
+        seen.iter().any(|m| m["id"] == 9),
+        "the publish reply: {seen:?}"
+    );
+
+    // Bad input.
+    let (status, _) = poll(
+        a.addr,
+        &format!("{}.{}", "0".repeat(16), "0".repeat(32)),
+        0,
+        1,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = poll(a.addr, "nonsense", 0, 1).await;
+    assert_eq!(status, 400);
+    let (status, _) = http(a.addr, "GET", "/connection/long_poll", &[], "").await;
+    assert_eq!(status, 400);
+
+    // Shutdown: the next poll says so.
+    a.hub.shutdown();
+    let mut closed = false;
+    for _ in 0..5 {
+        let (status, body) = poll(a.addr, &session, ack, 1).await;
+        if status != 200 {
+            break;
+        }
+        let (first, more) = poll_answer(status, &body);
+        if more.iter().any(|m| m["emulation"]["close"].is_object()) {
+            closed = true;
+            break;
+        }
+        if !more.is_empty() {
+            ack = first + more.len() as u64 - 1;
+        }
+    }
+    assert!(closed, "the session's end reached the client");
+}

@@ -104,7 +104,7 @@ struct Order {
 
 impl Emulations {
     /// A new session id on this node (its id first, for relays).
-    fn new_id(hub: &Hub) -> String {
+    pub(crate) fn new_id(hub: &Hub) -> String {
         format!(
             "{}.{:016x}{:016x}",
             hub.node_id(),
@@ -213,24 +213,8 @@ impl Emulations {
         });
         sink.queue
             .push_raw(kind.encode(&format!(r#"{{"emulation":{{"session":"{id}"}}}}"#)));
-        let emulated = Arc::new(Emulated {
-            order: Mutex::new(Order {
-                next: 1,
-                ..Order::default()
-            }),
-            wake: Notify::new(),
-        });
-        lock(&self.sessions).insert(id.clone(), emulated.clone());
         let gone = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(run(
-            hub.clone(),
-            self.clone(),
-            id,
-            emulated,
-            sink.clone(),
-            initial,
-            gone.clone(),
-        ));
+        self.start(hub, id, sink.clone(), initial, gone.clone());
         let body = BodyState {
             sink,
             _gone: gone.drop_guard(),
@@ -239,6 +223,56 @@ impl Emulations {
             let chunk = body.sink.queue.next_chunk().await?;
             Some((Ok(chunk), body))
         })
+    }
+}
+
+impl Emulations {
+    /// Runs session `id` over `sink`: its first commands are `initial`,
+    /// then the batches POSTed for it, until the hub closes the sink or
+    /// `gone` is cancelled (the client went away).
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        hub: &Hub,
+        id: String,
+        sink: Arc<dyn EmulatedSink>,
+        initial: String,
+        gone: tokio_util::sync::CancellationToken,
+    ) {
+        let emulated = Arc::new(Emulated {
+            order: Mutex::new(Order {
+                next: 1,
+                ..Order::default()
+            }),
+            wake: Notify::new(),
+        });
+        lock(&self.sessions).insert(id.clone(), emulated.clone());
+        tokio::spawn(run(
+            hub.clone(),
+            self.clone(),
+            id,
+            emulated,
+            sink,
+            initial,
+            gone,
+        ));
+    }
+}
+
+/// A sink of an emulated session: it says when the hub closed it.
+pub(crate) trait EmulatedSink: ClientSink {
+    /// Closed by the hub.
+    fn ended(&self) -> bool;
+    /// Notified when the hub closes it.
+    fn ended_signal(&self) -> &Notify;
+}
+
+impl EmulatedSink for StreamSink {
+    fn ended(&self) -> bool {
+        self.queue.is_done()
+    }
+
+    fn ended_signal(&self) -> &Notify {
+        &self.queue.done
     }
 }
 
@@ -256,11 +290,11 @@ async fn run(
     emulations: Arc<Emulations>,
     id: String,
     emulated: Arc<Emulated>,
-    sink: Arc<StreamSink>,
+    sink: Arc<dyn EmulatedSink>,
     initial: String,
     gone: tokio_util::sync::CancellationToken,
 ) {
-    let session = hub.open(sink.clone());
+    let session = hub.open(sink.clone() as Arc<dyn ClientSink>);
     if !initial.trim().is_empty() {
         session.handle_text(&initial).await;
     }
@@ -283,13 +317,13 @@ async fn run(
             Box::pin(session.handle_text(&text)).await;
             continue;
         }
-        if sink.queue.is_done() {
+        if sink.ended() {
             break;
         }
         let connect_wait = (!timed_out && !session.is_connected()).then_some(connect_deadline);
         tokio::select! {
             _ = emulated.wake.notified() => {}
-            _ = sink.queue.done.notified() => {}
+            _ = sink.ended_signal().notified() => {}
             _ = gone.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = async {

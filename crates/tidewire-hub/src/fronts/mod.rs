@@ -2,10 +2,12 @@
 //! and hands the core a [`ClientSink`](crate::node::ClientSink) per client.
 //! [`websocket`]; [`emulation`], Server-Sent Events or HTTP streaming
 //! down with HTTP POSTs up, for networks that refuse WebSocket;
+//! [`long_poll`], polls that wait, where even a stream is held back;
 //! [`uni_sse`], Server-Sent Events one way, for `new EventSource(url)`.
-//! Long-polling and Socket.IO come next, each in a file of its own here.
+//! Socket.IO comes next, in a file of its own here.
 
 pub mod emulation;
+pub mod long_poll;
 mod stream_queue;
 pub mod uni_sse;
 pub mod websocket;

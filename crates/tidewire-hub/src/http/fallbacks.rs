@@ -5,6 +5,8 @@
 //! | `GET /connection/sse?commands=TEXT` | opens a session; its messages as Server-Sent Events |
 //! | `POST /connection/http_stream` (body: the first commands) | opens a session; its messages as newline-delimited JSON |
 //! | `POST /connection/emulation` (`{"session","seq","text"}`) | a batch of commands for a session on any node: 204, or 404 / 400 / 413 / 429 with `{"error"}` |
+//! | `POST /connection/long_poll` (body: the first commands) | opens a long-polling session ([`crate::fronts::long_poll`]); answers as a poll |
+//! | `GET /connection/long_poll?session=ID&ack=N&wait=S` | waits for messages, answers them (NDJSON); 404 / 400 / 409 |
 //! | `GET /connection/uni_sse?channel=NAME&token=JWT` | unidirectional SSE ([`crate::fronts::uni_sse`]): publications as events, recovered from `Last-Event-ID` |
 //!
 //! Both streams answer with `Cache-Control: no-cache` and
@@ -20,7 +22,9 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use super::AppState;
 use crate::fronts::emulation::{Batch, BatchError, StreamKind};
+use crate::fronts::long_poll;
 use crate::fronts::uni_sse::{self, UniRequest};
+use std::time::Duration;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -28,6 +32,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/connection/http_stream", post(http_stream))
         .route("/connection/emulation", post(emulation))
         .route("/connection/uni_sse", get(uni_sse))
+        .route("/connection/long_poll", post(long_poll_open).get(long_poll))
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -135,6 +140,91 @@ async fn uni_sse(
         Err(refused) => json_error(
             StatusCode::from_u16(refused.status).unwrap_or(StatusCode::BAD_REQUEST),
             &refused.message,
+        ),
+    }
+}
+
+fn ndjson(body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `wait=S` (seconds) of a poll, bounded.
+fn wait_of(query: &str) -> Duration {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "wait")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .map_or(long_poll::DEFAULT_WAIT, |s| {
+            Duration::from_secs(s).clamp(Duration::from_secs(1), long_poll::MAX_WAIT)
+        })
+}
+
+async fn long_poll_open(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = refused(&app, &headers) {
+        return refused;
+    }
+    if let Some(large) = too_large(&app, body.len()) {
+        return large;
+    }
+    let Ok(initial) = String::from_utf8(body.to_vec()) else {
+        return json_error(StatusCode::BAD_REQUEST, "the commands are not UTF-8");
+    };
+    let wait = wait_of(query.as_deref().unwrap_or(""));
+    ndjson(
+        app.long_polls
+            .open(&app.hub, &app.emulations, initial, wait)
+            .await,
+    )
+}
+
+async fn long_poll(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(origins) = &app.origins {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !origins.permits(origin) {
+            let text = format!("origin {} is not allowed", origin.unwrap_or("(none)"));
+            return json_error(StatusCode::FORBIDDEN, &text);
+        }
+    }
+    let query = query.unwrap_or_default();
+    let mut session = None;
+    let mut ack = 0;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "session" => session = Some(value.into_owned()),
+            "ack" => ack = value.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let Some(session) = session else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "name the session: ?session=ID&ack=N",
+        );
+    };
+    match app
+        .long_polls
+        .poll(&app.hub, &session, ack, wait_of(&query))
+        .await
+    {
+        Ok(body) => ndjson(body),
+        Err((status, message)) => json_error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            &message,
         ),
     }
 }

@@ -20,6 +20,7 @@ use tidewire::{
 };
 
 use crate::fronts::emulation::Emulations;
+use crate::fronts::long_poll::LongPolls;
 use crate::node::Hub;
 use crate::protocol::SUBPROTOCOL;
 
@@ -46,6 +47,8 @@ pub(crate) struct AppState {
     shutdown: CancellationToken,
     /// The HTTP-fallback sessions of this node.
     emulations: Arc<Emulations>,
+    /// Its long-polling sessions.
+    long_polls: Arc<LongPolls>,
 }
 
 /// The router of a hub: mount it in an axum app, or run it with [`serve`].
@@ -78,8 +81,11 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         .then(|| OriginPolicy::allow(settings.allowed_origins.clone()));
     let emulations = Arc::new(Emulations::default());
     emulations.listen(&hub);
+    let long_polls = Arc::new(LongPolls::default());
+    long_polls.listen(&hub);
     let state = AppState {
         emulations,
+        long_polls,
         hub,
         api_key: api_key.into(),
         ws_io: Arc::new(ws_config.io.clone()),
