@@ -126,6 +126,12 @@ struct Nginx {
 
 impl Nginx {
     fn start(nodes: &[&Served]) -> Nginx {
+        Nginx::start_buffering(nodes, false)
+    }
+
+    /// With `buffering`, nginx's default (`proxy_buffering on`): what a
+    /// streamed response must turn off itself (X-Accel-Buffering: no).
+    fn start_buffering(nodes: &[&Served], buffering: bool) -> Nginx {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -140,6 +146,11 @@ impl Nginx {
             .iter()
             .map(|n| format!("    server {} max_fails=1 fail_timeout=5s;\n", n.addr))
             .collect();
+        let buffering = if buffering {
+            ""
+        } else {
+            "proxy_buffering off;\n"
+        };
         let config = format!(
             "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 1024; }}\n\
@@ -155,7 +166,7 @@ impl Nginx {
                    proxy_set_header Host $host;\n\
                    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
                    proxy_connect_timeout 2s;\n      proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n\
-                   proxy_buffering off;\n\
+                   {buffering}\
                    proxy_next_upstream error timeout http_502 http_503;\n    }}\n  }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), config).unwrap();
@@ -561,6 +572,68 @@ async fn three_nodes_behind_haproxy_lose_nothing_when_one_is_killed() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     one_killed_while_publishing(nodes, &haproxy.addr).await;
     drop(haproxy);
+}
+
+/// nginx with its default `proxy_buffering on`: the fallbacks' streams
+/// (unidirectional SSE, HTTP streaming) pass each message on while they
+/// stay open. (nginx 1.22 here forwards a chunked response as it comes
+/// even when buffering; the streams also say `X-Accel-Buffering: no` for
+/// the configurations that would hold them.)
+#[tokio::test]
+async fn through_nginx_with_its_default_buffering_the_fallback_streams_are_not_held_back() {
+    let dir = std::env::temp_dir().join(format!("tidewire-ngx-sse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = start_serve(
+        &dir,
+        &["--listen", "127.0.0.1:0"],
+        &[("TIDEWIRE_API_KEY", API_KEY)],
+        "serve.log",
+    )
+    .await;
+    let nginx = Nginx::start_buffering(&[&node], true);
+    for (request, first) in [
+        (
+            format!(
+                "GET /connection/uni_sse?channel=ngx HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+            ),
+            "retry:",
+        ),
+        (
+            {
+                let body = "{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"ngx\"}}";
+                format!(
+                    "POST /connection/http_stream HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            },
+            "\"subscribe\"",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(&nginx.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        // The stream's start, then a publication: each through nginx at
+        // once, though the stream stays open (buffered, a few bytes would
+        // wait for 4 KiB more or the end).
+        for wanted in [first, "\"stamp\""] {
+            let started = std::time::Instant::now();
+            if wanted == "\"stamp\"" {
+                api(&node.addr, "publish", json!({"channel": "ngx", "data": {"stamp": 1}})).await;
+            }
+            while !seen.contains(wanted) {
+                let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("{wanted} held back by nginx; got {seen:?}"))
+                    .unwrap();
+                assert!(n > 0, "the stream ended");
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            eprintln!("{wanted} through nginx after {:?}", started.elapsed());
+        }
+    }
+    drop(nginx);
 }
 
 #[tokio::test]
