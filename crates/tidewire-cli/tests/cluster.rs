@@ -594,9 +594,8 @@ async fn through_nginx_with_its_default_buffering_the_fallback_streams_are_not_h
     let nginx = Nginx::start_buffering(&[&node], true);
     for (request, first) in [
         (
-            format!(
-                "GET /connection/uni_sse?channel=ngx HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-            ),
+            "GET /connection/uni_sse?channel=ngx HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+                .to_owned(),
             "retry:",
         ),
         (
