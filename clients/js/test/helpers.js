@@ -33,13 +33,17 @@ export const SECRET = 'test-hmac-secret';
  * same port: the in-memory history is gone, streams get new epochs.
  */
 export class Server {
-  static async start(config = '', { port = 0 } = {}) {
+  /** `args`: more flags for `tidewire serve` (`--tls-self-signed` makes it https). */
+  static async start(config = '', { port = 0, args = [] } = {}) {
     const server = new Server(config);
+    server.args = args;
     await server._spawn(port);
     return server;
   }
 
   constructor(config) {
+    this.args = [];
+    this.scheme = 'http';
     this.dir = mkdtempSync(path.join(tmpdir(), 'tidewire-js-'));
     this.configPath = path.join(this.dir, 'tidewire.toml');
     writeFileSync(this.configPath, config);
@@ -53,11 +57,11 @@ export class Server {
   }
 
   get wsUrl() {
-    return `ws://${this.addr}/connection/websocket`;
+    return `${this.scheme === 'https' ? 'wss' : 'ws'}://${this.addr}/connection/websocket`;
   }
 
   get httpUrl() {
-    return `http://${this.addr}`;
+    return `${this.scheme}://${this.addr}`;
   }
 
   async _spawn(port) {
@@ -78,7 +82,7 @@ export class Server {
     return new Promise((resolve, reject) => {
       const child = spawn(
         bin,
-        ['serve', '--listen', `127.0.0.1:${port}`, '--config', this.configPath, '--api-key', API_KEY],
+        ['serve', '--listen', `127.0.0.1:${port}`, '--config', this.configPath, '--api-key', API_KEY, ...this.args],
         { cwd: this.dir, env: { ...process.env, RUST_LOG: 'warn' }, stdio: ['ignore', 'pipe', 'pipe'] },
       );
       let buffered = '';
@@ -92,11 +96,12 @@ export class Server {
         this.log.push(chunk);
         if (listening) return;
         buffered += chunk;
-        const m = buffered.match(/listening on http:\/\/([^/]+)\//);
+        const m = buffered.match(/listening on (https?):\/\/([^/]+)\//);
         if (m) {
           listening = true;
           clearTimeout(timer);
-          this.port = Number(m[1].split(':').pop());
+          this.scheme = m[1];
+          this.port = Number(m[2].split(':').pop());
           this.child = child;
           resolve();
         }

@@ -170,6 +170,23 @@ impl TlsAcceptor {
         Ok((acceptor, pem))
     }
 
+    /// The same acceptor offering HTTP/2 (ALPN `h2`, then `http/1.1`), for
+    /// [`Server::serve_http`](crate::Server::serve_http): a client that
+    /// picks `h2` is served HTTP/2 (many requests and streamed responses on
+    /// one connection); WebSocket clients ask for `http/1.1`, or nothing.
+    /// Not for [`Server::serve`](crate::Server::serve), which speaks
+    /// HTTP/1.1 only.
+    pub fn with_http2(&self) -> TlsAcceptor {
+        let mut config = (**self.inner.config()).clone();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        TlsAcceptor::from_rustls(Arc::new(config))
+    }
+
+    /// Whether a handshake done by this acceptor picked HTTP/2.
+    pub(crate) fn negotiated_h2<S>(stream: &tokio_rustls::server::TlsStream<S>) -> bool {
+        stream.get_ref().1.alpn_protocol() == Some(b"h2")
+    }
+
     /// Wraps a rustls configuration you built yourself.
     pub fn from_rustls(config: Arc<rustls::ServerConfig>) -> TlsAcceptor {
         TlsAcceptor {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use ::hyper::body::{Body, Incoming};
 use ::hyper::service::Service;
 use http::{Request, Response};
+#[cfg(feature = "tls")]
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -75,11 +77,16 @@ impl Server {
         // Ends the connections accepted during the drain when it is over.
         let draining_over = CancellationToken::new();
         let _end_draining = draining_over.clone().drop_guard();
+        // Over TLS, HTTP/2 for the clients that ask for it (ALPN h2).
+        #[cfg(feature = "tls")]
+        let tls = shared_tls(&self.shared).map(|acceptor| acceptor.with_http2());
         let connection = |keep_alive: bool, shutdown: &CancellationToken| Connection {
             shared: self.shared.clone(),
             service: service.clone(),
             keep_alive,
             shutdown: shutdown.clone(),
+            #[cfg(feature = "tls")]
+            tls: tls.clone(),
         };
         let accepted = |stream: TcpStream, peer: SocketAddr, slot: Slot, tracker: &TaskTracker| {
             let held = Held {
@@ -107,6 +114,9 @@ struct Connection<S> {
     keep_alive: bool,
     /// Ends the connection gracefully (the request in progress finishes).
     shutdown: CancellationToken,
+    /// The server's TLS, offering HTTP/2.
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsAcceptor>,
 }
 
 impl<S, B> Connection<S>
@@ -120,7 +130,11 @@ where
 {
     async fn run(self, tcp: TcpStream, peer: SocketAddr, held: Held) {
         let slot = ConnectionSlot(Arc::new(held));
-        match shared_tls(&self.shared) {
+        #[cfg(feature = "tls")]
+        let tls = self.tls.clone();
+        #[cfg(not(feature = "tls"))]
+        let tls = shared_tls(&self.shared);
+        match tls {
             #[cfg(feature = "tls")]
             Some(acceptor) => match tokio::time::timeout(
                 self.shared.config.handshake_timeout,
@@ -129,8 +143,13 @@ where
             .await
             {
                 Ok(Ok(tls)) => {
+                    let h2 = crate::tls::TlsAcceptor::negotiated_h2(&tls);
                     let stream = MaybeTlsStream::ServerTls(Box::new(tls));
-                    self.serve(stream, peer, slot).await;
+                    if h2 {
+                        self.serve_h2(stream, peer, slot).await;
+                    } else {
+                        self.serve(stream, peer, slot).await;
+                    }
                 }
                 Ok(Err(e)) => {
                     self.shared.stats.reject("tls");
@@ -142,6 +161,40 @@ where
                 }
             },
             _ => self.serve(MaybeTlsStream::Plain(tcp), peer, slot).await,
+        }
+    }
+
+    /// HTTP/2 (over TLS, when the client chose it): every request of the
+    /// connection is a stream of its own; no upgrades.
+    #[cfg(feature = "tls")]
+    async fn serve_h2<I>(self, io: I, peer: SocketAddr, slot: ConnectionSlot)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (shared, service) = (self.shared, self.service);
+        let service = ::hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            shared
+                .stats
+                .http_requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            request.extensions_mut().insert(slot.clone());
+            request.extensions_mut().insert(peer);
+            service.call(request)
+        });
+        let connection = ::hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%peer, "HTTP/2 connection: {e}");
+                }
+            }
+            _ = self.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+            }
         }
     }
 
