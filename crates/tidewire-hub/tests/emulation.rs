@@ -702,3 +702,49 @@ async fn long_polling_answers_what_is_queued_resends_what_is_not_acknowledged_an
     }
     assert!(closed, "the session's end reached the client");
 }
+
+#[tokio::test]
+async fn a_stream_that_is_never_read_is_closed_by_the_slow_consumer_policy() {
+    let mut config = common::config();
+    config.client.queue_messages = 50;
+    config.client.queue_bytes = 256 * 1024;
+    let server = serve(config, Arc::new(MemoryEngine::new())).await;
+    // Connected and subscribed, then never read again.
+    let mut stream = Stream::http_stream(
+        server.addr,
+        "{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"flood\"}}",
+    )
+    .await;
+    stream.until(|m| m["id"] == 2).await;
+    assert_eq!(server.hub.counts().sessions, 1);
+    let big = format!("\"{}\"", "x".repeat(16 * 1024));
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut published = 0;
+    // More than the socket buffers and the queue hold: the queue fills
+    // and the policy (close) ends the session; memory stays bounded.
+    while server.hub.counts().sessions > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session never ended"
+        );
+        for _ in 0..50 {
+            let data = serde_json::value::RawValue::from_string(big.clone()).unwrap();
+            server
+                .hub
+                .publish("flood", tidewire_hub::protocol::Payload::from_json(data))
+                .await
+                .unwrap();
+            published += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(published <= 5_000, "{published}");
+    let metrics = server.hub.metrics_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tidewire_hub_slow_consumers_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    drop(stream);
+}
