@@ -68,6 +68,18 @@ pub enum Protocol {
     Socketio,
 }
 
+/// How `--fanout --protocol tidewire` subscribers reach the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// WebSocket (`/connection/websocket`).
+    Websocket,
+    /// HTTP streaming, newline-delimited JSON (`POST /connection/http_stream`).
+    HttpStream,
+    /// Server-Sent Events (`GET /connection/sse`).
+    Sse,
+}
+
 /// How publications reach the server, for `--fanout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -83,6 +95,7 @@ struct Report {
     url: String,
     mode: &'static str,
     protocol: Protocol,
+    transport: Transport,
     publish_via: PublishVia,
     channel: String,
     connections: usize,
@@ -161,6 +174,20 @@ fn payload(seq: u64, micros: u64, len: usize) -> String {
 }
 
 /// Finds `~SEQ~MICROS~` in a message.
+/// `text` for a query string (everything but unreserved characters
+/// percent-encoded).
+fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn stamp(message: &[u8]) -> Option<(u64, u64)> {
     let at = message.iter().position(|&b| b == b'~')?;
     let mut numbers = [0u64; 2];
@@ -207,6 +234,17 @@ struct Subscriber {
     out_of_order: u64,
     next_seq: u64,
     closed: Option<String>,
+    /// The hub's HTTP fallbacks instead of WebSocket frames.
+    http: Option<HttpFraming>,
+}
+
+/// Reading a streamed HTTP response (chunked), message by message.
+struct HttpFraming {
+    transport: Transport,
+    /// The response head was read.
+    head: bool,
+    /// Decoded body bytes not yet split into messages.
+    body: Vec<u8>,
 }
 
 impl Subscriber {
@@ -228,6 +266,7 @@ impl Subscriber {
             out_of_order: 0,
             next_seq: 0,
             closed: None,
+            http: None,
         };
         if protocol == Protocol::Tidewire {
             let join = format!(
@@ -240,7 +279,111 @@ impl Subscriber {
     }
 
     /// Parses what was read; deliveries are timed against `now_us`.
+    /// Over an HTTP fallback: no WebSocket frames to write.
+    fn over_http(mut self, transport: Transport) -> Subscriber {
+        self.out.clear();
+        self.http = Some(HttpFraming {
+            transport,
+            head: false,
+            body: Vec::new(),
+        });
+        self
+    }
+
+    /// The request that opens the stream, with the connect and subscribe.
+    fn http_request(&self, host: &str) -> Vec<u8> {
+        let commands = format!(
+            "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{}}}}}",
+            serde_json::to_string(&self.channel).expect("a string")
+        );
+        match self.http.as_ref().map(|h| h.transport) {
+            Some(Transport::Sse) => {
+                let query: String = url_encode(&commands);
+                format!(
+                    "GET /connection/sse?commands={query} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
+                )
+                .into_bytes()
+            }
+            _ => format!(
+                "POST /connection/http_stream HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{commands}",
+                commands.len()
+            )
+            .into_bytes(),
+        }
+    }
+
+    /// Response bytes of an HTTP fallback: the head, then chunks, then
+    /// messages (lines, or the `data:` of events).
+    fn feed_http(&mut self, data: &[u8], now_us: u64, samples: &mut Vec<u64>) {
+        self.pending.extend_from_slice(data);
+        let Some(mut http) = self.http.take() else {
+            return;
+        };
+        if !http.head {
+            let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                self.http = Some(http);
+                return;
+            };
+            if !self.pending.starts_with(b"HTTP/1.1 200") {
+                let head = String::from_utf8_lossy(&self.pending[..end.min(80)]).into_owned();
+                self.closed = Some(format!("refused: {head}"));
+                self.http = Some(http);
+                return;
+            }
+            self.pending.drain(..end + 4);
+            http.head = true;
+        }
+        // Whole chunks into the body.
+        while let Some(eol) = self.pending.windows(2).position(|w| w == b"\r\n") {
+            let size = std::str::from_utf8(&self.pending[..eol])
+                .ok()
+                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
+            let Some(size) = size else {
+                self.closed = Some("protocol: bad chunk".into());
+                break;
+            };
+            if size == 0 {
+                self.closed = Some("closed by server".into());
+                break;
+            }
+            if self.pending.len() < eol + 2 + size + 2 {
+                break;
+            }
+            http.body
+                .extend_from_slice(&self.pending[eol + 2..eol + 2 + size]);
+            self.pending.drain(..eol + 2 + size + 2);
+        }
+        // Whole messages out of the body.
+        let separator: &[u8] = if http.transport == Transport::Sse {
+            b"\n\n"
+        } else {
+            b"\n"
+        };
+        let mut used = 0;
+        while let Some(at) = http.body[used..]
+            .windows(separator.len())
+            .position(|w| w == separator)
+        {
+            let item = &http.body[used..used + at];
+            used += at + separator.len();
+            if http.transport == Transport::Sse {
+                for line in item.split(|&b| b == b'\n') {
+                    if let Some(data) = line.strip_prefix(b"data: ") {
+                        self.message(data, now_us, samples);
+                    }
+                }
+            } else if !item.is_empty() {
+                self.message(item, now_us, samples);
+            }
+        }
+        http.body.drain(..used);
+        self.http = Some(http);
+    }
+
     fn feed(&mut self, data: &[u8], now_us: u64, samples: &mut Vec<u64>) {
+        if self.http.is_some() {
+            return self.feed_http(data, now_us, samples);
+        }
         if self.pending.is_empty() {
             let used = self.frames(data, now_us, samples);
             if used < data.len() {
@@ -462,9 +605,21 @@ struct Setup {
 
 async fn subscriber(setup: Arc<Setup>, source: IpAddr) -> anyhow::Result<Outcome> {
     let permit = setup.opening.clone().acquire_owned().await?;
-    let (mut stream, leftover) =
-        open_raw(&setup.args.url, setup.addr, source, &setup.target, None).await?;
-    let mut sub = Subscriber::new(setup.protocol, &setup.args.channel);
+    let transport = setup.args.transport;
+    let (mut stream, leftover, mut sub) = if transport == Transport::Websocket {
+        let (stream, leftover) =
+            open_raw(&setup.args.url, setup.addr, source, &setup.target, None).await?;
+        (
+            stream,
+            leftover,
+            Subscriber::new(setup.protocol, &setup.args.channel),
+        )
+    } else {
+        let stream = connect_transport(setup.addr, source, &setup.target, None).await?;
+        let mut sub = Subscriber::new(setup.protocol, &setup.args.channel).over_http(transport);
+        sub.out = sub.http_request(&setup.addr.to_string());
+        (stream, Vec::new(), sub)
+    };
     let mut samples = Vec::new();
     sub.feed(&leftover, 0, &mut samples);
     let release = setup.release.cancelled();
@@ -500,7 +655,7 @@ async fn subscriber(setup: Arc<Setup>, source: IpAddr) -> anyhow::Result<Outcome
         Err(e) => Some(format!("io: {:?}", e.kind())),
         Ok(()) => sub.closed.take(),
     };
-    if error.is_none() {
+    if error.is_none() && transport == Transport::Websocket {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let mut close = Vec::new();
             masked_frame(OpCode::Close, &1000u16.to_be_bytes(), &mut close);
@@ -861,6 +1016,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if protocol != Protocol::Tidewire && args.publish_via == PublishVia::Api {
         bail!("--publish-via api is for --protocol tidewire");
     }
+    if protocol != Protocol::Tidewire && args.transport != Transport::Websocket {
+        bail!("--transport http-stream and sse are the hub's: --protocol tidewire");
+    }
     let rate = args.rate.unwrap_or(100.0);
     if !(rate >= 0.0 && rate.is_finite()) {
         bail!("--rate must be 0 (no publications) or more");
@@ -1015,6 +1173,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         url: args.url.clone(),
         mode: "fanout",
         protocol,
+        transport: args.transport,
         publish_via: args.publish_via,
         channel: args.channel.clone(),
         connections: args.connections,
@@ -1099,6 +1258,45 @@ fn print_report(r: &Report) {
 mod tests {
     use super::*;
     use crate::bench::wire::tests::server_frame;
+
+    /// `body` as one HTTP chunk.
+    fn chunk(body: &str) -> String {
+        format!("{:x}\r\n{body}\r\n", body.len())
+    }
+
+    #[test]
+    fn http_fallback_subscribers_read_chunks_lines_and_events() {
+        for (transport, wrap) in [
+            (
+                Transport::HttpStream,
+                (|m: &str| format!("{m}\n")) as fn(&str) -> String,
+            ),
+            (Transport::Sse, |m: &str| format!("data: {m}\n\n")),
+        ] {
+            let mut sub = Subscriber::new(Protocol::Tidewire, "ch").over_http(transport);
+            assert!(sub.out.is_empty(), "no WebSocket frames");
+            let request = String::from_utf8(sub.http_request("h:1")).unwrap();
+            assert!(request.contains("/connection/"), "{request}");
+            let mut samples = Vec::new();
+            let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            let reply = wrap("{\"id\":2,\"subscribe\":{}}");
+            let publication = wrap("{\"push\":{\"channel\":\"ch\",\"pub\":{\"data\":\"~0~5~x\"}}}");
+            let all = format!("{head}{}{}", chunk(&reply), chunk(&publication));
+            // In two reads, split inside a chunk.
+            let (a, b) = all.as_bytes().split_at(all.len() - 7);
+            sub.feed(a, 10, &mut samples);
+            assert_eq!(sub.phase, Phase::Ready, "{transport:?}");
+            assert_eq!(sub.received, 0);
+            sub.feed(b, 10, &mut samples);
+            assert_eq!(sub.received, 1, "{transport:?}");
+            assert_eq!(samples, [5]);
+            sub.feed(b"0\r\n\r\n", 10, &mut samples);
+            assert_eq!(sub.closed.as_deref(), Some("closed by server"));
+        }
+        let mut refused = Subscriber::new(Protocol::Tidewire, "ch").over_http(Transport::Sse);
+        refused.feed(b"HTTP/1.1 403 Forbidden\r\n\r\n", 0, &mut Vec::new());
+        assert!(refused.closed.unwrap().starts_with("refused"));
+    }
 
     #[test]
     fn payloads_carry_their_stamp_and_size() {

@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// The server's protocol, for --fanout.
     #[arg(long, value_enum, default_value = "tidewire")]
     protocol: fanout::Protocol,
+    /// How --fanout's subscribers reach the hub (--protocol tidewire):
+    /// websocket, or the HTTP fallbacks http-stream and sse.
+    #[arg(long, value_enum, default_value = "websocket")]
+    transport: fanout::Transport,
     /// How --fanout publishes: a WebSocket client or the hub's HTTP API.
     #[arg(long, value_enum, default_value = "ws")]
     publish_via: fanout::PublishVia,
