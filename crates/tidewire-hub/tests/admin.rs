@@ -184,15 +184,14 @@ async fn an_admin_connection_is_sent_every_node_with_its_counters_each_second() 
         "{first} then {later}"
     );
 
-    // B goes away: it leaves the view once unheard of.
-    b.shutdown.cancel();
+    // B goes away (its server task and every handle on its hub gone, so
+    // its heartbeats stop): it leaves the view once unheard of.
     drop(reader);
-    b.hub.shutdown();
-    let b_hub = b.hub.clone();
-    drop(b);
-    drop(b_hub);
+    b.task.abort();
+    let _ = b.task.await;
+    drop(b.hub);
     let gone = tokio::time::timeout(
-        tidewire_hub::node::NODE_TIMEOUT + Duration::from_secs(5),
+        tidewire_hub::node::NODE_TIMEOUT + Duration::from_secs(10),
         view_where_forever(&mut admin, |view| {
             view["nodes"].as_array().map(Vec::len) == Some(1)
         }),

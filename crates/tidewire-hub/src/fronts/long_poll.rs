@@ -398,7 +398,8 @@ impl LongPolls {
     /// Serves relayed polls and their answers on `hub`.
     pub fn listen(self: &Arc<Self>, hub: &Hub) {
         let me: Weak<LongPolls> = Arc::downgrade(self);
-        let relay_hub = hub.clone();
+        // Weak: the hub holds this handler.
+        let relay_hub = hub.downgrade();
         hub.on_relay(
             POLL_TOPIC,
             Arc::new(move |payload: &str| {
@@ -406,7 +407,9 @@ impl LongPolls {
                 let Ok(poll) = serde_json::from_str::<RelayedPoll>(payload) else {
                     return tracing::warn!("unreadable relayed poll");
                 };
-                let hub = relay_hub.clone();
+                let Some(hub) = relay_hub.upgrade() else {
+                    return;
+                };
                 tokio::spawn(async move {
                     let wait = Duration::from_millis(poll.wait_ms).min(MAX_WAIT);
                     let body = me

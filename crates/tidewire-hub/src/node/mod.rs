@@ -92,6 +92,29 @@ pub struct Hub {
     node: Arc<Node>,
 }
 
+/// A hub that does not keep it alive: what a handler the hub itself holds
+/// (a relay handler, say) keeps, so that no cycle outlives the hub.
+#[derive(Clone)]
+pub struct WeakHub {
+    node: Weak<Node>,
+}
+
+impl WeakHub {
+    /// The hub, while it lives.
+    pub fn upgrade(&self) -> Option<Hub> {
+        self.node.upgrade().map(|node| Hub { node })
+    }
+}
+
+impl Hub {
+    /// A handle that does not keep the hub alive.
+    pub fn downgrade(&self) -> WeakHub {
+        WeakHub {
+            node: Arc::downgrade(&self.node),
+        }
+    }
+}
+
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
