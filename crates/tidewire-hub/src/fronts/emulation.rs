@@ -321,11 +321,19 @@ async fn run(
             break;
         }
         let connect_wait = (!timed_out && !session.is_connected()).then_some(connect_deadline);
+        // A timer only while a batch is missing: an idle session sleeps.
+        let missing = lock(&emulated.order).missing_since.is_some();
         tokio::select! {
             _ = emulated.wake.notified() => {}
             _ = sink.ended_signal().notified() => {}
             _ = gone.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = async {
+                if missing {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {}
             _ = async {
                 match connect_wait {
                     Some(at) => tokio::time::sleep_until(at).await,
