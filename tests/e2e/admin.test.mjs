@@ -5,20 +5,14 @@
 // draw; a reload keeps the session; signing out asks again.
 
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
+
+import { artifacts, launch } from './chromium.mjs';
 
 import { Server } from '../../clients/js/test/helpers.js';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const require = createRequire(path.join(root, 'tests/interop/package.json'));
-const { chromium } = require('playwright-core');
 
-const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const artifacts = path.join(process.env.TIDEWIRE_TEST_ARTIFACTS || path.join(root, 'test-artifacts'), 'e2e');
 const WAIT = 20000;
 const ADMIN_SECRET = 'e2e-admin-secret';
 const CLIENTS = 5;
@@ -28,15 +22,8 @@ describe('admin page', { timeout: 120000 }, () => {
   let browser;
 
   before(async () => {
-    assert.ok(existsSync(executablePath), `${executablePath} not found (scripts/install-deps installs chromium)`);
-    mkdirSync(artifacts, { recursive: true });
     server = await Server.start(`[admin]\nsecret = "${ADMIN_SECRET}"\n`);
-    browser = await chromium.launch({
-      executablePath,
-      headless: true,
-      timeout: 60000,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--no-first-run'],
-    });
+    browser = await launch();
   });
 
   after(async () => {

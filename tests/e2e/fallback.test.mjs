@@ -8,21 +8,15 @@
 // stream is cut recovers every message it missed once.
 
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
+
+import { artifacts, launch } from './chromium.mjs';
 
 import { Server } from '../../clients/js/test/helpers.js';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const require = createRequire(path.join(root, 'tests/interop/package.json'));
-const { chromium } = require('playwright-core');
 
-const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const artifacts = path.join(process.env.TIDEWIRE_TEST_ARTIFACTS || path.join(root, 'test-artifacts'), 'e2e');
 const WAIT = 30000;
 
 /** A TCP proxy that blocks WebSocket upgrades (`refuse` or `swallow`) and forwards the rest. */
@@ -114,15 +108,8 @@ describe('demo chat over the HTTP fallbacks', { timeout: 240000 }, () => {
   const pageErrors = [];
 
   before(async () => {
-    assert.ok(existsSync(executablePath), `${executablePath} not found (scripts/install-deps installs chromium)`);
-    mkdirSync(artifacts, { recursive: true });
     server = await Server.start('');
-    browser = await chromium.launch({
-      executablePath,
-      headless: true,
-      timeout: 60000,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--no-first-run'],
-    });
+    browser = await launch();
   });
 
   after(async () => {

@@ -7,19 +7,13 @@
 // HTTP/1.1).
 
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
+
+import { launch } from './chromium.mjs';
 
 import { API_KEY, Server } from '../../clients/js/test/helpers.js';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const require = createRequire(path.join(root, 'tests/interop/package.json'));
-const { chromium } = require('playwright-core');
 
-const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const CLIENTS = 10;
 
 describe('fallbacks over HTTP/2', { timeout: 120000 }, () => {
@@ -27,15 +21,9 @@ describe('fallbacks over HTTP/2', { timeout: 120000 }, () => {
   let browser;
 
   before(async () => {
-    assert.ok(existsSync(executablePath), `${executablePath} not found (scripts/install-deps installs chromium)`);
     server = await Server.start('', { args: ['--tls-self-signed'] });
     assert.equal(server.scheme, 'https');
-    browser = await chromium.launch({
-      executablePath,
-      headless: true,
-      timeout: 60000,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--no-first-run', '--ignore-certificate-errors'],
-    });
+    browser = await launch(['--ignore-certificate-errors']);
   });
 
   after(async () => {

@@ -6,48 +6,13 @@
 // then gets the new publications.
 
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import net from 'node:net';
+import { spawnSync } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
 
 import { Client, subscribingCodes } from '../src/index.js';
-import { Server, clientFactory, nextEvent, sleep, subscriber, waitFor } from './helpers.js';
+import { Server, clientFactory, nextEvent, sleep, startRedis, subscriber, waitFor } from './helpers.js';
 
 const FAST = { minReconnectDelay: 50, maxReconnectDelay: 400, timeout: 5000 };
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
-async function startRedis() {
-  const port = await freePort();
-  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
-    stdio: 'ignore',
-  });
-  await new Promise((resolve, reject) => {
-    child.once('error', (e) => reject(new Error(`redis-server (scripts/install-deps installs it): ${e.message}`)));
-    child.once('spawn', resolve);
-  });
-  await waitFor(
-    () =>
-      new Promise((resolve) => {
-        const socket = net.connect(port, '127.0.0.1', () => {
-          socket.destroy();
-          resolve(true);
-        });
-        socket.on('error', () => resolve(false));
-      }),
-    'redis-server listening',
-  );
-  return { port, child };
-}
 
 describe('several nodes on Redis', { timeout: 60000 }, () => {
   const newClient = clientFactory(Client);

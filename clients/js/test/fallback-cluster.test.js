@@ -7,51 +7,15 @@
 // haproxy and recovers every publication it missed, once, in order.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import { Client } from '../src/index.js';
-import { Server, clientFactory, nextEvent, waitFor } from './helpers.js';
+import { Server, clientFactory, freePort, listening, nextEvent, spawnChecked, startRedis, waitFor } from './helpers.js';
 
 const FAST = { minReconnectDelay: 50, maxReconnectDelay: 400, timeout: 5000 };
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const probe = net.createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
-function listening(port) {
-  return waitFor(
-    () =>
-      new Promise((resolve) => {
-        const socket = net.connect(port, '127.0.0.1', () => {
-          socket.destroy();
-          resolve(true);
-        });
-        socket.on('error', () => resolve(false));
-      }),
-    `port ${port} listening`,
-  );
-}
-
-async function spawnChecked(command, args) {
-  const child = spawn(command, args, { stdio: 'ignore' });
-  await new Promise((resolve, reject) => {
-    child.once('error', (e) => reject(new Error(`${command} (scripts/install-deps installs it): ${e.message}`)));
-    child.once('spawn', resolve);
-  });
-  return child;
-}
 
 describe('fallbacks on three nodes behind round-robin haproxy', { timeout: 120000 }, () => {
   const newClient = clientFactory(Client);
@@ -62,10 +26,8 @@ describe('fallbacks on three nodes behind round-robin haproxy', { timeout: 12000
   let port;
 
   before(async () => {
-    const redisPort = await freePort();
-    redis = await spawnChecked('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no']);
-    await listening(redisPort);
-    const config = `[engine]\ntype = "redis"\nredis_url = "redis://127.0.0.1:${redisPort}"\nredis_prefix = "rr"\n`;
+    redis = await startRedis();
+    const config = `[engine]\ntype = "redis"\nredis_url = "redis://127.0.0.1:${redis.port}"\nredis_prefix = "rr"\n`;
     nodes = await Promise.all([0, 1, 2].map(() => Server.start(config)));
     port = await freePort();
     dir = mkdtempSync(path.join(tmpdir(), 'tidewire-haproxy-'));
@@ -106,7 +68,7 @@ describe('fallbacks on three nodes behind round-robin haproxy', { timeout: 12000
   after(async () => {
     haproxy?.kill('SIGKILL');
     await Promise.all(nodes.map((n) => n.close()));
-    redis?.kill('SIGKILL');
+    redis?.child.kill('SIGKILL');
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 

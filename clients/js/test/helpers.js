@@ -305,3 +305,48 @@ export async function subscriber(newClient, url, channel, options) {
   await sub.ready(5000);
   return { client, sub, got, events };
 }
+
+/** A free TCP port on loopback (free when asked: bind it soon). */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+/** Resolves once something listens on `port` of 127.0.0.1. */
+export function listening(port) {
+  return waitFor(
+    () =>
+      new Promise((resolve) => {
+        const socket = net.connect(port, '127.0.0.1', () => {
+          socket.destroy();
+          resolve(true);
+        });
+        socket.on('error', () => resolve(false));
+      }),
+    `port ${port} listening`,
+  );
+}
+
+/** Spawns `command` (output ignored); rejects, naming install-deps, when it cannot start. */
+export async function spawnChecked(command, args) {
+  const child = spawn(command, args, { stdio: 'ignore' });
+  await new Promise((resolve, reject) => {
+    child.once('error', (e) => reject(new Error(`${command} (scripts/install-deps installs it): ${e.message}`)));
+    child.once('spawn', resolve);
+  });
+  return child;
+}
+
+/** A redis-server of the test's own on a free port, without persistence: `{ port, child }`. */
+export async function startRedis() {
+  const port = await freePort();
+  const child = await spawnChecked('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no']);
+  await listening(port);
+  return { port, child };
+}

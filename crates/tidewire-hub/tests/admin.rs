@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use common::{api, http, Client, TestServer, API_KEY, LIMIT};
 use serde_json::{json, Value};
-use tidewire::CancellationToken;
-use tidewire_hub::{Config, Hub, MemoryEngine};
-use tokio::net::TcpListener;
+use tidewire_hub::{Config, MemoryEngine};
 
 const ADMIN_SECRET: &str = "operator-secret";
 
@@ -22,25 +20,8 @@ fn admin_config() -> Config {
     config
 }
 
-/// A hub served on loopback over `engine`.
 async fn serve(config: Config, engine: Arc<MemoryEngine>) -> TestServer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hub = Hub::new(config, engine).unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tidewire_hub::http::serve(
-        hub.clone(),
-        listener,
-        API_KEY,
-        None,
-        shutdown.clone(),
-    ));
-    TestServer {
-        addr,
-        hub,
-        shutdown,
-        task,
-    }
+    common::start_on(config, engine).await
 }
 
 async fn token_for(server: &TestServer, body: &str) -> (u16, Value) {

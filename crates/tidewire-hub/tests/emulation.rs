@@ -9,31 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{api, http, TestServer, API_KEY, LIMIT};
+use common::{api, http, TestServer, LIMIT};
 use serde_json::{json, Value};
-use tidewire::CancellationToken;
-use tidewire_hub::{Config, Hub, MemoryEngine};
+use tidewire_hub::{Config, MemoryEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 async fn serve(config: Config, engine: Arc<MemoryEngine>) -> TestServer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hub = Hub::new(config, engine).unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tidewire_hub::http::serve(
-        hub.clone(),
-        listener,
-        API_KEY,
-        None,
-        shutdown.clone(),
-    ));
-    TestServer {
-        addr,
-        hub,
-        shutdown,
-        task,
-    }
+    common::start_on(config, engine).await
 }
 
 /// A streamed HTTP response read message by message (chunked transfer

@@ -447,6 +447,30 @@ impl Messages {
     }
 }
 
+/// The delay before a PUB/SUB reader connects again: from 100 ms,
+/// doubling up to 2 s, back to 100 ms once a connection stands.
+pub(super) struct Backoff(std::time::Duration);
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub(super) fn new() -> Backoff {
+        Backoff(Backoff::FIRST)
+    }
+
+    /// Sleeps, and doubles the next delay.
+    pub(super) async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Backoff::MAX);
+    }
+
+    /// A connection stands.
+    pub(super) fn reset(&mut self) {
+        self.0 = Backoff::FIRST;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

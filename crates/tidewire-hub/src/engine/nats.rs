@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::link::{Nats, Sink};
+use super::link::{self, Nats, Sink};
 use super::wire::{self, Event};
 use super::{
     BoxFuture, Broker, EngineError, EngineEvents, EngineStats, HistoryOptions, HistoryQuery,
@@ -136,7 +136,7 @@ impl Inner {
 /// The reader: (re)connects, subscribes every channel, hands what arrives
 /// to the node; ends when the engine is dropped.
 async fn listen(inner: Weak<Inner>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = link::Backoff::new();
     loop {
         let Some(engine) = inner.upgrade() else {
             return;
@@ -150,15 +150,14 @@ async fn listen(inner: Weak<Inner>) {
                     Ok(()) => {
                         subscriptions.1 = Some(sink);
                         engine.listening.store(true, Ordering::SeqCst);
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         messages
                     }
                     Err(e) => {
                         tracing::warn!("NATS subscribe failed: {e}");
                         drop(subscriptions);
                         drop(engine);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        backoff.wait().await;
                         continue;
                     }
                 }
@@ -166,8 +165,7 @@ async fn listen(inner: Weak<Inner>) {
             Err(e) => {
                 tracing::warn!("NATS connection failed: {e}");
                 drop(engine);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
                 continue;
             }
         };

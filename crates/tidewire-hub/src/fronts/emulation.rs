@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::stream_queue::{Pushed, StreamQueue};
+use super::stream_queue::{Parts, Pushed, StreamQueue};
 use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Transport};
 use crate::protocol::Frame;
 use crate::shards::lock;
@@ -375,6 +375,23 @@ impl StreamKind {
         }
     }
 
+    /// A frame as the parts of one message of the stream: the frame's own
+    /// bytes (shared by every subscriber) between static framing; a frame
+    /// of several lines (SSE: a `data:` each) is framed by copy.
+    fn frame(self, text: tidewire::Utf8Text) -> Parts {
+        match self {
+            StreamKind::Sse if text.as_str().contains('\n') => {
+                [self.encode(text.as_str()), Bytes::new(), Bytes::new()]
+            }
+            StreamKind::Sse => [
+                Bytes::from_static(b"data: "),
+                text.into_bytes(),
+                Bytes::from_static(b"\n\n"),
+            ],
+            StreamKind::Ndjson => [text.into_bytes(), Bytes::from_static(b"\n"), Bytes::new()],
+        }
+    }
+
     /// One message (one or more JSON lines) as bytes of the stream.
     fn encode(self, text: &str) -> Bytes {
         match self {
@@ -417,11 +434,11 @@ impl ClientSink for StreamSink {
     }
 
     fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
-        let Some(text) = frame.as_text() else {
+        let Frame::Text(text) = frame else {
             // The JSON codec sends text only.
             return SendOutcome::Dropped;
         };
-        match self.queue.push(self.kind.encode(text), kind) {
+        match self.queue.push(self.kind.frame(text), kind) {
             Pushed::Outcome(outcome) => outcome,
             Pushed::Overflow(code) => {
                 self.close(code, "send queue full");
@@ -465,5 +482,19 @@ mod tests {
             b"data: {\"a\":1}\ndata: {\"b\":2}\n\n"
         );
         assert_eq!(&StreamKind::Ndjson.encode("{\"a\":1}")[..], b"{\"a\":1}\n");
+        let joined = |parts: Parts| parts.concat();
+        let text = |t: &'static str| tidewire::Utf8Text::from_static(t);
+        assert_eq!(
+            joined(StreamKind::Sse.frame(text("{\"a\":1}"))),
+            b"data: {\"a\":1}\n\n"
+        );
+        assert_eq!(
+            joined(StreamKind::Sse.frame(text("{\"a\":1}\n{\"b\":2}"))),
+            b"data: {\"a\":1}\ndata: {\"b\":2}\n\n"
+        );
+        assert_eq!(
+            joined(StreamKind::Ndjson.frame(text("{\"a\":1}"))),
+            b"{\"a\":1}\n"
+        );
     }
 }

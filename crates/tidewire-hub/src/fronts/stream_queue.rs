@@ -22,9 +22,19 @@ pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Largest chunk the body takes at once.
 const MAX_CHUNK: usize = 1 << 16;
 
+/// One queued message in up to three parts (a frame between its
+/// transport's framing, say `data: `, the frame, `\n\n`), so that a frame
+/// encoded once for every subscriber is not copied per subscriber to be
+/// framed.
+pub(crate) type Parts = [Bytes; 3];
+
+fn parts_len(parts: &Parts) -> usize {
+    parts.iter().map(Bytes::len).sum()
+}
+
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<Parts>,
     bytes: usize,
     /// Closed by the hub: the last message, sent after what is queued.
     closed: Option<Bytes>,
@@ -79,23 +89,23 @@ impl StreamQueue {
     pub(crate) fn push_raw(&self, bytes: Bytes) {
         let mut state = lock(&self.state);
         state.bytes += bytes.len();
-        state.queue.push_back(bytes);
+        state.queue.push_back([bytes, Bytes::new(), Bytes::new()]);
         drop(state);
         self.wake.notify_one();
     }
 
-    /// Queues the bytes of a frame of `kind`, within the limits.
-    pub(crate) fn push(&self, bytes: Bytes, kind: FrameKind) -> Pushed {
+    /// Queues the parts of a message of `kind`, within the limits.
+    pub(crate) fn push(&self, parts: Parts, kind: FrameKind) -> Pushed {
         {
             let mut state = lock(&self.state);
             if state.closed.is_some() || state.finished {
                 return Pushed::Outcome(SendOutcome::Closed);
             }
-            let full = state.queue.len() >= self.max_messages
-                || state.bytes + bytes.len() > self.max_bytes;
+            let len = parts_len(&parts);
+            let full = state.queue.len() >= self.max_messages || state.bytes + len > self.max_bytes;
             if !full {
-                state.bytes += bytes.len();
-                state.queue.push_back(bytes);
+                state.bytes += len;
+                state.queue.push_back(parts);
                 drop(state);
                 self.wake.notify_one();
                 return Pushed::Outcome(SendOutcome::Queued);
@@ -145,9 +155,11 @@ impl StreamQueue {
                 let mut state = lock(&self.state);
                 if !state.queue.is_empty() {
                     let mut chunk = Vec::with_capacity(state.bytes.min(MAX_CHUNK));
-                    while let Some(bytes) = state.queue.pop_front() {
-                        state.bytes -= bytes.len();
-                        chunk.extend_from_slice(&bytes);
+                    while let Some(parts) = state.queue.pop_front() {
+                        state.bytes -= parts_len(&parts);
+                        for part in &parts {
+                            chunk.extend_from_slice(part);
+                        }
                         if chunk.len() >= MAX_CHUNK {
                             break;
                         }

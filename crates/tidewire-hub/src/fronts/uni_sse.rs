@@ -316,7 +316,10 @@ impl ClientSink for UniSink {
         let outcome = if events.is_empty() {
             SendOutcome::Queued
         } else {
-            match self.queue.push(Bytes::from(events), kind) {
+            match self
+                .queue
+                .push([Bytes::from(events), Bytes::new(), Bytes::new()], kind)
+            {
                 Pushed::Outcome(outcome) => outcome,
                 Pushed::Overflow(code) => {
                     self.close(code, "send queue full");

@@ -43,9 +43,14 @@ pub fn config() -> Config {
 }
 
 pub async fn start(config: Config) -> TestServer {
+    start_on(config, Arc::new(MemoryEngine::new())).await
+}
+
+/// A hub over `engine` (shared by several hubs: nodes of one cluster).
+pub async fn start_on(config: Config, engine: Arc<MemoryEngine>) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let hub = Hub::new(config, Arc::new(MemoryEngine::new())).unwrap();
+    let hub = Hub::new(config, engine).unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tidewire_hub::http::serve(
         hub.clone(),

@@ -801,7 +801,7 @@ impl Inner {
 /// The PUB/SUB reader: (re)connects, subscribes every channel, hands
 /// what arrives to the node; ends when the engine is dropped.
 async fn listen(inner: Weak<Inner>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = link::Backoff::new();
     loop {
         let Some(engine) = inner.upgrade() else {
             return;
@@ -823,15 +823,14 @@ async fn listen(inner: Weak<Inner>) {
                     Ok(()) => {
                         subscriptions.sink = Some(sink);
                         engine.listening.store(true, Ordering::SeqCst);
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         messages
                     }
                     Err(e) => {
                         tracing::warn!("Redis PUB/SUB subscribe failed: {e}");
                         drop(subscriptions);
                         drop(engine);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        backoff.wait().await;
                         continue;
                     }
                 }
@@ -839,8 +838,7 @@ async fn listen(inner: Weak<Inner>) {
             Err(e) => {
                 tracing::warn!("Redis PUB/SUB connection failed: {e}");
                 drop(engine);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
                 continue;
             }
         };
