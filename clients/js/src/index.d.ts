@@ -141,7 +141,14 @@ export interface ClientOptions {
   /** `fetch` for the HTTP fallbacks. Default: `globalThis.fetch`. */
   fetch?: ((input: string, init?: any) => Promise<any>) | null;
   /** The EventSource class for `sse`. Default: `globalThis.EventSource` (browsers). */
-  EventSource?: (new (url: string) => any) | null;
+  EventSource?: (new (url: string, init?: { withCredentials?: boolean }) => any) | null;
+  /**
+   * Send the page's cookies with the HTTP fallbacks when the server is of another origin
+   * (`fetch` `credentials: 'include'`, `EventSource` `withCredentials`); the server must list the
+   * page's origin in `server.allowed_origins`. Same-origin requests always carry them, and so does
+   * a WebSocket. Default false.
+   */
+  withCredentials?: boolean;
   /** First reconnect delay in ms (500); doubles up to `maxReconnectDelay` (20000), with jitter. */
   minReconnectDelay?: number;
   maxReconnectDelay?: number;

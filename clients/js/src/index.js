@@ -115,6 +115,7 @@ const DEFAULTS = {
   transports: TRANSPORTS,
   fetch: null,
   EventSource: null,
+  withCredentials: false,
   getToken: null,
   data: undefined,
   WebSocket: null,
@@ -225,10 +226,14 @@ function fallbackBase(url) {
  * `/connection/emulation` in order. Subclasses open the stream.
  */
 class EmulatedSocket {
-  constructor(url, fetchImpl) {
+  constructor(url, fetchImpl, withCredentials) {
     this.readyState = 0;
     this._base = fallbackBase(url);
     this._fetch = fetchImpl;
+    this._withCredentials = withCredentials === true;
+    // Cookies go to another origin only when asked for (and the server
+    // allows that origin); to the page's own, always.
+    this._credentials = this._withCredentials ? 'include' : 'same-origin';
     this._abort = typeof AbortController === 'function' ? new AbortController() : null;
     this._session = null;
     this._seq = 0;
@@ -295,6 +300,7 @@ class EmulatedSocket {
           headers: { 'Content-Type': 'application/json' },
           body,
           cache: 'no-store',
+          credentials: this._credentials,
           signal: this._abort ? this._abort.signal : undefined,
         });
         if (!response.ok) this._fail(response.status === 429 ? 1013 : 1006, `commands refused: HTTP ${response.status}`);
@@ -323,6 +329,7 @@ class HttpStreamSocket extends EmulatedSocket {
         headers: { 'Content-Type': 'application/x-ndjson' },
         body: initial,
         cache: 'no-store',
+        credentials: this._credentials,
         signal: this._abort ? this._abort.signal : undefined,
       });
     } catch (e) {
@@ -397,6 +404,7 @@ class LongPollSocket extends EmulatedSocket {
       const response = await this._fetch(url, {
         ...init,
         cache: 'no-store',
+        credentials: this._credentials,
         signal: this._abort ? this._abort.signal : undefined,
       });
       const body = await response.text();
@@ -414,14 +422,15 @@ class LongPollSocket extends EmulatedSocket {
 
 /** Server-Sent Events: `EventSource` on GET /connection/sse?commands=…; each event one or more JSON lines. */
 class SseSocket extends EmulatedSocket {
-  constructor(url, fetchImpl, EventSourceImpl) {
-    super(url, fetchImpl);
+  constructor(url, fetchImpl, EventSourceImpl, withCredentials) {
+    super(url, fetchImpl, withCredentials);
     this._EventSource = EventSourceImpl;
     this._source = null;
   }
 
   _open(initial) {
-    const source = new this._EventSource(`${this._base}sse?commands=${encodeURIComponent(initial)}`);
+    const source = new this._EventSource(`${this._base}sse?commands=${encodeURIComponent(initial)}`,
+      { withCredentials: this._withCredentials });
     this._source = source;
     source.onmessage = (event) => {
       for (const line of String(event.data).split('\n')) {
@@ -674,9 +683,10 @@ export class Client extends Emitter {
   _newTransport(name) {
     const o = this._options;
     const fetchImpl = o.fetch || globalThis.fetch.bind(globalThis);
-    if (name === 'http_stream') return new HttpStreamSocket(this.url, fetchImpl);
-    if (name === 'sse') return new SseSocket(this.url, fetchImpl, o.EventSource || globalThis.EventSource);
-    if (name === 'long_poll') return new LongPollSocket(this.url, fetchImpl);
+    const credentials = o.withCredentials;
+    if (name === 'http_stream') return new HttpStreamSocket(this.url, fetchImpl, credentials);
+    if (name === 'sse') return new SseSocket(this.url, fetchImpl, o.EventSource || globalThis.EventSource, credentials);
+    if (name === 'long_poll') return new LongPollSocket(this.url, fetchImpl, credentials);
     const WS = o.WebSocket || globalThis.WebSocket;
     return new WS(this.url, SUBPROTOCOL);
   }

@@ -139,6 +139,20 @@ describe('HTTP fallbacks', { timeout: 90000 }, () => {
     }
   });
 
+  test('withCredentials asks fetch to send cookies to another origin; by default only to the same', async () => {
+    for (const [withCredentials, expected] of [[true, 'include'], [false, 'same-origin']]) {
+      const modes = new Set();
+      const spy = (url, init) => {
+        modes.add(init.credentials);
+        return fetch(url, init);
+      };
+      const { client } = await subscriber(newClient, server.wsUrl, `fb:cred:${withCredentials}`,
+        { ...FAST, transports: ['long_poll'], fetch: spy, withCredentials });
+      await client.publish(`fb:cred:${withCredentials}`, { n: 1 });
+      assert.deepEqual([...modes], [expected]);
+    }
+  });
+
   test('an unknown transport is refused at construction', () => {
     assert.throws(() => new Client(server.wsUrl, { transports: ['carrier-pigeon'] }), /transports/);
     assert.throws(() => new Client(server.wsUrl, { transports: [] }), /transports/);

@@ -123,6 +123,12 @@ pub struct ClientSettings {
         serialize_with = "serialize_slow_consumer"
     )]
     pub slow_consumer: SlowConsumer,
+    /// The name of a cookie that carries the connection token: a
+    /// `connect` without a token uses the cookie's (the browser sends it
+    /// with the WebSocket upgrade and the HTTP fallbacks alike). Unset:
+    /// cookies are not read. Pair it with `server.allowed_origins`: a
+    /// cookie is sent whichever page opens the connection.
+    pub token_cookie: Option<String>,
 }
 
 impl Default for ClientSettings {
@@ -141,6 +147,7 @@ impl Default for ClientSettings {
             queue_messages: 1024,
             queue_bytes: 1 << 20,
             slow_consumer: SLOW_CONSUMER_CLOSE,
+            token_cookie: None,
         }
     }
 }
@@ -369,7 +376,22 @@ pub struct ProxySettings {
     /// Timeout of one callback.
     #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub timeout: Duration,
+    /// Headers of the request that opened a connection (the WebSocket
+    /// upgrade, or the request that opened an HTTP-fallback session)
+    /// passed on to the connect callback, so that the application can
+    /// authenticate a browser by its cookies. Case-insensitive.
+    pub http_headers: Vec<String>,
 }
+
+/// The headers the connect callback is given unless configured otherwise.
+pub const DEFAULT_PROXY_HTTP_HEADERS: &[&str] = &[
+    "cookie",
+    "authorization",
+    "origin",
+    "user-agent",
+    "x-forwarded-for",
+    "x-real-ip",
+];
 
 impl Default for ProxySettings {
     fn default() -> Self {
@@ -377,6 +399,10 @@ impl Default for ProxySettings {
             connect_url: None,
             publish_url: None,
             timeout: Duration::from_secs(5),
+            http_headers: DEFAULT_PROXY_HTTP_HEADERS
+                .iter()
+                .map(|&h| h.to_owned())
+                .collect(),
         }
     }
 }
@@ -588,6 +614,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TIDEWIRE_CLIENT_ANONYMOUS", "client.anonymous"),
     ("TIDEWIRE_PROXY_CONNECT_URL", "proxy.connect_url"),
     ("TIDEWIRE_PROXY_PUBLISH_URL", "proxy.publish_url"),
+    ("TIDEWIRE_PROXY_HTTP_HEADERS", "proxy.http_headers"),
+    ("TIDEWIRE_CLIENT_TOKEN_COOKIE", "client.token_cookie"),
     ("TIDEWIRE_ALLOWED_ORIGINS", "server.allowed_origins"),
     ("TIDEWIRE_MAX_CONNECTIONS", "server.max_connections"),
     ("TIDEWIRE_TLS_CERT", "server.tls_cert"),
@@ -688,13 +716,21 @@ impl Config {
         if let Some(v) = get("TIDEWIRE_PROXY_PUBLISH_URL") {
             self.proxy.publish_url = Some(v);
         }
-        if let Some(v) = get("TIDEWIRE_ALLOWED_ORIGINS") {
-            self.server.allowed_origins = v
-                .split(',')
+        let list = |v: String| {
+            v.split(',')
                 .map(str::trim)
                 .filter(|o| !o.is_empty())
                 .map(String::from)
-                .collect();
+                .collect()
+        };
+        if let Some(v) = get("TIDEWIRE_PROXY_HTTP_HEADERS") {
+            self.proxy.http_headers = list(v);
+        }
+        if let Some(v) = get("TIDEWIRE_CLIENT_TOKEN_COOKIE") {
+            self.client.token_cookie = Some(v);
+        }
+        if let Some(v) = get("TIDEWIRE_ALLOWED_ORIGINS") {
+            self.server.allowed_origins = list(v);
         }
         if let Some(v) = get("TIDEWIRE_MAX_CONNECTIONS") {
             self.server.max_connections = v.parse().map_err(|e| ConfigError::Env {
@@ -767,6 +803,21 @@ impl Config {
             return invalid(
                 "admin.secret is empty: set a secret, or leave it out to use the API key".into(),
             );
+        }
+        if let Some(bad) = self
+            .proxy
+            .http_headers
+            .iter()
+            .find(|h| http::HeaderName::from_bytes(h.as_bytes()).is_err())
+        {
+            return invalid(format!("proxy.http_headers: {bad:?} is not a header name"));
+        }
+        if let Some(name) = &self.client.token_cookie {
+            if name.is_empty() || name.contains([';', '=', ',', ' ', '"']) {
+                return invalid(format!(
+                    "client.token_cookie: {name:?} is not a cookie name"
+                ));
+            }
         }
         if self.engine.broker == BrokerKind::Nats && self.engine.kind == EngineKind::Memory {
             return invalid(

@@ -28,13 +28,17 @@ pub struct Proxy {
 pub struct ConnectCall<'a> {
     /// The new client's id.
     pub client: &'a str,
-    /// The transport (`websocket`).
+    /// The transport (`websocket`, `sse`, `http_stream`, `long_poll`, `uni_sse`).
     pub transport: &'a str,
     /// The user from the connection token, if one was given ("" if not).
     pub user: &'a str,
     /// The `data` of the connect command.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<&'a RawValue>,
+    /// The headers of `proxy.http_headers` that the opening request had
+    /// (lowercase names): the browser's cookies, say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<&'a std::collections::BTreeMap<String, String>>,
 }
 
 /// What the connect callback decided.

@@ -56,19 +56,28 @@ impl Stream {
     }
 
     async fn http_stream(addr: SocketAddr, commands: &str) -> Stream {
+        Stream::http_stream_with(addr, commands, "").await
+    }
+
+    /// `headers`: more header lines, each ending in CRLF.
+    async fn http_stream_with(addr: SocketAddr, commands: &str, headers: &str) -> Stream {
         let request = format!(
-            "POST /connection/http_stream HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{commands}",
+            "POST /connection/http_stream HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n{headers}\r\n{commands}",
             commands.len()
         );
         Stream::open(addr, request, false).await
     }
 
     async fn sse(addr: SocketAddr, commands: &str) -> Stream {
+        Stream::sse_with(addr, commands, "").await
+    }
+
+    async fn sse_with(addr: SocketAddr, commands: &str, headers: &str) -> Stream {
         let query: String = form_urlencoded::Serializer::new(String::new())
             .append_pair("commands", commands)
             .finish();
         let request = format!(
-            "GET /connection/sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+            "GET /connection/sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{headers}\r\n"
         );
         Stream::open(addr, request, true).await
     }
@@ -361,8 +370,13 @@ impl Events {
         let last = last_event_id
             .map(|id| format!("Last-Event-ID: {id}\r\n"))
             .unwrap_or_default();
+        Events::open_with(addr, query, &last).await
+    }
+
+    /// `headers`: more header lines, each ending in CRLF.
+    async fn open_with(addr: SocketAddr, query: &str, headers: &str) -> (u16, Events) {
         let request = format!(
-            "GET /connection/uni_sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{last}\r\n"
+            "GET /connection/uni_sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{headers}\r\n"
         );
         let stream = Stream::open(addr, request, true).await;
         let status = stream.headers[9..12].parse().unwrap();
@@ -730,4 +744,248 @@ async fn a_stream_that_is_never_read_is_closed_by_the_slow_consumer_policy() {
         "{metrics}"
     );
     drop(stream);
+}
+
+/// The `connect` reply (command id 1) of a stream opened with `headers`.
+async fn stream_connect_reply(addr: SocketAddr, sse: bool, headers: &str) -> Value {
+    let commands = "{\"id\":1,\"connect\":{}}";
+    let mut stream = if sse {
+        Stream::sse_with(addr, commands, headers).await
+    } else {
+        Stream::http_stream_with(addr, commands, headers).await
+    };
+    stream.session().await;
+    stream.until(|m| m["id"] == 1).await
+}
+
+/// The `connect` reply of a long-polling session opened with `headers`.
+async fn long_poll_connect_reply(addr: SocketAddr, headers: &[(&str, &str)]) -> Value {
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/connection/long_poll?wait=1",
+        headers,
+        "{\"id\":1,\"connect\":{}}",
+    )
+    .await;
+    let (_, messages) = poll_answer(status, &body);
+    messages
+        .into_iter()
+        .find(|m| m["id"] == 1)
+        .expect("the connect reply")
+}
+
+#[tokio::test]
+async fn a_connection_token_in_a_cookie_connects_over_every_transport() {
+    let mut config = common::config();
+    config.client.anonymous = false;
+    config.client.token_cookie = Some("tw_token".into());
+    let server = serve(config, Arc::new(MemoryEngine::new())).await;
+    let cookie = format!("theme=dark; tw_token={}", common::token("ann", 60, &[]));
+    let cookie_line = format!("Cookie: {cookie}\r\n");
+
+    let mut ws = common::Client::open_with_headers(&server, &[("Cookie", &cookie)]).await;
+    assert_eq!(ws.ok("connect", json!({})).await["user"], "ann");
+    // A token in the command wins over the cookie's.
+    let mut ws = common::Client::open_with_headers(&server, &[("Cookie", &cookie)]).await;
+    let bob = common::token("bob", 60, &[]);
+    assert_eq!(
+        ws.ok("connect", json!({ "token": bob })).await["user"],
+        "bob"
+    );
+    // No cookie, no token: refused.
+    let mut ws = common::Client::open(&server).await;
+    assert_eq!(ws.error_code("connect", json!({})).await, 105);
+
+    for sse in [false, true] {
+        let reply = stream_connect_reply(server.addr, sse, &cookie_line).await;
+        assert_eq!(reply["connect"]["user"], "ann", "sse {sse}: {reply}");
+        let reply = stream_connect_reply(server.addr, sse, "").await;
+        assert_eq!(reply["error"]["code"], 105, "sse {sse}: {reply}");
+    }
+    let reply = long_poll_connect_reply(server.addr, &[("Cookie", &cookie)]).await;
+    assert_eq!(reply["connect"]["user"], "ann", "{reply}");
+    let reply = long_poll_connect_reply(server.addr, &[]).await;
+    assert_eq!(reply["error"]["code"], 105, "{reply}");
+
+    let (status, _) = Events::open_with(server.addr, "channel=feed", &cookie_line).await;
+    assert_eq!(status, 200);
+    let (status, _) = Events::open_with(server.addr, "channel=feed", "").await;
+    assert_eq!(status, 401);
+
+    // Without `client.token_cookie`, cookies are not read.
+    let mut config = common::config();
+    config.client.anonymous = false;
+    let server = serve(config, Arc::new(MemoryEngine::new())).await;
+    let mut ws = common::Client::open_with_headers(&server, &[("Cookie", &cookie)]).await;
+    assert_eq!(ws.error_code("connect", json!({})).await, 105);
+    let reply = stream_connect_reply(server.addr, false, &cookie_line).await;
+    assert_eq!(reply["error"]["code"], 105, "{reply}");
+}
+
+#[tokio::test]
+async fn the_connect_callback_is_given_the_headers_of_the_opening_request() {
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let backend = {
+        let calls = calls.clone();
+        axum::Router::new().route(
+            "/connect",
+            axum::routing::post(move |axum::Json(call): axum::Json<Value>| {
+                let calls = calls.clone();
+                async move {
+                    calls.lock().unwrap().push(call.clone());
+                    let cookie = call["headers"]["cookie"].as_str().unwrap_or("");
+                    if cookie.split("; ").any(|c| c == "session=s-ann") {
+                        axum::Json(json!({"result": {"user": "ann"}}))
+                    } else {
+                        axum::Json(json!({"error": {"message": "sign in first"}}))
+                    }
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, backend).await });
+    let mut config = common::config();
+    config.client.anonymous = false;
+    config.proxy.connect_url = Some(format!("http://{backend_addr}/connect"));
+    let server = serve(config, Arc::new(MemoryEngine::new())).await;
+
+    let headers = [
+        ("Cookie", "session=s-ann"),
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("X-Private", "not for the backend"),
+    ];
+    let lines: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let mut ws = common::Client::open_with_headers(&server, &headers).await;
+    assert_eq!(ws.ok("connect", json!({})).await["user"], "ann");
+    for sse in [false, true] {
+        let reply = stream_connect_reply(server.addr, sse, &lines).await;
+        assert_eq!(reply["connect"]["user"], "ann", "sse {sse}: {reply}");
+    }
+    let reply = long_poll_connect_reply(server.addr, &headers).await;
+    assert_eq!(reply["connect"]["user"], "ann", "{reply}");
+    let (status, _) = Events::open_with(server.addr, "channel=feed", &lines).await;
+    assert_eq!(status, 200);
+    // Without the cookie the backend refuses: 107.
+    let mut ws = common::Client::open(&server).await;
+    assert_eq!(ws.error_code("connect", json!({})).await, 107);
+
+    let calls = calls.lock().unwrap().clone();
+    let transports: Vec<&str> = calls
+        .iter()
+        .map(|c| c["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        transports,
+        [
+            "websocket",
+            "http_stream",
+            "sse",
+            "long_poll",
+            "uni_sse",
+            "websocket"
+        ]
+    );
+    for call in &calls[..5] {
+        assert_eq!(
+            call["headers"],
+            json!({"cookie": "session=s-ann", "x-forwarded-for": "203.0.113.7"}),
+            "only the headers of proxy.http_headers: {call}"
+        );
+    }
+    assert!(calls[5].get("headers").is_none(), "{}", calls[5]);
+}
+
+#[tokio::test]
+async fn cors_lets_the_allowed_origins_use_the_fallbacks_with_their_cookies() {
+    let mut config = common::config();
+    config.server.allowed_origins = vec!["http://app.example".into()];
+    let server = serve(config, Arc::new(MemoryEngine::new())).await;
+    async fn preflight(addr: SocketAddr, origin: &str) -> (u16, String, String) {
+        common::http_response(
+            addr,
+            "OPTIONS",
+            "/connection/emulation",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "content-type"),
+            ],
+            "",
+        )
+        .await
+    }
+    let (status, head, _) = preflight(server.addr, "http://app.example").await;
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: http://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-credentials: true"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: content-type"),
+        "{head}"
+    );
+    let methods = head
+        .lines()
+        .find_map(|l| l.strip_prefix("access-control-allow-methods: "))
+        .unwrap_or_else(|| panic!("no allowed methods: {head}"));
+    assert!(
+        methods.contains("POST") || methods.contains("post"),
+        "{head}"
+    );
+    let (_, head, _) = preflight(server.addr, "http://evil.example").await;
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+
+    let commands = "{\"id\":1,\"connect\":{}}";
+    let (status, head, body) = common::http_response(
+        server.addr,
+        "POST",
+        "/connection/long_poll?wait=1",
+        &[("Origin", "http://app.example")],
+        commands,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        head.contains("access-control-allow-origin: http://app.example"),
+        "{head}"
+    );
+    let (status, head, body) = common::http_response(
+        server.addr,
+        "POST",
+        "/connection/long_poll?wait=1",
+        &[("Origin", "http://evil.example")],
+        commands,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("origin http://evil.example is not allowed"),
+        "{body}"
+    );
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+
+    // With no allowed origins, any page may use them, but not with its
+    // cookies (`*` never goes with credentials).
+    let server = serve(common::config(), Arc::new(MemoryEngine::new())).await;
+    let (status, head, _) = common::http_response(
+        server.addr,
+        "POST",
+        "/connection/long_poll?wait=1",
+        &[("Origin", "http://any.example")],
+        commands,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    assert!(!head.contains("access-control-allow-credentials"), "{head}");
 }

@@ -74,7 +74,7 @@ pub use client::{connect, ClientBuilder, ClientStream};
 pub use error::Error;
 pub use message::Message;
 pub use outbox::{QueueLimits, SendError, Sender, SlowConsumer};
-pub use policy::{HandshakeRequest, OriginPolicy};
+pub use policy::{cookie, HandshakeRequest, OriginPolicy};
 pub use runtime::{
     echo, record_close, AuthHook, HttpHandler, Limits, Server, ServerBuilder, ServerStats,
     ServerStream, Session,

@@ -75,6 +75,20 @@ fn origin_matches(pattern: &str, origin: &str) -> bool {
     })
 }
 
+/// The value of cookie `name` in a request's `Cookie` headers (RFC 6265
+/// §5.4: `name=value` pairs separated by `; `), the first if it is there
+/// twice.
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
 /// What the authentication hook sees of a handshake request.
 #[derive(Debug, Clone)]
 pub struct HandshakeRequest {
@@ -98,14 +112,7 @@ impl HandshakeRequest {
 
     /// A cookie's value.
     pub fn cookie(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v)
+        cookie(&self.headers, name)
     }
 
     /// A query parameter's raw (not percent-decoded) value.
@@ -185,5 +192,17 @@ mod tests {
         assert_eq!(req.query_param("token"), Some("q1"));
         assert_eq!(req.query_param("flag"), Some(""));
         assert_eq!(req.protocols().collect::<Vec<_>>(), ["chat", "token.t0k3n"]);
+    }
+
+    #[test]
+    fn cookies_from_every_cookie_header() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, "a=1;b=\"two\"".parse().unwrap());
+        headers.append(header::COOKIE, "c=x=y; a=shadowed".parse().unwrap());
+        assert_eq!(cookie(&headers, "a"), Some("1"));
+        assert_eq!(cookie(&headers, "b"), Some("two"));
+        assert_eq!(cookie(&headers, "c"), Some("x=y"));
+        assert_eq!(cookie(&headers, "x"), None);
+        assert_eq!(cookie(&HeaderMap::new(), "a"), None);
     }
 }

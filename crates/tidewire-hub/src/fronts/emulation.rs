@@ -35,7 +35,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::stream_queue::{Parts, Pushed, StreamQueue};
-use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Transport};
+use crate::node::{ClientSink, FrameKind, Hub, OpeningRequest, SendOutcome, Transport};
 use crate::protocol::Frame;
 use crate::shards::lock;
 
@@ -196,7 +196,7 @@ impl Emulations {
         );
     }
 
-    /// Opens a session for a new stream: its first commands are `initial`
+    /// Opens a session for a new stream as `opening` says
     /// (the connect, usually). What the hub sends comes out of the
     /// returned stream, encoded for `kind`; the session ends when the
     /// stream is dropped (the client went away) or the hub closes it.
@@ -204,7 +204,7 @@ impl Emulations {
         self: &Arc<Self>,
         hub: &Hub,
         kind: StreamKind,
-        initial: String,
+        opening: Opening,
     ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
         let id = Emulations::new_id(hub);
         let sink = Arc::new(StreamSink {
@@ -214,7 +214,7 @@ impl Emulations {
         sink.queue
             .push_raw(kind.encode(&format!(r#"{{"emulation":{{"session":"{id}"}}}}"#)));
         let gone = tokio_util::sync::CancellationToken::new();
-        self.start(hub, id, sink.clone(), initial, gone.clone());
+        self.start(hub, id, sink.clone(), opening, gone.clone());
         let body = BodyState {
             sink,
             _gone: gone.drop_guard(),
@@ -227,7 +227,7 @@ impl Emulations {
 }
 
 impl Emulations {
-    /// Runs session `id` over `sink`: its first commands are `initial`,
+    /// Runs session `id` over `sink`: first as `opening` says,
     /// then the batches POSTed for it, until the hub closes the sink or
     /// `gone` is cancelled (the client went away).
     pub(crate) fn start(
@@ -235,7 +235,7 @@ impl Emulations {
         hub: &Hub,
         id: String,
         sink: Arc<dyn EmulatedSink>,
-        initial: String,
+        opening: Opening,
         gone: tokio_util::sync::CancellationToken,
     ) {
         let emulated = Arc::new(Emulated {
@@ -252,10 +252,19 @@ impl Emulations {
             id,
             emulated,
             sink,
-            initial,
+            opening,
             gone,
         ));
     }
+}
+
+/// How an emulated session opens.
+pub struct Opening {
+    /// Its first commands (the connect, usually), from the request that
+    /// opened it.
+    pub commands: String,
+    /// What that connect needs of the request ([`Hub::opening_request`]).
+    pub request: Option<Box<OpeningRequest>>,
 }
 
 /// A sink of an emulated session: it says when the hub closed it.
@@ -291,12 +300,12 @@ async fn run(
     id: String,
     emulated: Arc<Emulated>,
     sink: Arc<dyn EmulatedSink>,
-    initial: String,
+    opening: Opening,
     gone: tokio_util::sync::CancellationToken,
 ) {
-    let session = hub.open(sink.clone() as Arc<dyn ClientSink>);
-    if !initial.trim().is_empty() {
-        session.handle_text(&initial).await;
+    let session = hub.open_with(sink.clone() as Arc<dyn ClientSink>, opening.request);
+    if !opening.commands.trim().is_empty() {
+        session.handle_text(&opening.commands).await;
     }
     let connect_deadline = Instant::now() + session.connect_timeout_after();
     let mut timed_out = false;

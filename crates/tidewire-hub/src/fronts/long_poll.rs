@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::emulation::{EmulatedSink, Emulations};
+use super::emulation::{EmulatedSink, Emulations, Opening};
 use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Transport};
 use crate::protocol::{Frame, JSON};
 use crate::shards::lock;
@@ -301,20 +301,20 @@ pub fn status_of(e: PollError) -> u16 {
 }
 
 impl LongPolls {
-    /// Opens a session: `initial` are its first commands; its commands
+    /// Opens a session as `opening` says; its later commands
     /// come through `emulations` after. The answer is that of a first poll.
     pub async fn open(
         self: &Arc<Self>,
         hub: &Hub,
         emulations: &Arc<Emulations>,
-        initial: String,
+        opening: Opening,
         wait: Duration,
     ) -> String {
         let id = Emulations::new_id(hub);
         let sink = Arc::new(PollSink::new(hub));
         let gone = tokio_util::sync::CancellationToken::new();
         lock(&self.sessions).insert(id.clone(), sink.clone());
-        emulations.start(hub, id.clone(), sink.clone(), initial, gone.clone());
+        emulations.start(hub, id.clone(), sink.clone(), opening, gone.clone());
         self.watch(id.clone(), sink.clone(), gone);
         sink.poll(&id, 0, wait)
             .await

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use super::stream_queue::{Pushed, StreamQueue};
-use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Transport};
+use crate::node::{ClientSink, FrameKind, Hub, OpeningRequest, SendOutcome, Transport};
 use crate::protocol::json::{text_frame, write_publication, write_serialized};
 use crate::protocol::{Batch, Codec, ErrorCode, ErrorReply, Frame, Incoming, Push, Reply, JSON};
 use crate::shards::lock;
@@ -452,6 +452,7 @@ fn status_of(code: u16) -> u16 {
 pub async fn open(
     hub: &Hub,
     request: &UniRequest,
+    opening: Option<Box<OpeningRequest>>,
 ) -> Result<impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static, Refused> {
     let (commands, pending) = request.commands();
     let sink = Arc::new(UniSink {
@@ -463,7 +464,7 @@ pub async fn open(
     });
     sink.queue
         .push_raw(Bytes::from(format!("retry: {RETRY_MS}\n\n")));
-    let session = hub.open(sink.clone());
+    let session = hub.open_with(sink.clone(), opening);
     session.handle_text(&commands).await;
     let failed = lock(&sink.state).failed.take();
     if let Some((code, message)) = failed {

@@ -19,7 +19,7 @@ use tidewire::{CloseCode, Message, SendError, Sender, WebSocket};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
-use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Session, Transport};
+use crate::node::{ClientSink, FrameKind, Hub, OpeningRequest, SendOutcome, Session, Transport};
 use crate::protocol::Frame;
 
 struct WsSink {
@@ -114,14 +114,21 @@ pub fn queue_limits(settings: &crate::config::ClientSettings) -> tidewire::Queue
     }
 }
 
-/// Runs a hub session over an open WebSocket until it ends; `guard` (a
-/// connection-limit slot, say) is dropped at the end.
+/// Runs a hub session over an open WebSocket until it ends; `opening` is
+/// what its `connect` needs of the upgrade request
+/// ([`Hub::opening_request`]); `guard` (a connection-limit slot, say) is
+/// dropped at the end.
 ///
 /// Not an `async fn`: the WebSocket is captured once by the returned
 /// future (an `async fn` keeps its arguments twice in its state), which
 /// keeps an idle connection's task small (a test guards it).
 #[allow(clippy::manual_async_fn)]
-pub fn run_session<S, G>(hub: Hub, mut ws: WebSocket<S>, guard: G) -> impl Future<Output = ()>
+pub fn run_session<S, G>(
+    hub: Hub,
+    mut ws: WebSocket<S>,
+    opening: Option<Box<OpeningRequest>>,
+    guard: G,
+) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -136,7 +143,7 @@ where
             closing: AtomicBool::new(false),
             wake_due: AtomicBool::new(false),
         });
-        let session = hub.open(sink);
+        let session = hub.open_with(sink, opening);
         run(&session, &mut ws).await;
         tracing::debug!(client = %session.client_id(), "session ended");
         session.close().await;
@@ -188,7 +195,7 @@ where
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, F: FnOnce(A, B, C) -> Fut, Fut>(_: F) -> usize {
+    fn future_size<A, B, C, D, F: FnOnce(A, B, C, D) -> Fut, Fut>(_: F) -> usize {
         std::mem::size_of::<Fut>()
     }
 

@@ -18,21 +18,44 @@ use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use tidewire::OriginPolicy;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use super::AppState;
-use crate::fronts::emulation::{Batch, BatchError, StreamKind};
+use crate::fronts::emulation::{Batch, BatchError, Opening, StreamKind};
 use crate::fronts::long_poll;
 use crate::fronts::uni_sse::{self, UniRequest};
 use std::time::Duration;
 
-pub(super) fn routes() -> Router<AppState> {
+pub(super) fn routes(origins: Option<OriginPolicy>) -> Router<AppState> {
     Router::new()
         .route("/connection/sse", get(sse))
         .route("/connection/http_stream", post(http_stream))
         .route("/connection/emulation", post(emulation))
         .route("/connection/uni_sse", get(uni_sse))
         .route("/connection/long_poll", post(long_poll_open).get(long_poll))
+        .layer(cors(origins))
+}
+
+/// CORS, so that a page of another origin can use the fallbacks (a
+/// WebSocket needs none): with `server.allowed_origins`, those origins
+/// with their cookies (`withCredentials`); without, any page but without
+/// cookies, since the browser would send them whichever page asks.
+/// Refused origins get no CORS headers (and 403 from the handlers).
+fn cors(origins: Option<OriginPolicy>) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers(AllowHeaders::mirror_request())
+        .max_age(Duration::from_secs(600));
+    match origins {
+        Some(policy) => layer
+            .allow_origin(AllowOrigin::predicate(move |origin, _| {
+                policy.permits(origin.to_str().ok())
+            }))
+            .allow_credentials(true),
+        None => layer.allow_origin(AllowOrigin::any()),
+    }
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response {
@@ -48,14 +71,21 @@ fn json_error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-/// The origin policy, and shutdown: `Some(response)` refuses.
+/// The origin policy: `Some(response)` refuses.
+fn origin_refused(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let origins = app.origins.as_ref()?;
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    (!origins.permits(origin)).then(|| {
+        let text = format!("origin {} is not allowed", origin.unwrap_or("(none)"));
+        json_error(StatusCode::FORBIDDEN, &text)
+    })
+}
+
+/// The origin policy, and shutdown (for requests that open a session):
+/// `Some(response)` refuses.
 fn refused(app: &AppState, headers: &HeaderMap) -> Option<Response> {
-    if let Some(origins) = &app.origins {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if !origins.permits(origin) {
-            let text = format!("origin {} is not allowed", origin.unwrap_or("(none)"));
-            return Some(json_error(StatusCode::FORBIDDEN, &text));
-        }
+    if let Some(refused) = origin_refused(app, headers) {
+        return Some(refused);
     }
     if app.hub.is_shutting_down() {
         return Some(json_error(
@@ -76,8 +106,12 @@ fn too_large(app: &AppState, len: usize) -> Option<Response> {
     })
 }
 
-fn stream(app: &AppState, kind: StreamKind, initial: String) -> Response {
-    let body = Body::from_stream(app.emulations.open(&app.hub, kind, initial));
+fn stream(app: &AppState, headers: &HeaderMap, kind: StreamKind, commands: String) -> Response {
+    let opening = Opening {
+        commands,
+        request: app.hub.opening_request(headers),
+    };
+    let body = Body::from_stream(app.emulations.open(&app.hub, kind, opening));
     streamed(body, kind.content_type())
 }
 
@@ -115,7 +149,7 @@ async fn sse(
     if let Some(large) = too_large(&app, commands.len()) {
         return large;
     }
-    stream(&app, StreamKind::Sse, commands)
+    stream(&app, &headers, StreamKind::Sse, commands)
 }
 
 async fn uni_sse(
@@ -135,7 +169,7 @@ async fn uni_sse(
         Ok(request) => request,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
     };
-    match uni_sse::open(&app.hub, &request).await {
+    match uni_sse::open(&app.hub, &request, app.hub.opening_request(&headers)).await {
         Ok(events) => streamed(Body::from_stream(events), "text/event-stream"),
         Err(refused) => json_error(
             StatusCode::from_u16(refused.status).unwrap_or(StatusCode::BAD_REQUEST),
@@ -177,13 +211,17 @@ async fn long_poll_open(
     if let Some(large) = too_large(&app, body.len()) {
         return large;
     }
-    let Ok(initial) = String::from_utf8(body.to_vec()) else {
+    let Ok(commands) = String::from_utf8(body.to_vec()) else {
         return json_error(StatusCode::BAD_REQUEST, "the commands are not UTF-8");
+    };
+    let opening = Opening {
+        commands,
+        request: app.hub.opening_request(&headers),
     };
     let wait = wait_of(query.as_deref().unwrap_or(""));
     ndjson(
         app.long_polls
-            .open(&app.hub, &app.emulations, initial, wait)
+            .open(&app.hub, &app.emulations, opening, wait)
             .await,
     )
 }
@@ -193,12 +231,8 @@ async fn long_poll(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Some(origins) = &app.origins {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if !origins.permits(origin) {
-            let text = format!("origin {} is not allowed", origin.unwrap_or("(none)"));
-            return json_error(StatusCode::FORBIDDEN, &text);
-        }
+    if let Some(refused) = origin_refused(&app, &headers) {
+        return refused;
     }
     let query = query.unwrap_or_default();
     let mut session = None;
@@ -239,16 +273,12 @@ async fn http_stream(State(app): State<AppState>, headers: HeaderMap, body: Byte
     let Ok(initial) = String::from_utf8(body.to_vec()) else {
         return json_error(StatusCode::BAD_REQUEST, "the commands are not UTF-8");
     };
-    stream(&app, StreamKind::Ndjson, initial)
+    stream(&app, &headers, StreamKind::Ndjson, initial)
 }
 
 async fn emulation(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(origins) = &app.origins {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if !origins.permits(origin) {
-            let text = format!("origin {} is not allowed", origin.unwrap_or("(none)"));
-            return json_error(StatusCode::FORBIDDEN, &text);
-        }
+    if let Some(refused) = origin_refused(&app, &headers) {
+        return refused;
     }
     // The envelope adds little to the commands it carries.
     if let Some(large) = too_large(&app, body.len().saturating_sub(256)) {

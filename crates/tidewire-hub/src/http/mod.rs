@@ -90,7 +90,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         api_key: api_key.into(),
         ws_io: Arc::new(ws_config.io.clone()),
         ws_config,
-        origins,
+        origins: origins.clone(),
         shutdown,
     };
     let mut router = Router::new();
@@ -101,7 +101,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route(WEBSOCKET_PATH, get(websocket))
-        .merge(fallbacks::routes())
+        .merge(fallbacks::routes(origins))
         .merge(api::routes(max_body_size))
         .merge(admin::routes())
         .with_state(state)
@@ -142,6 +142,7 @@ async fn websocket(
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     let hub = app.hub.clone();
+    let opening = hub.opening_request(&headers);
     // The server's token itself, not a child: a child is a tree node of its
     // own per connection, and no connection is cancelled on its own.
     let shutdown = app.shutdown.clone();
@@ -158,7 +159,9 @@ async fn websocket(
             Ok(mut ws) => {
                 ws.set_shutdown(shutdown);
                 // The connection's limit slot lives as long as the WebSocket.
-                tokio::spawn(crate::fronts::websocket::run_session(hub, ws, slot));
+                tokio::spawn(crate::fronts::websocket::run_session(
+                    hub, ws, opening, slot,
+                ));
             }
             Err(e) => tracing::debug!("WebSocket upgrade failed: {e}"),
         }

@@ -99,3 +99,56 @@ pub trait ClientSink: Send + Sync + 'static {
         false
     }
 }
+
+/// What `connect` may need of the HTTP request that opened a connection
+/// (the WebSocket upgrade, or the request that opened an HTTP-fallback
+/// session): the connection token of `client.token_cookie`, and the
+/// headers of `proxy.http_headers` for the connect callback. Kept only
+/// until the client is connected, and only when one of them is
+/// configured (see [`Hub::opening_request`](super::Hub::opening_request)).
+#[derive(Debug, Default, Clone)]
+pub struct OpeningRequest {
+    /// The connection token from the cookie.
+    pub(crate) token: Option<String>,
+    /// Header names (lowercase) and values; repeated headers joined.
+    pub(crate) headers: std::collections::BTreeMap<String, String>,
+}
+
+impl OpeningRequest {
+    /// Reads what `config` asks for from `headers`; `None` when nothing
+    /// (then a connection keeps nothing of its request).
+    pub(crate) fn read(
+        config: &crate::config::Config,
+        proxied: bool,
+        headers: &http::HeaderMap,
+    ) -> Option<Box<OpeningRequest>> {
+        let token = config
+            .client
+            .token_cookie
+            .as_deref()
+            .and_then(|name| tidewire::cookie(headers, name))
+            .filter(|token| !token.is_empty())
+            .map(str::to_owned);
+        let mut forwarded = std::collections::BTreeMap::new();
+        if proxied {
+            for name in &config.proxy.http_headers {
+                let name = name.to_ascii_lowercase();
+                let joiner = if name == "cookie" { "; " } else { ", " };
+                let values: Vec<&str> = headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                if !values.is_empty() {
+                    forwarded.insert(name, values.join(joiner));
+                }
+            }
+        }
+        (token.is_some() || !forwarded.is_empty()).then(|| {
+            Box::new(OpeningRequest {
+                token,
+                headers: forwarded,
+            })
+        })
+    }
+}

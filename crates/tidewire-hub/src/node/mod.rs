@@ -56,7 +56,7 @@ mod wakes;
 pub use crate::protocol::HistoryReply;
 use channels::Channel;
 pub use cluster::{NodeInfo, RelayHandler, HEARTBEAT, NODE_TIMEOUT, SURVEY_TIMEOUT};
-pub use front::{ClientSink, FrameKind, SendOutcome, Transport};
+pub use front::{ClientSink, FrameKind, OpeningRequest, SendOutcome, Transport};
 use registry::{Client, ClientState};
 pub use resume::ResumeError;
 pub use session::Session;
@@ -301,8 +301,30 @@ impl Hub {
         &self.node.presence_store
     }
 
+    /// What a connection opened by a request with `headers` keeps of it
+    /// for its `connect` (see [`OpeningRequest`]): `None` unless the
+    /// token cookie or the connect callback is configured.
+    pub fn opening_request(&self, headers: &http::HeaderMap) -> Option<Box<OpeningRequest>> {
+        let config = &self.node.config;
+        let proxied = config.proxy.connect_url.is_some();
+        if config.client.token_cookie.is_none() && !proxied {
+            return None;
+        }
+        OpeningRequest::read(config, proxied, headers)
+    }
+
     /// Opens a session for a new connection.
     pub fn open(&self, sink: Arc<dyn ClientSink>) -> Session {
+        self.open_with(sink, None)
+    }
+
+    /// Opens a session for a new connection opened by a request of which
+    /// `connect` needs `opening` (from [`Hub::opening_request`]).
+    pub fn open_with(
+        &self,
+        sink: Arc<dyn ClientSink>,
+        opening: Option<Box<OpeningRequest>>,
+    ) -> Session {
         let mut shard;
         let id = loop {
             let id = rand::random::<u64>() | 1;
@@ -314,7 +336,10 @@ impl Hub {
         let client = Arc::new(Client {
             id,
             sink,
-            state: Mutex::new(ClientState::default()),
+            state: Mutex::new(ClientState {
+                opening,
+                ..ClientState::default()
+            }),
         });
         shard.insert(id, client.clone());
         drop(shard);

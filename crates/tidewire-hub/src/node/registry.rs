@@ -33,6 +33,8 @@ pub(super) struct ClientState {
     pub(super) closed: bool,
     /// Connected with an admin token: may subscribe to the admin channel.
     pub(super) admin: bool,
+    /// What `connect` needs of the opening request; dropped once connected.
+    pub(super) opening: Option<Box<super::OpeningRequest>>,
 }
 
 impl Client {

@@ -170,6 +170,13 @@ impl Session {
             return Err(error(ErrorCode::Unavailable, "the server is shutting down"));
         }
         let client_id = self.client_id();
+        // Cloned, not taken: a connect that fails may be tried again.
+        let opening = lock(&self.client.state).opening.clone();
+        let mut request = request;
+        if request.token.is_none() {
+            // A token in the command wins over the cookie's.
+            request.token = opening.as_ref().and_then(|o| o.token.clone());
+        }
         // An admin page's token (see `crate::admin`): no application
         // token nor proxy is asked about it.
         let admin_expiry = request
@@ -191,6 +198,10 @@ impl Session {
                 transport: self.client.sink.transport().name,
                 user: &claims.user,
                 data: request.data.as_deref(),
+                headers: opening
+                    .as_ref()
+                    .map(|o| &o.headers)
+                    .filter(|h| !h.is_empty()),
             };
             if let Some(result) = proxy.connect(&call).await? {
                 if let Some(user) = result.user {
@@ -235,6 +246,7 @@ impl Session {
             st.granted = claims.channels;
             st.expires_at = claims.expires_at;
             st.admin = admin_expiry.is_some();
+            st.opening = None;
         }
         if !claims.user.is_empty() {
             let mut users = node.users.lock(claims.user.as_str());

@@ -79,7 +79,16 @@ pub struct Client {
 impl Client {
     /// Opens a WebSocket (no `connect` yet).
     pub async fn open(server: &TestServer) -> Client {
-        let (ws, response) = tidewire::ClientBuilder::new(server.url())
+        Client::open_with_headers(server, &[]).await
+    }
+
+    /// Opens a WebSocket whose upgrade request has these headers too.
+    pub async fn open_with_headers(server: &TestServer, headers: &[(&str, &str)]) -> Client {
+        let mut builder = tidewire::ClientBuilder::new(server.url());
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        let (ws, response) = builder
             .protocol(tidewire_hub::protocol::SUBPROTOCOL)
             .connect()
             .await
@@ -261,6 +270,18 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
+    let (status, _, body) = http_response(addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// An HTTP request: status, response head (lowercase) and body.
+pub async fn http_response(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     tokio::time::timeout(LIMIT, async {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let mut request = format!(
@@ -277,11 +298,8 @@ pub async fn http(
         stream.read_to_end(&mut response).await.unwrap();
         let response = String::from_utf8_lossy(&response).to_string();
         let status = response[9..12].parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (status, head.to_ascii_lowercase(), body.to_string())
     })
     .await
     .expect("HTTP request did not finish in time")
