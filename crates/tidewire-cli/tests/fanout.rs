@@ -169,3 +169,43 @@ async fn a_wrong_api_key_is_reported() {
     assert!(errors.keys().any(|k| k.contains("401")), "{report}");
     assert_eq!(report["deliveries"], 0, "{report}");
 }
+
+#[tokio::test]
+async fn fanout_over_each_http_fallback_reaches_every_subscriber() {
+    let (server, addr) = serve().await;
+    let pid = server.id().unwrap().to_string();
+    let url = format!("ws://{addr}/connection/websocket");
+    for transport in ["http-stream", "sse", "long-poll"] {
+        let report = run_bench(&[
+            &url,
+            "--fanout",
+            "-c",
+            "50",
+            "--rate",
+            "40",
+            "-s",
+            "100",
+            "-d",
+            "1s",
+            "--transport",
+            transport,
+            "--server-pid",
+            &pid,
+            "--json",
+        ])
+        .await;
+        assert_every_publication_arrived(&report, 50);
+        assert_eq!(report["transport"], transport, "{report}");
+        let polls = report["polls"].as_u64().unwrap();
+        if transport == "long-poll" {
+            // At least one poll per subscriber after its first answer.
+            assert!(polls >= 50, "{report}");
+        } else {
+            assert_eq!(polls, 0, "{report}");
+        }
+        assert!(
+            report["server_cpu_us_per_delivery"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+    }
+}

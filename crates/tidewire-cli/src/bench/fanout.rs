@@ -78,6 +78,9 @@ pub enum Transport {
     HttpStream,
     /// Server-Sent Events (`GET /connection/sse`).
     Sse,
+    /// Long-polling (`POST`, then `GET /connection/long_poll` again and
+    /// again on one keep-alive connection).
+    LongPoll,
 }
 
 /// How publications reach the server, for `--fanout`.
@@ -111,6 +114,11 @@ struct Report {
     lost: u64,
     /// Deliveries out of order or repeated.
     out_of_order: u64,
+    /// HTTP requests the subscribers made after their first (the polls
+    /// of --transport long-poll; 0 for the streams).
+    polls: u64,
+    /// Server CPU time per delivery, in microseconds (with --server-pid).
+    server_cpu_us_per_delivery: Option<f64>,
     /// Deliveries over the time from the first publication to the last
     /// delivery.
     deliveries_per_sec: f64,
@@ -238,14 +246,24 @@ struct Subscriber {
     http: Option<HttpFraming>,
 }
 
-/// Reading a streamed HTTP response (chunked), message by message.
+/// Reading a streamed HTTP response (chunked), message by message; or,
+/// for long-polling, one whole response after another.
 struct HttpFraming {
     transport: Transport,
     /// The response head was read.
     head: bool,
     /// Decoded body bytes not yet split into messages.
     body: Vec<u8>,
+    /// Long-polling: the host to name, the session, the number of the
+    /// last message had, and the polls made.
+    host: String,
+    session: Option<String>,
+    ack: u64,
+    polls: u64,
 }
+
+/// How long a bench poll waits on the server, in seconds.
+const POLL_WAIT_SECS: u64 = 25;
 
 impl Subscriber {
     fn new(protocol: Protocol, channel: &str) -> Subscriber {
@@ -280,18 +298,96 @@ impl Subscriber {
 
     /// Parses what was read; deliveries are timed against `now_us`.
     /// Over an HTTP fallback: no WebSocket frames to write.
-    fn over_http(mut self, transport: Transport) -> Subscriber {
+    fn over_http(mut self, transport: Transport, host: &str) -> Subscriber {
         self.out.clear();
         self.http = Some(HttpFraming {
             transport,
             head: false,
             body: Vec::new(),
+            host: host.to_owned(),
+            session: None,
+            ack: 0,
+            polls: 0,
         });
         self
     }
 
+    /// Long-polling: the whole responses in `pending`, each answered by
+    /// the next poll.
+    fn feed_polls(&mut self, http: &mut HttpFraming, now_us: u64, samples: &mut Vec<u64>) {
+        while self.closed.is_none() {
+            let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return;
+            };
+            let head = String::from_utf8_lossy(&self.pending[..end]).into_owned();
+            if !head.starts_with("HTTP/1.1 200") {
+                self.closed = Some(format!("refused: {}", &head[..head.len().min(80)]));
+                return;
+            }
+            let length = head.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            });
+            let Some(length) = length else {
+                self.closed = Some("protocol: a poll answer without Content-Length".into());
+                return;
+            };
+            if self.pending.len() < end + 4 + length {
+                return;
+            }
+            let body: Vec<u8> = self
+                .pending
+                .drain(..end + 4 + length)
+                .skip(end + 4)
+                .collect();
+            let mut lines = body.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+            let first = lines
+                .next()
+                .and_then(|l| serde_json::from_slice::<serde_json::Value>(l).ok());
+            let Some(emulation) = first.as_ref().map(|v| &v["emulation"]) else {
+                self.closed = Some("protocol: not a poll answer".into());
+                return;
+            };
+            let (Some(session), Some(mut seq)) =
+                (emulation["session"].as_str(), emulation["first"].as_u64())
+            else {
+                self.closed = Some(format!("protocol: poll answer {emulation}"));
+                return;
+            };
+            http.session.get_or_insert_with(|| session.to_owned());
+            for line in lines {
+                if line.starts_with(b"{\"emulation\"") {
+                    self.closed = Some(format!(
+                        "closed by server: {}",
+                        String::from_utf8_lossy(line)
+                    ));
+                    return;
+                }
+                // What an earlier answer had is sent again until acked.
+                if seq > http.ack {
+                    http.ack = seq;
+                    self.message(line, now_us, samples);
+                }
+                seq += 1;
+            }
+            http.polls += 1;
+            let session = http.session.as_deref().unwrap_or_default();
+            self.out.extend_from_slice(
+                format!(
+                    "GET /connection/long_poll?session={}&ack={}&wait={POLL_WAIT_SECS} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                    url_encode(session),
+                    http.ack,
+                    http.host
+                )
+                .as_bytes(),
+            );
+        }
+    }
+
     /// The request that opens the stream, with the connect and subscribe.
-    fn http_request(&self, host: &str) -> Vec<u8> {
+    fn http_request(&self) -> Vec<u8> {
+        let host = self.http.as_ref().map_or("", |h| h.host.as_str());
         let commands = format!(
             "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{}}}}}",
             serde_json::to_string(&self.channel).expect("a string")
@@ -304,6 +400,11 @@ impl Subscriber {
                 )
                 .into_bytes()
             }
+            Some(Transport::LongPoll) => format!(
+                "POST /connection/long_poll?wait={POLL_WAIT_SECS} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{commands}",
+                commands.len()
+            )
+            .into_bytes(),
             _ => format!(
                 "POST /connection/http_stream HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{commands}",
                 commands.len()
@@ -319,6 +420,11 @@ impl Subscriber {
         let Some(mut http) = self.http.take() else {
             return;
         };
+        if http.transport == Transport::LongPoll {
+            self.feed_polls(&mut http, now_us, samples);
+            self.http = Some(http);
+            return;
+        }
         if !http.head {
             let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") else {
                 self.http = Some(http);
@@ -588,6 +694,7 @@ fn flush_samples(shared: &Shared) {
 struct Outcome {
     received: u64,
     out_of_order: u64,
+    polls: u64,
     error: Option<String>,
 }
 
@@ -616,8 +723,9 @@ async fn subscriber(setup: Arc<Setup>, source: IpAddr) -> anyhow::Result<Outcome
         )
     } else {
         let stream = connect_transport(setup.addr, source, &setup.target, None).await?;
-        let mut sub = Subscriber::new(setup.protocol, &setup.args.channel).over_http(transport);
-        sub.out = sub.http_request(&setup.addr.to_string());
+        let mut sub = Subscriber::new(setup.protocol, &setup.args.channel)
+            .over_http(transport, &setup.addr.to_string());
+        sub.out = sub.http_request();
         (stream, Vec::new(), sub)
     };
     let mut samples = Vec::new();
@@ -670,6 +778,7 @@ async fn subscriber(setup: Arc<Setup>, source: IpAddr) -> anyhow::Result<Outcome
     Ok(Outcome {
         received: sub.received,
         out_of_order: sub.out_of_order,
+        polls: sub.http.as_ref().map_or(0, |h| h.polls),
         error,
     })
 }
@@ -1017,7 +1126,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--publish-via api is for --protocol tidewire");
     }
     if protocol != Protocol::Tidewire && args.transport != Transport::Websocket {
-        bail!("--transport http-stream and sse are the hub's: --protocol tidewire");
+        bail!("--transport http-stream, sse and long-poll are the hub's: --protocol tidewire");
     }
     let rate = args.rate.unwrap_or(100.0);
     if !(rate >= 0.0 && rate.is_finite()) {
@@ -1150,10 +1259,11 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    let (mut deliveries, mut out_of_order) = (0, 0);
+    let (mut deliveries, mut out_of_order, mut polls) = (0, 0, 0);
     for o in &outcomes {
         deliveries += o.received;
         out_of_order += o.out_of_order;
+        polls += o.polls;
         if let Some(e) = &o.error {
             *errors.entry(e.clone()).or_default() += 1;
         }
@@ -1187,6 +1297,10 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         deliveries,
         lost: expected.saturating_sub(deliveries),
         out_of_order,
+        polls,
+        server_cpu_us_per_delivery: server_cpu_seconds
+            .filter(|_| deliveries > 0)
+            .map(|cpu| cpu * 1e6 / deliveries as f64),
         deliveries_per_sec: if delivery_seconds > 0.0 {
             deliveries as f64 / delivery_seconds.max(seconds)
         } else {
@@ -1238,6 +1352,16 @@ fn print_report(r: &Report) {
             "  latency    p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
             l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
         );
+        if r.polls > 0 {
+            println!(
+                "  polls      {} ({:.2} deliveries per poll)",
+                r.polls,
+                r.deliveries as f64 / r.polls as f64
+            );
+        }
+        if let Some(us) = r.server_cpu_us_per_delivery {
+            println!("  server CPU {us:.2} µs per delivery");
+        }
     }
     if let (Some(b), Some(a)) = (r.server_rss_kib_before, r.server_rss_kib_after) {
         print!("  server RSS {b} KiB before, {a} KiB at the deadline");
@@ -1273,9 +1397,9 @@ mod tests {
             ),
             (Transport::Sse, |m: &str| format!("data: {m}\n\n")),
         ] {
-            let mut sub = Subscriber::new(Protocol::Tidewire, "ch").over_http(transport);
+            let mut sub = Subscriber::new(Protocol::Tidewire, "ch").over_http(transport, "h:1");
             assert!(sub.out.is_empty(), "no WebSocket frames");
-            let request = String::from_utf8(sub.http_request("h:1")).unwrap();
+            let request = String::from_utf8(sub.http_request()).unwrap();
             assert!(request.contains("/connection/"), "{request}");
             let mut samples = Vec::new();
             let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
@@ -1293,8 +1417,85 @@ mod tests {
             sub.feed(b"0\r\n\r\n", 10, &mut samples);
             assert_eq!(sub.closed.as_deref(), Some("closed by server"));
         }
-        let mut refused = Subscriber::new(Protocol::Tidewire, "ch").over_http(Transport::Sse);
+        let mut refused =
+            Subscriber::new(Protocol::Tidewire, "ch").over_http(Transport::Sse, "h:1");
         refused.feed(b"HTTP/1.1 403 Forbidden\r\n\r\n", 0, &mut Vec::new());
+        assert!(refused.closed.unwrap().starts_with("refused"));
+    }
+
+    /// A long-poll answer: its head and body.
+    fn poll_answer(session: &str, first: u64, messages: &[&str]) -> String {
+        let mut body =
+            format!("{{\"emulation\":{{\"session\":\"{session}\",\"first\":{first}}}}}\n");
+        for m in messages {
+            body.push_str(m);
+            body.push('\n');
+        }
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn long_polling_subscribers_poll_again_with_their_ack_and_skip_what_they_had() {
+        let mut sub =
+            Subscriber::new(Protocol::Tidewire, "ch").over_http(Transport::LongPoll, "h:1");
+        let request = String::from_utf8(sub.http_request()).unwrap();
+        assert!(
+            request.starts_with("POST /connection/long_poll?wait="),
+            "{request}"
+        );
+        let publication = |seq: u64| {
+            format!(
+                "{{\"push\":{{\"channel\":\"ch\",\"pub\":{{\"data\":\"{}\"}}}}}}",
+                payload(seq, 5, 30)
+            )
+        };
+        let mut samples = Vec::new();
+        let first = poll_answer(
+            "n.s",
+            1,
+            &["{\"id\":1,\"connect\":{}}", "{\"id\":2,\"subscribe\":{}}"],
+        );
+        // In two reads, split inside the body.
+        let (a, b) = first.as_bytes().split_at(first.len() - 9);
+        sub.feed(a, 10, &mut samples);
+        assert!(sub.out.is_empty(), "not answered before it is whole");
+        sub.feed(b, 10, &mut samples);
+        assert_eq!(sub.phase, Phase::Ready);
+        let poll = String::from_utf8(std::mem::take(&mut sub.out)).unwrap();
+        assert!(
+            poll.starts_with("GET /connection/long_poll?session=n.s&ack=2&wait="),
+            "{poll}"
+        );
+        // Message 3 again (its answer was lost), then 4: one delivery each.
+        let again = poll_answer("n.s", 3, &[&publication(0)]);
+        let next = poll_answer("n.s", 3, &[&publication(0), &publication(1)]);
+        sub.feed(format!("{again}{next}").as_bytes(), 10, &mut samples);
+        assert_eq!(sub.received, 2);
+        assert_eq!(sub.out_of_order, 0);
+        assert_eq!(sub.http.as_ref().unwrap().polls, 3);
+        let polls = String::from_utf8(std::mem::take(&mut sub.out)).unwrap();
+        assert!(
+            polls.contains("ack=3&") && polls.ends_with("\r\n\r\n"),
+            "{polls}"
+        );
+        assert!(polls.rfind("ack=4&").is_some(), "{polls}");
+        // The session's end.
+        sub.feed(
+            poll_answer("n.s", 5, &["{\"emulation\":{\"close\":{\"code\":3001}}}"]).as_bytes(),
+            10,
+            &mut samples,
+        );
+        assert!(sub.closed.unwrap().starts_with("closed by server"));
+        let mut refused =
+            Subscriber::new(Protocol::Tidewire, "ch").over_http(Transport::LongPoll, "h:1");
+        refused.feed(
+            b"HTTP/1.1 409 Conflict\r\ncontent-length: 0\r\n\r\n",
+            0,
+            &mut Vec::new(),
+        );
         assert!(refused.closed.unwrap().starts_with("refused"));
     }
 

@@ -85,7 +85,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "tidewire")]
     protocol: fanout::Protocol,
     /// How --fanout's subscribers reach the hub (--protocol tidewire):
-    /// websocket, or the HTTP fallbacks http-stream and sse.
+    /// websocket, or the HTTP fallbacks http-stream, sse and long-poll.
     #[arg(long, value_enum, default_value = "websocket")]
     transport: fanout::Transport,
     /// How --fanout publishes: a WebSocket client or the hub's HTTP API.
