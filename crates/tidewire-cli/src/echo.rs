@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{ArgMatches, Args};
-use tidewire::http::{Response, StatusCode};
+use tidewire::http::{Request, Response, StatusCode};
+use tidewire::Message;
 use tracing::info;
 
 use crate::server_args::{shutdown_signal, ServerArgs, ServerSettings};
@@ -27,6 +28,14 @@ pub struct EchoArgs {
     /// --max-message-size).
     #[arg(long, default_value_t = 16 << 20)]
     max_frame_size: usize,
+    /// Serve on the epoll event loop (one thread per core, connections in
+    /// a slab) instead of tokio tasks: ws:// only, no per-IP limit, a slow
+    /// reader is not read until it drains (--slow-consumer wait).
+    #[arg(long)]
+    event_loop: bool,
+    /// Threads of --event-loop (0: one per CPU this process may use).
+    #[arg(long, default_value_t = 0, requires = "event_loop")]
+    threads: usize,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -70,6 +79,9 @@ fn page(request: tidewire::http::Request<()>) -> Response<bytes::Bytes> {
 
 pub async fn run(args: EchoArgs, matches: Option<ArgMatches>) -> anyhow::Result<()> {
     let settings = args.settings(matches.as_ref());
+    if args.event_loop {
+        return run_event_loop(settings, args.threads).await;
+    }
     crate::listener::raise_open_file_limit();
     let listener = crate::listener::bind_listener(&settings.server.address).await?;
     let addr = listener.local_addr()?;
@@ -108,5 +120,98 @@ pub async fn run(args: EchoArgs, matches: Option<ArgMatches>) -> anyhow::Result<
         closes = ?stats.closes(),
         "stopped"
     );
+    Ok(())
+}
+
+/// The echo as an event-loop handler (see `tidewire::event_loop`).
+struct LoopEcho {
+    welcome: Option<Arc<str>>,
+    prefix: Arc<str>,
+}
+
+impl tidewire::event_loop::Handler for LoopEcho {
+    type State = ();
+
+    fn open(&mut self, socket: &mut tidewire::event_loop::Socket<'_>, _: &Request<()>) {
+        if let Some(welcome) = &self.welcome {
+            socket.send_text(welcome);
+        }
+    }
+
+    fn message(
+        &mut self,
+        socket: &mut tidewire::event_loop::Socket<'_>,
+        _: &mut (),
+        message: Message,
+    ) {
+        match message {
+            Message::Text(text) if !self.prefix.is_empty() => {
+                socket.send_text(&format!("{}{text}", self.prefix));
+            }
+            Message::Binary(data) if !self.prefix.is_empty() => {
+                let text = String::from_utf8_lossy(&data);
+                socket.send_text(&format!("{}{text}", self.prefix));
+            }
+            m @ (Message::Text(_) | Message::Binary(_)) => socket.send(m),
+            _ => {}
+        }
+    }
+
+    fn http(&mut self, request: &Request<()>) -> Option<Response<bytes::Bytes>> {
+        Some(page(request.clone()))
+    }
+}
+
+async fn run_event_loop(settings: EchoSettings, threads: usize) -> anyhow::Result<()> {
+    let server = &settings.server;
+    if server.is_tls() {
+        anyhow::bail!("--event-loop serves ws:// only: leave out the TLS flags, or --event-loop");
+    }
+    if server.limits.max_connections_per_ip > 0 {
+        anyhow::bail!("--event-loop has no per-IP limit: leave out --max-connections-per-ip");
+    }
+    if server.config.io.send_queue.policy != tidewire::SlowConsumer::Wait {
+        anyhow::bail!(
+            "--event-loop stops reading a slow reader until it drains (--slow-consumer wait)"
+        );
+    }
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&server.address)
+        .with_context(|| format!("resolving {}", server.address))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", server.address))?;
+    crate::listener::raise_open_file_limit();
+    let io = &server.config.io;
+    let config = tidewire::event_loop::EventLoopConfig {
+        protocol: server.config.protocol.clone(),
+        threads,
+        handshake_timeout: server.config.handshake_timeout,
+        ping_interval: io.ping_interval,
+        pong_timeout: io.pong_timeout,
+        idle_timeout: io.idle_timeout,
+        shutdown_timeout: server.shutdown_timeout,
+        max_connections: server.limits.max_connections,
+        max_pending_output: io.send_queue.max_bytes,
+        origins: (!server.allow_origins.is_empty())
+            .then(|| tidewire::OriginPolicy::allow(server.allow_origins.clone())),
+        ..tidewire::event_loop::EventLoopConfig::default()
+    };
+    let welcome: Option<Arc<str>> = settings.welcome.map(Into::into);
+    let prefix: Arc<str> = settings.prefix.into();
+    let signal = shutdown_signal().context("installing the shutdown signal handlers")?;
+    let running = tidewire::event_loop::serve(addr, config, move || LoopEcho {
+        welcome: welcome.clone(),
+        prefix: prefix.clone(),
+    })
+    .with_context(|| format!("listening on {addr}"))?;
+    let addr = running.local_addr();
+    println!("tidewire echo listening on ws://{addr}/ (browser page: http://{addr}/; event loop)");
+    let stop = running.shutdown_handle();
+    tokio::spawn(async move {
+        signal.await;
+        info!("shutdown requested");
+        stop.shutdown();
+    });
+    tokio::task::spawn_blocking(move || running.join()).await??;
+    info!("stopped");
     Ok(())
 }

@@ -58,6 +58,8 @@
 pub mod axum;
 mod client;
 mod error;
+#[cfg(feature = "event-loop")]
+pub mod event_loop;
 #[cfg(feature = "hyper")]
 pub mod hyper;
 mod message;

@@ -1,0 +1,713 @@
+//! One event-loop thread: its listener, its poll, its connections.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response, StatusCode};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use tidewire_proto::handshake::{self, HandshakeError, ServerHandshake};
+use tidewire_proto::{CloseCode, CloseFrame, Connection, Event};
+
+use super::{EventLoopConfig, Handler, Shared, Socket};
+use crate::Message;
+
+pub(super) const WAKER: Token = Token(usize::MAX - 1);
+const LISTENER: Token = Token(usize::MAX - 2);
+
+/// The read buffer of a thread: a few large frames, or many small ones,
+/// per system call.
+const READ_BUFFER: usize = 256 << 10;
+/// Connections accepted per turn of the loop before the others get theirs.
+const ACCEPTS_PER_TURN: usize = 256;
+
+/// A listener bound with `SO_REUSEPORT`, so that every thread has its own
+/// and the kernel spreads new connections among them.
+pub(super) fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // As the tokio server: a burst of connects waits in the backlog.
+    socket.listen(4096)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// One connection.
+struct Entry<S> {
+    stream: TcpStream,
+    phase: Phase<S>,
+}
+
+enum Phase<S> {
+    /// Reading the request head (kept until it is whole).
+    Handshake { head: Vec<u8>, since: u32 },
+    /// Writing an HTTP answer; the connection closes after it.
+    Answer { out: Vec<u8>, since: u32 },
+    /// A WebSocket (boxed: a slab of small entries, each connection's
+    /// state in an allocation of its own size).
+    Open(Box<Open<S>>),
+    /// Our close frame is out after a failure: waiting for the peer's end
+    /// of the TCP connection, so that it reads the frame rather than a
+    /// reset.
+    Draining { since: u32 },
+}
+
+struct Open<S> {
+    conn: Connection,
+    /// `None` once handed to `Handler::closed`.
+    state: Option<S>,
+    /// The rest of the 101 response, while the socket has not taken all
+    /// of it (empty once written).
+    head: Vec<u8>,
+    /// Clock seconds: the last read, the last data message, the ping
+    /// waiting for its pong (0: none), the start of the closing handshake
+    /// (0: not started).
+    last_seen: u32,
+    last_data: u32,
+    ping_sent: u32,
+    closing_since: u32,
+    /// Not read while its output waits for a slow reader.
+    paused: bool,
+    /// Why it ends, once known.
+    code: Option<CloseCode>,
+}
+
+pub(super) struct Worker<H: Handler> {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    config: Arc<EventLoopConfig>,
+    shared: Arc<Shared>,
+    handler: H,
+    slab: Slab<Entry<H::State>>,
+    buffer: Vec<u8>,
+    /// Seconds since `epoch`, plus one (0 means "never" in the entries).
+    epoch: Instant,
+    now: u32,
+    /// The listener had more to accept at the end of the last turn.
+    accept_pending: bool,
+    shutting_down: Option<u32>,
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)
+}
+
+impl<H: Handler> Worker<H> {
+    pub(super) fn new(
+        poll: Poll,
+        mut listener: TcpListener,
+        config: Arc<EventLoopConfig>,
+        shared: Arc<Shared>,
+        handler: H,
+    ) -> io::Result<Worker<H>> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Worker {
+            poll,
+            listener: Some(listener),
+            config,
+            shared,
+            handler,
+            slab: Slab::new(),
+            buffer: vec![0; READ_BUFFER],
+            epoch: Instant::now(),
+            now: 1,
+            accept_pending: false,
+            shutting_down: None,
+        })
+    }
+
+    fn clock(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs() + 1).unwrap_or(u32::MAX)
+    }
+
+    pub(super) fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut swept = self.now;
+        loop {
+            let timeout = if self.accept_pending {
+                Duration::ZERO
+            } else {
+                // To the next whole second of the clock.
+                let elapsed = self.epoch.elapsed();
+                Duration::from_secs(elapsed.as_secs() + 1) - elapsed
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            self.now = self.clock();
+            if self.accept_pending {
+                self.accept();
+            }
+            for event in &events {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(key) => self.ready(key),
+                }
+            }
+            if self.shutting_down.is_none() && self.shared.shutdown.load(Ordering::SeqCst) {
+                self.begin_shutdown();
+            }
+            if self.now != swept {
+                swept = self.now;
+                self.sweep();
+            }
+            if let Some(since) = self.shutting_down {
+                let deadline = since.saturating_add(secs(self.config.shutdown_timeout));
+                if self.slab.is_empty() || self.now >= deadline {
+                    let keys: Vec<usize> = self.slab.iter().map(|(key, _)| key).collect();
+                    for key in keys {
+                        self.remove(key, CloseCode::ABNORMAL);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        self.accept_pending = false;
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        for _ in 0..ACCEPTS_PER_TURN {
+            let (mut stream, _peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of file descriptors, say: the listener stays
+                    // readable, and edge-triggered polling would not say so
+                    // again. Try again next second.
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            let open = self.shared.connections.fetch_add(1, Ordering::Relaxed);
+            if open >= self.config.max_connections {
+                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                // Best effort: a fresh socket takes this small answer.
+                let _ = stream.write(&handshake::http_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Retry-After: 1\r\n",
+                    "too many connections",
+                ));
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let slot = self.slab.vacant_entry();
+            let token = Token(slot.key());
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!("register failed: {e}");
+                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            slot.insert(Entry {
+                stream,
+                phase: Phase::Handshake {
+                    head: Vec::new(),
+                    since: self.now,
+                },
+            });
+        }
+        self.accept_pending = true;
+    }
+
+    fn ready(&mut self, key: usize) {
+        let Some(entry) = self.slab.get_mut(key) else {
+            return;
+        };
+        match &mut entry.phase {
+            Phase::Handshake { .. } => self.read_handshake(key),
+            Phase::Answer { .. } => self.write_answer(key),
+            Phase::Open(_) => self.drive(key),
+            Phase::Draining { .. } => self.drain(key),
+        }
+    }
+
+    /// Reads the request head; answers it once whole.
+    fn read_handshake(&mut self, key: usize) {
+        let max = self.config.protocol.max_handshake_size;
+        let entry = &mut self.slab[key];
+        let Phase::Handshake { head, .. } = &mut entry.phase else {
+            return;
+        };
+        let parsed = loop {
+            match entry.stream.read(&mut self.buffer) {
+                Ok(0) => return self.remove(key, CloseCode::ABNORMAL),
+                Ok(n) => {
+                    head.extend_from_slice(&self.buffer[..n]);
+                    match handshake::parse_request(head, max) {
+                        Ok(None) => continue,
+                        other => break other,
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.remove(key, CloseCode::ABNORMAL),
+            }
+        };
+        let head = match &mut entry.phase {
+            Phase::Handshake { head, .. } => std::mem::take(head),
+            _ => unreachable!("checked above"),
+        };
+        match parsed {
+            Ok(Some((request, len))) => self.answer_request(key, request, &head[len..]),
+            Ok(None) => unreachable!("the loop goes on for a partial head"),
+            Err(e) => self.answer(key, e.to_response()),
+        }
+    }
+
+    fn answer_request(&mut self, key: usize, request: Request<()>, rest: &[u8]) {
+        if !handshake::is_upgrade_request(&request) {
+            let response = match self.handler.http(&request) {
+                Some(response) => serialize(&response),
+                None => HandshakeError::NotWebSocketUpgrade.to_response(),
+            };
+            return self.answer(key, response);
+        }
+        if let Some(origins) = &self.config.origins {
+            let origin = request
+                .headers()
+                .get(header::ORIGIN)
+                .and_then(|v| v.to_str().ok());
+            if !origins.permits(origin) {
+                let reason = format!("origin {} is not allowed", origin.unwrap_or("(none)"));
+                return self.answer(
+                    key,
+                    handshake::http_response(StatusCode::FORBIDDEN, "", &reason),
+                );
+            }
+        }
+        if self.shutting_down.is_some() {
+            return self.answer(
+                key,
+                handshake::http_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Retry-After: 1\r\n",
+                    "shutting down",
+                ),
+            );
+        }
+        let accepted = match ServerHandshake::new(request, self.config.protocol.clone()) {
+            Ok(accepted) => accepted,
+            Err(e) => return self.answer(key, e.to_response()),
+        };
+        let protocol = self
+            .config
+            .protocols
+            .iter()
+            .find(|ours| accepted.protocols().any(|p| p == ours.as_str()))
+            .cloned();
+        let request = accepted.request().clone();
+        let (response, mut conn) = accepted.accept(protocol.as_deref(), &HeaderMap::new());
+        let state = self.handler.open(&mut Socket { conn: &mut conn }, &request);
+        conn.receive_data(rest);
+        let now = self.now;
+        let entry = &mut self.slab[key];
+        // Written at once: a fresh socket takes it whole, but not always.
+        let head = match entry.stream.write(&response) {
+            Ok(n) => response[n..].to_vec(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => response,
+            Err(_) => return self.remove(key, CloseCode::ABNORMAL),
+        };
+        entry.phase = Phase::Open(Box::new(Open {
+            conn,
+            state: Some(state),
+            head,
+            last_seen: now,
+            last_data: now,
+            ping_sent: 0,
+            closing_since: 0,
+            paused: false,
+            code: None,
+        }));
+        // The bytes that came with the head, then whatever is there.
+        self.dispatch(key);
+        self.drive(key);
+    }
+
+    /// Starts writing an HTTP answer; the connection closes after it.
+    fn answer(&mut self, key: usize, out: Vec<u8>) {
+        let since = self.now;
+        self.slab[key].phase = Phase::Answer { out, since };
+        self.write_answer(key);
+    }
+
+    fn write_answer(&mut self, key: usize) {
+        let entry = &mut self.slab[key];
+        let Phase::Answer { out, .. } = &mut entry.phase else {
+            return;
+        };
+        while !out.is_empty() {
+            match entry.stream.write(out) {
+                Ok(0) => break,
+                Ok(n) => {
+                    out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        // Our end closed, the rest of the request read and dropped: the
+        // client reads the whole answer rather than a reset.
+        let _ = entry.stream.shutdown(std::net::Shutdown::Write);
+        let since = self.now;
+        entry.phase = Phase::Draining { since };
+        self.drain(key);
+    }
+
+    /// Reads and drops until the peer closes its end.
+    fn drain(&mut self, key: usize) {
+        let entry = &mut self.slab[key];
+        loop {
+            match entry.stream.read(&mut self.buffer) {
+                Ok(0) => return self.remove(key, CloseCode::ABNORMAL),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.remove(key, CloseCode::ABNORMAL),
+            }
+        }
+    }
+
+    /// Writes what is due, reads what is there (each read's messages
+    /// handled at once), writes again: until the socket would block both
+    /// ways or the connection ends.
+    fn drive(&mut self, key: usize) {
+        loop {
+            match self.flush(key) {
+                Ok(()) => {}
+                Err(_) => return self.remove(key, CloseCode::ABNORMAL),
+            }
+            let max_pending = self.config.max_pending_output;
+            let Some(open) = self.open(key) else {
+                return;
+            };
+            if !open.head.is_empty() || open.conn.pending_output_len() > max_pending {
+                // Waiting for the socket to take the output first.
+                open.paused = true;
+                return;
+            }
+            open.paused = false;
+            if self.finished(key) {
+                return;
+            }
+            let entry = &mut self.slab[key];
+            let Phase::Open(open) = &mut entry.phase else {
+                return;
+            };
+            if open.conn.receiving_done() {
+                return;
+            }
+            match entry.stream.read(&mut self.buffer) {
+                Ok(0) => {
+                    open.conn.receive_eof();
+                    let code = open.code.unwrap_or(CloseCode::ABNORMAL);
+                    return self.remove(key, code);
+                }
+                Ok(n) => {
+                    open.conn.receive_data(&self.buffer[..n]);
+                    open.last_seen = self.now;
+                    open.ping_sent = 0;
+                    self.dispatch(key);
+                    if n < self.buffer.len() {
+                        // The socket is drained; a new edge says when more
+                        // comes. Write what the messages called for.
+                        if self.flush(key).is_err() {
+                            return self.remove(key, CloseCode::ABNORMAL);
+                        }
+                        self.finished(key);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.remove(key, CloseCode::ABNORMAL),
+            }
+        }
+    }
+
+    fn open(&mut self, key: usize) -> Option<&mut Open<H::State>> {
+        match &mut self.slab.get_mut(key)?.phase {
+            Phase::Open(open) => Some(open),
+            _ => None,
+        }
+    }
+
+    /// Hands the parsed messages to the handler.
+    fn dispatch(&mut self, key: usize) {
+        let now = self.now;
+        let Worker { slab, handler, .. } = self;
+        let Phase::Open(open) = &mut slab[key].phase else {
+            return;
+        };
+        loop {
+            let message = match open.conn.next_event() {
+                Ok(Some(Event::Text(text))) => Message::Text(text),
+                Ok(Some(Event::Binary(data))) => Message::Binary(data),
+                Ok(Some(Event::Ping(data))) => Message::Ping(data),
+                Ok(Some(Event::Pong(data))) => Message::Pong(data),
+                Ok(Some(Event::Close(frame))) => {
+                    open.code = Some(frame.as_ref().map_or(CloseCode::NO_STATUS, |f| f.code));
+                    Message::Close(frame)
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // The close frame with the error's code is queued.
+                    open.code = Some(e.close_code());
+                    return;
+                }
+            };
+            if matches!(message, Message::Text(_) | Message::Binary(_)) {
+                open.last_data = now;
+            }
+            let Some(state) = open.state.as_mut() else {
+                return;
+            };
+            handler.message(
+                &mut Socket {
+                    conn: &mut open.conn,
+                },
+                state,
+                message,
+            );
+        }
+    }
+
+    /// Writes the 101 response's rest and the connection's output.
+    fn flush(&mut self, key: usize) -> io::Result<()> {
+        let entry = &mut self.slab[key];
+        let Phase::Open(open) = &mut entry.phase else {
+            return Ok(());
+        };
+        while !open.head.is_empty() {
+            match entry.stream.write(&open.head) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    open.head.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        open.head = Vec::new();
+        while open.conn.has_pending_output() {
+            let mut slices = [IoSlice::new(&[]); 32];
+            let n = open.conn.pending_output_slices(&mut slices);
+            match entry.stream.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => open.conn.consume_output(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the connection if its closing handshake is over (or it failed)
+    /// and its output is written; whether it ended.
+    fn finished(&mut self, key: usize) -> bool {
+        let now = self.now;
+        let entry = &mut self.slab[key];
+        let Phase::Open(open) = &mut entry.phase else {
+            return true;
+        };
+        if open.conn.close_sent() && open.closing_since == 0 {
+            open.closing_since = now;
+        }
+        if open.conn.has_pending_output() || !open.head.is_empty() {
+            return false;
+        }
+        let code = open.code;
+        if open.conn.failure().is_some() {
+            // Our close frame is out: the peer gets to read it.
+            let code = code.unwrap_or(CloseCode::PROTOCOL_ERROR);
+            self.end_open(key, code);
+            let entry = &mut self.slab[key];
+            let _ = entry.stream.shutdown(std::net::Shutdown::Write);
+            entry.phase = Phase::Draining { since: now };
+            self.drain(key);
+            return true;
+        }
+        if open.conn.close_received() && open.conn.close_sent() {
+            // The handshake is over: the server closes TCP first (§7.1.1).
+            self.remove(key, code.unwrap_or(CloseCode::NO_STATUS));
+            return true;
+        }
+        false
+    }
+
+    /// Tells the handler the WebSocket ended (once).
+    fn end_open(&mut self, key: usize, code: CloseCode) {
+        let Worker { slab, handler, .. } = self;
+        if let Some(Entry {
+            phase: Phase::Open(open),
+            ..
+        }) = slab.get_mut(key)
+        {
+            if let Some(state) = open.state.take() {
+                handler.closed(state, code);
+            }
+        }
+    }
+
+    /// Closes the connection for good.
+    fn remove(&mut self, key: usize, code: CloseCode) {
+        self.end_open(key, code);
+        if self.slab.try_remove(key).is_some() {
+            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Once a second: deadlines, keepalive pings, idle buffers.
+    fn sweep(&mut self) {
+        let now = self.now;
+        let config = self.config.clone();
+        let handshake = secs(config.handshake_timeout);
+        let close = secs(config.close_timeout);
+        let mut due = Vec::new();
+        for (key, entry) in self.slab.iter_mut() {
+            match &mut entry.phase {
+                Phase::Handshake { since, .. } if now - *since >= handshake => due.push(key),
+                Phase::Answer { since, .. } | Phase::Draining { since }
+                    if now - *since >= close =>
+                {
+                    due.push(key)
+                }
+                Phase::Open(open) => {
+                    if open.closing_since != 0 && now - open.closing_since >= close {
+                        due.push(key);
+                        continue;
+                    }
+                    if open.ping_sent != 0 && now - open.ping_sent >= secs(config.pong_timeout) {
+                        due.push(key);
+                        continue;
+                    }
+                    let busy = open.conn.has_pending_output() || open.conn.input_len() > 0;
+                    if let Some(interval) = config.ping_interval {
+                        if open.ping_sent == 0
+                            && !open.conn.close_sent()
+                            && now - open.last_seen >= secs(interval)
+                        {
+                            let _ = open.conn.send_ping(b"tidewire keepalive");
+                            open.ping_sent = now;
+                        }
+                    }
+                    if let Some(idle) = config.idle_timeout {
+                        if !open.conn.close_sent() && now - open.last_data >= secs(idle) {
+                            let _ = open.conn.send_close(Some(CloseFrame::new(
+                                CloseCode::GOING_AWAY,
+                                "idle timeout",
+                            )));
+                        }
+                    }
+                    if open.conn.has_pending_output() {
+                        due.push(key);
+                    } else if !busy {
+                        open.conn.release_idle_buffers();
+                    }
+                }
+                _ => {}
+            }
+        }
+        for key in due {
+            match self.slab.get(key).map(|e| &e.phase) {
+                Some(Phase::Open(open)) => {
+                    let expired = (open.closing_since != 0 && now - open.closing_since >= close)
+                        || (open.ping_sent != 0
+                            && now - open.ping_sent >= secs(config.pong_timeout));
+                    if expired {
+                        let code = open.code.unwrap_or(CloseCode::ABNORMAL);
+                        self.remove(key, code);
+                    } else {
+                        self.drive(key);
+                    }
+                }
+                Some(_) => self.remove(key, CloseCode::ABNORMAL),
+                None => {}
+            }
+        }
+        if self.listener.is_some() {
+            // An accept that failed (out of descriptors) is tried again.
+            self.accept_pending = true;
+        }
+    }
+
+    /// Stops accepting and starts every WebSocket's closing handshake.
+    fn begin_shutdown(&mut self) {
+        self.shutting_down = Some(self.now);
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.accept_pending = false;
+        let keys: Vec<usize> = self.slab.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            match &mut self.slab[key].phase {
+                Phase::Open(open) => {
+                    if !open.conn.close_sent() {
+                        let _ = open.conn.send_close(Some(CloseFrame::new(
+                            CloseCode::GOING_AWAY,
+                            "server shutting down",
+                        )));
+                        open.code.get_or_insert(CloseCode::GOING_AWAY);
+                    }
+                    self.drive(key);
+                }
+                Phase::Handshake { .. } => self.remove(key, CloseCode::ABNORMAL),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 response with its body, then the connection closes.
+fn serialize(response: &Response<Bytes>) -> Vec<u8> {
+    let status = response.status();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in response.headers() {
+        if name == header::CONTENT_LENGTH || name == header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            response.body().len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(response.body());
+    out
+}
