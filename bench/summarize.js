@@ -20,16 +20,20 @@ const runs = fs
   .filter((l) => l.trim())
   .map((l) => JSON.parse(l));
 
-const ORDER = ['tidewire', 'tungstenite', 'fastwebsockets', 'node', 'sink'];
+const ORDER = ['tidewire', 'tidewire-loop', 'tungstenite', 'fastwebsockets', 'node', 'sink'];
 const v = meta.versions || {};
 const NAMES = {
   tidewire: `tidewire ${v.tidewire || ''}`.trim(),
+  'tidewire-loop': `tidewire ${v.tidewire || ''} --event-loop`.trim(),
   tungstenite: `tokio-tungstenite ${v['tokio-tungstenite'] || ''}`.trim(),
   fastwebsockets: `fastwebsockets ${v.fastwebsockets || ''}`.trim(),
   node: `Node ws ${v.ws || ''}`.trim(),
   sink: 'sink_echo (generator ceiling)',
 };
-const servers = ORDER.filter((s) => meta.servers.includes(s));
+// Servers of --external: after the known ones, under their own names.
+const servers = [...ORDER.filter((s) => meta.servers.includes(s)),
+  ...meta.servers.filter((s) => !ORDER.includes(s))];
+for (const s of servers) NAMES[s] = NAMES[s] || s;
 const configs = meta.configs;
 
 function median(xs) {

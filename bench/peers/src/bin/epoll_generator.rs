@@ -2,8 +2,8 @@
 //!
 //! A second echo load generator, as small as one can be: one thread, mio
 //! (epoll) without an async runtime, pre-masked frames written with one
-//! `write` per refill, echoes counted by their length without looking at
-//! their bytes, no latency clock. Paired with `sink_echo` it shows what this
+//! `write` per refill, every echo checked byte for byte against what was
+//! sent (one `memcmp` per read), no latency clock. Paired with `sink_echo` it shows what this
 //! kernel's loopback allows a server that does nothing; paired with the real
 //! servers it measures them without `tidewire bench` in the loop.
 //!
@@ -14,9 +14,9 @@
 //! epoll_generator ws://127.0.0.1:PORT/ -c CONNS -s SIZE -p IN_FLIGHT -d SECONDSs [--busy-poll] [--json] [--quiet]
 //! ```
 //!
-//! It trusts the server: every echo must be one unfragmented binary frame of
-//! the size sent (what every echo server here does); anything else shows as
-//! a "protocol" error.
+//! Every echo must be one unfragmented binary frame with the payload sent
+//! (what every echo server here does): anything else is counted as a
+//! "wrong echo" error, and the connection's echoes stop counting.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream as StdStream;
@@ -81,11 +81,17 @@ fn parse_args() -> Args {
     args
 }
 
+/// The payload of every frame: letters, so that a shifted or mixed-up
+/// echo shows.
+fn payload_byte(j: usize) -> u8 {
+    b'a' + (j % 26) as u8
+}
+
 /// `in_flight` masked binary frames of `size` bytes, back to back.
 fn client_frames(size: usize, in_flight: usize) -> Vec<u8> {
     let mut frames = Vec::new();
     let key = [0x37, 0xfa, 0x21, 0x3d];
-    for i in 0..in_flight {
+    for _ in 0..in_flight {
         frames.push(0x82);
         match size {
             0..=125 => frames.push(0x80 | size as u8),
@@ -99,9 +105,33 @@ fn client_frames(size: usize, in_flight: usize) -> Vec<u8> {
             }
         }
         frames.extend_from_slice(&key);
-        frames.extend((0..size).map(|j| (b'a' + ((i + j) % 26) as u8) ^ key[j % 4]));
+        frames.extend((0..size).map(|j| payload_byte(j) ^ key[j % 4]));
     }
     frames
+}
+
+/// The server's echoes of frames, unmasked, back to back: at least `len`
+/// bytes of them past any start within an echo, so that a read (at most
+/// `len`) is compared in one go.
+fn expected_echoes(size: usize, len: usize) -> Vec<u8> {
+    let mut one = vec![0x82];
+    match size {
+        0..=125 => one.push(size as u8),
+        126..=0xffff => {
+            one.push(126);
+            one.extend_from_slice(&(size as u16).to_be_bytes());
+        }
+        _ => {
+            one.push(127);
+            one.extend_from_slice(&(size as u64).to_be_bytes());
+        }
+    }
+    one.extend((0..size).map(payload_byte));
+    let mut all = Vec::with_capacity(len + 2 * one.len());
+    while all.len() < len + one.len() {
+        all.extend_from_slice(&one);
+    }
+    all
 }
 
 /// The length of the server's unmasked echo of one frame.
@@ -156,7 +186,8 @@ struct Conn {
     due_frames: usize,
     written: usize,
     echoed: u64,
-    first_byte_seen: bool,
+    /// A byte differed from the echo expected: counting stopped.
+    wrong: bool,
 }
 
 /// This thread's CPU time so far (the process has one thread).
@@ -193,7 +224,7 @@ fn main() -> io::Result<()> {
                     due_frames: args.in_flight,
                     written: 0,
                     echoed: 0,
-                    first_byte_seen: false,
+                    wrong: false,
                 });
             }
             Err(e) => error(format!("connect: {e}")),
@@ -202,6 +233,7 @@ fn main() -> io::Result<()> {
     let connected = conns.len();
     let mut events = Events::with_capacity(1024);
     let mut input = vec![0u8; 1 << 20];
+    let expected = expected_echoes(args.size, input.len());
     let cpu_start = cpu_seconds();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
@@ -224,11 +256,13 @@ fn main() -> io::Result<()> {
                         break;
                     }
                     Ok(n) => {
-                        if !conn.first_byte_seen && n > 0 {
-                            conn.first_byte_seen = true;
-                            if input[0] != 0x82 {
-                                error("protocol: not a binary echo".into());
-                            }
+                        if conn.wrong {
+                            continue;
+                        }
+                        if input[..n] != expected[conn.partial..conn.partial + n] {
+                            conn.wrong = true;
+                            error("wrong echo: not the bytes sent".into());
+                            continue;
                         }
                         let bytes = conn.partial + n;
                         let done = bytes / echo;
@@ -291,7 +325,7 @@ fn main() -> io::Result<()> {
             .collect::<Vec<_>>()
             .join(", ");
         println!(
-            "{{\"generator\": \"epoll_generator\", \"mode\": \"echo\", \"connections\": {}, \
+            "{{\"generator\": \"epoll_generator\", \"mode\": \"echo\", \"checked\": true, \"connections\": {}, \
              \"connected\": {connected}, \"size\": {}, \"in_flight\": {}, \"seconds\": {seconds}, \
              \"messages\": {messages}, \"messages_per_sec\": {rate}, \"bytes_per_sec\": {}, \
              \"latency\": {{\"p50_us\": null, \"p99_us\": null}}, \"errors\": {{{errors}}}, \

@@ -47,7 +47,32 @@ pub(super) fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 /// One connection.
 struct Entry<S> {
     stream: TcpStream,
+    /// Registered for writability too (only while output waits).
+    writable: bool,
     phase: Phase<S>,
+}
+
+impl<S> Entry<S> {
+    /// Asks for writability events only while output waits for the
+    /// socket: otherwise every ACK of a connection that keeps up would
+    /// wake the poll for nothing.
+    fn want_writable(&mut self, registry: &mio::Registry, key: usize, yes: bool) {
+        if self.writable != yes {
+            let interest = if yes {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            // Re-registering re-arms the edge: writability that came in
+            // between is reported at once.
+            if registry
+                .reregister(&mut self.stream, Token(key), interest)
+                .is_ok()
+            {
+                self.writable = yes;
+            }
+        }
+    }
 }
 
 enum Phase<S> {
@@ -212,17 +237,18 @@ impl<H: Handler> Worker<H> {
             let _ = stream.set_nodelay(true);
             let slot = self.slab.vacant_entry();
             let token = Token(slot.key());
-            if let Err(e) = self.poll.registry().register(
-                &mut stream,
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE)
+            {
                 tracing::warn!("register failed: {e}");
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
             slot.insert(Entry {
                 stream,
+                writable: false,
                 phase: Phase::Handshake {
                     head: Vec::new(),
                     since: self.now,
@@ -364,7 +390,9 @@ impl<H: Handler> Worker<H> {
                 Ok(n) => {
                     out.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return entry.want_writable(self.poll.registry(), key, true);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
@@ -497,33 +525,38 @@ impl<H: Handler> Worker<H> {
 
     /// Writes the 101 response's rest and the connection's output.
     fn flush(&mut self, key: usize) -> io::Result<()> {
-        let entry = &mut self.slab[key];
+        let Worker { slab, poll, .. } = self;
+        let entry = &mut slab[key];
         let Phase::Open(open) = &mut entry.phase else {
             return Ok(());
         };
-        while !open.head.is_empty() {
+        let mut blocked = false;
+        while !open.head.is_empty() && !blocked {
             match entry.stream.write(&open.head) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     open.head.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => blocked = true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        open.head = Vec::new();
-        while open.conn.has_pending_output() {
+        if open.head.is_empty() && open.head.capacity() > 0 {
+            open.head = Vec::new();
+        }
+        while !blocked && open.conn.has_pending_output() {
             let mut slices = [IoSlice::new(&[]); 32];
             let n = open.conn.pending_output_slices(&mut slices);
             match entry.stream.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => open.conn.consume_output(written),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => blocked = true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
+        entry.want_writable(poll.registry(), key, blocked);
         Ok(())
     }
 
