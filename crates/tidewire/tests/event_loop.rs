@@ -324,10 +324,7 @@ async fn keepalive_pings_and_drops_a_peer_that_never_answers() {
     // A silent peer: pinged, then dropped without a close frame.
     tcp.read_to_end(&mut got).unwrap();
     assert_eq!(got[0], 0x89, "a ping first: {got:02x?}");
-    assert!(
-        !got.contains(&0x88),
-        "no close frame: {got:02x?}"
-    );
+    assert!(!got.contains(&0x88), "no close frame: {got:02x?}");
     eventually("the end reported", || {
         *echo.closed.lock().unwrap() == [1006]
     })
