@@ -8,12 +8,15 @@
 //!
 //! Pass rule: no panic, memory bounded by the limits, errors reported once
 //! with the connection closed, and the same outcome whether the stream
-//! arrives at once or in chunks (1 byte when the selector is 0).
+//! arrives at once or in chunks (1 byte when the selector is 0), and
+//! whether it is parsed through the buffer or in place.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tidewire_proto::{Config, Connection, DeflateParams, Event, ProtocolError, Role, State};
+use tidewire_proto::{
+    Config, Connection, DeflateParams, Event, EventRef, ProtocolError, Role, State,
+};
 
 /// Everything observable from one run: events and errors in order, and (for
 /// a server, whose frames are not masked with random keys) the bytes written.
@@ -37,9 +40,62 @@ fuzz_target!(|data: &[u8]| {
         if chunk == usize::MAX { 1 } else { chunk },
     );
     assert_eq!(whole, chunked, "outcome depends on chunking");
+    // Parsing in place (receive_in_place: events borrowed from the bytes
+    // read) must not change it either, at once or chunked.
+    assert_eq!(
+        whole,
+        run_in_place(*flags, *limits, stream, usize::MAX),
+        "outcome depends on parsing in place"
+    );
+    assert_eq!(
+        whole,
+        run_in_place(*flags, *limits, stream, if chunk == usize::MAX { 1 } else { chunk }),
+        "outcome depends on parsing in place, chunked"
+    );
 });
 
-fn run(flags: u8, limits: u8, stream: &[u8], chunk: usize) -> Outcome {
+/// As `run`, with each piece handed over by `receive_in_place`.
+fn run_in_place(flags: u8, limits: u8, stream: &[u8], chunk: usize) -> Outcome {
+    let (mut conn, max_message_size) = connection(flags, limits);
+    let role = conn.role();
+    let mut events = Vec::new();
+    let mut written = Vec::new();
+    for piece in stream.chunks(chunk.min(stream.len().max(1))) {
+        let mut piece = piece.to_vec();
+        let fed = conn.receive_in_place(&mut piece, |conn, event| {
+            let event = match event {
+                EventRef::Text(text) => {
+                    assert!(text.len() <= max_message_size);
+                    let _ = conn.send_text(text);
+                    Event::Text(text.into())
+                }
+                EventRef::Binary(bytes) => {
+                    assert!(bytes.len() <= max_message_size);
+                    let _ = conn.send_binary(bytes);
+                    Event::Binary(bytes.to_vec().into())
+                }
+                EventRef::Ping(p) => Event::Ping(p.to_vec().into()),
+                EventRef::Pong(p) => Event::Pong(p.to_vec().into()),
+                EventRef::Close(frame) => Event::Close(frame.cloned()),
+            };
+            events.push(Ok(event));
+        });
+        if let Err(err) = fed {
+            assert_eq!(conn.failure(), Some(&err));
+            assert_eq!(conn.state(), State::Closed);
+            events.push(Err(err));
+        }
+        if role == Role::Server {
+            written.extend_from_slice(conn.pending_output());
+        }
+        let n = conn.pending_output().len();
+        conn.consume_output(n);
+    }
+    (events, written)
+}
+
+/// The connection `flags` and `limits` describe, and its message limit.
+fn connection(flags: u8, limits: u8) -> (Connection, usize) {
     let role = if flags & 1 != 0 {
         Role::Client
     } else {
@@ -50,14 +106,19 @@ fn run(flags: u8, limits: u8, stream: &[u8], chunk: usize) -> Outcome {
         client_no_context_takeover: flags & 8 != 0,
         ..DeflateParams::default()
     });
-    let max_frame_size = 1usize << (limits & 0x0F);
     let max_message_size = 1usize << (limits >> 4);
     let config = Config {
-        max_frame_size,
+        max_frame_size: 1usize << (limits & 0x0F),
         max_message_size,
         ..Config::default()
     };
-    let mut conn = Connection::new(role, config, deflate);
+    (Connection::new(role, config, deflate), max_message_size)
+}
+
+fn run(flags: u8, limits: u8, stream: &[u8], chunk: usize) -> Outcome {
+    let (mut conn, max_message_size) = connection(flags, limits);
+    let role = conn.role();
+    let max_frame_size = conn.config().max_frame_size;
     let mut events = Vec::new();
     let mut written = Vec::new();
     let mut failed = false;

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{ArgMatches, Args};
+use tidewire::event_loop::Incoming;
 use tidewire::http::{Request, Response, StatusCode};
-use tidewire::Message;
 use tracing::info;
 
 use crate::server_args::{shutdown_signal, ServerArgs, ServerSettings};
@@ -142,17 +142,18 @@ impl tidewire::event_loop::Handler for LoopEcho {
         &mut self,
         socket: &mut tidewire::event_loop::Socket<'_>,
         _: &mut (),
-        message: Message,
+        message: Incoming<'_>,
     ) {
         match message {
-            Message::Text(text) if !self.prefix.is_empty() => {
+            Incoming::Text(text) if !self.prefix.is_empty() => {
                 socket.send_text(&format!("{}{text}", self.prefix));
             }
-            Message::Binary(data) if !self.prefix.is_empty() => {
-                let text = String::from_utf8_lossy(&data);
+            Incoming::Binary(data) if !self.prefix.is_empty() => {
+                let text = String::from_utf8_lossy(data);
                 socket.send_text(&format!("{}{text}", self.prefix));
             }
-            m @ (Message::Text(_) | Message::Binary(_)) => socket.send(m),
+            Incoming::Text(text) => socket.send_text(text),
+            Incoming::Binary(data) => socket.send_binary(data),
             _ => {}
         }
     }

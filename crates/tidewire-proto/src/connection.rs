@@ -77,6 +77,35 @@ pub enum Event {
     Close(Option<CloseFrame>),
 }
 
+/// An event borrowed from the bytes just read: what
+/// [`Connection::receive_in_place`] hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventRef<'a> {
+    /// A complete text message.
+    Text(&'a str),
+    /// A complete binary message.
+    Binary(&'a [u8]),
+    /// A ping; the pong has already been queued.
+    Ping(&'a [u8]),
+    /// A pong.
+    Pong(&'a [u8]),
+    /// The peer's close frame (see [`Event::Close`]).
+    Close(Option<&'a CloseFrame>),
+}
+
+impl Event {
+    /// The event, borrowed.
+    pub fn as_event_ref(&self) -> EventRef<'_> {
+        match self {
+            Event::Text(text) => EventRef::Text(text.as_str()),
+            Event::Binary(data) => EventRef::Binary(data),
+            Event::Ping(data) => EventRef::Ping(data),
+            Event::Pong(data) => EventRef::Pong(data),
+            Event::Close(frame) => EventRef::Close(frame.as_ref()),
+        }
+    }
+}
+
 /// Where the closing handshake stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -276,6 +305,131 @@ impl Connection {
         } else {
             input.extend_from_slice(&data);
         }
+    }
+
+    /// Parses `data`, just read from the network, handing every event to
+    /// `on_event` as it completes. Whole frames of unfragmented,
+    /// uncompressed messages and control frames are unmasked in `data`
+    /// itself and handed out borrowed from it: nothing is copied or
+    /// allocated for them (what an epoll server reading into one buffer
+    /// per thread wants). What cannot be done in place (a frame cut off at
+    /// the end, a fragmented or compressed message, a close frame, or
+    /// anything after bytes already buffered) goes through the
+    /// connection's buffer as with [`receive_data`](Self::receive_data)
+    /// and [`next_event`](Self::next_event). `on_event` gets the
+    /// connection too, to answer.
+    ///
+    /// # Errors
+    /// The protocol error that failed the connection, as `next_event`
+    /// returns it (its close frame is queued).
+    pub fn receive_in_place(
+        &mut self,
+        data: &mut [u8],
+        mut on_event: impl FnMut(&mut Connection, EventRef<'_>),
+    ) -> Result<(), ProtocolError> {
+        let mut at = 0;
+        while !self.receiving_done() && self.input_idle() {
+            let rest = &mut data[at..];
+            let (header, len) = match FrameHeader::decode(rest) {
+                Ok(Some(decoded)) => decoded,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(e.clone());
+                    return Err(e);
+                }
+            };
+            let Some(total) = usize::try_from(header.payload_len)
+                .ok()
+                .and_then(|n| n.checked_add(len))
+                .filter(|&total| total <= rest.len())
+            else {
+                break;
+            };
+            let in_place = match header.opcode {
+                OpCode::Text | OpCode::Binary => header.fin && !header.rsv1,
+                OpCode::Ping | OpCode::Pong => true,
+                OpCode::Continuation | OpCode::Close => false,
+            };
+            if !in_place {
+                break;
+            }
+            if let Err(e) = self.check_in_place(&header) {
+                self.fail(e.clone());
+                return Err(e);
+            }
+            let payload = &mut rest[len..total];
+            if let Some(key) = header.mask {
+                apply_mask(payload, key, 0);
+            }
+            at += total;
+            match header.opcode {
+                OpCode::Text => match simdutf8::basic::from_utf8(payload) {
+                    Ok(text) => on_event(self, EventRef::Text(text)),
+                    Err(_) => {
+                        self.fail(ProtocolError::InvalidUtf8);
+                        return Err(ProtocolError::InvalidUtf8);
+                    }
+                },
+                OpCode::Binary => on_event(self, EventRef::Binary(payload)),
+                OpCode::Ping => {
+                    if !self.close_sent {
+                        self.encode_frame(OpCode::Pong, payload, true, false);
+                    }
+                    on_event(self, EventRef::Ping(payload));
+                }
+                _ => on_event(self, EventRef::Pong(payload)),
+            }
+        }
+        if at < data.len() && !self.receiving_done() {
+            self.receive_data(&data[at..]);
+            while let Some(event) = self.next_event()? {
+                on_event(self, event.as_event_ref());
+            }
+        }
+        Ok(())
+    }
+
+    /// No input buffered, no frame or message under way: the next frame
+    /// may be parsed in place.
+    fn input_idle(&self) -> bool {
+        self.flight
+            .as_deref()
+            .is_none_or(|f| f.input.is_empty() && f.frame.is_none() && f.message.is_none())
+    }
+
+    /// What `check_header` checks, for a frame parsed in place: a whole
+    /// text, binary, ping or pong frame, no message under way.
+    fn check_in_place(&self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        if h.rsv1 || h.rsv2 || h.rsv3 {
+            return Err(ProtocolError::ReservedBits(
+                (h.rsv1 as u8) << 2 | (h.rsv2 as u8) << 1 | h.rsv3 as u8,
+            ));
+        }
+        match (self.role, h.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        if h.opcode.is_control() {
+            if !h.fin {
+                return Err(ProtocolError::FragmentedControlFrame);
+            }
+            if h.payload_len > 125 {
+                return Err(ProtocolError::ControlFrameTooLong(h.payload_len));
+            }
+            return Ok(());
+        }
+        if h.payload_len > self.config.max_frame_size as u64 {
+            return Err(ProtocolError::FrameTooBig {
+                size: h.payload_len,
+                limit: self.config.max_frame_size,
+            });
+        }
+        let limit = self.config.max_message_size;
+        if h.payload_len > limit as u64 {
+            return Err(ProtocolError::MessageTooBig { limit });
+        }
+        Ok(())
     }
 
     /// Whether nothing more will be parsed: the peer's close frame arrived,

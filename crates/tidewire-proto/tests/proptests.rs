@@ -9,8 +9,8 @@ use common::*;
 use proptest::prelude::*;
 use tidewire_proto::deflate::{Deflater, Inflater};
 use tidewire_proto::{
-    Config, Connection, DeflateConfig, Event, FrameHeader, OpCode, ProtocolError, Utf8Text,
-    Utf8Validator,
+    Config, Connection, DeflateConfig, Event, EventRef, FrameHeader, OpCode, ProtocolError,
+    Utf8Text, Utf8Validator,
 };
 
 // ---- strategies ----------------------------------------------------------------
@@ -292,6 +292,40 @@ fn server_outcome(stream: &[u8], chunks: &[usize]) -> (Vec<Result<Event, Protoco
     (events, s.take_output().to_vec())
 }
 
+/// The same as [`server_outcome`], each chunk handed over with
+/// `receive_in_place` (events borrowed, copied here to compare).
+fn server_outcome_in_place(
+    stream: &[u8],
+    chunks: &[usize],
+) -> (Vec<Result<Event, ProtocolError>>, Vec<u8>) {
+    let mut s = server_with(Config {
+        max_frame_size: 64,
+        max_message_size: 100,
+        ..Config::default()
+    });
+    let mut events = Vec::new();
+    let mut rest = stream;
+    let mut sizes = chunks.iter().cycle();
+    while !rest.is_empty() {
+        let n = (*sizes.next().unwrap()).clamp(1, rest.len());
+        let mut chunk = rest[..n].to_vec();
+        rest = &rest[n..];
+        let fed = s.receive_in_place(&mut chunk, |_, event| {
+            events.push(Ok(match event {
+                EventRef::Text(text) => Event::Text(Utf8Text::from(text)),
+                EventRef::Binary(data) => Event::Binary(Bytes::copy_from_slice(data)),
+                EventRef::Ping(data) => Event::Ping(Bytes::copy_from_slice(data)),
+                EventRef::Pong(data) => Event::Pong(Bytes::copy_from_slice(data)),
+                EventRef::Close(frame) => Event::Close(frame.cloned()),
+            }))
+        });
+        if let Err(e) = fed {
+            events.push(Err(e));
+        }
+    }
+    (events, s.take_output().to_vec())
+}
+
 // ---- properties ----------------------------------------------------------------
 
 proptest! {
@@ -427,6 +461,10 @@ proptest! {
         let whole = server_outcome(&stream, &[usize::MAX]);
         prop_assert_eq!(&whole, &server_outcome(&stream, &chunks));
         prop_assert_eq!(&whole, &server_outcome(&stream, &[1]));
+        // Parsing in place changes nothing either, however the bytes come.
+        prop_assert_eq!(&whole, &server_outcome_in_place(&stream, &[usize::MAX]));
+        prop_assert_eq!(&whole, &server_outcome_in_place(&stream, &chunks));
+        prop_assert_eq!(&whole, &server_outcome_in_place(&stream, &[1]));
     }
 
     #[test]

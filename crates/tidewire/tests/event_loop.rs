@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tidewire::event_loop::{serve, EventLoopConfig, EventLoopServer, Handler, Socket};
+use tidewire::event_loop::{serve, EventLoopConfig, EventLoopServer, Handler, Incoming, Socket};
 use tidewire::http::{Request, Response};
 use tidewire::{ClientBuilder, CloseCode, DeflateConfig, Message, OriginPolicy};
 
@@ -31,12 +31,12 @@ impl Handler for Echo {
         }
     }
 
-    fn message(&mut self, socket: &mut Socket<'_>, _: &mut (), message: Message) {
+    fn message(&mut self, socket: &mut Socket<'_>, _: &mut (), message: Incoming<'_>) {
         match message {
-            Message::Text(text) if text.as_str() == "close me" => {
-                socket.close(CloseCode(4001), "as asked");
-            }
-            m @ (Message::Text(_) | Message::Binary(_)) => socket.send(m),
+            Incoming::Text("close me") => socket.close(CloseCode(4001), "as asked"),
+            Incoming::Text("owned") => socket.send(Message::text("sent as a Message")),
+            Incoming::Text(text) => socket.send_text(text),
+            Incoming::Binary(data) => socket.send_binary(data),
             _ => {}
         }
     }
@@ -93,6 +93,11 @@ async fn echoes_text_binary_fragments_and_large_messages() {
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("welcome"));
     ws.send(Message::text("héllo")).await.unwrap();
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("héllo"));
+    ws.send(Message::text("owned")).await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::text("sent as a Message")
+    );
     ws.send(Message::binary(vec![0u8, 1, 2, 255]))
         .await
         .unwrap();

@@ -4,7 +4,8 @@
 //! same sans-I/O core as the tokio server ([`crate::Server`]).
 //!
 //! Each ready socket is read into one buffer per thread, its messages are
-//! handed to the [`Handler`] in the same pass, and what the handler sent is
+//! parsed there in place and handed to the [`Handler`] borrowed, in the
+//! same pass, and what the handler sent is
 //! written with one (vectored) write: no task to wake, no channel, no
 //! reactor between the socket and the protocol. An idle connection holds
 //! its socket, its protocol state and a few timestamps, and no buffer.
@@ -17,16 +18,19 @@
 //! Plain `ws://` only; `wss://` is the tokio server's.
 //!
 //! ```no_run
-//! use tidewire::event_loop::{EventLoopConfig, Handler, Socket};
-//! use tidewire::Message;
+//! use tidewire::event_loop::{EventLoopConfig, Handler, Incoming, Socket};
 //!
 //! struct Echo;
 //!
 //! impl Handler for Echo {
 //!     type State = ();
 //!     fn open(&mut self, _: &mut Socket<'_>, _: &tidewire::http::Request<()>) {}
-//!     fn message(&mut self, socket: &mut Socket<'_>, _: &mut (), message: Message) {
-//!         socket.send(message);
+//!     fn message(&mut self, socket: &mut Socket<'_>, _: &mut (), message: Incoming<'_>) {
+//!         match message {
+//!             Incoming::Text(text) => socket.send_text(text),
+//!             Incoming::Binary(data) => socket.send_binary(data),
+//!             _ => {}
+//!         }
 //!     }
 //! }
 //!
@@ -51,6 +55,9 @@ use http::{Request, Response};
 use tidewire_proto::{CloseCode, CloseFrame, Config, Connection, State};
 
 use crate::{Message, OriginPolicy};
+
+/// A message as a [`Handler`] gets it, borrowed from the bytes just read.
+pub use tidewire_proto::EventRef as Incoming;
 
 mod worker;
 
@@ -115,8 +122,10 @@ pub trait Handler: Send + 'static {
     /// A WebSocket opened (the handshake is answered).
     fn open(&mut self, socket: &mut Socket<'_>, request: &Request<()>) -> Self::State;
 
-    /// A message arrived (pings come too, already answered).
-    fn message(&mut self, socket: &mut Socket<'_>, state: &mut Self::State, message: Message);
+    /// A message arrived (pings come too, already answered; the peer's
+    /// close frame too, already answered). It is borrowed from the bytes
+    /// just read: copy what must outlive the call.
+    fn message(&mut self, socket: &mut Socket<'_>, state: &mut Self::State, message: Incoming<'_>);
 
     /// The connection ended: the peer's close code, ours, or 1006 when it
     /// ended without a closing handshake.

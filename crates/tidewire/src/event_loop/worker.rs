@@ -12,10 +12,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use tidewire_proto::handshake::{self, HandshakeError, ServerHandshake};
-use tidewire_proto::{CloseCode, CloseFrame, Connection, Event};
+use tidewire_proto::{CloseCode, CloseFrame, Connection};
 
-use super::{EventLoopConfig, Handler, Shared, Socket};
-use crate::Message;
+use super::{EventLoopConfig, Handler, Incoming, Shared, Socket};
 
 pub(super) const WAKER: Token = Token(usize::MAX - 1);
 const LISTENER: Token = Token(usize::MAX - 2);
@@ -207,33 +206,33 @@ impl<H: Handler> Worker<H> {
 
     fn accept(&mut self) {
         self.accept_pending = false;
-        let Some(listener) = &self.listener else {
+        let Some(listener) = self.listener.take() else {
             return;
         };
+        self.accept_pending = self.accept_from(&listener);
+        self.listener = Some(listener);
+    }
+
+    /// Accepts what is waiting, up to a turn's share; whether more may be.
+    fn accept_from(&mut self, listener: &TcpListener) -> bool {
         for _ in 0..ACCEPTS_PER_TURN {
             let (mut stream, _peer) = match listener.accept() {
                 Ok(accepted) => accepted,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Out of file descriptors, say: the listener stays
                     // readable, and edge-triggered polling would not say so
                     // again. Try again next second.
                     tracing::warn!("accept failed: {e}");
-                    return;
+                    return false;
                 }
             };
+            // Counted even when refused: the refusal is answered (and the
+            // request read, so that the client sees the answer rather than
+            // a reset) before the socket goes.
             let open = self.shared.connections.fetch_add(1, Ordering::Relaxed);
-            if open >= self.config.max_connections {
-                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-                // Best effort: a fresh socket takes this small answer.
-                let _ = stream.write(&handshake::http_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Retry-After: 1\r\n",
-                    "too many connections",
-                ));
-                continue;
-            }
+            let refused = open >= self.config.max_connections;
             let _ = stream.set_nodelay(true);
             let slot = self.slab.vacant_entry();
             let token = Token(slot.key());
@@ -246,6 +245,7 @@ impl<H: Handler> Worker<H> {
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
+            let key = slot.key();
             slot.insert(Entry {
                 stream,
                 writable: false,
@@ -254,8 +254,18 @@ impl<H: Handler> Worker<H> {
                     since: self.now,
                 },
             });
+            if refused {
+                self.answer(
+                    key,
+                    handshake::http_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Retry-After: 1\r\n",
+                        "too many connections",
+                    ),
+                );
+            }
         }
-        self.accept_pending = true;
+        true
     }
 
     fn ready(&mut self, key: usize) {
@@ -292,18 +302,18 @@ impl<H: Handler> Worker<H> {
                 Err(_) => return self.remove(key, CloseCode::ABNORMAL),
             }
         };
-        let head = match &mut entry.phase {
+        let mut head = match &mut entry.phase {
             Phase::Handshake { head, .. } => std::mem::take(head),
             _ => unreachable!("checked above"),
         };
         match parsed {
-            Ok(Some((request, len))) => self.answer_request(key, request, &head[len..]),
+            Ok(Some((request, len))) => self.answer_request(key, request, &mut head[len..]),
             Ok(None) => unreachable!("the loop goes on for a partial head"),
             Err(e) => self.answer(key, e.to_response()),
         }
     }
 
-    fn answer_request(&mut self, key: usize, request: Request<()>, rest: &[u8]) {
+    fn answer_request(&mut self, key: usize, request: Request<()>, rest: &mut [u8]) {
         if !handshake::is_upgrade_request(&request) {
             let response = match self.handler.http(&request) {
                 Some(response) => serialize(&response),
@@ -347,7 +357,6 @@ impl<H: Handler> Worker<H> {
         let request = accepted.request().clone();
         let (response, mut conn) = accepted.accept(protocol.as_deref(), &HeaderMap::new());
         let state = self.handler.open(&mut Socket { conn: &mut conn }, &request);
-        conn.receive_data(rest);
         let now = self.now;
         let entry = &mut self.slab[key];
         // Written at once: a fresh socket takes it whole, but not always.
@@ -368,7 +377,10 @@ impl<H: Handler> Worker<H> {
             code: None,
         }));
         // The bytes that came with the head, then whatever is there.
-        self.dispatch(key);
+        let Worker { slab, handler, .. } = self;
+        if let Phase::Open(open) = &mut slab[key].phase {
+            deliver(handler, open, rest, now);
+        }
         self.drive(key);
     }
 
@@ -441,25 +453,31 @@ impl<H: Handler> Worker<H> {
             if self.finished(key) {
                 return;
             }
-            let entry = &mut self.slab[key];
+            let Worker {
+                slab,
+                handler,
+                buffer,
+                now,
+                ..
+            } = self;
+            let entry = &mut slab[key];
             let Phase::Open(open) = &mut entry.phase else {
                 return;
             };
             if open.conn.receiving_done() {
                 return;
             }
-            match entry.stream.read(&mut self.buffer) {
+            match entry.stream.read(buffer) {
                 Ok(0) => {
                     open.conn.receive_eof();
                     let code = open.code.unwrap_or(CloseCode::ABNORMAL);
                     return self.remove(key, code);
                 }
                 Ok(n) => {
-                    open.conn.receive_data(&self.buffer[..n]);
-                    open.last_seen = self.now;
+                    open.last_seen = *now;
                     open.ping_sent = 0;
-                    self.dispatch(key);
-                    if n < self.buffer.len() {
+                    deliver(handler, open, &mut buffer[..n], *now);
+                    if n < buffer.len() {
                         // The socket is drained; a new edge says when more
                         // comes. Write what the messages called for.
                         if self.flush(key).is_err() {
@@ -480,46 +498,6 @@ impl<H: Handler> Worker<H> {
         match &mut self.slab.get_mut(key)?.phase {
             Phase::Open(open) => Some(open),
             _ => None,
-        }
-    }
-
-    /// Hands the parsed messages to the handler.
-    fn dispatch(&mut self, key: usize) {
-        let now = self.now;
-        let Worker { slab, handler, .. } = self;
-        let Phase::Open(open) = &mut slab[key].phase else {
-            return;
-        };
-        loop {
-            let message = match open.conn.next_event() {
-                Ok(Some(Event::Text(text))) => Message::Text(text),
-                Ok(Some(Event::Binary(data))) => Message::Binary(data),
-                Ok(Some(Event::Ping(data))) => Message::Ping(data),
-                Ok(Some(Event::Pong(data))) => Message::Pong(data),
-                Ok(Some(Event::Close(frame))) => {
-                    open.code = Some(frame.as_ref().map_or(CloseCode::NO_STATUS, |f| f.code));
-                    Message::Close(frame)
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    // The close frame with the error's code is queued.
-                    open.code = Some(e.close_code());
-                    return;
-                }
-            };
-            if matches!(message, Message::Text(_) | Message::Binary(_)) {
-                open.last_data = now;
-            }
-            let Some(state) = open.state.as_mut() else {
-                return;
-            };
-            handler.message(
-                &mut Socket {
-                    conn: &mut open.conn,
-                },
-                state,
-                message,
-            );
         }
     }
 
@@ -713,6 +691,37 @@ impl<H: Handler> Worker<H> {
                 _ => {}
             }
         }
+    }
+}
+
+/// Hands `data`, just read, to the connection, and its messages to the
+/// handler: parsed in place where they can be (see
+/// `Connection::receive_in_place`), so a whole message is never copied
+/// on its way in.
+fn deliver<H: Handler>(handler: &mut H, open: &mut Open<H::State>, data: &mut [u8], now: u32) {
+    let Open {
+        conn,
+        state,
+        code,
+        last_data,
+        ..
+    } = open;
+    let Some(state) = state.as_mut() else {
+        return;
+    };
+    let result = conn.receive_in_place(data, |conn, message| {
+        match message {
+            Incoming::Text(_) | Incoming::Binary(_) => *last_data = now,
+            Incoming::Close(frame) => {
+                *code = Some(frame.map_or(CloseCode::NO_STATUS, |f| f.code));
+            }
+            Incoming::Ping(_) | Incoming::Pong(_) => {}
+        }
+        handler.message(&mut Socket { conn }, state, message);
+    });
+    if let Err(e) = result {
+        // The close frame with the error's code is queued.
+        *code = Some(e.close_code());
     }
 }
 
