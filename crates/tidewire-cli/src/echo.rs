@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{ArgMatches, Args};
 use tidewire::event_loop::Incoming;
 use tidewire::http::{Request, Response, StatusCode};
+use tidewire::Message;
 use tracing::info;
 
 use crate::server_args::{shutdown_signal, ServerArgs, ServerSettings};
@@ -154,6 +155,21 @@ impl tidewire::event_loop::Handler for LoopEcho {
             }
             Incoming::Text(text) => socket.send_text(text),
             Incoming::Binary(data) => socket.send_binary(data),
+            _ => {}
+        }
+    }
+
+    fn message_owned(
+        &mut self,
+        socket: &mut tidewire::event_loop::Socket<'_>,
+        state: &mut (),
+        message: Message,
+    ) {
+        match message {
+            // Large ones go back by reference, not copied.
+            m @ (Message::Text(_) | Message::Binary(_)) if self.prefix.is_empty() => socket.send(m),
+            Message::Text(text) => self.message(socket, state, Incoming::Text(text.as_str())),
+            Message::Binary(data) => self.message(socket, state, Incoming::Binary(&data)),
             _ => {}
         }
     }

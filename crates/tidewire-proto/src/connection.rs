@@ -327,6 +327,32 @@ impl Connection {
         data: &mut [u8],
         mut on_event: impl FnMut(&mut Connection, EventRef<'_>),
     ) -> Result<(), ProtocolError> {
+        let used = self.parse_in_place(data, usize::MAX, &mut on_event)?;
+        if used < data.len() && !self.receiving_done() {
+            self.receive_data(&data[used..]);
+            while let Some(event) = self.next_event()? {
+                on_event(self, event.as_event_ref());
+            }
+        }
+        Ok(())
+    }
+
+    /// The in-place half of [`receive_in_place`](Self::receive_in_place):
+    /// parses the frames at the start of `data` that can be handed out
+    /// borrowed (payloads up to `max_payload` bytes), and stops at the first
+    /// that cannot. Returns the bytes used; the caller hands the rest to
+    /// [`receive_data`](Self::receive_data) and takes its events from
+    /// [`next_event`](Self::next_event) (owned: a large message can then
+    /// be sent on by reference).
+    ///
+    /// # Errors
+    /// As [`receive_in_place`](Self::receive_in_place).
+    pub fn parse_in_place(
+        &mut self,
+        data: &mut [u8],
+        max_payload: usize,
+        mut on_event: impl FnMut(&mut Connection, EventRef<'_>),
+    ) -> Result<usize, ProtocolError> {
         let mut at = 0;
         while !self.receiving_done() && self.input_idle() {
             let rest = &mut data[at..];
@@ -340,6 +366,7 @@ impl Connection {
             };
             let Some(total) = usize::try_from(header.payload_len)
                 .ok()
+                .filter(|&n| n <= max_payload)
                 .and_then(|n| n.checked_add(len))
                 .filter(|&total| total <= rest.len())
             else {
@@ -380,13 +407,7 @@ impl Connection {
                 _ => on_event(self, EventRef::Pong(payload)),
             }
         }
-        if at < data.len() && !self.receiving_done() {
-            self.receive_data(&data[at..]);
-            while let Some(event) = self.next_event()? {
-                on_event(self, event.as_event_ref());
-            }
-        }
-        Ok(())
+        Ok(at)
     }
 
     /// No input buffered, no frame or message under way: the next frame

@@ -41,6 +41,20 @@ impl Handler for Echo {
         }
     }
 
+    fn message_owned(&mut self, socket: &mut Socket<'_>, state: &mut (), message: Message) {
+        match message {
+            // Large ones go back by reference; the marker shows which way.
+            Message::Binary(data) if data.len() > 1 << 20 => {
+                let mut marked = data.to_vec();
+                marked[0] = b'O';
+                socket.send(Message::binary(marked));
+            }
+            Message::Text(text) => self.message(socket, state, Incoming::Text(text.as_str())),
+            Message::Binary(data) => self.message(socket, state, Incoming::Binary(&data)),
+            _ => {}
+        }
+    }
+
     fn closed(&mut self, _: (), code: CloseCode) {
         self.closed.lock().unwrap().push(code.0);
     }
@@ -116,12 +130,21 @@ async fn echoes_text_binary_fragments_and_large_messages() {
         ws.recv().await.unwrap().unwrap(),
         Message::text("fragmented")
     );
-    let big: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
+    // A large message comes owned (to be sent on by reference); the test
+    // handler marks it so.
+    let mut big: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
     ws.send(Message::binary(big.clone())).await.unwrap();
+    big[0] = b'O';
     match ws.recv().await.unwrap().unwrap() {
         Message::Binary(data) => assert!(data == big, "the 8 MiB echo differs"),
         other => panic!("expected the binary echo, got {other:?}"),
     }
+    // A small one comes borrowed, whole.
+    ws.send(Message::binary(vec![7u8; 1000])).await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::binary(vec![7u8; 1000])
+    );
     // A hundred pipelined messages come back in order.
     for n in 0..100 {
         ws.feed(Message::text(n.to_string())).unwrap();

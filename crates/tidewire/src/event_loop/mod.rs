@@ -127,6 +127,26 @@ pub trait Handler: Send + 'static {
     /// just read: copy what must outlive the call.
     fn message(&mut self, socket: &mut Socket<'_>, state: &mut Self::State, message: Incoming<'_>);
 
+    /// A message that came through the connection's buffer (a large or
+    /// fragmented or compressed one), owned: override it to keep or send
+    /// on its bytes without a copy ([`Socket::send`] queues a large one by
+    /// reference). By default, [`message`](Self::message) with it borrowed.
+    fn message_owned(
+        &mut self,
+        socket: &mut Socket<'_>,
+        state: &mut Self::State,
+        message: Message,
+    ) {
+        let borrowed = match &message {
+            Message::Text(text) => Incoming::Text(text.as_str()),
+            Message::Binary(data) => Incoming::Binary(data),
+            Message::Ping(data) => Incoming::Ping(data),
+            Message::Pong(data) => Incoming::Pong(data),
+            Message::Close(frame) => Incoming::Close(frame.as_ref()),
+        };
+        self.message(socket, state, borrowed);
+    }
+
     /// The connection ended: the peer's close code, ours, or 1006 when it
     /// ended without a closing handshake.
     fn closed(&mut self, state: Self::State, code: CloseCode) {

@@ -15,6 +15,7 @@ use tidewire_proto::handshake::{self, HandshakeError, ServerHandshake};
 use tidewire_proto::{CloseCode, CloseFrame, Connection};
 
 use super::{EventLoopConfig, Handler, Incoming, Shared, Socket};
+use crate::Message;
 
 pub(super) const WAKER: Token = Token(usize::MAX - 1);
 const LISTENER: Token = Token(usize::MAX - 2);
@@ -694,10 +695,14 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// Messages up to this size are parsed in place and handed out borrowed;
+/// larger ones go through the connection's buffer and come owned, so that
+/// an echo or a fan-out sends them on by reference instead of copying.
+const IN_PLACE_MAX: usize = 16 << 10;
+
 /// Hands `data`, just read, to the connection, and its messages to the
-/// handler: parsed in place where they can be (see
-/// `Connection::receive_in_place`), so a whole message is never copied
-/// on its way in.
+/// handler: small ones parsed in place (see
+/// `Connection::parse_in_place`), never copied on their way in.
 fn deliver<H: Handler>(handler: &mut H, open: &mut Open<H::State>, data: &mut [u8], now: u32) {
     let Open {
         conn,
@@ -709,15 +714,24 @@ fn deliver<H: Handler>(handler: &mut H, open: &mut Open<H::State>, data: &mut [u
     let Some(state) = state.as_mut() else {
         return;
     };
-    let result = conn.receive_in_place(data, |conn, message| {
-        match message {
-            Incoming::Text(_) | Incoming::Binary(_) => *last_data = now,
-            Incoming::Close(frame) => {
-                *code = Some(frame.map_or(CloseCode::NO_STATUS, |f| f.code));
-            }
-            Incoming::Ping(_) | Incoming::Pong(_) => {}
-        }
+    let mut seen = |message: &Incoming<'_>| match message {
+        Incoming::Text(_) | Incoming::Binary(_) => *last_data = now,
+        Incoming::Close(frame) => *code = Some(frame.map_or(CloseCode::NO_STATUS, |f| f.code)),
+        Incoming::Ping(_) | Incoming::Pong(_) => {}
+    };
+    let parsed = conn.parse_in_place(data, IN_PLACE_MAX, |conn, message| {
+        seen(&message);
         handler.message(&mut Socket { conn }, state, message);
+    });
+    let result = parsed.and_then(|used| {
+        if used < data.len() && !conn.receiving_done() {
+            conn.receive_data(&data[used..]);
+            while let Some(event) = conn.next_event()? {
+                seen(&event.as_event_ref());
+                handler.message_owned(&mut Socket { conn }, state, Message::from(event));
+            }
+        }
+        Ok(())
     });
     if let Err(e) = result {
         // The close frame with the error's code is queued.
