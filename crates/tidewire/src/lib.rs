@@ -28,6 +28,10 @@
 //! # }
 //! ```
 //!
+//! For the hottest path there is a second runtime, [`event_loop`]: a
+//! thread per core, each an epoll loop over its own listener, connections
+//! as plain state, synchronous callbacks (what uWebSockets does).
+//!
 //! ## Client
 //!
 //! ```no_run

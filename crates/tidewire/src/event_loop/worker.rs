@@ -527,7 +527,14 @@ impl<H: Handler> Worker<H> {
         while !blocked && open.conn.has_pending_output() {
             let mut slices = [IoSlice::new(&[]); 32];
             let n = open.conn.pending_output_slices(&mut slices);
-            match entry.stream.write_vectored(&slices[..n]) {
+            // One slice (the usual case): `write`, which is send(2), takes
+            // a shorter way through the kernel than writev(2).
+            let written = if n == 1 {
+                entry.stream.write(&slices[0])
+            } else {
+                entry.stream.write_vectored(&slices[..n])
+            };
+            match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => open.conn.consume_output(written),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => blocked = true,
