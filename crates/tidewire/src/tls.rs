@@ -171,7 +171,7 @@ impl TlsAcceptor {
     }
 
     /// The same acceptor offering HTTP/2 (ALPN `h2`, then `http/1.1`), for
-    /// [`Server::serve_http`](crate::Server::serve_http): a client that
+    /// `Server::serve_http` (feature `hyper`): a client that
     /// picks `h2` is served HTTP/2 (many requests and streamed responses on
     /// one connection); WebSocket clients ask for `http/1.1`, or nothing.
     /// Not for [`Server::serve`](crate::Server::serve), which speaks
@@ -183,6 +183,7 @@ impl TlsAcceptor {
     }
 
     /// Whether a handshake done by this acceptor picked HTTP/2.
+    #[cfg(feature = "hyper")]
     pub(crate) fn negotiated_h2<S>(stream: &tokio_rustls::server::TlsStream<S>) -> bool {
         stream.get_ref().1.alpn_protocol() == Some(b"h2")
     }
