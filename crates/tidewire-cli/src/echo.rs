@@ -35,7 +35,7 @@ pub struct EchoArgs {
     #[arg(long)]
     event_loop: bool,
     /// Threads of --event-loop (0: one per CPU this process may use).
-    #[arg(long, default_value_t = 0, requires = "event_loop")]
+    #[arg(long, default_value_t = 0)]
     threads: usize,
     #[command(flatten)]
     server: ServerArgs,
@@ -47,6 +47,9 @@ pub struct EchoSettings {
     pub server: ServerSettings,
     pub welcome: Option<String>,
     pub prefix: String,
+    /// On the event loop, with `threads` threads (0: one per CPU).
+    pub event_loop: bool,
+    pub threads: usize,
 }
 
 impl EchoArgs {
@@ -57,6 +60,8 @@ impl EchoArgs {
             server: self.server.settings(self.max_frame_size, matches),
             welcome: self.welcome.clone(),
             prefix: self.prefix.clone(),
+            event_loop: self.event_loop,
+            threads: self.threads,
         }
     }
 }
@@ -80,8 +85,12 @@ fn page(request: tidewire::http::Request<()>) -> Response<bytes::Bytes> {
 
 pub async fn run(args: EchoArgs, matches: Option<ArgMatches>) -> anyhow::Result<()> {
     let settings = args.settings(matches.as_ref());
-    if args.event_loop {
-        return run_event_loop(settings, args.threads).await;
+    if settings.event_loop {
+        let threads = settings.threads;
+        return run_event_loop(settings, threads).await;
+    }
+    if settings.threads != 0 {
+        anyhow::bail!("--threads is for --event-loop");
     }
     crate::listener::raise_open_file_limit();
     let listener = crate::listener::bind_listener(&settings.server.address).await?;
