@@ -1,4 +1,4 @@
-//! What the peer echo servers share: their one flag.
+//! What the peers share: their one flag, and the length field of a frame.
 
 /// The value of `--port P` (or `--port=P`) on the command line; exits with
 /// a usage message when it is missing or not a port number.
@@ -24,6 +24,22 @@ pub fn port_arg() -> u16 {
         None => {
             eprintln!("usage: {name} --port PORT   (binds 127.0.0.1:PORT)");
             std::process::exit(2);
+        }
+    }
+}
+
+/// Appends a frame's second byte and extended length for a payload of
+/// `len` bytes (RFC 6455 §5.2); `mask_bit` is 0x80 for a masked frame.
+pub fn push_length(out: &mut Vec<u8>, mask_bit: u8, len: usize) {
+    match len {
+        0..=125 => out.push(mask_bit | len as u8),
+        126..=0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
 }

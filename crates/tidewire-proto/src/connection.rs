@@ -421,7 +421,22 @@ impl Connection {
     /// What `check_header` checks, for a frame parsed in place: a whole
     /// text, binary, ping or pong frame, no message under way.
     fn check_in_place(&self, h: &FrameHeader) -> Result<(), ProtocolError> {
-        if h.rsv1 || h.rsv2 || h.rsv3 {
+        if self.check_frame(h)? {
+            let limit = self.config.max_message_size;
+            if h.payload_len > limit as u64 {
+                return Err(ProtocolError::MessageTooBig { limit });
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks of a frame on its own (§5.2, §5.4, §5.5): reserved bits,
+    /// masking, control frame rules, the frame size limit. Returns whether
+    /// it is a data frame (a control frame is done with here).
+    fn check_frame(&self, h: &FrameHeader) -> Result<bool, ProtocolError> {
+        let rsv1_allowed =
+            self.compression.is_some() && matches!(h.opcode, OpCode::Text | OpCode::Binary);
+        if (h.rsv1 && !rsv1_allowed) || h.rsv2 || h.rsv3 {
             return Err(ProtocolError::ReservedBits(
                 (h.rsv1 as u8) << 2 | (h.rsv2 as u8) << 1 | h.rsv3 as u8,
             ));
@@ -438,7 +453,7 @@ impl Connection {
             if h.payload_len > 125 {
                 return Err(ProtocolError::ControlFrameTooLong(h.payload_len));
             }
-            return Ok(());
+            return Ok(false);
         }
         if h.payload_len > self.config.max_frame_size as u64 {
             return Err(ProtocolError::FrameTooBig {
@@ -446,11 +461,7 @@ impl Connection {
                 limit: self.config.max_frame_size,
             });
         }
-        let limit = self.config.max_message_size;
-        if h.payload_len > limit as u64 {
-            return Err(ProtocolError::MessageTooBig { limit });
-        }
-        Ok(())
+        Ok(true)
     }
 
     /// Whether nothing more will be parsed: the peer's close frame arrived,
@@ -576,32 +587,8 @@ impl Connection {
     /// §5.4, §5.5, RFC 7692 §6.1). Starts a message for a new data frame.
     /// Returns whether the payload is uncompressed text to validate.
     fn check_header(&mut self, h: &FrameHeader) -> Result<bool, ProtocolError> {
-        let rsv1_allowed =
-            self.compression.is_some() && matches!(h.opcode, OpCode::Text | OpCode::Binary);
-        if (h.rsv1 && !rsv1_allowed) || h.rsv2 || h.rsv3 {
-            return Err(ProtocolError::ReservedBits(
-                (h.rsv1 as u8) << 2 | (h.rsv2 as u8) << 1 | h.rsv3 as u8,
-            ));
-        }
-        match (self.role, h.mask.is_some()) {
-            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
-            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
-            _ => {}
-        }
-        if h.opcode.is_control() {
-            if !h.fin {
-                return Err(ProtocolError::FragmentedControlFrame);
-            }
-            if h.payload_len > 125 {
-                return Err(ProtocolError::ControlFrameTooLong(h.payload_len));
-            }
+        if !self.check_frame(h)? {
             return Ok(false);
-        }
-        if h.payload_len > self.config.max_frame_size as u64 {
-            return Err(ProtocolError::FrameTooBig {
-                size: h.payload_len,
-                limit: self.config.max_frame_size,
-            });
         }
         let len = h.payload_len as usize;
         let limit = self.config.max_message_size;

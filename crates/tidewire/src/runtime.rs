@@ -725,13 +725,27 @@ async fn write_response(
     response: Response<bytes::Bytes>,
 ) -> std::io::Result<()> {
     let (parts, body) = response.into_parts();
+    let head = closing_response_head(parts.status, &parts.headers, body.len());
+    stream.write_all(&head).await?;
+    stream.write_all(&body).await?;
+    stream.shutdown().await
+}
+
+/// The head of an HTTP/1.1 response after which the connection closes:
+/// `status`, `headers` (less any `Content-Length` and `Connection`), then
+/// `Content-Length: body_len` and `Connection: close`.
+pub(crate) fn closing_response_head(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    body_len: usize,
+) -> Vec<u8> {
     let mut head = format!(
         "HTTP/1.1 {} {}\r\n",
-        parts.status.as_u16(),
-        parts.status.canonical_reason().unwrap_or("")
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
     )
     .into_bytes();
-    for (name, value) in &parts.headers {
+    for (name, value) in headers {
         if name == http::header::CONTENT_LENGTH || name == http::header::CONNECTION {
             continue;
         }
@@ -741,15 +755,9 @@ async fn write_response(
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(
-        format!(
-            "Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
+        format!("Content-Length: {body_len}\r\nConnection: close\r\n\r\n").as_bytes(),
     );
-    stream.write_all(&head).await?;
-    stream.write_all(&body).await?;
-    stream.shutdown().await
+    head
 }
 
 /// Records how a connection ended in the server's counters; call it with

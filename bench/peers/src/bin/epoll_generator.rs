@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use tidewire_bench_peers::push_length;
 
 struct Args {
     host_port: String,
@@ -93,17 +94,7 @@ fn client_frames(size: usize, in_flight: usize) -> Vec<u8> {
     let key = [0x37, 0xfa, 0x21, 0x3d];
     for _ in 0..in_flight {
         frames.push(0x82);
-        match size {
-            0..=125 => frames.push(0x80 | size as u8),
-            126..=0xffff => {
-                frames.push(0x80 | 126);
-                frames.extend_from_slice(&(size as u16).to_be_bytes());
-            }
-            _ => {
-                frames.push(0x80 | 127);
-                frames.extend_from_slice(&(size as u64).to_be_bytes());
-            }
-        }
+        push_length(&mut frames, 0x80, size);
         frames.extend_from_slice(&key);
         frames.extend((0..size).map(|j| payload_byte(j) ^ key[j % 4]));
     }
@@ -115,17 +106,7 @@ fn client_frames(size: usize, in_flight: usize) -> Vec<u8> {
 /// `len`) is compared in one go.
 fn expected_echoes(size: usize, len: usize) -> Vec<u8> {
     let mut one = vec![0x82];
-    match size {
-        0..=125 => one.push(size as u8),
-        126..=0xffff => {
-            one.push(126);
-            one.extend_from_slice(&(size as u16).to_be_bytes());
-        }
-        _ => {
-            one.push(127);
-            one.extend_from_slice(&(size as u64).to_be_bytes());
-        }
-    }
+    push_length(&mut one, 0, size);
     one.extend((0..size).map(payload_byte));
     let mut all = Vec::with_capacity(len + 2 * one.len());
     while all.len() < len + one.len() {

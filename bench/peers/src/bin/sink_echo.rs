@@ -98,17 +98,7 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
             };
             if opcode != 0xa {
                 out.push(first);
-                match payload_len {
-                    0..=125 => out.push(payload_len as u8),
-                    126..=0xffff => {
-                        out.push(126);
-                        out.extend_from_slice(&(payload_len as u16).to_be_bytes());
-                    }
-                    _ => {
-                        out.push(127);
-                        out.extend_from_slice(&(payload_len as u64).to_be_bytes());
-                    }
-                }
+                tidewire_bench_peers::push_length(&mut out, 0, payload_len);
                 unmask_into(&mut out, &buf[pos + header_len..pos + frame_len], mask);
             }
             pos += frame_len;

@@ -607,44 +607,46 @@ impl<H: Handler> Worker<H> {
         let config = self.config.clone();
         let handshake = secs(config.handshake_timeout);
         let close = secs(config.close_timeout);
-        let mut due = Vec::new();
+        let pong = secs(config.pong_timeout);
+        let ping = config.ping_interval.map(secs);
+        let idle = config.idle_timeout.map(secs);
+        // Connections past a deadline, with the code they end with; and
+        // those with something to write (a ping, an idle close).
+        let mut expired = Vec::new();
+        let mut to_write = Vec::new();
         for (key, entry) in self.slab.iter_mut() {
             match &mut entry.phase {
-                Phase::Handshake { since, .. } if now - *since >= handshake => due.push(key),
+                Phase::Handshake { since, .. } if now - *since >= handshake => {
+                    expired.push((key, CloseCode::ABNORMAL));
+                }
                 Phase::Answer { since, .. } | Phase::Draining { since }
                     if now - *since >= close =>
                 {
-                    due.push(key)
+                    expired.push((key, CloseCode::ABNORMAL));
                 }
                 Phase::Open(open) => {
-                    if open.closing_since != 0 && now - open.closing_since >= close {
-                        due.push(key);
-                        continue;
-                    }
-                    if open.ping_sent != 0 && now - open.ping_sent >= secs(config.pong_timeout) {
-                        due.push(key);
+                    if (open.closing_since != 0 && now - open.closing_since >= close)
+                        || (open.ping_sent != 0 && now - open.ping_sent >= pong)
+                    {
+                        expired.push((key, open.code.unwrap_or(CloseCode::ABNORMAL)));
                         continue;
                     }
                     let busy = open.conn.has_pending_output() || open.conn.input_len() > 0;
-                    if let Some(interval) = config.ping_interval {
-                        if open.ping_sent == 0
-                            && !open.conn.close_sent()
-                            && now - open.last_seen >= secs(interval)
-                        {
-                            let _ = open.conn.send_ping(b"tidewire keepalive");
-                            open.ping_sent = now;
-                        }
+                    let closing = open.conn.close_sent();
+                    if ping.is_some_and(|ping| {
+                        open.ping_sent == 0 && !closing && now - open.last_seen >= ping
+                    }) {
+                        let _ = open.conn.send_ping(b"tidewire keepalive");
+                        open.ping_sent = now;
                     }
-                    if let Some(idle) = config.idle_timeout {
-                        if !open.conn.close_sent() && now - open.last_data >= secs(idle) {
-                            let _ = open.conn.send_close(Some(CloseFrame::new(
-                                CloseCode::GOING_AWAY,
-                                "idle timeout",
-                            )));
-                        }
+                    if idle.is_some_and(|idle| !closing && now - open.last_data >= idle) {
+                        let _ = open.conn.send_close(Some(CloseFrame::new(
+                            CloseCode::GOING_AWAY,
+                            "idle timeout",
+                        )));
                     }
                     if open.conn.has_pending_output() {
-                        due.push(key);
+                        to_write.push(key);
                     } else if !busy {
                         open.conn.release_idle_buffers();
                     }
@@ -652,22 +654,11 @@ impl<H: Handler> Worker<H> {
                 _ => {}
             }
         }
-        for key in due {
-            match self.slab.get(key).map(|e| &e.phase) {
-                Some(Phase::Open(open)) => {
-                    let expired = (open.closing_since != 0 && now - open.closing_since >= close)
-                        || (open.ping_sent != 0
-                            && now - open.ping_sent >= secs(config.pong_timeout));
-                    if expired {
-                        let code = open.code.unwrap_or(CloseCode::ABNORMAL);
-                        self.remove(key, code);
-                    } else {
-                        self.drive(key);
-                    }
-                }
-                Some(_) => self.remove(key, CloseCode::ABNORMAL),
-                None => {}
-            }
+        for (key, code) in expired {
+            self.remove(key, code);
+        }
+        for key in to_write {
+            self.drive(key);
         }
         if self.listener.is_some() {
             // An accept that failed (out of descriptors) is tried again.
@@ -748,28 +739,10 @@ fn deliver<H: Handler>(handler: &mut H, open: &mut Open<H::State>, data: &mut [u
 
 /// An HTTP/1.1 response with its body, then the connection closes.
 fn serialize(response: &Response<Bytes>) -> Vec<u8> {
-    let status = response.status();
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    )
-    .into_bytes();
-    for (name, value) in response.headers() {
-        if name == header::CONTENT_LENGTH || name == header::CONNECTION {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(
-        format!(
-            "Content-Length: {}\r\nConnection: close\r\n\r\n",
-            response.body().len()
-        )
-        .as_bytes(),
+    let mut out = crate::runtime::closing_response_head(
+        response.status(),
+        response.headers(),
+        response.body().len(),
     );
     out.extend_from_slice(response.body());
     out
