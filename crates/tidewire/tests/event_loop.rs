@@ -474,3 +474,202 @@ async fn permessage_deflate_and_several_threads() {
         .unwrap();
     assert_eq!(echo.closed.lock().unwrap().len(), 40);
 }
+
+/// A room: every connection's remote is kept; a text message `all:X` is
+/// sent to every connection (from the sender's thread, to connections of
+/// every thread); `bye` closes the others through their remotes.
+#[derive(Clone, Default)]
+struct Room {
+    remotes: Arc<Mutex<Vec<tidewire::event_loop::Remote>>>,
+}
+
+impl Handler for Room {
+    type State = ();
+
+    fn open(&mut self, socket: &mut Socket<'_>, _: &Request<()>) {
+        let limits = tidewire::QueueLimits {
+            max_messages: 64,
+            max_bytes: 1 << 20,
+            policy: tidewire::SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER),
+        };
+        let remote = socket.remote(limits);
+        assert!(remote.queued_messages() == 0 && !remote.is_closed());
+        // The same remote the second time.
+        let _ = socket.remote(limits);
+        self.remotes.lock().unwrap().push(remote);
+    }
+
+    fn message(&mut self, _: &mut Socket<'_>, _: &mut (), message: Incoming<'_>) {
+        let remotes = self.remotes.lock().unwrap().clone();
+        match message {
+            Incoming::Text("bye") => {
+                for remote in &remotes {
+                    remote.close(CloseCode(4002), "room closed");
+                }
+            }
+            Incoming::Text(text) if text.starts_with("all:") => {
+                let message = Message::text(text[4..].to_owned());
+                // Deferred, then woken: the way a broadcast queues on
+                // everyone first.
+                let mut to_wake = Vec::new();
+                for remote in &remotes {
+                    if let Ok(true) = remote.send_deferred(message.clone()) {
+                        to_wake.push(remote);
+                    }
+                }
+                for remote in to_wake {
+                    remote.wake();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn remotes_send_across_threads_in_order_and_close() {
+    let room = Room::default();
+    let handler = room.clone();
+    let server = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        EventLoopConfig {
+            threads: 2,
+            ..EventLoopConfig::default()
+        },
+        move || handler.clone(),
+    )
+    .unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(
+            ClientBuilder::new(url(&server, "/"))
+                .connect()
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    eventually("every remote made", || {
+        room.remotes.lock().unwrap().len() == 30
+    })
+    .await;
+    // From a connection's callback, to all.
+    for n in 0..50 {
+        clients[0]
+            .send(Message::text(format!("all:{n}")))
+            .await
+            .unwrap();
+    }
+    for ws in &mut clients {
+        for n in 0..50 {
+            assert_eq!(
+                ws.recv().await.unwrap().unwrap(),
+                Message::text(n.to_string())
+            );
+        }
+    }
+    // From a thread of no event loop at all.
+    let remotes = room.remotes.lock().unwrap().clone();
+    std::thread::spawn(move || {
+        for remote in &remotes {
+            remote.send(Message::text("from outside")).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    for ws in &mut clients {
+        assert_eq!(
+            ws.recv().await.unwrap().unwrap(),
+            Message::text("from outside")
+        );
+    }
+    // A close through the remotes, after what they queued.
+    clients[1].send(Message::text("all:last")).await.unwrap();
+    clients[1].send(Message::text("bye")).await.unwrap();
+    for ws in &mut clients {
+        assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("last"));
+        match ws.recv().await {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(
+                    (frame.code, frame.reason.as_str()),
+                    (CloseCode(4002), "room closed")
+                )
+            }
+            other => panic!("expected close 4002, got {other:?}"),
+        }
+    }
+    drop(clients);
+    let remotes = room.remotes.lock().unwrap().clone();
+    eventually("connections gone", || server.connections() == 0).await;
+    for remote in &remotes {
+        assert!(remote.is_closed());
+        assert!(matches!(
+            remote.send(Message::text("late")),
+            Err(tidewire::SendError::Closed)
+        ));
+    }
+    stop(server);
+}
+
+#[tokio::test]
+async fn a_remote_that_overflows_closes_its_connection_with_the_policys_code() {
+    let room = Room::default();
+    let handler = room.clone();
+    let server = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        EventLoopConfig {
+            threads: 1,
+            // Little room in the connection itself, so that the remote's
+            // queue fills while the reader sleeps.
+            max_pending_output: 64 << 10,
+            close_timeout: Duration::from_secs(1),
+            ..EventLoopConfig::default()
+        },
+        move || handler.clone(),
+    )
+    .unwrap();
+    // A reader that reads nothing until the flood is over.
+    let mut sleeper = raw_open(server.local_addr());
+    eventually("remote made", || room.remotes.lock().unwrap().len() == 1).await;
+    let remote = room.remotes.lock().unwrap()[0].clone();
+    let big = Message::binary(vec![7u8; 32 << 10]);
+    let mut refused = None;
+    for n in 0..10_000 {
+        if let Err(e) = remote.send(big.clone()) {
+            refused = Some((n, e));
+            break;
+        }
+        if n % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let (n, e) = refused.expect("the queue is bounded");
+    assert!(matches!(e, tidewire::SendError::Closed), "{e:?} after {n}");
+    assert!(remote.is_closed());
+    // Whatever fit, whole and in order, then the close with 1013.
+    let mut all = Vec::new();
+    sleeper.read_to_end(&mut all).unwrap();
+    let (mut at, mut frames, mut code) = (0, 0, None);
+    while at + 2 <= all.len() {
+        let (opcode, short) = (all[at] & 0x0f, (all[at + 1] & 0x7f) as usize);
+        let (len, header) = match short {
+            126 => (u16::from_be_bytes([all[at + 2], all[at + 3]]) as usize, 4),
+            127 => panic!("no frame here is that large"),
+            n => (n, 2),
+        };
+        let payload = &all[at + header..at + header + len];
+        match opcode {
+            0x2 => {
+                assert!(payload.len() == 32 << 10 && payload.iter().all(|&b| b == 7));
+                frames += 1;
+            }
+            0x8 => code = Some(u16::from_be_bytes([payload[0], payload[1]])),
+            other => panic!("opcode {other}"),
+        }
+        at += header + len;
+    }
+    assert_eq!(at, all.len(), "whole frames only");
+    assert_eq!(code, Some(1013));
+    assert!(frames > 0 && frames < n, "{frames} of {n} delivered");
+    stop(server);
+}

@@ -54,12 +54,15 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tidewire_proto::{CloseCode, CloseFrame, Config, Connection, State};
 
-use crate::{Message, OriginPolicy};
+use crate::{Message, OriginPolicy, QueueLimits};
 
 /// A message as a [`Handler`] gets it, borrowed from the bytes just read.
 pub use tidewire_proto::EventRef as Incoming;
 
+mod remote;
 mod worker;
+
+pub use remote::Remote;
 
 /// How an event-loop server runs.
 #[derive(Debug, Clone)]
@@ -164,6 +167,9 @@ pub trait Handler: Send + 'static {
 /// callback returns (with whatever else is due, in one write).
 pub struct Socket<'a> {
     conn: &'a mut Connection,
+    remote: &'a mut Option<Arc<remote::RemoteInner>>,
+    key: usize,
+    inbox: &'a Arc<remote::Inbox>,
 }
 
 impl Socket<'_> {
@@ -203,6 +209,18 @@ impl Socket<'_> {
     /// Bytes queued and not yet written (a slow reader's backlog).
     pub fn buffered(&self) -> usize {
         self.conn.pending_output_len()
+    }
+
+    /// A handle to send to this connection from other threads (or from
+    /// another connection's callback), its queue bounded by `limits`; made
+    /// on the first call, the same one after (with the first limits).
+    pub fn remote(&mut self, limits: QueueLimits) -> Remote {
+        let inner = self
+            .remote
+            .get_or_insert_with(|| remote::RemoteInner::new(self.key, self.inbox.clone(), limits));
+        Remote {
+            inner: inner.clone(),
+        }
     }
 }
 
@@ -271,10 +289,13 @@ where
         let waker = Arc::new(mio::Waker::new(poll.registry(), worker::WAKER)?);
         let handler = make_handler();
         let (config, shared) = (config.clone(), shared.clone());
+        let inbox = remote::Inbox::new(waker.clone());
         // Made on its thread: the connections' states never cross threads.
         let thread = std::thread::Builder::new()
             .name(format!("tidewire-loop-{n}"))
-            .spawn(move || worker::Worker::new(poll, listener, config, shared, handler)?.run());
+            .spawn(move || {
+                worker::Worker::new(poll, listener, config, shared, handler, inbox)?.run()
+            });
         match thread {
             Ok(thread) => {
                 server.wakers.push(waker);

@@ -14,6 +14,7 @@ use slab::Slab;
 use tidewire_proto::handshake::{self, HandshakeError, ServerHandshake};
 use tidewire_proto::{CloseCode, CloseFrame, Connection};
 
+use super::remote::{Inbox, RemoteInner};
 use super::{EventLoopConfig, Handler, Incoming, Shared, Socket};
 use crate::Message;
 
@@ -107,6 +108,42 @@ struct Open<S> {
     paused: bool,
     /// Why it ends, once known.
     code: Option<CloseCode>,
+    /// Its [`Remote`](super::Remote)'s side, once one was made.
+    remote: Option<Arc<RemoteInner>>,
+}
+
+impl<S> Open<S> {
+    /// Moves what its remote queued into the connection's output, as far
+    /// as `max_pending` lets it (the rest waits until the socket drains).
+    fn pull(&mut self, max_pending: usize) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        if !remote.has_work() || self.conn.pending_output_len() > max_pending {
+            return;
+        }
+        let conn = &mut self.conn;
+        let code = &mut self.code;
+        remote.take(|queue| {
+            while conn.pending_output_len() <= max_pending {
+                let Some(message) = queue.pop() else { break };
+                let _ = match message {
+                    Message::Text(text) => conn.send_text_bytes(text),
+                    Message::Binary(data) => conn.send_binary_bytes(data),
+                    Message::Ping(data) => conn.send_ping(&data),
+                    Message::Pong(data) => conn.send_pong(&data),
+                    Message::Close(frame) => {
+                        code.get_or_insert(frame.as_ref().map_or(CloseCode::NO_STATUS, |f| f.code));
+                        conn.send_close(frame)
+                    }
+                };
+            }
+            if let Some(frame) = queue.take_close() {
+                code.get_or_insert(frame.code);
+                let _ = conn.send_close(Some(frame));
+            }
+        });
+    }
 }
 
 pub(super) struct Worker<H: Handler> {
@@ -116,6 +153,10 @@ pub(super) struct Worker<H: Handler> {
     shared: Arc<Shared>,
     handler: H,
     slab: Slab<Entry<H::State>>,
+    /// Where remotes of this thread's connections say they are due, and
+    /// the list taken from it (kept for its capacity).
+    inbox: Arc<Inbox>,
+    due: Vec<Arc<RemoteInner>>,
     buffer: Vec<u8>,
     /// Seconds since `epoch`, plus one (0 means "never" in the entries).
     epoch: Instant,
@@ -136,6 +177,7 @@ impl<H: Handler> Worker<H> {
         config: Arc<EventLoopConfig>,
         shared: Arc<Shared>,
         handler: H,
+        inbox: Arc<Inbox>,
     ) -> io::Result<Worker<H>> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -146,6 +188,8 @@ impl<H: Handler> Worker<H> {
             shared,
             handler,
             slab: Slab::new(),
+            inbox,
+            due: Vec::new(),
             buffer: vec![0; READ_BUFFER],
             epoch: Instant::now(),
             now: 1,
@@ -181,7 +225,7 @@ impl<H: Handler> Worker<H> {
             for event in &events {
                 match event.token() {
                     LISTENER => self.accept(),
-                    WAKER => {}
+                    WAKER => self.serve_remotes(),
                     Token(key) => self.ready(key),
                 }
             }
@@ -203,6 +247,32 @@ impl<H: Handler> Worker<H> {
                 }
             }
         }
+    }
+
+    /// Writes what remotes queued, connection by connection in the order
+    /// they became due.
+    fn serve_remotes(&mut self) {
+        let mut due = std::mem::take(&mut self.due);
+        self.inbox.take(&mut due);
+        for remote in due.drain(..) {
+            let key = remote.key;
+            let ours = matches!(
+                self.slab.get(key),
+                Some(Entry { phase: Phase::Open(open), .. })
+                    if open.remote.as_ref().is_some_and(|r| Arc::ptr_eq(r, &remote))
+            );
+            if ours {
+                // Only written: reading is for the socket's own events (a
+                // read here would be a system call per connection that
+                // mostly finds nothing).
+                if self.flush(key).is_err() {
+                    self.remove(key, CloseCode::ABNORMAL);
+                } else {
+                    self.finished(key);
+                }
+            }
+        }
+        self.due = due;
     }
 
     fn accept(&mut self) {
@@ -357,7 +427,16 @@ impl<H: Handler> Worker<H> {
             .cloned();
         let request = accepted.request().clone();
         let (response, mut conn) = accepted.accept(protocol.as_deref(), &HeaderMap::new());
-        let state = self.handler.open(&mut Socket { conn: &mut conn }, &request);
+        let mut remote = None;
+        let state = self.handler.open(
+            &mut Socket {
+                conn: &mut conn,
+                remote: &mut remote,
+                key,
+                inbox: &self.inbox,
+            },
+            &request,
+        );
         let now = self.now;
         let entry = &mut self.slab[key];
         // Written at once: a fresh socket takes it whole, but not always.
@@ -376,11 +455,17 @@ impl<H: Handler> Worker<H> {
             closing_since: 0,
             paused: false,
             code: None,
+            remote,
         }));
         // The bytes that came with the head, then whatever is there.
-        let Worker { slab, handler, .. } = self;
+        let Worker {
+            slab,
+            handler,
+            inbox,
+            ..
+        } = self;
         if let Phase::Open(open) = &mut slab[key].phase {
-            deliver(handler, open, rest, now);
+            deliver(handler, open, rest, now, key, inbox);
         }
         self.drive(key);
     }
@@ -459,6 +544,7 @@ impl<H: Handler> Worker<H> {
                 handler,
                 buffer,
                 now,
+                inbox,
                 ..
             } = self;
             let entry = &mut slab[key];
@@ -477,7 +563,7 @@ impl<H: Handler> Worker<H> {
                 Ok(n) => {
                     open.last_seen = *now;
                     open.ping_sent = 0;
-                    deliver(handler, open, &mut buffer[..n], *now);
+                    deliver(handler, open, &mut buffer[..n], *now, key, inbox);
                     if n < buffer.len() {
                         // The socket is drained; a new edge says when more
                         // comes. Write what the messages called for.
@@ -504,11 +590,14 @@ impl<H: Handler> Worker<H> {
 
     /// Writes the 101 response's rest and the connection's output.
     fn flush(&mut self, key: usize) -> io::Result<()> {
-        let Worker { slab, poll, .. } = self;
+        let Worker {
+            slab, poll, config, ..
+        } = self;
         let entry = &mut slab[key];
         let Phase::Open(open) = &mut entry.phase else {
             return Ok(());
         };
+        open.pull(config.max_pending_output);
         let mut blocked = false;
         while !open.head.is_empty() && !blocked {
             match entry.stream.write(&open.head) {
@@ -587,6 +676,9 @@ impl<H: Handler> Worker<H> {
             ..
         }) = slab.get_mut(key)
         {
+            if let Some(remote) = &open.remote {
+                remote.end();
+            }
             if let Some(state) = open.state.take() {
                 handler.closed(state, code);
             }
@@ -701,12 +793,20 @@ const IN_PLACE_MAX: usize = 16 << 10;
 /// Hands `data`, just read, to the connection, and its messages to the
 /// handler: small ones parsed in place (see
 /// `Connection::parse_in_place`), never copied on their way in.
-fn deliver<H: Handler>(handler: &mut H, open: &mut Open<H::State>, data: &mut [u8], now: u32) {
+fn deliver<H: Handler>(
+    handler: &mut H,
+    open: &mut Open<H::State>,
+    data: &mut [u8],
+    now: u32,
+    key: usize,
+    inbox: &Arc<Inbox>,
+) {
     let Open {
         conn,
         state,
         code,
         last_data,
+        remote,
         ..
     } = open;
     let Some(state) = state.as_mut() else {
@@ -719,14 +819,26 @@ fn deliver<H: Handler>(handler: &mut H, open: &mut Open<H::State>, data: &mut [u
     };
     let parsed = conn.parse_in_place(data, IN_PLACE_MAX, |conn, message| {
         seen(&message);
-        handler.message(&mut Socket { conn }, state, message);
+        let socket = &mut Socket {
+            conn,
+            remote,
+            key,
+            inbox,
+        };
+        handler.message(socket, state, message);
     });
     let result = parsed.and_then(|used| {
         if used < data.len() && !conn.receiving_done() {
             conn.receive_data(&data[used..]);
             while let Some(event) = conn.next_event()? {
                 seen(&event.as_event_ref());
-                handler.message_owned(&mut Socket { conn }, state, Message::from(event));
+                let socket = &mut Socket {
+                    conn,
+                    remote,
+                    key,
+                    inbox,
+                };
+                handler.message_owned(socket, state, Message::from(event));
             }
         }
         Ok(())

@@ -1,0 +1,259 @@
+//! Sending to an event-loop connection from any thread: a [`Remote`]
+//! handle queues messages, and the connection's worker writes them.
+//!
+//! Each worker has one inbox: the remotes that have something queued, in
+//! the order they became due. A remote is on it at most once however many
+//! messages wait for it, so a broadcast to many connections costs one
+//! queue push per connection and, on the worker, one pass over the due
+//! list writing each connection's messages with one (vectored) write: the
+//! next round of a fan-out begins with whoever is first due, and a
+//! message queued while the round runs goes out in that round to the
+//! connections not yet written.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tidewire_proto::{CloseCode, CloseFrame};
+
+use crate::{Message, QueueLimits, SendError, SlowConsumer};
+
+/// A worker's list of due remotes, and the way to wake its poll.
+pub(super) struct Inbox {
+    due: Mutex<Vec<Arc<RemoteInner>>>,
+    waker: Arc<mio::Waker>,
+}
+
+impl Inbox {
+    pub(super) fn new(waker: Arc<mio::Waker>) -> Arc<Inbox> {
+        Arc::new(Inbox {
+            due: Mutex::new(Vec::new()),
+            waker,
+        })
+    }
+
+    /// Takes the due list, leaving `spare` (emptied) in its place, so
+    /// that neither side allocates in the steady state.
+    pub(super) fn take(&self, spare: &mut Vec<Arc<RemoteInner>>) {
+        spare.clear();
+        std::mem::swap(&mut *lock(&self.due), spare);
+    }
+
+    fn push(&self, remote: Arc<RemoteInner>) {
+        let mut due = lock(&self.due);
+        let first = due.is_empty();
+        due.push(remote);
+        drop(due);
+        if first {
+            // The worker drains the whole list per wake-up: one wake for
+            // the lot.
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+pub(super) struct Queue {
+    messages: VecDeque<Message>,
+    bytes: usize,
+    /// A close asked for (sent after the messages before it).
+    close: Option<CloseFrame>,
+    /// A close was asked for: nothing more is queued.
+    closing: bool,
+    /// The connection is gone: nothing more is taken.
+    ended: bool,
+}
+
+impl Queue {
+    /// The next message for the connection.
+    pub(super) fn pop(&mut self) -> Option<Message> {
+        let message = self.messages.pop_front()?;
+        self.bytes -= message.as_bytes().len();
+        Some(message)
+    }
+
+    /// The close asked for, once every message before it is taken.
+    pub(super) fn take_close(&mut self) -> Option<CloseFrame> {
+        if self.messages.is_empty() {
+            self.close.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// What a [`Remote`] and the connection's worker share.
+pub(super) struct RemoteInner {
+    /// The connection's key in its worker's slab (checked against the
+    /// entry's own remote: keys are reused).
+    pub(super) key: usize,
+    inbox: Arc<Inbox>,
+    limits: QueueLimits,
+    queue: Mutex<Queue>,
+    /// Messages waiting in `queue` (read without its lock).
+    waiting: AtomicUsize,
+    /// On the inbox's due list, or to be put there by [`Remote::wake`].
+    due: AtomicBool,
+}
+
+impl RemoteInner {
+    pub(super) fn new(key: usize, inbox: Arc<Inbox>, limits: QueueLimits) -> Arc<RemoteInner> {
+        Arc::new(RemoteInner {
+            key,
+            inbox,
+            limits,
+            queue: Mutex::new(Queue::default()),
+            waiting: AtomicUsize::new(0),
+            due: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether anything waits (a message or a close).
+    pub(super) fn has_work(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// The worker takes what is queued: `f` gets the queue, locked.
+    /// Clears the due flag first, so that a message queued meanwhile puts
+    /// the remote on the due list again.
+    pub(super) fn take<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> R {
+        self.due.store(false, Ordering::Release);
+        let mut queue = lock(&self.queue);
+        let result = f(&mut queue);
+        let waiting = queue.messages.len() + usize::from(queue.close.is_some());
+        self.waiting.store(waiting, Ordering::Release);
+        result
+    }
+
+    /// The connection ended: refuse from now on, drop what waits.
+    pub(super) fn end(&self) {
+        let mut queue = lock(&self.queue);
+        queue.ended = true;
+        queue.messages.clear();
+        queue.bytes = 0;
+        queue.close = None;
+        self.waiting.store(0, Ordering::Release);
+    }
+
+    fn push(self: &Arc<Self>, message: Message, wake: bool) -> Result<bool, SendError> {
+        let len = message.as_bytes().len();
+        let mut queue = lock(&self.queue);
+        if queue.ended || queue.closing {
+            return Err(SendError::Closed);
+        }
+        let full = queue.messages.len() >= self.limits.max_messages
+            || (queue.bytes + len > self.limits.max_bytes && !queue.messages.is_empty());
+        if full {
+            return match self.limits.policy {
+                SlowConsumer::Wait => Err(SendError::Full(message)),
+                SlowConsumer::Drop => Err(SendError::Dropped),
+                SlowConsumer::Close(code) => {
+                    // What waits is dropped: the close goes out next.
+                    queue.messages.clear();
+                    queue.bytes = 0;
+                    queue.close = Some(CloseFrame::new(code, "send queue full"));
+                    queue.closing = true;
+                    self.waiting.store(1, Ordering::Release);
+                    drop(queue);
+                    self.make_due(true);
+                    Err(SendError::Closed)
+                }
+            };
+        }
+        queue.bytes += len;
+        queue.messages.push_back(message);
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        drop(queue);
+        Ok(self.make_due(wake))
+    }
+
+    /// Marks the remote due; puts it on the inbox when `wake`. Whether it
+    /// was not due before (then, without `wake`, a [`Remote::wake`] must
+    /// follow).
+    fn make_due(self: &Arc<Self>, wake: bool) -> bool {
+        let newly = !self.due.load(Ordering::Acquire) && !self.due.swap(true, Ordering::AcqRel);
+        if newly && wake {
+            self.inbox.push(self.clone());
+        }
+        newly
+    }
+}
+
+/// A handle on one event-loop connection for other threads (and other
+/// connections' callbacks): queues messages that its worker writes. Made
+/// by [`Socket::remote`](super::Socket::remote); cheap to clone.
+///
+/// The queue is bounded by the [`QueueLimits`] given then; when it is
+/// full, the policy decides: `Wait` hands the message back
+/// ([`SendError::Full`]: a remote cannot wait), `Drop` drops it, `Close`
+/// drops what waits and closes the connection with that code.
+#[derive(Clone)]
+pub struct Remote {
+    pub(super) inner: Arc<RemoteInner>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("queued", &self.queued_messages())
+            .finish()
+    }
+}
+
+impl Remote {
+    /// Queues a message and makes sure the worker will write it.
+    ///
+    /// # Errors
+    /// The queue is full (see the type's docs), or the connection is
+    /// closing or gone ([`SendError::Closed`]).
+    pub fn send(&self, message: Message) -> Result<(), SendError> {
+        self.inner.push(message, true).map(|_| ())
+    }
+
+    /// Queues a message without telling the worker yet: `Ok(true)` when
+    /// [`wake`](Self::wake) must follow (the remote was not due), so that
+    /// a broadcast can queue on every connection first and wake them
+    /// after, or leave the waking to someone else.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send).
+    pub fn send_deferred(&self, message: Message) -> Result<bool, SendError> {
+        self.inner.push(message, false)
+    }
+
+    /// Puts a remote that [`send_deferred`](Self::send_deferred) made due
+    /// on its worker's list.
+    pub fn wake(&self) {
+        self.inner.inbox.push(self.inner.clone());
+    }
+
+    /// Closes the connection after what is queued (the closing
+    /// handshake, with this code and reason). Later sends are refused.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        let reason = reason.get(..reason.len().min(123)).unwrap_or("");
+        let mut queue = lock(&self.inner.queue);
+        if queue.ended || queue.closing {
+            return;
+        }
+        queue.close = Some(CloseFrame::new(code, reason));
+        queue.closing = true;
+        self.inner.waiting.fetch_add(1, Ordering::AcqRel);
+        drop(queue);
+        self.inner.make_due(true);
+    }
+
+    /// Messages queued here and not yet taken by the worker.
+    pub fn queued_messages(&self) -> usize {
+        lock(&self.inner.queue).messages.len()
+    }
+
+    /// Whether the connection is gone or closing (nothing more is sent).
+    pub fn is_closed(&self) -> bool {
+        let queue = lock(&self.inner.queue);
+        queue.ended || queue.closing
+    }
+}
