@@ -62,6 +62,40 @@ impl Handler for Echo {
     fn http(&mut self, request: &Request<()>) -> Option<Response<Bytes>> {
         (request.uri().path() == "/health").then(|| Response::new(Bytes::from_static(b"ok\n")))
     }
+
+    fn hand_off(&mut self, request: &Request<()>) -> bool {
+        request.uri().path().starts_with("/handed")
+    }
+
+    /// Served on a thread of its own: reads the body (whatever of it the
+    /// loop read first, then the rest) and sends it back.
+    fn handed_off(&mut self, mut stream: TcpStream, request: Request<()>, received: Vec<u8>) {
+        std::thread::spawn(move || {
+            stream.set_nonblocking(false).unwrap();
+            let length: usize = request.headers()["content-length"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let start = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let mut data = received;
+            while data.len() < start + length {
+                let mut more = [0u8; 64];
+                let n = stream.read(&mut more).unwrap();
+                assert!(n > 0, "the body ended early");
+                data.extend_from_slice(&more[..n]);
+            }
+            let body = &data[start..start + length];
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len() + request.uri().path().len() + 1
+            );
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(request.uri().path().as_bytes()).unwrap();
+            stream.write_all(b" ").unwrap();
+            stream.write_all(body).unwrap();
+        });
+    }
 }
 
 fn start(config: EventLoopConfig) -> (EventLoopServer, Echo) {
@@ -671,5 +705,46 @@ async fn a_remote_that_overflows_closes_its_connection_with_the_policys_code() {
     assert_eq!(at, all.len(), "whole frames only");
     assert_eq!(code, Some(1013));
     assert!(frames > 0 && frames < n, "{frames} of {n} delivered");
+    stop(server);
+}
+
+#[tokio::test]
+async fn a_handed_off_request_is_served_by_its_new_owner_with_every_byte() {
+    let (server, _) = start(EventLoopConfig::default());
+    let addr = server.local_addr();
+    // Head and body in one write, and a body that comes later: the new
+    // owner gets what the loop read and reads the rest itself.
+    for (first, later) in [
+        (
+            "POST /handed HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            "",
+        ),
+        (
+            "POST /handed/2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+            "world",
+        ),
+    ] {
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(LIMIT)).unwrap();
+            tcp.write_all(first.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            tcp.write_all(later.as_bytes()).unwrap();
+            let mut answer = String::new();
+            tcp.read_to_string(&mut answer).unwrap();
+            answer
+        })
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        assert!(
+            body == "/handed hello" || body == "/handed/2 world",
+            "{body}"
+        );
+    }
+    // Not counted by the loop once handed off; the loop still serves.
+    assert_eq!(server.connections(), 0);
+    assert!(http(addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").ends_with("ok\n"));
     stop(server);
 }

@@ -161,6 +161,23 @@ pub trait Handler: Send + 'static {
         let _ = request;
         None
     }
+
+    /// Whether a request (an upgrade or not) leaves the event loop for
+    /// [`handed_off`](Self::handed_off), before anything is answered: to
+    /// serve the rest of an application's HTTP (streamed answers, other
+    /// WebSocket paths) with another server on the same port.
+    fn hand_off(&mut self, request: &Request<()>) -> bool {
+        let _ = request;
+        false
+    }
+
+    /// A connection [`hand_off`](Self::hand_off) asked for: the socket
+    /// (non-blocking, out of the event loop and its connection count),
+    /// its request, and every byte read from it so far (the request head,
+    /// and whatever followed it), to be read again by its new owner.
+    fn handed_off(&mut self, stream: std::net::TcpStream, request: Request<()>, received: Vec<u8>) {
+        let _ = (stream, request, received);
+    }
 }
 
 /// A connection as the handler sees it: what it sends is written once the

@@ -378,10 +378,25 @@ impl<H: Handler> Worker<H> {
             _ => unreachable!("checked above"),
         };
         match parsed {
+            Ok(Some((request, _))) if self.handler.hand_off(&request) => {
+                self.hand_over(key, request, head)
+            }
             Ok(Some((request, len))) => self.answer_request(key, request, &mut head[len..]),
             Ok(None) => unreachable!("the loop goes on for a partial head"),
             Err(e) => self.answer(key, e.to_response()),
         }
+    }
+
+    /// Gives the connection to the handler: out of the poll and the slab,
+    /// with every byte read from it.
+    fn hand_over(&mut self, key: usize, request: Request<()>, received: Vec<u8>) {
+        let Some(mut entry) = self.slab.try_remove(key) else {
+            return;
+        };
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        let _ = self.poll.registry().deregister(&mut entry.stream);
+        let stream = std::net::TcpStream::from(entry.stream);
+        self.handler.handed_off(stream, request, received);
     }
 
     fn answer_request(&mut self, key: usize, request: Request<()>, rest: &mut [u8]) {
