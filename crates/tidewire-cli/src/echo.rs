@@ -30,8 +30,8 @@ pub struct EchoArgs {
     #[arg(long, default_value_t = 16 << 20)]
     max_frame_size: usize,
     /// Serve on the epoll event loop (one thread per core, connections in
-    /// a slab) instead of tokio tasks: ws:// only, no per-IP limit, a slow
-    /// reader is not read until it drains (--slow-consumer wait).
+    /// a slab) instead of tokio tasks: ws:// only, a slow reader is not
+    /// read until it drains (--slow-consumer wait).
     #[arg(long)]
     event_loop: bool,
     /// Threads of --event-loop (0: one per CPU this process may use).
@@ -193,9 +193,6 @@ async fn run_event_loop(settings: EchoSettings, threads: usize) -> anyhow::Resul
     if server.is_tls() {
         anyhow::bail!("--event-loop serves ws:// only: leave out the TLS flags, or --event-loop");
     }
-    if server.limits.max_connections_per_ip > 0 {
-        anyhow::bail!("--event-loop has no per-IP limit: leave out --max-connections-per-ip");
-    }
     if server.config.io.send_queue.policy != tidewire::SlowConsumer::Wait {
         anyhow::bail!(
             "--event-loop stops reading a slow reader until it drains (--slow-consumer wait)"
@@ -216,6 +213,7 @@ async fn run_event_loop(settings: EchoSettings, threads: usize) -> anyhow::Resul
         idle_timeout: io.idle_timeout,
         shutdown_timeout: server.shutdown_timeout,
         max_connections: server.limits.max_connections,
+        max_connections_per_ip: server.limits.max_connections_per_ip,
         max_pending_output: io.send_queue.max_bytes,
         origins: (!server.allow_origins.is_empty())
             .then(|| tidewire::OriginPolicy::allow(server.allow_origins.clone())),

@@ -62,6 +62,15 @@ pub struct ServeArgs {
     /// The NATS server of --broker nats.
     #[arg(long, value_name = "URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// WebSockets on tidewire's event loop (a thread per core, connections
+    /// as plain state, the fan-out written straight from each thread);
+    /// the rest of the HTTP stays on tokio, on the same port. Plain ws://
+    /// only.
+    #[arg(long)]
+    event_loop: bool,
+    /// The event loop's threads (0: one per CPU this process may use).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: usize,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -81,6 +90,8 @@ pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[
     ("redis_cluster", "engine.redis_cluster"),
     ("broker", "engine.broker"),
     ("nats_url", "engine.nats_url"),
+    ("event_loop", "server.event_loop"),
+    ("threads", "server.event_loop_threads"),
     ("token_secret", "token.hmac_secret"),
     ("tls_cert", "server.tls_cert"),
     ("tls_key", "server.tls_key"),
@@ -273,6 +284,12 @@ pub(crate) fn configuration(
     if given("shutdown_timeout") {
         server.shutdown_timeout = s.shutdown_timeout;
     }
+    if args.event_loop {
+        server.event_loop = true;
+    }
+    if given("threads") {
+        server.event_loop_threads = args.threads;
+    }
     let client = &mut config.client;
     if given("max_message_size") {
         client.max_message_size = s.max_message_size;
@@ -328,9 +345,24 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
     };
     config.api.key = Some(api_key.to_string());
     crate::listener::raise_open_file_limit();
-    let listener = crate::listener::bind_listener(&config.listen).await?;
-    let addr = listener.local_addr()?;
+    let event_loop = config.server.event_loop;
+    // The event loop binds its own listeners (one per thread, SO_REUSEPORT).
+    let (listener, addr) = if event_loop {
+        let addr = tokio::net::lookup_host(&config.listen)
+            .await
+            .with_context(|| format!("listen address {:?}", config.listen))?
+            .next()
+            .with_context(|| format!("listen address {:?} resolves to nothing", config.listen))?;
+        (None, addr)
+    } else {
+        let listener = crate::listener::bind_listener(&config.listen).await?;
+        let addr = listener.local_addr()?;
+        (Some(listener), addr)
+    };
     let tls = tls_acceptor(&args, &config, addr.port())?;
+    if event_loop && tls.is_some() {
+        anyhow::bail!("--event-loop serves plain ws:// only (no --tls-cert, --tls-self-signed)");
+    }
     let (http, ws) = if tls.is_some() {
         ("https", "wss")
     } else {
@@ -377,6 +409,17 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
         // operator who started the server can.
         println!("api key (generated for this run; set api.key or TIDEWIRE_API_KEY to choose one): {api_key}");
     }
+    let front = match listener {
+        Some(listener) => Front::Tokio(listener),
+        None => Front::EventLoop(
+            tidewire_hub::http::start_on_event_loop(hub.clone(), addr, &api_key)
+                .with_context(|| format!("listening on {addr}"))?,
+        ),
+    };
+    let addr = match &front {
+        Front::Tokio(listener) => listener.local_addr()?,
+        Front::EventLoop(serving) => serving.local_addr(),
+    };
     let signal = shutdown_signal().context("installing the shutdown signal handlers")?;
     // Scripts wait for this line: it says the port is open (and, from here
     // on, that SIGTERM shuts down gracefully).
@@ -391,9 +434,25 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
         info!("shutdown requested");
         token.cancel();
     });
-    tidewire_hub::http::serve(hub, listener, &api_key, tls, shutdown).await?;
+    match front {
+        Front::Tokio(listener) => {
+            tidewire_hub::http::serve(hub, listener, &api_key, tls, shutdown).await?
+        }
+        Front::EventLoop(serving) => {
+            info!("WebSockets on the event loop");
+            serving.run(shutdown).await?
+        }
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Where the hub's connections are served.
+enum Front {
+    /// Everything on tokio (`tidewire::Server`).
+    Tokio(tokio::net::TcpListener),
+    /// WebSockets on the event loop, the rest handed over to tokio.
+    EventLoop(tidewire_hub::http::EventLoopServing),
 }
 
 #[cfg(test)]

@@ -455,6 +455,13 @@ pub struct ServerSettings {
     /// says 503), and its clients would otherwise hear nothing.
     #[serde(deserialize_with = "duration", serialize_with = "serialize_duration")]
     pub unhealthy_grace: Duration,
+    /// WebSockets on tidewire's event loop (a thread per core, every
+    /// connection plain state, writes straight from the fan-out) rather
+    /// than a tokio task each; the rest of the HTTP stays on tokio, on the
+    /// same port. Plain ws:// only.
+    pub event_loop: bool,
+    /// The event loop's threads (0: one per CPU this process may use).
+    pub event_loop_threads: usize,
 }
 
 impl Default for ServerSettings {
@@ -476,6 +483,8 @@ impl Default for ServerSettings {
             shutdown_timeout: Duration::from_secs(10),
             drain_window: Duration::ZERO,
             unhealthy_grace: Duration::from_secs(15),
+            event_loop: false,
+            event_loop_threads: 0,
         }
     }
 }
@@ -818,6 +827,13 @@ impl Config {
                     "client.token_cookie: {name:?} is not a cookie name"
                 ));
             }
+        }
+        if self.server.event_loop && self.server.tls_cert.is_some() {
+            return invalid(
+                "server.event_loop serves plain ws:// only: leave out server.tls_cert, or \
+                 terminate TLS in front of the hub"
+                    .into(),
+            );
         }
         if self.engine.broker == BrokerKind::Nats && self.engine.kind == EngineKind::Memory {
             return invalid(

@@ -748,3 +748,92 @@ async fn a_handed_off_request_is_served_by_its_new_owner_with_every_byte() {
     assert!(http(addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").ends_with("ok\n"));
     stop(server);
 }
+
+/// Answers every message through its connection's remote, from a thread
+/// of its own: the loop's own writes (after each read) and the remote's
+/// wake-ups race all the time.
+#[derive(Clone)]
+struct Relay {
+    to_thread: std::sync::mpsc::Sender<(tidewire::event_loop::Remote, String)>,
+}
+
+impl Handler for Relay {
+    type State = tidewire::event_loop::Remote;
+
+    fn open(&mut self, socket: &mut Socket<'_>, _: &Request<()>) -> tidewire::event_loop::Remote {
+        socket.remote(tidewire::QueueLimits {
+            max_messages: 1 << 20,
+            max_bytes: 1 << 30,
+            policy: tidewire::SlowConsumer::Wait,
+        })
+    }
+
+    fn message(
+        &mut self,
+        socket: &mut Socket<'_>,
+        remote: &mut tidewire::event_loop::Remote,
+        message: Incoming<'_>,
+    ) {
+        if let Incoming::Text(text) = message {
+            // Every other answer straight from the callback, through the
+            // same remote: its queue is taken by this thread too.
+            if text.ends_with('0') {
+                remote.send(Message::text(text.to_owned())).unwrap();
+                socket.send_text("");
+            } else {
+                self.to_thread
+                    .send((remote.clone(), text.to_owned()))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn remote_sends_racing_the_loops_own_writes_are_never_left_unwritten() {
+    let (to_thread, from_loop) =
+        std::sync::mpsc::channel::<(tidewire::event_loop::Remote, String)>();
+    std::thread::spawn(move || {
+        for (remote, text) in from_loop {
+            let _ = remote.send(Message::text(text));
+        }
+    });
+    let server = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        EventLoopConfig {
+            threads: 1,
+            ..EventLoopConfig::default()
+        },
+        move || Relay {
+            to_thread: to_thread.clone(),
+        },
+    )
+    .unwrap();
+    let (ws, _) = ClientBuilder::new(url(&server, "/"))
+        .connect()
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = ws.split();
+    let count = 20_000;
+    let sending = tokio::spawn(async move {
+        for n in 0..count {
+            writer.send(Message::text(n.to_string())).await.unwrap();
+        }
+        writer
+    });
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < count {
+        let message = tokio::time::timeout(LIMIT, reader.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {count} answers, then nothing", seen.len()))
+            .unwrap()
+            .unwrap();
+        match message {
+            Message::Text(text) if text.as_str().is_empty() => {}
+            Message::Text(text) => assert!(seen.insert(text.as_str().parse::<usize>().unwrap())),
+            other => panic!("{other:?}"),
+        }
+    }
+    drop((sending.await.unwrap(), reader));
+    stop(server);
+}

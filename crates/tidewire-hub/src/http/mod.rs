@@ -30,7 +30,7 @@ mod fallbacks;
 mod serve;
 mod static_files;
 
-pub use serve::serve;
+pub use serve::{serve, start_on_event_loop, EventLoopServing};
 use static_files::{static_file, STATIC_FILES};
 
 /// The path of the WebSocket endpoint.
@@ -57,16 +57,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
     let config = hub.config();
     let settings = &config.server;
     let ws_config = ServerConfig {
-        protocol: WsProtocolConfig {
-            max_message_size: config.client.max_message_size,
-            max_frame_size: config.client.max_message_size,
-            deflate: settings.deflate.then(|| DeflateConfig {
-                server_no_context_takeover: settings.deflate_no_context_takeover,
-                client_no_context_takeover: settings.deflate_no_context_takeover,
-                ..DeflateConfig::default()
-            }),
-            ..WsProtocolConfig::default()
-        },
+        protocol: ws_protocol(config),
         io: IoOptions {
             ping_interval: (!settings.ping_interval.is_zero()).then_some(settings.ping_interval),
             pong_timeout: settings.pong_timeout,
@@ -77,8 +68,7 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         handshake_timeout: settings.handshake_timeout,
     };
     let max_body_size = config.api.max_body_size;
-    let origins = (!settings.allowed_origins.is_empty())
-        .then(|| OriginPolicy::allow(settings.allowed_origins.clone()));
+    let origins = origin_policy(config);
     let emulations = Arc::new(Emulations::default());
     emulations.listen(&hub);
     let long_polls = Arc::new(LongPolls::default());
@@ -105,6 +95,29 @@ pub fn router(hub: Hub, api_key: &str, shutdown: CancellationToken) -> Router {
         .merge(api::routes(max_body_size))
         .merge(admin::routes())
         .with_state(state)
+}
+
+/// The WebSocket protocol's limits and compression, from the hub's
+/// configuration (both servers: tokio and the event loop).
+pub(crate) fn ws_protocol(config: &crate::Config) -> WsProtocolConfig {
+    let settings = &config.server;
+    WsProtocolConfig {
+        max_message_size: config.client.max_message_size,
+        max_frame_size: config.client.max_message_size,
+        deflate: settings.deflate.then(|| DeflateConfig {
+            server_no_context_takeover: settings.deflate_no_context_takeover,
+            client_no_context_takeover: settings.deflate_no_context_takeover,
+            ..DeflateConfig::default()
+        }),
+        ..WsProtocolConfig::default()
+    }
+}
+
+/// The origins WebSockets and the fallbacks accept (`None`: any).
+fn origin_policy(config: &crate::Config) -> Option<OriginPolicy> {
+    let settings = &config.server;
+    (!settings.allowed_origins.is_empty())
+        .then(|| OriginPolicy::allow(settings.allowed_origins.clone()))
 }
 
 async fn health(State(app): State<AppState>) -> Response {

@@ -368,8 +368,15 @@ impl Node {
         }
         drop(subs);
         if !due.is_empty() {
-            lock(&self.wakes).extend(due);
-            self.wake_signal.notify_one();
+            // Event-loop subscribers go to their workers at once, all
+            // together; the others to the wake dispatcher.
+            let mut batch = tidewire::event_loop::Wakes::new();
+            due.retain(|sink| !sink.wake_batched(&mut batch));
+            batch.flush();
+            if !due.is_empty() {
+                lock(&self.wakes).extend(due);
+                self.wake_signal.notify_one();
+            }
         }
         self.metrics.deliveries.inc_by(delivered);
         if dropped > 0 {

@@ -93,6 +93,15 @@ pub trait ClientSink: Send + Sync + 'static {
     }
     /// Wakes the writer after [`send_deferred`](Self::send_deferred).
     fn wake(&self) {}
+    /// Wakes the writer after [`send_deferred`](Self::send_deferred)
+    /// through `batch`, with the other subscribers of the same fan-out (an
+    /// event-loop connection: its worker gets them all with one wake-up):
+    /// `true` if it did; `false` leaves it to [`wake`](Self::wake), a wave
+    /// at a time.
+    fn wake_batched(&self, batch: &mut tidewire::event_loop::Wakes) -> bool {
+        let _ = batch;
+        false
+    }
     /// Whether the connection is closing (asked to, or its queue
     /// overflowed): the session runs no more of its commands.
     fn is_closing(&self) -> bool {

@@ -35,11 +35,19 @@ impl TestServer {
     }
 }
 
-/// The embedded defaults, with an HS256 secret for tokens.
+/// The embedded defaults, with an HS256 secret for tokens; with
+/// `TIDEWIRE_TEST_EVENT_LOOP=1`, WebSockets on the event loop
+/// (`server.event_loop`): the same tests for both fronts.
 pub fn config() -> Config {
     let mut config = Config::default();
     config.token.hmac_secret = Some(SECRET.into());
+    config.server.event_loop = on_event_loop();
     config
+}
+
+/// Whether the tests run with WebSockets on the event loop.
+pub fn on_event_loop() -> bool {
+    std::env::var("TIDEWIRE_TEST_EVENT_LOOP").is_ok_and(|v| v == "1")
 }
 
 pub async fn start(config: Config) -> TestServer {
@@ -48,6 +56,32 @@ pub async fn start(config: Config) -> TestServer {
 
 /// A hub over `engine` (shared by several hubs: nodes of one cluster).
 pub async fn start_on(config: Config, engine: Arc<MemoryEngine>) -> TestServer {
+    if config.server.event_loop {
+        let config = Config {
+            server: tidewire_hub::config::ServerSettings {
+                // Two threads: connections of one test on both.
+                event_loop_threads: 2,
+                ..config.server.clone()
+            },
+            ..config
+        };
+        let hub = Hub::new(config, engine).unwrap();
+        let serving = tidewire_hub::http::start_on_event_loop(
+            hub.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            API_KEY,
+        )
+        .unwrap();
+        let addr = serving.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serving.run(shutdown.clone()));
+        return TestServer {
+            addr,
+            hub,
+            shutdown,
+            task,
+        };
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hub = Hub::new(config, engine).unwrap();

@@ -62,7 +62,7 @@ pub use tidewire_proto::EventRef as Incoming;
 mod remote;
 mod worker;
 
-pub use remote::Remote;
+pub use remote::{Remote, Wakes};
 
 /// How an event-loop server runs.
 #[derive(Debug, Clone)]
@@ -88,6 +88,9 @@ pub struct EventLoopConfig {
     pub shutdown_timeout: Duration,
     /// Most open connections (all threads together); beyond, 503.
     pub max_connections: usize,
+    /// Most open connections from one IP address (0: no limit); beyond,
+    /// 429.
+    pub max_connections_per_ip: usize,
     /// Output waiting for a slow reader beyond which its connection is not
     /// read any more until it drains (backpressure through TCP).
     pub max_pending_output: usize,
@@ -109,6 +112,7 @@ impl Default for EventLoopConfig {
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_connections_per_ip: 0,
             max_pending_output: 4 << 20,
             origins: None,
             protocols: Vec::new(),
@@ -245,6 +249,8 @@ impl Socket<'_> {
 struct Shared {
     shutdown: AtomicBool,
     connections: AtomicUsize,
+    /// Open connections per peer address (only with a per-IP limit).
+    per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 /// A running event-loop server.
@@ -293,6 +299,7 @@ where
     let shared = Arc::new(Shared {
         shutdown: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        per_ip: Default::default(),
     });
     let config = Arc::new(config);
     let mut server = EventLoopServer {

@@ -39,6 +39,16 @@ impl Inbox {
         std::mem::swap(&mut *lock(&self.due), spare);
     }
 
+    fn push_all(&self, remotes: &mut Vec<Arc<RemoteInner>>) {
+        let mut due = lock(&self.due);
+        let first = due.is_empty();
+        due.append(remotes);
+        drop(due);
+        if first {
+            let _ = self.waker.wake();
+        }
+    }
+
     fn push(&self, remote: Arc<RemoteInner>) {
         let mut due = lock(&self.due);
         let first = due.is_empty();
@@ -115,6 +125,13 @@ impl RemoteInner {
     /// Whether anything waits (a message or a close).
     pub(super) fn has_work(&self) -> bool {
         self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// The worker is at this remote (from its due list): a message queued
+    /// from now on puts it on the list again. Before its queue is looked
+    /// at, so that nothing queued meanwhile is left without a visit.
+    pub(super) fn visited(&self) {
+        self.due.store(false, Ordering::Release);
     }
 
     /// The worker takes what is queued: `f` gets the queue, locked.
@@ -255,5 +272,61 @@ impl Remote {
     pub fn is_closed(&self) -> bool {
         let queue = lock(&self.inner.queue);
         queue.ended || queue.closing
+    }
+}
+
+/// Wake-ups gathered for a batch of [`Remote::send_deferred`]s (one
+/// broadcast's, say) and handed to the workers together: one lock and at
+/// most one wake-up per worker, where waking each remote on its own could
+/// switch to the worker and back for every one of them (a worker woken on
+/// the broadcaster's core runs at once). Flushed when dropped.
+#[derive(Default)]
+pub struct Wakes {
+    batches: Vec<(Arc<Inbox>, Vec<Arc<RemoteInner>>)>,
+}
+
+impl std::fmt::Debug for Wakes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let remotes: usize = self.batches.iter().map(|(_, b)| b.len()).sum();
+        f.debug_struct("Wakes").field("remotes", &remotes).finish()
+    }
+}
+
+impl Wakes {
+    /// No wake-up gathered yet.
+    pub fn new() -> Wakes {
+        Wakes::default()
+    }
+
+    /// Adds a remote that [`Remote::send_deferred`] said must be woken.
+    pub fn add(&mut self, remote: &Remote) {
+        let inbox = &remote.inner.inbox;
+        let batch = match self
+            .batches
+            .iter_mut()
+            .position(|(i, _)| Arc::ptr_eq(i, inbox))
+        {
+            Some(at) => &mut self.batches[at].1,
+            None => {
+                self.batches.push((inbox.clone(), Vec::new()));
+                &mut self.batches.last_mut().expect("just pushed").1
+            }
+        };
+        batch.push(remote.inner.clone());
+    }
+
+    /// Hands what was gathered to the workers.
+    pub fn flush(&mut self) {
+        for (inbox, batch) in &mut self.batches {
+            if !batch.is_empty() {
+                inbox.push_all(batch);
+            }
+        }
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.flush();
     }
 }

@@ -26,6 +26,9 @@ const LISTENER: Token = Token(usize::MAX - 2);
 const READ_BUFFER: usize = 256 << 10;
 /// Connections accepted per turn of the loop before the others get theirs.
 const ACCEPTS_PER_TURN: usize = 256;
+/// Connections written per turn for their remotes (about 1.5 ms of
+/// writes on loopback) before the loop looks for input again.
+const REMOTES_PER_TURN: usize = 256;
 
 /// A listener bound with `SO_REUSEPORT`, so that every thread has its own
 /// and the kernel spreads new connections among them.
@@ -48,6 +51,8 @@ pub(super) fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 /// One connection.
 struct Entry<S> {
     stream: TcpStream,
+    /// Its peer's address, while counted for the per-IP limit.
+    counted_ip: Option<std::net::IpAddr>,
     /// Registered for writability too (only while output waits).
     writable: bool,
     phase: Phase<S>,
@@ -153,10 +158,12 @@ pub(super) struct Worker<H: Handler> {
     shared: Arc<Shared>,
     handler: H,
     slab: Slab<Entry<H::State>>,
-    /// Where remotes of this thread's connections say they are due, and
-    /// the list taken from it (kept for its capacity).
+    /// Where remotes of this thread's connections say they are due; the
+    /// list last taken from it (kept for its capacity); the due remotes
+    /// not written yet, in order.
     inbox: Arc<Inbox>,
-    due: Vec<Arc<RemoteInner>>,
+    taken: Vec<Arc<RemoteInner>>,
+    due: std::collections::VecDeque<Arc<RemoteInner>>,
     buffer: Vec<u8>,
     /// Seconds since `epoch`, plus one (0 means "never" in the entries).
     epoch: Instant,
@@ -189,7 +196,8 @@ impl<H: Handler> Worker<H> {
             handler,
             slab: Slab::new(),
             inbox,
-            due: Vec::new(),
+            taken: Vec::new(),
+            due: std::collections::VecDeque::new(),
             buffer: vec![0; READ_BUFFER],
             epoch: Instant::now(),
             now: 1,
@@ -206,7 +214,7 @@ impl<H: Handler> Worker<H> {
         let mut events = Events::with_capacity(1024);
         let mut swept = self.now;
         loop {
-            let timeout = if self.accept_pending {
+            let timeout = if self.accept_pending || !self.due.is_empty() {
                 Duration::ZERO
             } else {
                 // To the next whole second of the clock.
@@ -222,12 +230,16 @@ impl<H: Handler> Worker<H> {
             if self.accept_pending {
                 self.accept();
             }
+            let mut woken = false;
             for event in &events {
                 match event.token() {
                     LISTENER => self.accept(),
-                    WAKER => self.serve_remotes(),
+                    WAKER => woken = true,
                     Token(key) => self.ready(key),
                 }
+            }
+            if woken || !self.due.is_empty() {
+                self.serve_remotes(woken);
             }
             if self.shutting_down.is_none() && self.shared.shutdown.load(Ordering::SeqCst) {
                 self.begin_shutdown();
@@ -250,11 +262,21 @@ impl<H: Handler> Worker<H> {
     }
 
     /// Writes what remotes queued, connection by connection in the order
-    /// they became due.
-    fn serve_remotes(&mut self) {
-        let mut due = std::mem::take(&mut self.due);
-        self.inbox.take(&mut due);
-        for remote in due.drain(..) {
+    /// they became due, a share per turn: between two shares the loop
+    /// reads what came meanwhile (a publisher's next message, say), so a
+    /// long round of writes to many connections does not keep it waiting.
+    fn serve_remotes(&mut self, woken: bool) {
+        if woken {
+            let mut taken = std::mem::take(&mut self.taken);
+            self.inbox.take(&mut taken);
+            self.due.extend(taken.drain(..));
+            self.taken = taken;
+        }
+        for _ in 0..REMOTES_PER_TURN {
+            let Some(remote) = self.due.pop_front() else {
+                break;
+            };
+            remote.visited();
             let key = remote.key;
             let ours = matches!(
                 self.slab.get(key),
@@ -272,7 +294,10 @@ impl<H: Handler> Worker<H> {
                 }
             }
         }
-        self.due = due;
+        if self.due.is_empty() && self.due.capacity() > 4 * REMOTES_PER_TURN {
+            // Give back the memory of a big fan-out.
+            self.due = std::collections::VecDeque::new();
+        }
     }
 
     fn accept(&mut self) {
@@ -287,7 +312,7 @@ impl<H: Handler> Worker<H> {
     /// Accepts what is waiting, up to a turn's share; whether more may be.
     fn accept_from(&mut self, listener: &TcpListener) -> bool {
         for _ in 0..ACCEPTS_PER_TURN {
-            let (mut stream, _peer) = match listener.accept() {
+            let (mut stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -303,7 +328,25 @@ impl<H: Handler> Worker<H> {
             // request read, so that the client sees the answer rather than
             // a reset) before the socket goes.
             let open = self.shared.connections.fetch_add(1, Ordering::Relaxed);
-            let refused = open >= self.config.max_connections;
+            let mut refusal = (open >= self.config.max_connections).then_some((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Retry-After: 1\r\n",
+                "too many connections",
+            ));
+            let mut counted_ip = None;
+            if self.config.max_connections_per_ip > 0 && refusal.is_none() {
+                let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+                let n = per_ip.entry(peer.ip()).or_default();
+                *n += 1;
+                counted_ip = Some(peer.ip());
+                if *n > self.config.max_connections_per_ip {
+                    refusal = Some((
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "",
+                        "too many connections from your address",
+                    ));
+                }
+            }
             let _ = stream.set_nodelay(true);
             let slot = self.slab.vacant_entry();
             let token = Token(slot.key());
@@ -314,26 +357,21 @@ impl<H: Handler> Worker<H> {
             {
                 tracing::warn!("register failed: {e}");
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                self.uncount_ip(counted_ip);
                 continue;
             }
             let key = slot.key();
             slot.insert(Entry {
                 stream,
+                counted_ip,
                 writable: false,
                 phase: Phase::Handshake {
                     head: Vec::new(),
                     since: self.now,
                 },
             });
-            if refused {
-                self.answer(
-                    key,
-                    handshake::http_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "Retry-After: 1\r\n",
-                        "too many connections",
-                    ),
-                );
+            if let Some((status, headers, text)) = refusal {
+                self.answer(key, handshake::http_response(status, headers, text));
             }
         }
         true
@@ -394,6 +432,7 @@ impl<H: Handler> Worker<H> {
             return;
         };
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        self.uncount_ip(entry.counted_ip);
         let _ = self.poll.registry().deregister(&mut entry.stream);
         let stream = std::net::TcpStream::from(entry.stream);
         self.handler.handed_off(stream, request, received);
@@ -628,25 +667,49 @@ impl<H: Handler> Worker<H> {
         if open.head.is_empty() && open.head.capacity() > 0 {
             open.head = Vec::new();
         }
-        while !blocked && open.conn.has_pending_output() {
+        loop {
+            Self::write_output(&mut entry.stream, &mut open.conn, &mut blocked)?;
+            // More from the remote than one pull took (the output's bound):
+            // on while the socket takes it.
+            let more = open.remote.as_ref().is_some_and(|r| r.has_work());
+            if blocked || !more {
+                break;
+            }
+            let before = open.conn.pending_output_len();
+            open.pull(config.max_pending_output);
+            if open.conn.pending_output_len() == before {
+                break;
+            }
+        }
+        entry.want_writable(poll.registry(), key, blocked);
+        Ok(())
+    }
+
+    /// Writes the connection's output until it is all out or the socket
+    /// would block (`blocked`).
+    fn write_output(
+        stream: &mut TcpStream,
+        conn: &mut Connection,
+        blocked: &mut bool,
+    ) -> io::Result<()> {
+        while !*blocked && conn.has_pending_output() {
             let mut slices = [IoSlice::new(&[]); 32];
-            let n = open.conn.pending_output_slices(&mut slices);
+            let n = conn.pending_output_slices(&mut slices);
             // One slice (the usual case): `write`, which is send(2), takes
             // a shorter way through the kernel than writev(2).
             let written = if n == 1 {
-                entry.stream.write(&slices[0])
+                stream.write(&slices[0])
             } else {
-                entry.stream.write_vectored(&slices[..n])
+                stream.write_vectored(&slices[..n])
             };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => open.conn.consume_output(written),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => blocked = true,
+                Ok(written) => conn.consume_output(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => *blocked = true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        entry.want_writable(poll.registry(), key, blocked);
         Ok(())
     }
 
@@ -703,8 +766,20 @@ impl<H: Handler> Worker<H> {
     /// Closes the connection for good.
     fn remove(&mut self, key: usize, code: CloseCode) {
         self.end_open(key, code);
-        if self.slab.try_remove(key).is_some() {
+        if let Some(entry) = self.slab.try_remove(key) {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            self.uncount_ip(entry.counted_ip);
+        }
+    }
+
+    fn uncount_ip(&self, ip: Option<std::net::IpAddr>) {
+        let Some(ip) = ip else { return };
+        let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
         }
     }
 
@@ -781,20 +856,19 @@ impl<H: Handler> Worker<H> {
         }
         self.accept_pending = false;
         let keys: Vec<usize> = self.slab.iter().map(|(key, _)| key).collect();
+        // A request head on its way is still read and answered (an upgrade
+        // with 503), within the handshake timeout: a health check accepted
+        // just before the shutdown gets its answer.
         for key in keys {
-            match &mut self.slab[key].phase {
-                Phase::Open(open) => {
-                    if !open.conn.close_sent() {
-                        let _ = open.conn.send_close(Some(CloseFrame::new(
-                            CloseCode::GOING_AWAY,
-                            "server shutting down",
-                        )));
-                        open.code.get_or_insert(CloseCode::GOING_AWAY);
-                    }
-                    self.drive(key);
+            if let Phase::Open(open) = &mut self.slab[key].phase {
+                if !open.conn.close_sent() {
+                    let _ = open.conn.send_close(Some(CloseFrame::new(
+                        CloseCode::GOING_AWAY,
+                        "server shutting down",
+                    )));
+                    open.code.get_or_insert(CloseCode::GOING_AWAY);
                 }
-                Phase::Handshake { .. } => self.remove(key, CloseCode::ABNORMAL),
-                _ => {}
+                self.drive(key);
             }
         }
     }

@@ -1,0 +1,317 @@
+//! The WebSocket front on tidewire's event loop (`server.event_loop`):
+//! the connections live on the loop's threads, as plain state, and the
+//! hub's core stays on tokio.
+//!
+//! Output: each connection's [`Remote`] is its sink. A publication is
+//! queued on every subscriber's remote, then all of them go on their
+//! workers' due lists together (one wake-up per worker, not the hub's
+//! wave dispatcher); each subscriber gets one write per pass with
+//! whatever waits for it. No task runs per subscriber.
+//!
+//! Input: a connection's messages are copied out of the loop's read buffer
+//! and run as commands on tokio, in order, by a task that exists only
+//! while commands wait (an idle connection has none). Its end runs the
+//! session's cleanup there too.
+//!
+//! The slow-consumer policy is the WebSocket front's (see
+//! [`super::websocket`]): the remote drops when full, and the hub closes
+//! (1013, default) or drops the publication.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tidewire::event_loop::{Handler, Incoming, Remote, Socket};
+use tidewire::http::Request;
+use tidewire::{CloseCode, Message, QueueLimits, SendError};
+
+use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Session, Transport};
+use crate::protocol::Frame;
+
+/// A connection's sink: its remote.
+struct LoopSink {
+    remote: Remote,
+    hub: Hub,
+    /// As [`super::websocket`]'s: `None` for the policy `drop`.
+    close_on_overflow: Option<CloseCode>,
+    closing: AtomicBool,
+}
+
+impl LoopSink {
+    fn outcome(&self, sent: Result<(), SendError>, kind: FrameKind) -> SendOutcome {
+        match sent {
+            Ok(()) => SendOutcome::Queued,
+            Err(SendError::Dropped | SendError::Full(_)) => {
+                if kind == FrameKind::Publication && self.close_on_overflow.is_none() {
+                    SendOutcome::Dropped
+                } else {
+                    self.overflow()
+                }
+            }
+            Err(_) => SendOutcome::Closed,
+        }
+    }
+
+    fn overflow(&self) -> SendOutcome {
+        if !self.closing.swap(true, Ordering::Relaxed) {
+            self.hub.metrics().slow_consumers.inc();
+            let code = self.close_on_overflow.unwrap_or(CloseCode::TRY_AGAIN_LATER);
+            self.remote.close(code, "send queue full");
+        }
+        SendOutcome::Closed
+    }
+}
+
+impl ClientSink for LoopSink {
+    fn transport(&self) -> Transport {
+        Transport::WEBSOCKET
+    }
+
+    fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
+        let r = self.remote.send(message(frame));
+        if r.is_err() {
+            eprintln!(
+                "DEBUG send {:?} queued {}",
+                r,
+                self.remote.queued_messages()
+            );
+        }
+        self.outcome(r, kind)
+    }
+
+    fn send_deferred(&self, frame: Frame, kind: FrameKind) -> (SendOutcome, bool) {
+        match self.remote.send_deferred(message(frame)) {
+            Ok(wake) => (SendOutcome::Queued, wake),
+            Err(e) => (self.outcome(Err(e), kind), false),
+        }
+    }
+
+    fn wake(&self) {
+        self.remote.wake();
+    }
+
+    fn wake_batched(&self, batch: &mut tidewire::event_loop::Wakes) -> bool {
+        batch.add(&self.remote);
+        true
+    }
+
+    fn close(&self, code: u16, reason: &str) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.remote.close(CloseCode(code), reason);
+    }
+
+    fn queued(&self) -> usize {
+        self.remote.queued_messages()
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+}
+
+fn message(frame: Frame) -> Message {
+    match frame {
+        Frame::Text(text) => Message::Text(text),
+        Frame::Binary(bytes) => Message::Binary(bytes),
+    }
+}
+
+/// What waits to run on tokio for one connection.
+enum Work {
+    Text(String),
+    Binary(Vec<u8>),
+    ConnectTimeout,
+    /// The connection ended: the session's cleanup, last.
+    Ended,
+}
+
+#[derive(Default)]
+struct Pending {
+    work: VecDeque<Work>,
+    /// The session, while no task runs it (`None`: a task has it, or it
+    /// has ended).
+    session: Option<Session>,
+    running: bool,
+}
+
+/// One connection's commands, run in order on tokio.
+pub struct LoopSession {
+    pending: Mutex<Pending>,
+}
+
+fn lock(pending: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    pending.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LoopSession {
+    fn push(self: &Arc<Self>, work: Work, runtime: &tokio::runtime::Handle) {
+        let mut pending = lock(&self.pending);
+        pending.work.push_back(work);
+        if pending.running {
+            return;
+        }
+        let Some(session) = pending.session.take() else {
+            // Ended: nothing runs any more.
+            pending.work.clear();
+            return;
+        };
+        pending.running = true;
+        drop(pending);
+        runtime.spawn(self.clone().run(session));
+    }
+
+    async fn run(self: Arc<Self>, session: Session) {
+        loop {
+            let work = {
+                let mut pending = lock(&self.pending);
+                match pending.work.pop_front() {
+                    Some(work) => work,
+                    None => {
+                        pending.session = Some(session);
+                        pending.running = false;
+                        return;
+                    }
+                }
+            };
+            match work {
+                // Boxed: command handling's state is on the heap while it
+                // runs (as the tokio front does).
+                Work::Text(text) => {
+                    let id = text
+                        .rsplit("\"id\":")
+                        .next()
+                        .map(|t| t[..10.min(t.len())].to_string());
+                    Box::pin(session.handle_text(&text)).await;
+                    eprintln!("DEBUG ran {} {:?}", session.client_id(), id);
+                }
+                Work::Binary(data) => Box::pin(session.handle_binary(&data)).await,
+                Work::ConnectTimeout => {
+                    if !session.is_connected() {
+                        session.connect_timeout();
+                    }
+                }
+                Work::Ended => {
+                    tracing::debug!(client = %session.client_id(), "session ended");
+                    lock(&self.pending).work.clear();
+                    session.close().await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The event-loop handler of the hub's WebSocket path (one per loop
+/// thread).
+#[derive(Clone)]
+pub struct LoopFront {
+    hub: Hub,
+    runtime: tokio::runtime::Handle,
+    limits: QueueLimits,
+    /// Requests the loop does not serve go there (see
+    /// [`crate::http::serve_on_event_loop`]).
+    hand_off: tokio::sync::mpsc::UnboundedSender<HandedOff>,
+}
+
+/// A connection handed over to the tokio side.
+pub struct HandedOff {
+    /// Its socket (non-blocking).
+    pub stream: std::net::TcpStream,
+    /// Every byte the loop read from it (the request head and any more).
+    pub received: Vec<u8>,
+}
+
+impl LoopFront {
+    /// A front for `hub`, whose commands run on `runtime`; requests other
+    /// than WebSocket upgrades of the hub's path go to `hand_off`.
+    pub fn new(
+        hub: Hub,
+        runtime: tokio::runtime::Handle,
+        hand_off: tokio::sync::mpsc::UnboundedSender<HandedOff>,
+    ) -> LoopFront {
+        let limits = super::websocket::queue_limits(&hub.config().client);
+        LoopFront {
+            hub,
+            runtime,
+            limits,
+            hand_off,
+        }
+    }
+}
+
+impl Handler for LoopFront {
+    type State = Arc<LoopSession>;
+
+    fn open(&mut self, socket: &mut Socket<'_>, request: &Request<()>) -> Arc<LoopSession> {
+        let _runtime = self.runtime.enter();
+        let sink = Arc::new(LoopSink {
+            remote: socket.remote(self.limits),
+            hub: self.hub.clone(),
+            close_on_overflow: match self.hub.config().client.slow_consumer {
+                tidewire::SlowConsumer::Close(code) => Some(code),
+                _ => None,
+            },
+            closing: AtomicBool::new(false),
+        });
+        let opening = self.hub.opening_request(request.headers());
+        let session = self.hub.open_with(sink, opening);
+        let cell = Arc::new(LoopSession {
+            pending: Mutex::new(Pending {
+                session: Some(session),
+                ..Pending::default()
+            }),
+        });
+        if self.hub.is_shutting_down() {
+            // Upgraded while the hub drains: told at once, as the tokio
+            // front's connections are.
+            socket.close(CloseCode::GOING_AWAY, "server shutting down");
+        }
+        // Until `connect`, the connection has connect_timeout.
+        let weak = Arc::downgrade(&cell);
+        let after = self.hub.config().client.connect_timeout;
+        let runtime = self.runtime.clone();
+        self.runtime.spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(cell) = weak.upgrade() {
+                cell.push(Work::ConnectTimeout, &runtime);
+            }
+        });
+        cell
+    }
+
+    fn message(&mut self, _: &mut Socket<'_>, state: &mut Arc<LoopSession>, message: Incoming<'_>) {
+        let work = match message {
+            Incoming::Text(text) => Work::Text(text.to_owned()),
+            Incoming::Binary(data) => Work::Binary(data.to_vec()),
+            _ => return,
+        };
+        state.push(work, &self.runtime);
+    }
+
+    fn message_owned(
+        &mut self,
+        _: &mut Socket<'_>,
+        state: &mut Arc<LoopSession>,
+        message: Message,
+    ) {
+        let work = match message {
+            Message::Text(text) => Work::Text(text.as_str().to_owned()),
+            Message::Binary(data) => Work::Binary(data.to_vec()),
+            _ => return,
+        };
+        state.push(work, &self.runtime);
+    }
+
+    fn closed(&mut self, state: Arc<LoopSession>, _: CloseCode) {
+        state.push(Work::Ended, &self.runtime);
+    }
+
+    fn hand_off(&mut self, request: &Request<()>) -> bool {
+        request.uri().path() != crate::http::WEBSOCKET_PATH
+            || !tidewire::proto::handshake::is_upgrade_request(request)
+    }
+
+    fn handed_off(&mut self, stream: std::net::TcpStream, _: Request<()>, received: Vec<u8>) {
+        let _ = self.hand_off.send(HandedOff { stream, received });
+    }
+}
