@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tidewire::event_loop::{Handler, Incoming, Remote, Socket};
 use tidewire::http::Request;
@@ -68,15 +68,7 @@ impl ClientSink for LoopSink {
     }
 
     fn send(&self, frame: Frame, kind: FrameKind) -> SendOutcome {
-        let r = self.remote.send(message(frame));
-        if r.is_err() {
-            eprintln!(
-                "DEBUG send {:?} queued {}",
-                r,
-                self.remote.queued_messages()
-            );
-        }
-        self.outcome(r, kind)
+        self.outcome(self.remote.send(message(frame)), kind)
     }
 
     fn send_deferred(&self, frame: Frame, kind: FrameKind) -> (SendOutcome, bool) {
@@ -137,6 +129,9 @@ struct Pending {
 /// One connection's commands, run in order on tokio.
 pub struct LoopSession {
     pending: Mutex<Pending>,
+    /// Its `connect` succeeded (then the connect timeout has nothing to
+    /// do, and no task is started for it).
+    connected: AtomicBool,
 }
 
 fn lock(pending: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
@@ -160,6 +155,12 @@ impl LoopSession {
         runtime.spawn(self.clone().run(session));
     }
 
+    fn note_connected(&self, session: &Session) {
+        if !self.connected.load(Ordering::Relaxed) && session.is_connected() {
+            self.connected.store(true, Ordering::Relaxed);
+        }
+    }
+
     async fn run(self: Arc<Self>, session: Session) {
         loop {
             let work = {
@@ -177,14 +178,13 @@ impl LoopSession {
                 // Boxed: command handling's state is on the heap while it
                 // runs (as the tokio front does).
                 Work::Text(text) => {
-                    let id = text
-                        .rsplit("\"id\":")
-                        .next()
-                        .map(|t| t[..10.min(t.len())].to_string());
                     Box::pin(session.handle_text(&text)).await;
-                    eprintln!("DEBUG ran {} {:?}", session.client_id(), id);
+                    self.note_connected(&session);
                 }
-                Work::Binary(data) => Box::pin(session.handle_binary(&data)).await,
+                Work::Binary(data) => {
+                    Box::pin(session.handle_binary(&data)).await;
+                    self.note_connected(&session);
+                }
                 Work::ConnectTimeout => {
                     if !session.is_connected() {
                         session.connect_timeout();
@@ -201,6 +201,26 @@ impl LoopSession {
     }
 }
 
+/// When a connection must have sent `connect`.
+type ConnectDeadline = (tokio::time::Instant, Weak<LoopSession>);
+
+/// Checks the connect deadlines in order (they come in the order the
+/// connections opened, with one timeout): a session still not connected
+/// at its deadline gets the connect timeout.
+async fn connect_timeouts(
+    mut deadlines: tokio::sync::mpsc::UnboundedReceiver<ConnectDeadline>,
+    runtime: tokio::runtime::Handle,
+) {
+    while let Some((at, session)) = deadlines.recv().await {
+        tokio::time::sleep_until(at).await;
+        if let Some(session) = session.upgrade() {
+            if !session.connected.load(Ordering::Relaxed) {
+                session.push(Work::ConnectTimeout, &runtime);
+            }
+        }
+    }
+}
+
 /// The event-loop handler of the hub's WebSocket path (one per loop
 /// thread).
 #[derive(Clone)]
@@ -208,6 +228,10 @@ pub struct LoopFront {
     hub: Hub,
     runtime: tokio::runtime::Handle,
     limits: QueueLimits,
+    /// The connections' connect deadlines, in the order they opened, to
+    /// one task that checks them (rather than a timer task each, whose
+    /// wake-ups would all come during the fan-out after a connect burst).
+    connect_deadlines: tokio::sync::mpsc::UnboundedSender<ConnectDeadline>,
     /// Requests the loop does not serve go there (see
     /// [`crate::http::serve_on_event_loop`]).
     hand_off: tokio::sync::mpsc::UnboundedSender<HandedOff>,
@@ -230,10 +254,13 @@ impl LoopFront {
         hand_off: tokio::sync::mpsc::UnboundedSender<HandedOff>,
     ) -> LoopFront {
         let limits = super::websocket::queue_limits(&hub.config().client);
+        let (connect_deadlines, deadlines) = tokio::sync::mpsc::unbounded_channel();
+        runtime.spawn(connect_timeouts(deadlines, runtime.clone()));
         LoopFront {
             hub,
             runtime,
             limits,
+            connect_deadlines,
             hand_off,
         }
     }
@@ -260,6 +287,7 @@ impl Handler for LoopFront {
                 session: Some(session),
                 ..Pending::default()
             }),
+            connected: AtomicBool::new(false),
         });
         if self.hub.is_shutting_down() {
             // Upgraded while the hub drains: told at once, as the tokio
@@ -267,15 +295,8 @@ impl Handler for LoopFront {
             socket.close(CloseCode::GOING_AWAY, "server shutting down");
         }
         // Until `connect`, the connection has connect_timeout.
-        let weak = Arc::downgrade(&cell);
-        let after = self.hub.config().client.connect_timeout;
-        let runtime = self.runtime.clone();
-        self.runtime.spawn(async move {
-            tokio::time::sleep(after).await;
-            if let Some(cell) = weak.upgrade() {
-                cell.push(Work::ConnectTimeout, &runtime);
-            }
-        });
+        let at = tokio::time::Instant::now() + self.hub.config().client.connect_timeout;
+        let _ = self.connect_deadlines.send((at, Arc::downgrade(&cell)));
         cell
     }
 
