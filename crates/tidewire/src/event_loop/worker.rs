@@ -115,6 +115,9 @@ struct Open<S> {
     code: Option<CloseCode>,
     /// Its [`Remote`](super::Remote)'s side, once one was made.
     remote: Option<Arc<RemoteInner>>,
+    /// On the worker's list of connections to write at the end of the
+    /// turn.
+    write_later: bool,
 }
 
 impl<S> Open<S> {
@@ -164,6 +167,8 @@ pub(super) struct Worker<H: Handler> {
     inbox: Arc<Inbox>,
     taken: Vec<Arc<RemoteInner>>,
     due: std::collections::VecDeque<Arc<RemoteInner>>,
+    /// Connections read this turn whose answers are written at its end.
+    write_later: Vec<usize>,
     buffer: Vec<u8>,
     /// Seconds since `epoch`, plus one (0 means "never" in the entries).
     epoch: Instant,
@@ -198,6 +203,7 @@ impl<H: Handler> Worker<H> {
             inbox,
             taken: Vec::new(),
             due: std::collections::VecDeque::new(),
+            write_later: Vec::new(),
             buffer: vec![0; READ_BUFFER],
             epoch: Instant::now(),
             now: 1,
@@ -238,6 +244,7 @@ impl<H: Handler> Worker<H> {
                     Token(key) => self.ready(key),
                 }
             }
+            self.write_answers();
             if woken || !self.due.is_empty() {
                 self.serve_remotes(woken);
             }
@@ -248,6 +255,8 @@ impl<H: Handler> Worker<H> {
                 swept = self.now;
                 self.sweep();
             }
+            // What the sweep or the shutdown read and answered.
+            self.write_answers();
             if let Some(since) = self.shutting_down {
                 let deadline = since.saturating_add(secs(self.config.shutdown_timeout));
                 if self.slab.is_empty() || self.now >= deadline {
@@ -259,6 +268,23 @@ impl<H: Handler> Worker<H> {
                 }
             }
         }
+    }
+
+    /// Writes what the connections read this turn answered.
+    fn write_answers(&mut self) {
+        let mut keys = std::mem::take(&mut self.write_later);
+        for key in keys.drain(..) {
+            let Some(open) = self.open(key) else {
+                continue;
+            };
+            open.write_later = false;
+            if self.flush(key).is_err() {
+                self.remove(key, CloseCode::ABNORMAL);
+            } else {
+                self.finished(key);
+            }
+        }
+        self.write_later = keys;
     }
 
     /// Writes what remotes queued, connection by connection in the order
@@ -510,6 +536,7 @@ impl<H: Handler> Worker<H> {
             paused: false,
             code: None,
             remote,
+            write_later: false,
         }));
         // The bytes that came with the head, then whatever is there.
         let Worker {
@@ -620,11 +647,14 @@ impl<H: Handler> Worker<H> {
                     deliver(handler, open, &mut buffer[..n], *now, key, inbox);
                     if n < buffer.len() {
                         // The socket is drained; a new edge says when more
-                        // comes. Write what the messages called for.
-                        if self.flush(key).is_err() {
-                            return self.remove(key, CloseCode::ABNORMAL);
+                        // comes. What the messages called for is written
+                        // once every ready socket of this turn was read:
+                        // the peers get their answers together, not one
+                        // system call and one wake-up of theirs apart.
+                        if !open.write_later {
+                            open.write_later = true;
+                            self.write_later.push(key);
                         }
-                        self.finished(key);
                         return;
                     }
                 }
