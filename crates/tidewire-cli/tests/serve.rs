@@ -431,3 +431,109 @@ async fn deflate_without_context_takeover_is_negotiated_when_asked() {
         assert!(response.contains(parameter), "{parameter}: {response}");
     }
 }
+
+#[tokio::test]
+async fn serve_on_the_event_loop_serves_pages_the_api_and_websockets_on_one_port() {
+    let dir = empty_dir("event-loop");
+    let mut served = serve(
+        &dir,
+        &["--listen", "127.0.0.1:0", "--event-loop", "--threads", "2"],
+        &[],
+    )
+    .await;
+    let addr = served.addr.clone();
+    let key = served.key.clone().expect("a generated API key is printed");
+    // Handed over to tokio: pages, health, the API.
+    let (status, page) = http(&addr, "GET", "/", &[], "").await;
+    assert!(
+        status == 200 && page.contains("demo chat"),
+        "{status} {page}"
+    );
+    assert_eq!(
+        http(&addr, "GET", "/health", &[], "").await,
+        (200, "ok\n".into())
+    );
+    // WebSockets on the loop: subscribers on both threads get the push.
+    let url = format!("ws://{addr}/connection/websocket");
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (mut ws, _) = tidewire::connect(&url).await.unwrap();
+        ws.send_text(
+            "{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"chat:lobby\"}}",
+        )
+        .await
+        .unwrap();
+        assert!(next_json(&mut ws).await["connect"]["client"].is_string());
+        assert_eq!(next_json(&mut ws).await["id"], 2);
+        clients.push(ws);
+    }
+    let (status, ack) = api(
+        &addr,
+        &key,
+        "publish",
+        json!({"channel": "chat:lobby", "data": {"text": "hello"}}),
+    )
+    .await;
+    assert_eq!((status, ack["offset"].clone()), (200, json!(1)));
+    for ws in &mut clients {
+        // Joins of the others (presence diffs) may come first.
+        let publication = loop {
+            let push = next_json(ws).await;
+            if let Some(publication) = push["push"].get("pub") {
+                break publication.clone();
+            }
+        };
+        assert_eq!(publication["data"]["text"], "hello", "{publication}");
+    }
+    // SIGTERM: disconnect push (reconnect), close 1001, exit 0.
+    let pid = served.child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    for ws in &mut clients {
+        let disconnect = loop {
+            let push = next_json(ws).await;
+            if let Some(disconnect) = push["push"].get("disconnect") {
+                break disconnect.clone();
+            }
+        };
+        assert_eq!(disconnect["code"], 3001, "{disconnect}");
+        let close = tokio::time::timeout(LIMIT, ws.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(close, Message::Close(Some(ref f)) if f.code.0 == 1001),
+            "{close:?}"
+        );
+    }
+    let exit = tokio::time::timeout(LIMIT, served.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn serve_refuses_tls_on_the_event_loop() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--event-loop",
+            "--tls-self-signed",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("plain ws://"), "{stderr}");
+}
