@@ -170,6 +170,8 @@ impl LoopSession {
                     None => {
                         pending.session = Some(session);
                         pending.running = false;
+                        // Idle from here on: no memory kept for the burst.
+                        pending.work = VecDeque::new();
                         return;
                     }
                 }

@@ -146,6 +146,15 @@ impl RemoteInner {
         result
     }
 
+    /// Gives back the queue's memory when nothing waits (an idle
+    /// connection keeps no allocation for a burst it once had).
+    pub(super) fn release_idle(&self) {
+        let mut queue = lock(&self.queue);
+        if queue.messages.is_empty() && queue.messages.capacity() > 0 {
+            queue.messages = VecDeque::new();
+        }
+    }
+
     /// The connection ended: refuse from now on, drop what waits.
     pub(super) fn end(&self) {
         let mut queue = lock(&self.queue);

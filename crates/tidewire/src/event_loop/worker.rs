@@ -861,6 +861,9 @@ impl<H: Handler> Worker<H> {
                         to_write.push(key);
                     } else if !busy {
                         open.conn.release_idle_buffers();
+                        if let Some(remote) = &open.remote {
+                            remote.release_idle();
+                        }
                     }
                 }
                 _ => {}
