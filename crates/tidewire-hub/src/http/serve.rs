@@ -239,14 +239,24 @@ fn serve_handed_off(
         }
     });
     let shutdown = shutdown.clone();
+    // Handed over during the drain: one request (its bytes are here
+    // already), answered, then closed. A graceful shutdown before hyper
+    // read it would close it unanswered.
+    let draining = shutdown.is_cancelled();
     tokio::spawn(async move {
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(header_timeout)
-            .keep_alive(!shutdown.is_cancelled())
+            .keep_alive(!draining)
             .serve_connection(io, service)
             .with_upgrades();
         tokio::pin!(connection);
+        if draining {
+            if let Err(e) = connection.await {
+                tracing::debug!("HTTP connection: {e}");
+            }
+            return;
+        }
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
