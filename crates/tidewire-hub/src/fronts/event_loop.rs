@@ -139,7 +139,7 @@ fn lock(pending: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
 }
 
 impl LoopSession {
-    fn push(self: &Arc<Self>, work: Work, commands: &Commands) {
+    fn push(self: &Arc<Self>, work: Work, runtime: &tokio::runtime::Handle) {
         let mut pending = lock(&self.pending);
         pending.work.push_back(work);
         if pending.running {
@@ -152,9 +152,7 @@ impl LoopSession {
         };
         pending.running = true;
         drop(pending);
-        commands
-            .runtime
-            .spawn(self.clone().run(session, commands.permits.clone()));
+        runtime.spawn(self.clone().run(session));
     }
 
     fn note_connected(&self, session: &Session) {
@@ -163,7 +161,7 @@ impl LoopSession {
         }
     }
 
-    async fn run(self: Arc<Self>, session: Session, permits: Arc<tokio::sync::Semaphore>) {
+    async fn run(self: Arc<Self>, session: Session) {
         loop {
             let work = {
                 let mut pending = lock(&self.pending);
@@ -177,10 +175,6 @@ impl LoopSession {
                         return;
                     }
                 }
-            };
-            // A command's state (boxed below) is made only with a permit.
-            let Ok(_permit) = permits.acquire().await else {
-                return;
             };
             match work {
                 // Boxed: command handling's state is on the heap while it
@@ -209,21 +203,6 @@ impl LoopSession {
     }
 }
 
-/// Connections whose commands run at once (the others' wait their turn,
-/// in order). The loop reads a burst of connections far faster than their
-/// commands run; unbounded, every one of 19,000 reconnecting clients had
-/// its command's state (kilobytes: the connect and subscribe futures)
-/// alive at once, waiting on the channel's first engine subscription, and
-/// the allocator kept that peak (15 KiB a connection) long after.
-const COMMANDS_AT_ONCE: usize = 256;
-
-/// Where a connection's commands run.
-#[derive(Clone)]
-struct Commands {
-    runtime: tokio::runtime::Handle,
-    permits: Arc<tokio::sync::Semaphore>,
-}
-
 /// When a connection must have sent `connect`.
 type ConnectDeadline = (tokio::time::Instant, Weak<LoopSession>);
 
@@ -232,13 +211,13 @@ type ConnectDeadline = (tokio::time::Instant, Weak<LoopSession>);
 /// at its deadline gets the connect timeout.
 async fn connect_timeouts(
     mut deadlines: tokio::sync::mpsc::UnboundedReceiver<ConnectDeadline>,
-    commands: Commands,
+    runtime: tokio::runtime::Handle,
 ) {
     while let Some((at, session)) = deadlines.recv().await {
         tokio::time::sleep_until(at).await;
         if let Some(session) = session.upgrade() {
             if !session.connected.load(Ordering::Relaxed) {
-                session.push(Work::ConnectTimeout, &commands);
+                session.push(Work::ConnectTimeout, &runtime);
             }
         }
     }
@@ -250,7 +229,6 @@ async fn connect_timeouts(
 pub struct LoopFront {
     hub: Hub,
     runtime: tokio::runtime::Handle,
-    commands: Commands,
     limits: QueueLimits,
     /// The connections' connect deadlines, in the order they opened, to
     /// one task that checks them (rather than a timer task each, whose
@@ -279,15 +257,10 @@ impl LoopFront {
     ) -> LoopFront {
         let limits = super::websocket::queue_limits(&hub.config().client);
         let (connect_deadlines, deadlines) = tokio::sync::mpsc::unbounded_channel();
-        let commands = Commands {
-            runtime: runtime.clone(),
-            permits: Arc::new(tokio::sync::Semaphore::new(COMMANDS_AT_ONCE)),
-        };
-        runtime.spawn(connect_timeouts(deadlines, commands.clone()));
+        runtime.spawn(connect_timeouts(deadlines, runtime.clone()));
         LoopFront {
             hub,
             runtime,
-            commands,
             limits,
             connect_deadlines,
             hand_off,
@@ -335,7 +308,7 @@ impl Handler for LoopFront {
             Incoming::Binary(data) => Work::Binary(data.to_vec()),
             _ => return,
         };
-        state.push(work, &self.commands);
+        state.push(work, &self.runtime);
     }
 
     fn message_owned(
@@ -349,11 +322,11 @@ impl Handler for LoopFront {
             Message::Binary(data) => Work::Binary(data.to_vec()),
             _ => return,
         };
-        state.push(work, &self.commands);
+        state.push(work, &self.runtime);
     }
 
     fn closed(&mut self, state: Arc<LoopSession>, _: CloseCode) {
-        state.push(Work::Ended, &self.commands);
+        state.push(Work::Ended, &self.runtime);
     }
 
     fn hand_off(&mut self, request: &Request<()>) -> bool {
