@@ -25,40 +25,20 @@ use tidewire::event_loop::{Handler, Incoming, Remote, Socket};
 use tidewire::http::Request;
 use tidewire::{CloseCode, Message, QueueLimits, SendError};
 
+use super::websocket::{message, SlowConsumerPolicy};
 use crate::node::{ClientSink, FrameKind, Hub, SendOutcome, Session, Transport};
 use crate::protocol::Frame;
 
 /// A connection's sink: its remote.
 struct LoopSink {
     remote: Remote,
-    hub: Hub,
-    /// As [`super::websocket`]'s: `None` for the policy `drop`.
-    close_on_overflow: Option<CloseCode>,
-    closing: AtomicBool,
+    slow: SlowConsumerPolicy,
 }
 
 impl LoopSink {
     fn outcome(&self, sent: Result<(), SendError>, kind: FrameKind) -> SendOutcome {
-        match sent {
-            Ok(()) => SendOutcome::Queued,
-            Err(SendError::Dropped | SendError::Full(_)) => {
-                if kind == FrameKind::Publication && self.close_on_overflow.is_none() {
-                    SendOutcome::Dropped
-                } else {
-                    self.overflow()
-                }
-            }
-            Err(_) => SendOutcome::Closed,
-        }
-    }
-
-    fn overflow(&self) -> SendOutcome {
-        if !self.closing.swap(true, Ordering::Relaxed) {
-            self.hub.metrics().slow_consumers.inc();
-            let code = self.close_on_overflow.unwrap_or(CloseCode::TRY_AGAIN_LATER);
-            self.remote.close(code, "send queue full");
-        }
-        SendOutcome::Closed
+        self.slow
+            .outcome(sent, kind, |code, reason| self.remote.close(code, reason))
     }
 }
 
@@ -88,7 +68,7 @@ impl ClientSink for LoopSink {
     }
 
     fn close(&self, code: u16, reason: &str) {
-        self.closing.store(true, Ordering::Relaxed);
+        self.slow.set_closing();
         self.remote.close(CloseCode(code), reason);
     }
 
@@ -97,14 +77,7 @@ impl ClientSink for LoopSink {
     }
 
     fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Relaxed)
-    }
-}
-
-fn message(frame: Frame) -> Message {
-    match frame {
-        Frame::Text(text) => Message::Text(text),
-        Frame::Binary(bytes) => Message::Binary(bytes),
+        self.slow.is_closing()
     }
 }
 
@@ -275,12 +248,7 @@ impl Handler for LoopFront {
         let _runtime = self.runtime.enter();
         let sink = Arc::new(LoopSink {
             remote: socket.remote(self.limits),
-            hub: self.hub.clone(),
-            close_on_overflow: match self.hub.config().client.slow_consumer {
-                tidewire::SlowConsumer::Close(code) => Some(code),
-                _ => None,
-            },
-            closing: AtomicBool::new(false),
+            slow: SlowConsumerPolicy::new(self.hub.clone()),
         });
         let opening = self.hub.opening_request(request.headers());
         let session = self.hub.open_with(sink, opening);

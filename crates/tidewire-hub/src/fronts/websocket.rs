@@ -24,39 +24,77 @@ use crate::protocol::Frame;
 
 struct WsSink {
     sender: Sender,
+    slow: SlowConsumerPolicy,
+    /// Publications were queued without a wake-up, and the hub's
+    /// dispatcher will wake the connection.
+    wake_due: AtomicBool,
+}
+
+/// The hub's slow-consumer policy for a WebSocket sink (this front's and
+/// the event loop's): what a refused send becomes, and the closing flag.
+pub(super) struct SlowConsumerPolicy {
     hub: Hub,
     /// The close code of the slow-consumer policy `close`; `None` for
     /// `drop` (a reply that overflows still closes, with 1013).
     close_on_overflow: Option<CloseCode>,
     /// Closing (asked by the hub, or after an overflow).
     closing: AtomicBool,
-    /// Publications were queued without a wake-up, and the hub's
-    /// dispatcher will wake the connection.
-    wake_due: AtomicBool,
 }
 
-impl WsSink {
-    fn outcome(&self, sent: Result<(), SendError>, kind: FrameKind) -> SendOutcome {
+impl SlowConsumerPolicy {
+    pub(super) fn new(hub: Hub) -> SlowConsumerPolicy {
+        let close_on_overflow = match hub.config().client.slow_consumer {
+            tidewire::SlowConsumer::Close(code) => Some(code),
+            _ => None,
+        };
+        SlowConsumerPolicy {
+            hub,
+            close_on_overflow,
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// What became of a send; `close` ends the connection after an
+    /// overflow (once).
+    pub(super) fn outcome(
+        &self,
+        sent: Result<(), SendError>,
+        kind: FrameKind,
+        close: impl FnOnce(CloseCode, &str),
+    ) -> SendOutcome {
         match sent {
             Ok(()) => SendOutcome::Queued,
             Err(SendError::Dropped | SendError::Full(_)) => {
                 if kind == FrameKind::Publication && self.close_on_overflow.is_none() {
                     SendOutcome::Dropped
                 } else {
-                    self.overflow()
+                    if !self.closing.swap(true, Ordering::Relaxed) {
+                        self.hub.metrics().slow_consumers.inc();
+                        let code = self.close_on_overflow.unwrap_or(CloseCode::TRY_AGAIN_LATER);
+                        close(code, "send queue full");
+                    }
+                    SendOutcome::Closed
                 }
             }
             Err(_) => SendOutcome::Closed,
         }
     }
 
-    fn overflow(&self) -> SendOutcome {
-        if !self.closing.swap(true, Ordering::Relaxed) {
-            self.hub.metrics().slow_consumers.inc();
-            let code = self.close_on_overflow.unwrap_or(CloseCode::TRY_AGAIN_LATER);
-            let _ = self.sender.close(code, "send queue full");
-        }
-        SendOutcome::Closed
+    /// The hub closes the connection.
+    pub(super) fn set_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+}
+
+impl WsSink {
+    fn outcome(&self, sent: Result<(), SendError>, kind: FrameKind) -> SendOutcome {
+        self.slow.outcome(sent, kind, |code, reason| {
+            let _ = self.sender.close(code, reason);
+        })
     }
 }
 
@@ -83,7 +121,7 @@ impl ClientSink for WsSink {
     }
 
     fn close(&self, code: u16, reason: &str) {
-        self.closing.store(true, Ordering::Relaxed);
+        self.slow.set_closing();
         let _ = self.sender.close(CloseCode(code), reason);
     }
 
@@ -92,12 +130,12 @@ impl ClientSink for WsSink {
     }
 
     fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Relaxed)
+        self.slow.is_closing()
     }
 }
 
 /// A codec's frame as the WebSocket message that carries it.
-fn message(frame: Frame) -> Message {
+pub(super) fn message(frame: Frame) -> Message {
     match frame {
         Frame::Text(text) => Message::Text(text),
         Frame::Binary(bytes) => Message::Binary(bytes),
@@ -135,12 +173,7 @@ where
     async move {
         let sink = Arc::new(WsSink {
             sender: ws.sender(),
-            hub: hub.clone(),
-            close_on_overflow: match hub.config().client.slow_consumer {
-                tidewire::SlowConsumer::Close(code) => Some(code),
-                _ => None,
-            },
-            closing: AtomicBool::new(false),
+            slow: SlowConsumerPolicy::new(hub.clone()),
             wake_due: AtomicBool::new(false),
         });
         let session = hub.open_with(sink, opening);
