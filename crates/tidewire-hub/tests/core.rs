@@ -12,6 +12,7 @@ mod common;
 
 use common::engine::TestEngine;
 use serde_json::{json, Value};
+use tidewire_hub::config::ChannelOptions;
 use tidewire_hub::node::{ClientSink, FrameKind, SendOutcome, Session, Transport};
 use tidewire_hub::node::{HEARTBEAT, NODE_TIMEOUT, SURVEY_TIMEOUT};
 use tidewire_hub::protocol::{
@@ -420,6 +421,39 @@ async fn the_engine_is_subscribed_before_the_history_is_read() {
     // With a broker, what is published between the two would be lost the
     // other way round.
     assert_eq!(engine.calls(), ["+feed", "history feed"]);
+}
+
+#[tokio::test]
+async fn a_subscribe_the_engine_refuses_is_not_confirmed_with_or_without_history() {
+    let engine = Arc::new(TestEngine::default());
+    let mut config = Config::default();
+    config.namespaces.insert(
+        "quiet".into(),
+        ChannelOptions {
+            history_size: 0,
+            recovery: false,
+            ..ChannelOptions::default()
+        },
+    );
+    let hub = Hub::new(config, engine.clone()).unwrap();
+    let (mut a, _) = Conn::connected(&hub).await;
+    engine.refuse_subscribe.store(true, Ordering::Relaxed);
+    for channel in ["feed", "quiet:room"] {
+        let reply = a.call("subscribe", json!({ "channel": channel })).await;
+        assert_eq!(reply["error"]["code"], 114, "{channel}: {reply}");
+    }
+    // Nothing left behind: the engine is asked again on the next try,
+    // and the client can subscribe once it answers.
+    engine.refuse_subscribe.store(false, Ordering::Relaxed);
+    for channel in ["feed", "quiet:room"] {
+        a.ok("subscribe", json!({ "channel": channel })).await;
+        a.ok("publish", json!({ "channel": channel, "data": 1 }))
+            .await;
+    }
+    settle().await;
+    assert_eq!(a.publications().len(), 2);
+    let subscribes = engine.calls().iter().filter(|c| c.starts_with('+')).count();
+    assert_eq!(subscribes, 4, "{:?}", engine.calls());
 }
 
 #[tokio::test]

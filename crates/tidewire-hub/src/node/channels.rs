@@ -169,15 +169,6 @@ impl Node {
         }
     }
 
-    /// Adds a live subscriber and sends the reply under the channel's
-    /// lock.
-    pub(super) fn attach(&self, channel: &str, client: &Client, reply: Frame) {
-        self.add_subscriber(channel, |subs| {
-            client.sink.send(reply, FrameKind::Control);
-            subs.add_live(client.id, client.sink.clone());
-        });
-    }
-
     /// Removes a subscriber; true when the channel emptied and was removed.
     pub(super) fn detach(&self, channel: &str, client: u64) -> (bool, bool) {
         let mut shard = self.channels.lock(channel);

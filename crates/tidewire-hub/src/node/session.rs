@@ -372,11 +372,20 @@ impl Session {
                 recovered: None,
                 publications: Vec::new(),
             });
-            let frame = self.client.codec().encode_reply(id, &reply);
-            node.attach(channel, &self.client, frame);
+            // The engine first, as with history: a subscription the
+            // engine refused is not confirmed (the client would wait for
+            // what other nodes publish, and get none of it). Parked
+            // meanwhile, the client gets no publication before the reply.
+            node.park(channel, self.client.id, self.client.codec());
             if let Err(e) = node.sync_engine_subscription(channel).await {
-                tracing::warn!("{e}");
+                lock(&self.client.state)
+                    .subscriptions
+                    .retain(|s| s != channel);
+                node.leave_channel(&self.client, channel).await;
+                return Err(unavailable(e));
             }
+            let frame = self.client.codec().encode_reply(id, &reply);
+            node.go_live(channel, &self.client, frame, 0);
         }
         // Unsubscribed by the server meanwhile: undo, leave nothing behind.
         if !lock(&self.client.state)

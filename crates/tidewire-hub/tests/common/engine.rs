@@ -19,6 +19,8 @@ use tidewire_hub::{Broker, MemoryEngine, PresenceStore};
 pub struct TestEngine {
     pub inner: MemoryEngine,
     pub broken: AtomicBool,
+    /// Makes subscribe calls fail (as a broker that cannot be reached).
+    pub refuse_subscribe: AtomicBool,
     /// `+channel` for each subscribe, `-channel` for each unsubscribe (in
     /// the order they completed), `history channel` for each history read
     /// (when it began).
@@ -132,6 +134,9 @@ impl Broker for TestEngine {
     fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
             self.call(format!("+{channel}")).await;
+            if self.refuse_subscribe.load(Ordering::Relaxed) {
+                return Err(EngineError::Unavailable("refused".into()));
+            }
             self.inner.subscribe(channel).await
         })
     }
