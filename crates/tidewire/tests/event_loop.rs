@@ -131,6 +131,27 @@ fn stop(server: EventLoopServer) {
     server.join().expect("the threads end cleanly");
 }
 
+#[test]
+fn a_port_another_server_listens_on_is_refused_not_shared() {
+    let (server, _) = start(EventLoopConfig::default());
+    let taken = server.local_addr();
+    // Another event-loop server (its listeners with SO_REUSEPORT too).
+    let twice = serve(taken, EventLoopConfig::default(), Echo::default);
+    assert_eq!(
+        twice.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::AddrInUse
+    );
+    stop(server);
+    // A plain listener.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = plain.local_addr().unwrap();
+    let beside = serve(taken, EventLoopConfig::default(), Echo::default);
+    assert_eq!(
+        beside.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::AddrInUse
+    );
+}
+
 #[tokio::test]
 async fn echoes_text_binary_fragments_and_large_messages() {
     let (server, echo) = start(EventLoopConfig::default());

@@ -288,9 +288,12 @@ where
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    // The first listener fixes the port (when 0 was asked for); the others
-    // share it.
-    let first = worker::reuseport_listener(addr)?;
+    // SO_REUSEPORT would let this server share a port another server of
+    // the same user listens on, each getting part of the connections: a
+    // plain bind first says "address in use" as any server does, and
+    // fixes the port when 0 was asked for; the listeners then share it.
+    let free = worker::probe_free(addr)?;
+    let first = worker::reuseport_listener(free)?;
     let local_addr = first.local_addr()?;
     let mut listeners = vec![first];
     for _ in 1..threads {

@@ -30,6 +30,25 @@ const ACCEPTS_PER_TURN: usize = 256;
 /// writes on loopback) before the loop looks for input again.
 const REMOTES_PER_TURN: usize = 256;
 
+/// `addr` with its port, once a socket without `SO_REUSEPORT` could bind
+/// it (and let go of it): `AddrInUse` when another socket listens there,
+/// with or without `SO_REUSEPORT`.
+pub(super) fn probe_free(addr: SocketAddr) -> io::Result<SocketAddr> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // As a listener's bind: connections of an earlier run still in
+    // TIME_WAIT do not hold the port.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an IP address"))
+}
+
 /// A listener bound with `SO_REUSEPORT`, so that every thread has its own
 /// and the kernel spreads new connections among them.
 pub(super) fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
