@@ -751,6 +751,32 @@ async fn connection_limits_and_origins() {
     let (_b, _) = tidewire::connect(&server.url()).await.unwrap();
     let third = tidewire::connect(&server.url()).await.unwrap_err();
     assert!(third.to_string().contains("503"), "{third}");
+
+    // Every connection counts, plain HTTP ones too (on the event loop:
+    // those it hands over to tokio, for as long as they are open).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = config();
+    cfg.server.max_connections = 2;
+    let server = start(cfg).await;
+    let (_a, _) = tidewire::connect(&server.url()).await.unwrap();
+    let mut kept = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    kept.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let third = tidewire::connect(&server.url()).await.unwrap_err();
+    assert!(third.to_string().contains("503"), "{third}");
+    drop(kept);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while tidewire::connect(&server.url()).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the HTTP connection's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -10,16 +10,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tidewire::event_loop::{serve, EventLoopConfig, EventLoopServer, Handler, Incoming, Socket};
+use tidewire::event_loop::{
+    serve, ConnectionSlot, EventLoopConfig, EventLoopServer, Handler, Incoming, Socket,
+};
 use tidewire::http::{Request, Response};
 use tidewire::{ClientBuilder, CloseCode, DeflateConfig, Message, OriginPolicy};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-/// Echoes; counts its connections' ends by code.
+/// Echoes; counts its connections' ends by code, and those handed off.
 #[derive(Clone, Default)]
 struct Echo {
     closed: Arc<Mutex<Vec<u16>>>,
+    handed_off: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Handler for Echo {
@@ -69,8 +72,17 @@ impl Handler for Echo {
 
     /// Served on a thread of its own: reads the body (whatever of it the
     /// loop read first, then the rest) and sends it back.
-    fn handed_off(&mut self, mut stream: TcpStream, request: Request<()>, received: Vec<u8>) {
+    fn handed_off(
+        &mut self,
+        mut stream: TcpStream,
+        request: Request<()>,
+        received: Vec<u8>,
+        slot: ConnectionSlot,
+    ) {
+        self.handed_off
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         std::thread::spawn(move || {
+            let _slot = slot;
             stream.set_nonblocking(false).unwrap();
             let length: usize = request.headers()["content-length"]
                 .to_str()
@@ -772,8 +784,41 @@ async fn a_handed_off_request_is_served_by_its_new_owner_with_every_byte() {
             "{body}"
         );
     }
-    // Not counted by the loop once handed off; the loop still serves.
-    assert_eq!(server.connections(), 0);
+    // Uncounted once their new owner let go of them; the loop still serves.
+    eventually("the handed-off connections uncounted", || {
+        server.connections() == 0
+    })
+    .await;
+    assert!(http(addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").ends_with("ok\n"));
+    stop(server);
+}
+
+#[tokio::test]
+async fn a_handed_off_connection_counts_toward_the_limit_while_it_lives() {
+    let (server, echo) = start(EventLoopConfig {
+        max_connections: 1,
+        ..EventLoopConfig::default()
+    });
+    let addr = server.local_addr();
+    // Handed off, its new owner waiting for the body.
+    let mut held = TcpStream::connect(addr).unwrap();
+    held.set_read_timeout(Some(LIMIT)).unwrap();
+    held.write_all(b"POST /handed HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        .unwrap();
+    let handed = echo.handed_off.clone();
+    eventually("handed off", || {
+        handed.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(server.connections(), 1);
+    let refused = http(addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    // Answered and gone: room again.
+    held.write_all(b"hello").unwrap();
+    let mut answer = String::new();
+    held.read_to_string(&mut answer).unwrap();
+    assert!(answer.ends_with("/handed hello"), "{answer}");
+    eventually("uncounted", || server.connections() == 0).await;
     assert!(http(addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").ends_with("ok\n"));
     stop(server);
 }

@@ -218,6 +218,9 @@ pub struct HandedOff {
     pub stream: std::net::TcpStream,
     /// Every byte the loop read from it (the request head and any more).
     pub received: Vec<u8>,
+    /// Its place in the loop's connection count (server.max_connections
+    /// and the per-IP limit count it until this goes with it).
+    pub slot: tidewire::event_loop::ConnectionSlot,
 }
 
 impl LoopFront {
@@ -302,7 +305,17 @@ impl Handler for LoopFront {
             || !tidewire::proto::handshake::is_upgrade_request(request)
     }
 
-    fn handed_off(&mut self, stream: std::net::TcpStream, _: Request<()>, received: Vec<u8>) {
-        let _ = self.hand_off.send(HandedOff { stream, received });
+    fn handed_off(
+        &mut self,
+        stream: std::net::TcpStream,
+        _: Request<()>,
+        received: Vec<u8>,
+        slot: tidewire::event_loop::ConnectionSlot,
+    ) {
+        let _ = self.hand_off.send(HandedOff {
+            stream,
+            received,
+            slot,
+        });
     }
 }

@@ -219,7 +219,11 @@ fn serve_handed_off(
     header_timeout: std::time::Duration,
     shutdown: &CancellationToken,
 ) {
-    let crate::fronts::event_loop::HandedOff { stream, received } = handed;
+    let crate::fronts::event_loop::HandedOff {
+        stream,
+        received,
+        slot,
+    } = handed;
     let peer = stream.peer_addr().ok();
     let Ok(tcp) = tokio::net::TcpStream::from_std(stream) else {
         return;
@@ -244,6 +248,8 @@ fn serve_handed_off(
     // read it would close it unanswered.
     let draining = shutdown.is_cancelled();
     tokio::spawn(async move {
+        // Counted as long as it is served.
+        let _slot = slot;
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(header_timeout)

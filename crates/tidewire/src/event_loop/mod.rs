@@ -176,11 +176,18 @@ pub trait Handler: Send + 'static {
     }
 
     /// A connection [`hand_off`](Self::hand_off) asked for: the socket
-    /// (non-blocking, out of the event loop and its connection count),
-    /// its request, and every byte read from it so far (the request head,
-    /// and whatever followed it), to be read again by its new owner.
-    fn handed_off(&mut self, stream: std::net::TcpStream, request: Request<()>, received: Vec<u8>) {
-        let _ = (stream, request, received);
+    /// (non-blocking, out of the event loop), its request, every byte read
+    /// from it so far (the request head, and whatever followed it), to be
+    /// read again by its new owner, and its place in the server's
+    /// connection count, to be kept as long as the connection lives.
+    fn handed_off(
+        &mut self,
+        stream: std::net::TcpStream,
+        request: Request<()>,
+        received: Vec<u8>,
+        slot: ConnectionSlot,
+    ) {
+        let _ = (stream, request, received, slot);
     }
 }
 
@@ -251,6 +258,42 @@ struct Shared {
     connections: AtomicUsize,
     /// Open connections per peer address (only with a per-IP limit).
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl Shared {
+    /// A connection (counted for its address when `ip` is given) ended.
+    fn uncount(&self, ip: Option<std::net::IpAddr>) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+        let Some(ip) = ip else { return };
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A handed-off connection's place in its server's connection count (and
+/// its address's, for the per-IP limit), given to its new owner with it:
+/// the connection counts toward `max_connections` until this is dropped,
+/// wherever it is served.
+pub struct ConnectionSlot {
+    shared: Arc<Shared>,
+    ip: Option<std::net::IpAddr>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.shared.uncount(self.ip);
+    }
+}
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionSlot").finish_non_exhaustive()
+    }
 }
 
 /// A running event-loop server.

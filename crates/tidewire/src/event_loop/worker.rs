@@ -15,7 +15,7 @@ use tidewire_proto::handshake::{self, HandshakeError, ServerHandshake};
 use tidewire_proto::{CloseCode, CloseFrame, Connection};
 
 use super::remote::{Inbox, RemoteInner};
-use super::{EventLoopConfig, Handler, Incoming, Shared, Socket};
+use super::{ConnectionSlot, EventLoopConfig, Handler, Incoming, Shared, Socket};
 use crate::Message;
 
 pub(super) const WAKER: Token = Token(usize::MAX - 1);
@@ -401,8 +401,7 @@ impl<H: Handler> Worker<H> {
                 .register(&mut stream, token, Interest::READABLE)
             {
                 tracing::warn!("register failed: {e}");
-                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-                self.uncount_ip(counted_ip);
+                self.shared.uncount(counted_ip);
                 continue;
             }
             let key = slot.key();
@@ -476,11 +475,13 @@ impl<H: Handler> Worker<H> {
         let Some(mut entry) = self.slab.try_remove(key) else {
             return;
         };
-        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-        self.uncount_ip(entry.counted_ip);
+        let slot = ConnectionSlot {
+            shared: self.shared.clone(),
+            ip: entry.counted_ip,
+        };
         let _ = self.poll.registry().deregister(&mut entry.stream);
         let stream = std::net::TcpStream::from(entry.stream);
-        self.handler.handed_off(stream, request, received);
+        self.handler.handed_off(stream, request, received, slot);
     }
 
     fn answer_request(&mut self, key: usize, request: Request<()>, rest: &mut [u8]) {
@@ -823,19 +824,7 @@ impl<H: Handler> Worker<H> {
     fn remove(&mut self, key: usize, code: CloseCode) {
         self.end_open(key, code);
         if let Some(entry) = self.slab.try_remove(key) {
-            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-            self.uncount_ip(entry.counted_ip);
-        }
-    }
-
-    fn uncount_ip(&self, ip: Option<std::net::IpAddr>) {
-        let Some(ip) = ip else { return };
-        let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per_ip.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&ip);
-            }
+            self.shared.uncount(entry.counted_ip);
         }
     }
 
