@@ -245,7 +245,9 @@ fn to_header_map(parsed: &[httparse::Header<'_>]) -> Result<HeaderMap, String> {
 /// Parses an HTTP request from the start of `buf`. Returns the request and
 /// the number of bytes it took, or `Ok(None)` when more bytes are needed.
 /// Once `buf` holds `max_size` bytes without a complete request, fails with
-/// [`HandshakeError::TooLarge`].
+/// [`HandshakeError::TooLarge`]. An HTTP/1.0 request parses (a load
+/// balancer's health check, say); [`ServerHandshake::new`] refuses it as
+/// an upgrade.
 pub fn parse_request(
     buf: &[u8],
     max_size: usize,
@@ -262,9 +264,11 @@ pub fn parse_request(
         Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooManyHeaders),
         Err(e) => return Err(HandshakeError::MalformedRequest(e.to_string())),
     };
-    if req.version != Some(1) {
-        return Err(HandshakeError::WrongHttpVersion);
-    }
+    let version = match req.version {
+        Some(1) => http::Version::HTTP_11,
+        Some(0) => http::Version::HTTP_10,
+        _ => return Err(HandshakeError::WrongHttpVersion),
+    };
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
         .map_err(|e| HandshakeError::MalformedRequest(e.to_string()))?;
     let uri: Uri = req
@@ -275,7 +279,7 @@ pub fn parse_request(
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
-    *request.version_mut() = http::Version::HTTP_11;
+    *request.version_mut() = version;
     *request.headers_mut() =
         to_header_map(req.headers).map_err(HandshakeError::MalformedRequest)?;
     Ok(Some((request, len)))
@@ -308,6 +312,11 @@ impl ServerHandshake {
     /// Validates a request (§4.2.1) and negotiates permessage-deflate when
     /// `config.deflate` enables it.
     pub fn new(request: Request<()>, config: Config) -> Result<ServerHandshake, HandshakeError> {
+        // §4.1: "The method of the request MUST be GET, and the HTTP
+        // version MUST be at least 1.1."
+        if request.version() < http::Version::HTTP_11 {
+            return Err(HandshakeError::WrongHttpVersion);
+        }
         if request.method() != Method::GET {
             return Err(HandshakeError::MethodNotAllowed(
                 request.method().to_string(),
@@ -853,12 +862,17 @@ mod tests {
     }
 
     #[test]
-    fn http_1_0_and_garbage_are_rejected() {
+    fn http_1_0_upgrades_and_garbage_are_rejected() {
+        // An HTTP/1.0 request parses (for a server's other routes) but is
+        // no upgrade.
         let req = replace("HTTP/1.1", "HTTP/1.0");
+        let (request, _) = parse_request(&req, 8192).unwrap().unwrap();
+        assert_eq!(request.version(), http::Version::HTTP_10);
         assert_eq!(
-            parse_request(&req, 8192).unwrap_err(),
+            ServerHandshake::new(request, Config::default()).unwrap_err(),
             HandshakeError::WrongHttpVersion
         );
+
         assert!(matches!(
             parse_request(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 8192),
             Err(HandshakeError::MalformedRequest(_))

@@ -387,6 +387,15 @@ async fn plain_http_bad_handshakes_origins_and_the_connection_limit() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let answer = http(addr, "NOT HTTP AT ALL\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // HTTP/1.0 (a load balancer's health check): answered, but no upgrade.
+    let answer = http(addr, "GET /health HTTP/1.0\r\n\r\n");
+    assert!(answer.ends_with("\r\n\r\nok\n"), "{answer}");
+    let answer = http(
+        addr,
+        "GET / HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 505"), "{answer}");
     let refused = ClientBuilder::new(url(&server, "/"))
         .header("Origin", "https://evil.example")
         .connect()

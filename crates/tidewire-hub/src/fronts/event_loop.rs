@@ -301,8 +301,11 @@ impl Handler for LoopFront {
     }
 
     fn hand_off(&mut self, request: &Request<()>) -> bool {
+        // Upgrades too while the hub drains: the router answers them 503,
+        // as on tokio.
         request.uri().path() != crate::http::WEBSOCKET_PATH
             || !tidewire::proto::handshake::is_upgrade_request(request)
+            || self.hub.is_shutting_down()
     }
 
     fn handed_off(

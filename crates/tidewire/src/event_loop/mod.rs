@@ -255,6 +255,10 @@ impl Socket<'_> {
 /// What the worker threads share.
 struct Shared {
     shutdown: AtomicBool,
+    /// Threads whose WebSockets are not all closed yet, during a shutdown:
+    /// every thread keeps its listener until none is left (a listener
+    /// closed early resets the connections in its accept queue).
+    draining: AtomicUsize,
     connections: AtomicUsize,
     /// Open connections per peer address (only with a per-IP limit).
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
@@ -344,6 +348,7 @@ where
     }
     let shared = Arc::new(Shared {
         shutdown: AtomicBool::new(false),
+        draining: AtomicUsize::new(threads),
         connections: AtomicUsize::new(0),
         per_ip: Default::default(),
     });
@@ -391,9 +396,13 @@ impl EventLoopServer {
         self.shared.connections.load(Ordering::Relaxed)
     }
 
-    /// Starts a graceful shutdown: listeners close, every WebSocket gets a
-    /// close frame (1001), and the threads end once their connections are
-    /// closed or the shutdown timeout has passed.
+    /// Starts a graceful shutdown: every WebSocket gets a close frame
+    /// (1001), and the threads end (their listeners close) once those are
+    /// closed or the shutdown timeout has passed. Meanwhile the listeners
+    /// stay open and every new request that is not handed off, health
+    /// checks and upgrades alike, gets 503 "shutting down", as from
+    /// [`crate::Server`]: a load balancer takes the server out rather than
+    /// seeing connections refused.
     pub fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         for waker in &self.wakers {

@@ -195,6 +195,8 @@ pub(super) struct Worker<H: Handler> {
     /// The listener had more to accept at the end of the last turn.
     accept_pending: bool,
     shutting_down: Option<u32>,
+    /// Counted out of `Shared::draining` (its WebSockets all closed).
+    drained: bool,
 }
 
 fn secs(d: Duration) -> u32 {
@@ -228,6 +230,7 @@ impl<H: Handler> Worker<H> {
             now: 1,
             accept_pending: false,
             shutting_down: None,
+            drained: false,
         })
     }
 
@@ -278,7 +281,22 @@ impl<H: Handler> Worker<H> {
             self.write_answers();
             if let Some(since) = self.shutting_down {
                 let deadline = since.saturating_add(secs(self.config.shutdown_timeout));
-                if self.slab.is_empty() || self.now >= deadline {
+                // Requests still come (and get 503) while WebSockets close:
+                // done once no thread has one left, nor an answer is being
+                // written here.
+                let busy = self
+                    .slab
+                    .iter()
+                    .any(|(_, entry)| !matches!(entry.phase, Phase::Handshake { .. }));
+                if !self.drained && !busy {
+                    self.drained = true;
+                    self.shared.draining.fetch_sub(1, Ordering::SeqCst);
+                }
+                let all_drained = self.shared.draining.load(Ordering::SeqCst) == 0;
+                if (all_drained && !busy) || self.now >= deadline {
+                    if let Some(mut listener) = self.listener.take() {
+                        let _ = self.poll.registry().deregister(&mut listener);
+                    }
                     let keys: Vec<usize> = self.slab.iter().map(|(key, _)| key).collect();
                     for key in keys {
                         self.remove(key, CloseCode::ABNORMAL);
@@ -485,6 +503,18 @@ impl<H: Handler> Worker<H> {
     }
 
     fn answer_request(&mut self, key: usize, request: Request<()>, rest: &mut [u8]) {
+        if self.shutting_down.is_some() && !handshake::is_upgrade_request(&request) {
+            // As every request during the drain, health checks included:
+            // a load balancer takes the server out.
+            return self.answer(
+                key,
+                handshake::http_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Retry-After: 1\r\n",
+                    "shutting down",
+                ),
+            );
+        }
         if !handshake::is_upgrade_request(&request) {
             let response = match self.handler.http(&request) {
                 Some(response) => serialize(&response),
@@ -896,17 +926,15 @@ impl<H: Handler> Worker<H> {
         }
     }
 
-    /// Stops accepting and starts every WebSocket's closing handshake.
+    /// Starts every WebSocket's closing handshake; the listener stays
+    /// open meanwhile, every new request answered 503 "shutting down" (or
+    /// handed off, as before).
     fn begin_shutdown(&mut self) {
         self.shutting_down = Some(self.now);
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut listener);
-        }
-        self.accept_pending = false;
         let keys: Vec<usize> = self.slab.iter().map(|(key, _)| key).collect();
-        // A request head on its way is still read and answered (an upgrade
-        // with 503), within the handshake timeout: a health check accepted
-        // just before the shutdown gets its answer.
+        // A request head on its way is still read and answered (503), within
+        // the handshake timeout: a health check accepted just before the
+        // shutdown gets its answer.
         for key in keys {
             if let Phase::Open(open) = &mut self.slab[key].phase {
                 if !open.conn.close_sent() {
@@ -966,7 +994,15 @@ fn deliver<H: Handler>(
     });
     let result = parsed.and_then(|used| {
         if used < data.len() && !conn.receiving_done() {
-            conn.receive_data(&data[used..]);
+            let rest = &data[used..];
+            // A large frame on its way: room for the rest of it (up to
+            // 1 MiB at a time) at once, not a buffer doubled read by read
+            // (and its copies, and the allocator's memory they leave).
+            let wanted = conn.bytes_wanted();
+            if wanted > rest.len() {
+                conn.input_buffer().reserve(wanted.min(1 << 20));
+            }
+            conn.receive_data(rest);
             while let Some(event) = conn.next_event()? {
                 seen(&event.as_event_ref());
                 let socket = &mut Socket {
