@@ -30,11 +30,16 @@ pub struct EchoArgs {
     #[arg(long, default_value_t = 16 << 20)]
     max_frame_size: usize,
     /// Serve on the epoll event loop (one thread per core, connections in
-    /// a slab) instead of tokio tasks: ws:// only, a slow reader is not
-    /// read until it drains (--slow-consumer wait).
-    #[arg(long)]
+    /// a slab) rather than tokio tasks: ws:// only, a slow reader is not
+    /// read until it drains (--slow-consumer wait). The default without
+    /// TLS and with --slow-consumer wait.
+    #[arg(long, conflicts_with = "tokio")]
     event_loop: bool,
-    /// Threads of --event-loop (0: one per CPU this process may use).
+    /// Serve on tokio, a task per connection (the default with TLS or
+    /// another --slow-consumer policy).
+    #[arg(long)]
+    tokio: bool,
+    /// Threads of the event loop (0: one per CPU this process may use).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     #[command(flatten)]
@@ -47,8 +52,10 @@ pub struct EchoSettings {
     pub server: ServerSettings,
     pub welcome: Option<String>,
     pub prefix: String,
-    /// On the event loop, with `threads` threads (0: one per CPU).
-    pub event_loop: bool,
+    /// On the event loop (`Some(true)`), on tokio (`Some(false)`), or on
+    /// the event loop when it can serve the settings (`None`); with
+    /// `threads` threads (0: one per CPU).
+    pub event_loop: Option<bool>,
     pub threads: usize,
 }
 
@@ -60,7 +67,11 @@ impl EchoArgs {
             server: self.server.settings(self.max_frame_size, matches),
             welcome: self.welcome.clone(),
             prefix: self.prefix.clone(),
-            event_loop: self.event_loop,
+            event_loop: match (self.event_loop, self.tokio) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
             threads: self.threads,
         }
     }
@@ -85,12 +96,18 @@ fn page(request: tidewire::http::Request<()>) -> Response<bytes::Bytes> {
 
 pub async fn run(args: EchoArgs, matches: Option<ArgMatches>) -> anyhow::Result<()> {
     let settings = args.settings(matches.as_ref());
-    if settings.event_loop {
+    // What only tokio serves: TLS, a slow reader's messages dropped or
+    // the reader closed.
+    let loop_can_serve = !settings.server.is_tls()
+        && settings.server.config.io.send_queue.policy == tidewire::SlowConsumer::Wait;
+    if settings.event_loop.unwrap_or(loop_can_serve) {
         let threads = settings.threads;
         return run_event_loop(settings, threads).await;
     }
     if settings.threads != 0 {
-        anyhow::bail!("--threads is for --event-loop");
+        anyhow::bail!(
+            "--threads is for the event loop (not with --tokio, TLS or --slow-consumer drop/close)"
+        );
     }
     crate::listener::raise_open_file_limit();
     let listener = crate::listener::bind_listener(&settings.server.address).await?;
@@ -109,7 +126,7 @@ pub async fn run(args: EchoArgs, matches: Option<ArgMatches>) -> anyhow::Result<
     let signal = shutdown_signal().context("installing the shutdown signal handlers")?;
     // Scripts wait for this line: it says the port is open (and, from here
     // on, that SIGTERM shuts down gracefully).
-    println!("tidewire echo listening on {ws}://{addr}/ (browser page: {http}://{addr}/)");
+    println!("tidewire echo listening on {ws}://{addr}/ (browser page: {http}://{addr}/; tokio)");
     let token = server.shutdown_token();
     tokio::spawn(async move {
         signal.await;

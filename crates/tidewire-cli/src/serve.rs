@@ -65,9 +65,12 @@ pub struct ServeArgs {
     /// WebSockets on tidewire's event loop (a thread per core, connections
     /// as plain state, the fan-out written straight from each thread);
     /// the rest of the HTTP stays on tokio, on the same port. Plain ws://
-    /// only.
-    #[arg(long)]
+    /// only. The default without TLS.
+    #[arg(long, conflicts_with = "tokio")]
     event_loop: bool,
+    /// WebSockets on tokio, a task each (the default with TLS).
+    #[arg(long)]
+    tokio: bool,
     /// The event loop's threads (0: one per CPU this process may use).
     #[arg(long, value_name = "N", default_value_t = 0)]
     threads: usize,
@@ -91,6 +94,7 @@ pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[
     ("broker", "engine.broker"),
     ("nats_url", "engine.nats_url"),
     ("event_loop", "server.event_loop"),
+    ("tokio", "server.event_loop"),
     ("threads", "server.event_loop_threads"),
     ("token_secret", "token.hmac_secret"),
     ("tls_cert", "server.tls_cert"),
@@ -154,9 +158,9 @@ pub fn with_hub_defaults(command: Command) -> Command {
         let default = match id {
             "host" => Some(host.clone()),
             "port" => Some(port.to_string()),
-            _ => match &defaults[keys[0]] {
-                serde_json::Value::String(text) => Some(text.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => match defaults.get(keys[0]) {
+                Some(serde_json::Value::String(text)) => Some(text.clone()),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
                 _ => None,
             },
         };
@@ -285,7 +289,10 @@ pub(crate) fn configuration(
         server.shutdown_timeout = s.shutdown_timeout;
     }
     if args.event_loop {
-        server.event_loop = true;
+        server.event_loop = Some(true);
+    }
+    if args.tokio {
+        server.event_loop = Some(false);
     }
     if given("threads") {
         server.event_loop_threads = args.threads;
@@ -345,7 +352,11 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
     };
     config.api.key = Some(api_key.to_string());
     crate::listener::raise_open_file_limit();
-    let event_loop = config.server.event_loop;
+    let serves_tls = config.server.tls_cert.is_some() || args.server.tls_self_signed;
+    if config.server.event_loop == Some(true) && serves_tls {
+        anyhow::bail!("--event-loop serves plain ws:// only (no --tls-cert, --tls-self-signed)");
+    }
+    let event_loop = config.server.event_loop_front(serves_tls);
     // The event loop binds its own listeners (one per thread, SO_REUSEPORT).
     let (listener, addr) = if event_loop {
         let addr = tokio::net::lookup_host(&config.listen)
@@ -360,9 +371,6 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
         (Some(listener), addr)
     };
     let tls = tls_acceptor(&args, &config, addr.port())?;
-    if event_loop && tls.is_some() {
-        anyhow::bail!("--event-loop serves plain ws:// only (no --tls-cert, --tls-self-signed)");
-    }
     let (http, ws) = if tls.is_some() {
         ("https", "wss")
     } else {
@@ -423,8 +431,12 @@ pub async fn run(args: ServeArgs, matches: Option<ArgMatches>) -> anyhow::Result
     let signal = shutdown_signal().context("installing the shutdown signal handlers")?;
     // Scripts wait for this line: it says the port is open (and, from here
     // on, that SIGTERM shuts down gracefully).
+    let on = match front {
+        Front::Tokio(_) => "tokio",
+        Front::EventLoop(_) => "the event loop",
+    };
     println!(
-        "tidewire serve listening on {http}://{addr}/ (WebSocket: {ws}://{addr}{})",
+        "tidewire serve listening on {http}://{addr}/ (WebSocket: {ws}://{addr}{}, on {on})",
         tidewire_hub::http::WEBSOCKET_PATH
     );
     let shutdown = CancellationToken::new();

@@ -125,43 +125,48 @@ async fn drain_answers_503_until_exit(mut child: Child, addr: &str, ws_path: &st
 }
 
 #[tokio::test]
-async fn echo_answers_503_while_draining() {
-    let (child, addr) = start_echo(&["--shutdown-timeout", "3s"]).await;
-    drain_answers_503_until_exit(child, &addr, "/").await;
+async fn echo_answers_503_while_draining_on_both_fronts() {
+    for front in ["--event-loop", "--tokio"] {
+        let (child, addr) = start_echo(&["--shutdown-timeout", "3s", front]).await;
+        drain_answers_503_until_exit(child, &addr, "/").await;
+    }
 }
 
 #[tokio::test]
-async fn serve_answers_503_while_draining() {
+async fn serve_answers_503_while_draining_on_both_fronts() {
     // An empty folder: no tidewire.toml of the repository is read.
     let dir = std::env::temp_dir().join(format!("tidewire-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--shutdown-timeout",
-            "3s",
-        ])
-        .current_dir(&dir)
-        .env("RUST_LOG", "warn")
-        .env_remove("TIDEWIRE_API_KEY")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tidewire serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(LIMIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            // "tidewire serve listening on http://ADDR/ (WebSocket: ...)"
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest.split('/').next().unwrap().to_string();
+    for front in ["--event-loop", "--tokio"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--shutdown-timeout",
+                "3s",
+                front,
+            ])
+            .current_dir(&dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("TIDEWIRE_API_KEY")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tidewire serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = tokio::time::timeout(LIMIT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                // "tidewire serve listening on http://ADDR/ (WebSocket: ...)"
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    return rest.split('/').next().unwrap().to_string();
+                }
             }
-        }
-        panic!("tidewire serve exited before listening");
-    })
-    .await
-    .expect("tidewire serve did not start in time");
-    drain_answers_503_until_exit(child, &addr, "/connection/websocket").await;
+            panic!("tidewire serve exited before listening");
+        })
+        .await
+        .expect("tidewire serve did not start in time");
+        drain_answers_503_until_exit(child, &addr, "/connection/websocket").await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -42,7 +42,14 @@ async fn close_code(stream: &mut TcpStream) -> u16 {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn hostile_sizes_get_1009_and_server_memory_stays_flat() {
-    let (server, addr) = start_echo(&["--max-message-size", "1048576", "--no-deflate"]).await;
+    for front in ["--event-loop", "--tokio"] {
+        hostile_sizes_against(front).await;
+    }
+}
+
+async fn hostile_sizes_against(front: &str) {
+    let (server, addr) =
+        start_echo(&["--max-message-size", "1048576", "--no-deflate", front]).await;
     let pid = server.id().unwrap();
     // Warm up: one ordinary exchange so the steady state is measured.
     let (mut ws, _) = tidewire::connect(&format!("ws://{addr}/")).await.unwrap();
@@ -94,9 +101,9 @@ async fn hostile_sizes_get_1009_and_server_memory_stays_flat() {
         tidewire::Message::text("after")
     );
     let after = rss_kib(pid);
-    println!("server RSS before {before} KiB, after {after} KiB");
+    println!("{front}: server RSS before {before} KiB, after {after} KiB");
     assert!(
         after < before + 8 * 1024,
-        "RSS grew from {before} KiB to {after} KiB"
+        "{front}: RSS grew from {before} KiB to {after} KiB"
     );
 }

@@ -17,6 +17,8 @@ struct Served {
     addr: String,
     /// The generated API key, when none was configured.
     key: Option<String>,
+    /// The "listening on" line.
+    line: String,
 }
 
 /// A fresh empty folder under the system temp dir.
@@ -42,7 +44,7 @@ async fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
     }
     let mut child = command.spawn().expect("start tidewire serve");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (addr, key) = tokio::time::timeout(LIMIT, async {
+    let (addr, key, line) = tokio::time::timeout(LIMIT, async {
         let mut key = None;
         while let Some(line) = lines.next_line().await.unwrap() {
             if line.starts_with("api key") {
@@ -50,14 +52,19 @@ async fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
             }
             // "tidewire serve listening on http://ADDR/ (WebSocket: ...)"
             if let Some(rest) = line.split("listening on http://").nth(1) {
-                return (rest.split('/').next().unwrap().to_string(), key);
+                return (rest.split('/').next().unwrap().to_string(), key, line);
             }
         }
         panic!("tidewire serve exited before listening");
     })
     .await
     .expect("tidewire serve did not start in time");
-    Served { child, addr, key }
+    Served {
+        child,
+        addr,
+        key,
+        line,
+    }
 }
 
 async fn http(
@@ -152,6 +159,12 @@ async fn serve_with_no_configuration_in_an_empty_folder() {
     let addr = served.addr.clone();
     let key = served.key.clone().expect("a generated API key is printed");
     assert_eq!(key.len(), 32);
+    // Plain ws://: the WebSockets on the event loop.
+    assert!(
+        served.line.ends_with(", on the event loop)"),
+        "{}",
+        served.line
+    );
 
     let (status, page) = http(&addr, "GET", "/", &[], "").await;
     assert_eq!(status, 200);
@@ -517,6 +530,44 @@ async fn serve_on_the_event_loop_serves_pages_the_api_and_websockets_on_one_port
         .unwrap();
     assert!(exit.success(), "{exit:?}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn serve_keeps_websockets_on_tokio_with_tls_or_when_asked() {
+    let dir = empty_dir("tokio");
+    let served = serve(&dir, &["--listen", "127.0.0.1:0", "--tokio"], &[]).await;
+    assert!(served.line.ends_with(", on tokio)"), "{}", served.line);
+    let url = format!("ws://{}/connection/websocket", served.addr);
+    let (mut ws, _) = tidewire::connect(&url).await.unwrap();
+    ws.send_text(r#"{"id":1,"connect":{}}"#).await.unwrap();
+    assert!(next_json(&mut ws).await["connect"]["client"].is_string());
+    // TLS without a choice: tokio (the event loop serves plain ws://).
+    let mut tls = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-self-signed"])
+        .current_dir(&dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("TIDEWIRE_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(tls.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(LIMIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("listening on") {
+                return line;
+            }
+        }
+        panic!("tidewire serve --tls-self-signed exited before listening");
+    })
+    .await
+    .unwrap();
+    assert!(
+        line.contains("listening on https://") && line.ends_with(", on tokio)"),
+        "{line}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

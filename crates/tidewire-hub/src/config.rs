@@ -458,8 +458,9 @@ pub struct ServerSettings {
     /// WebSockets on tidewire's event loop (a thread per core, every
     /// connection plain state, writes straight from the fan-out) rather
     /// than a tokio task each; the rest of the HTTP stays on tokio, on the
-    /// same port. Plain ws:// only.
-    pub event_loop: bool,
+    /// same port. Plain ws:// only. Unset: on, unless the hub serves TLS
+    /// (see [`ServerSettings::event_loop_front`]).
+    pub event_loop: Option<bool>,
     /// The event loop's threads (0: one per CPU this process may use).
     pub event_loop_threads: usize,
 }
@@ -483,9 +484,18 @@ impl Default for ServerSettings {
             shutdown_timeout: Duration::from_secs(10),
             drain_window: Duration::ZERO,
             unhealthy_grace: Duration::from_secs(15),
-            event_loop: false,
+            event_loop: None,
             event_loop_threads: 0,
         }
+    }
+}
+
+impl ServerSettings {
+    /// Whether the WebSockets go on the event loop when the hub serves
+    /// TLS (`tls`) or not: as `event_loop` says, or, unset, unless it does
+    /// (the event loop serves plain ws://; TLS stays on tokio).
+    pub fn event_loop_front(&self, tls: bool) -> bool {
+        self.event_loop.unwrap_or(!tls)
     }
 }
 
@@ -828,7 +838,7 @@ impl Config {
                 ));
             }
         }
-        if self.server.event_loop && self.server.tls_cert.is_some() {
+        if self.server.event_loop == Some(true) && self.server.tls_cert.is_some() {
             return invalid(
                 "server.event_loop serves plain ws:// only: leave out server.tls_cert, or \
                  terminate TLS in front of the hub"

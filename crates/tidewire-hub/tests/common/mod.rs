@@ -41,7 +41,7 @@ impl TestServer {
 pub fn config() -> Config {
     let mut config = Config::default();
     config.token.hmac_secret = Some(SECRET.into());
-    config.server.event_loop = on_event_loop();
+    config.server.event_loop = Some(on_event_loop());
     config
 }
 
@@ -56,7 +56,7 @@ pub async fn start(config: Config) -> TestServer {
 
 /// A hub over `engine` (shared by several hubs: nodes of one cluster).
 pub async fn start_on(config: Config, engine: Arc<MemoryEngine>) -> TestServer {
-    if config.server.event_loop {
+    if config.server.event_loop == Some(true) {
         let config = Config {
             server: tidewire_hub::config::ServerSettings {
                 // Two threads: connections of one test on both.
