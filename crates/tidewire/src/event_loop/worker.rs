@@ -282,12 +282,10 @@ impl<H: Handler> Worker<H> {
             if let Some(since) = self.shutting_down {
                 let deadline = since.saturating_add(secs(self.config.shutdown_timeout));
                 // Requests still come (and get 503) while WebSockets close:
-                // done once no thread has one left, nor an answer is being
-                // written here.
-                let busy = self
-                    .slab
-                    .iter()
-                    .any(|(_, entry)| !matches!(entry.phase, Phase::Handshake { .. }));
+                // done once no thread has a connection left, a request head
+                // on its way included (it gets its answer, within the
+                // handshake timeout).
+                let busy = !self.slab.is_empty();
                 if !self.drained && !busy {
                     self.drained = true;
                     self.shared.draining.fetch_sub(1, Ordering::SeqCst);
