@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{start_echo, LIMIT};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use common::{start_echo, start_serve, LIMIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -138,35 +137,9 @@ async fn serve_answers_503_while_draining_on_both_fronts() {
     let dir = std::env::temp_dir().join(format!("tidewire-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for front in ["--event-loop", "--tokio"] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--shutdown-timeout",
-                "3s",
-                front,
-            ])
-            .current_dir(&dir)
-            .env("RUST_LOG", "warn")
-            .env_remove("TIDEWIRE_API_KEY")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start tidewire serve");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = tokio::time::timeout(LIMIT, async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                // "tidewire serve listening on http://ADDR/ (WebSocket: ...)"
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    return rest.split('/').next().unwrap().to_string();
-                }
-            }
-            panic!("tidewire serve exited before listening");
-        })
-        .await
-        .expect("tidewire serve did not start in time");
-        drain_answers_503_until_exit(child, &addr, "/connection/websocket").await;
+        let args = ["--listen", "127.0.0.1:0", "--shutdown-timeout", "3s", front];
+        let served = start_serve(&dir, &args, &[], "serve.log").await;
+        drain_answers_503_until_exit(served.child, &served.addr, "/connection/websocket").await;
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -50,8 +50,9 @@ async fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
             if line.starts_with("api key") {
                 key = line.rsplit(' ').next().map(String::from);
             }
-            // "tidewire serve listening on http://ADDR/ (WebSocket: ...)"
-            if let Some(rest) = line.split("listening on http://").nth(1) {
+            // "tidewire serve listening on http(s)://ADDR/ (WebSocket: ...)"
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let rest = rest.split_once("://").unwrap().1;
                 return (rest.split('/').next().unwrap().to_string(), key, line);
             }
         }
@@ -542,30 +543,11 @@ async fn serve_keeps_websockets_on_tokio_with_tls_or_when_asked() {
     ws.send_text(r#"{"id":1,"connect":{}}"#).await.unwrap();
     assert!(next_json(&mut ws).await["connect"]["client"].is_string());
     // TLS without a choice: tokio (the event loop serves plain ws://).
-    let mut tls = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--tls-self-signed"])
-        .current_dir(&dir)
-        .env("RUST_LOG", "warn")
-        .env_remove("TIDEWIRE_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(tls.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(LIMIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("listening on") {
-                return line;
-            }
-        }
-        panic!("tidewire serve --tls-self-signed exited before listening");
-    })
-    .await
-    .unwrap();
+    let tls = serve(&dir, &["--listen", "127.0.0.1:0", "--tls-self-signed"], &[]).await;
     assert!(
-        line.contains("listening on https://") && line.ends_with(", on tokio)"),
-        "{line}"
+        tls.line.contains("listening on https://") && tls.line.ends_with(", on tokio)"),
+        "{}",
+        tls.line
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

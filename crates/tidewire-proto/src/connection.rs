@@ -288,7 +288,15 @@ impl Connection {
     /// Appends bytes received from the network.
     pub fn receive_data(&mut self, data: &[u8]) {
         if !self.receiving_done() && !data.is_empty() {
-            self.flight().input.extend_from_slice(data);
+            // A large frame on its way: room for its rest (up to 1 MiB at
+            // a time) at once, not a buffer doubled piece by piece (its
+            // copies, and the allocator's memory they leave behind).
+            let wanted = self.bytes_wanted();
+            let input = &mut self.flight().input;
+            if wanted > data.len() {
+                input.reserve(wanted.min(1 << 20));
+            }
+            input.extend_from_slice(data);
         }
     }
 

@@ -11,7 +11,7 @@ use super::{error, history_options, personal_users, unavailable, Hub, Node};
 use crate::admin::ADMIN_USER;
 use crate::auth::{claim_grants, now_unix, ConnectionClaims};
 use crate::config::{ChannelOptions, PublishRule, SubscribeRule, ADMIN_CHANNEL};
-use crate::engine::HistoryQuery;
+use crate::engine::{EngineError, HistoryQuery};
 use crate::metrics::MethodLabel;
 use crate::protocol::{
     self, BatchItem, ClientInfo, Command, ConnectReply, ConnectRequest, Disconnect, DisconnectCode,
@@ -378,11 +378,7 @@ impl Session {
             // meanwhile, the client gets no publication before the reply.
             node.park(channel, self.client.id, self.client.codec());
             if let Err(e) = node.sync_engine_subscription(channel).await {
-                lock(&self.client.state)
-                    .subscriptions
-                    .retain(|s| s != channel);
-                node.leave_channel(&self.client, channel).await;
-                return Err(unavailable(e));
+                return Err(self.abandon_subscribe(channel, e).await);
             }
             let frame = self.client.codec().encode_reply(id, &reply);
             node.go_live(channel, &self.client, frame, 0);
@@ -402,6 +398,16 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    /// Undoes a subscribe the engine failed: the client is not subscribed,
+    /// the channel keeps nothing of it.
+    async fn abandon_subscribe(&self, channel: &str, e: EngineError) -> ErrorReply {
+        lock(&self.client.state)
+            .subscriptions
+            .retain(|s| s != channel);
+        self.node.leave_channel(&self.client, channel).await;
+        unavailable(e)
     }
 
     /// Subscribes to a channel with history: park, read the position (and
@@ -425,11 +431,7 @@ impl Session {
         // buffer and follows the reply (merged by offset), where reading
         // first would lose it.
         if let Err(e) = node.sync_engine_subscription(channel).await {
-            lock(&self.client.state)
-                .subscriptions
-                .retain(|s| s != channel);
-            node.leave_channel(&self.client, channel).await;
-            return Err(unavailable(e));
+            return Err(self.abandon_subscribe(channel, e).await);
         }
         let query = HistoryQuery {
             since: since.as_ref().map(|p| p.offset),
@@ -447,13 +449,7 @@ impl Session {
         };
         let result = match node.broker.history(channel, query).await {
             Ok(result) => result,
-            Err(e) => {
-                lock(&self.client.state)
-                    .subscriptions
-                    .retain(|s| s != channel);
-                node.leave_channel(&self.client, channel).await;
-                return Err(unavailable(e));
-            }
+            Err(e) => return Err(self.abandon_subscribe(channel, e).await),
         };
         let recovered = since.as_ref().map(|p| result.recovers(p));
         let offset = result.position.offset;

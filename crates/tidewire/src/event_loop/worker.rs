@@ -34,14 +34,7 @@ const REMOTES_PER_TURN: usize = 256;
 /// it (and let go of it): `AddrInUse` when another socket listens there,
 /// with or without `SO_REUSEPORT`.
 pub(super) fn probe_free(addr: SocketAddr) -> io::Result<SocketAddr> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    // As a listener's bind: connections of an earlier run still in
-    // TIME_WAIT do not hold the port.
-    socket.set_reuse_address(true)?;
+    let socket = tcp_socket(addr)?;
     socket.bind(&addr.into())?;
     socket
         .local_addr()?
@@ -52,12 +45,7 @@ pub(super) fn probe_free(addr: SocketAddr) -> io::Result<SocketAddr> {
 /// A listener bound with `SO_REUSEPORT`, so that every thread has its own
 /// and the kernel spreads new connections among them.
 pub(super) fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
+    let socket = tcp_socket(addr)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
@@ -65,6 +53,18 @@ pub(super) fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     // As the tokio server: a burst of connects waits in the backlog.
     socket.listen(4096)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// A TCP socket for `addr`'s family, to bind as a listener does:
+/// connections of an earlier run still in TIME_WAIT do not hold the port.
+fn tcp_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    Ok(socket)
 }
 
 /// One connection.
@@ -285,13 +285,13 @@ impl<H: Handler> Worker<H> {
                 // done once no thread has a connection left, a request head
                 // on its way included (it gets its answer, within the
                 // handshake timeout).
-                let busy = !self.slab.is_empty();
-                if !self.drained && !busy {
+                let idle = self.slab.is_empty();
+                if idle && !self.drained {
                     self.drained = true;
                     self.shared.draining.fetch_sub(1, Ordering::SeqCst);
                 }
                 let all_drained = self.shared.draining.load(Ordering::SeqCst) == 0;
-                if (all_drained && !busy) || self.now >= deadline {
+                if (idle && all_drained) || self.now >= deadline {
                     if let Some(mut listener) = self.listener.take() {
                         let _ = self.poll.registry().deregister(&mut listener);
                     }
@@ -501,9 +501,9 @@ impl<H: Handler> Worker<H> {
     }
 
     fn answer_request(&mut self, key: usize, request: Request<()>, rest: &mut [u8]) {
-        if self.shutting_down.is_some() && !handshake::is_upgrade_request(&request) {
-            // As every request during the drain, health checks included:
-            // a load balancer takes the server out.
+        if self.shutting_down.is_some() {
+            // Every request during the drain, health checks and upgrades
+            // alike: a load balancer takes the server out.
             return self.answer(
                 key,
                 handshake::http_response(
@@ -532,16 +532,6 @@ impl<H: Handler> Worker<H> {
                     handshake::http_response(StatusCode::FORBIDDEN, "", &reason),
                 );
             }
-        }
-        if self.shutting_down.is_some() {
-            return self.answer(
-                key,
-                handshake::http_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Retry-After: 1\r\n",
-                    "shutting down",
-                ),
-            );
         }
         let accepted = match ServerHandshake::new(request, self.config.protocol.clone()) {
             Ok(accepted) => accepted,
@@ -992,15 +982,7 @@ fn deliver<H: Handler>(
     });
     let result = parsed.and_then(|used| {
         if used < data.len() && !conn.receiving_done() {
-            let rest = &data[used..];
-            // A large frame on its way: room for the rest of it (up to
-            // 1 MiB at a time) at once, not a buffer doubled read by read
-            // (and its copies, and the allocator's memory they leave).
-            let wanted = conn.bytes_wanted();
-            if wanted > rest.len() {
-                conn.input_buffer().reserve(wanted.min(1 << 20));
-            }
-            conn.receive_data(rest);
+            conn.receive_data(&data[used..]);
             while let Some(event) = conn.next_event()? {
                 seen(&event.as_event_ref());
                 let socket = &mut Socket {
