@@ -164,6 +164,20 @@ impl InFlight {
     }
 }
 
+/// The in-flight buffers of a connection whose bytes are all parsed and
+/// written, taken out with [`Connection::take_idle_buffers`] to be given
+/// to another connection (or the same one) with
+/// [`Connection::give_buffers`]. A server answering many connections keeps
+/// a few of these, so that a message and its answer do not allocate and
+/// free a connection's buffers each time (an idle connection still holds
+/// none).
+#[derive(Debug)]
+pub struct IdleBuffers(Box<InFlight>);
+
+/// The largest output buffer [`Connection::take_idle_buffers`] hands out
+/// for reuse: one a burst grew beyond it goes back to the allocator.
+const REUSE_MAX: usize = 4 * OUTPUT_START;
+
 #[derive(Debug)]
 struct Compression {
     threshold: usize,
@@ -503,6 +517,46 @@ impl Connection {
         }
     }
 
+    /// Takes the connection's in-flight buffers out once they are all
+    /// empty (nothing to parse, nothing to write, no message under way),
+    /// for [`give_buffers`](Self::give_buffers). `None` when something is
+    /// in them, or when they grew too large to be worth keeping (then
+    /// they are given back to the allocator, as by
+    /// [`release_idle_buffers`](Self::release_idle_buffers)).
+    pub fn take_idle_buffers(&mut self) -> Option<IdleBuffers> {
+        let f = self.flight.as_deref_mut()?;
+        if !f.is_idle() {
+            return None;
+        }
+        if f.output.capacity() > REUSE_MAX
+            || f.input.capacity() > REUSE_MAX
+            || f.output_chunks.capacity() > 16
+        {
+            self.release_idle_buffers();
+            return None;
+        }
+        let mut f = self.flight.take()?;
+        // The written bytes were advanced past: their room is the next
+        // burst's (nothing to copy, the buffer is empty).
+        let _ = f.output.try_reclaim(OUTPUT_START);
+        Some(IdleBuffers(f))
+    }
+
+    /// Gives the connection in-flight buffers taken from an idle one, if
+    /// it has none of its own; otherwise hands them back.
+    pub fn give_buffers(&mut self, buffers: IdleBuffers) -> Option<IdleBuffers> {
+        if self.flight.is_some() {
+            return Some(buffers);
+        }
+        self.flight = Some(buffers.0);
+        None
+    }
+
+    /// Whether the connection holds in-flight buffers.
+    pub fn has_buffers(&self) -> bool {
+        self.flight.is_some()
+    }
+
     /// How many more bytes the frame being received needs (a hint for read
     /// buffer sizing; 0 when no frame is in progress).
     pub fn bytes_wanted(&self) -> usize {
@@ -743,6 +797,13 @@ impl Connection {
         let Some(f) = self.flight.as_deref() else {
             return 0;
         };
+        if f.output_chunks.is_empty() {
+            if f.output.is_empty() || slices.is_empty() {
+                return 0;
+            }
+            slices[0] = IoSlice::new(&f.output);
+            return 1;
+        }
         let chunks = f.output_chunks.iter().map(|c| &c[..]);
         let all = chunks.chain(std::iter::once(&f.output[..]));
         let mut n = 0;
@@ -767,7 +828,13 @@ impl Connection {
         };
         while n > 0 {
             let Some(chunk) = f.output_chunks.front_mut() else {
-                f.output.advance(n);
+                if n == f.output.len() {
+                    // All of it: the buffer's room starts over at its
+                    // beginning for the next frames.
+                    f.output.clear();
+                } else {
+                    f.output.advance(n);
+                }
                 return;
             };
             if n < chunk.len() {
@@ -993,8 +1060,9 @@ impl Connection {
             mask,
             payload_len: payload.len() as u64,
         };
+        let (head, head_len) = header.to_bytes();
         let output = &mut self.flight().output;
-        let needed = header.encoded_len() + payload.len();
+        let needed = head_len + payload.len();
         if output.capacity() == 0 && !opcode.is_control() {
             // The output is given back whenever it is written out (an idle
             // connection holds none): start a burst of messages with room
@@ -1005,7 +1073,7 @@ impl Connection {
         } else {
             output.reserve(needed);
         }
-        header.encode(output);
+        output.extend_from_slice(&head[..head_len]);
         let start = output.len();
         output.extend_from_slice(payload);
         if let Some(key) = mask {

@@ -4,7 +4,7 @@
 //! state. Payloads are handled by [`crate::connection`], which unmasks them in
 //! place in its read buffer.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 
 use crate::error::ProtocolError;
 
@@ -136,6 +136,14 @@ impl FrameHeader {
 
     /// Appends the encoded header to `out`, using the shortest length form.
     pub fn encode(&self, out: &mut BytesMut) {
+        let (bytes, len) = self.to_bytes();
+        out.extend_from_slice(&bytes[..len]);
+    }
+
+    /// The encoded header, in the shortest length form: its first `len`
+    /// bytes (built on the stack, so that a frame's header is one copy
+    /// into the output, not a capacity check per byte).
+    pub fn to_bytes(&self) -> ([u8; MAX_HEADER_LEN], usize) {
         let mut b0 = self.opcode.as_u8();
         if self.fin {
             b0 |= 0x80;
@@ -150,22 +158,29 @@ impl FrameHeader {
             b0 |= 0x10;
         }
         let mask_bit = if self.mask.is_some() { 0x80 } else { 0 };
-        out.reserve(MAX_HEADER_LEN);
-        out.put_u8(b0);
-        match self.payload_len {
-            n @ 0..=125 => out.put_u8(mask_bit | n as u8),
+        let mut bytes = [0u8; MAX_HEADER_LEN];
+        bytes[0] = b0;
+        let mut len = match self.payload_len {
+            n @ 0..=125 => {
+                bytes[1] = mask_bit | n as u8;
+                2
+            }
             n @ 126..=0xFFFF => {
-                out.put_u8(mask_bit | 126);
-                out.put_u16(n as u16);
+                bytes[1] = mask_bit | 126;
+                bytes[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                4
             }
             n => {
-                out.put_u8(mask_bit | 127);
-                out.put_u64(n);
+                bytes[1] = mask_bit | 127;
+                bytes[2..10].copy_from_slice(&n.to_be_bytes());
+                10
             }
-        }
+        };
         if let Some(key) = self.mask {
-            out.put_slice(&key);
+            bytes[len..len + 4].copy_from_slice(&key);
+            len += 4;
         }
+        (bytes, len)
     }
 
     /// Length of the encoded header.

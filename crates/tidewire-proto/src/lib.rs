@@ -36,7 +36,7 @@ pub mod mask;
 pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame};
-pub use connection::{Config, Connection, Event, EventRef, Role, State};
+pub use connection::{Config, Connection, Event, EventRef, IdleBuffers, Role, State};
 pub use deflate::{DeflateConfig, DeflateParams};
 pub use error::{ProtocolError, UsageError};
 pub use frame::{FrameHeader, OpCode};

@@ -185,6 +185,52 @@ fn releasing_idle_state_between_reads_loses_nothing() {
     assert_eq!(feed(&mut s, &masked(0x81, b"again")), [text("again")]);
 }
 
+/// An event loop lends one connection's written-out buffers to the next
+/// connection it reads: nothing leaks from one to the other, and buffers
+/// in use are never taken.
+#[test]
+fn idle_buffers_move_between_connections_only_when_empty() {
+    let mut a = server();
+    let mut b = server();
+    assert!(a.take_idle_buffers().is_none(), "none before any traffic");
+    a.send_binary(b"first").unwrap();
+    assert!(a.take_idle_buffers().is_none(), "output waiting");
+    assert_eq!(a.pending_output(), b"\x82\x05first");
+    a.consume_output(3);
+    assert!(a.take_idle_buffers().is_none(), "output partly written");
+    a.consume_output(4);
+    let buffers = a.take_idle_buffers().expect("all written");
+    assert!(!a.has_buffers());
+    // A frame cut off at the end of a read keeps its connection's buffers.
+    let half = masked(0x82, b"split");
+    assert!(feed(&mut b, &half[..4]).is_empty());
+    let buffers = b.give_buffers(buffers).expect("b has its own");
+    assert!(b.take_idle_buffers().is_none(), "a frame half received");
+    assert_eq!(feed(&mut b, &half[4..]), [binary(b"split")]);
+    // On a connection without any, they carry no byte of the last one.
+    let mut c = server();
+    assert!(c.give_buffers(buffers).is_none());
+    assert!(c.has_buffers() && !c.has_pending_output());
+    assert_eq!(feed(&mut c, &masked(0x81, b"third")), [text("third")]);
+    c.send_text("reply").unwrap();
+    assert_eq!(c.pending_output(), b"\x81\x05reply");
+    // The first connection gets new ones of its own when it sends again.
+    a.send_text("again").unwrap();
+    assert_eq!(a.pending_output(), b"\x81\x05again");
+}
+
+/// A buffer a burst grew large goes back to the allocator rather than into
+/// a pool of spares.
+#[test]
+fn idle_buffers_grown_large_are_not_handed_out() {
+    let mut s = server();
+    s.send_binary(&vec![1u8; 200 << 10]).unwrap();
+    let n = s.pending_output_len();
+    s.consume_output(n);
+    assert!(s.take_idle_buffers().is_none());
+    assert!(!s.has_buffers(), "released instead");
+}
+
 // ---- §5.4: fragmentation ---------------------------------------------------
 
 #[test]

@@ -12,7 +12,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use tidewire_proto::handshake::{self, HandshakeError, ServerHandshake};
-use tidewire_proto::{CloseCode, CloseFrame, Connection};
+use tidewire_proto::{CloseCode, CloseFrame, Connection, IdleBuffers};
 
 use super::remote::{Inbox, RemoteInner};
 use super::{ConnectionSlot, EventLoopConfig, Handler, Incoming, Shared, Socket};
@@ -29,6 +29,10 @@ const ACCEPTS_PER_TURN: usize = 256;
 /// Connections written per turn for their remotes (about 1.5 ms of
 /// writes on loopback) before the loop looks for input again.
 const REMOTES_PER_TURN: usize = 256;
+/// Sets of in-flight buffers kept for the next connections to answer
+/// (16 KiB each once a message was framed): enough for a turn's worth of
+/// ready connections; given back to the allocator after a second unused.
+const SPARE_BUFFERS: usize = 256;
 
 /// `addr` with its port, once a socket without `SO_REUSEPORT` could bind
 /// it (and let go of it): `AddrInUse` when another socket listens there,
@@ -189,6 +193,12 @@ pub(super) struct Worker<H: Handler> {
     /// Connections read this turn whose answers are written at its end.
     write_later: Vec<usize>,
     buffer: Vec<u8>,
+    /// In-flight buffers taken from connections whose output was all
+    /// written, for the next ones that read or are due (a message and its
+    /// answer then allocate nothing); whether any was given out since the
+    /// last sweep.
+    spare: Vec<IdleBuffers>,
+    spare_used: bool,
     /// Seconds since `epoch`, plus one (0 means "never" in the entries).
     epoch: Instant,
     now: u32,
@@ -226,6 +236,8 @@ impl<H: Handler> Worker<H> {
             due: std::collections::VecDeque::new(),
             write_later: Vec::new(),
             buffer: vec![0; READ_BUFFER],
+            spare: Vec::new(),
+            spare_used: false,
             epoch: Instant::now(),
             now: 1,
             accept_pending: false,
@@ -664,6 +676,8 @@ impl<H: Handler> Worker<H> {
                 buffer,
                 now,
                 inbox,
+                spare,
+                spare_used,
                 ..
             } = self;
             let entry = &mut slab[key];
@@ -682,6 +696,7 @@ impl<H: Handler> Worker<H> {
                 Ok(n) => {
                     open.last_seen = *now;
                     open.ping_sent = 0;
+                    lend_buffers(&mut open.conn, spare, spare_used);
                     deliver(handler, open, &mut buffer[..n], *now, key, inbox);
                     if n < buffer.len() {
                         // The socket is drained; a new edge says when more
@@ -713,12 +728,26 @@ impl<H: Handler> Worker<H> {
     /// Writes the 101 response's rest and the connection's output.
     fn flush(&mut self, key: usize) -> io::Result<()> {
         let Worker {
-            slab, poll, config, ..
+            slab,
+            poll,
+            config,
+            spare,
+            spare_used,
+            ..
         } = self;
         let entry = &mut slab[key];
         let Phase::Open(open) = &mut entry.phase else {
             return Ok(());
         };
+        let remote_work = open.remote.as_ref().is_some_and(|r| r.has_work());
+        if !remote_work && !entry.writable && open.head.is_empty() && !open.conn.has_buffers() {
+            // Nothing to write, nothing to give back (a socket read while
+            // its connection is idle).
+            return Ok(());
+        }
+        if remote_work {
+            lend_buffers(&mut open.conn, spare, spare_used);
+        }
         open.pull(config.max_pending_output);
         let mut blocked = false;
         while !open.head.is_empty() && !blocked {
@@ -753,8 +782,13 @@ impl<H: Handler> Worker<H> {
             // All out: the output buffer goes back (16 KiB once a message
             // was framed) rather than wait for the sweep, so that a burst
             // of messages to many connections does not leave each holding
-            // one (19,000 x 16 KiB after a reconnect storm).
-            open.conn.release_idle_buffers();
+            // one (19,000 x 16 KiB after a reconnect storm); kept for the
+            // next connection to answer while there are few spare.
+            match open.conn.take_idle_buffers() {
+                Some(buffers) if spare.len() < SPARE_BUFFERS => spare.push(buffers),
+                Some(_) => {}
+                None => open.conn.release_idle_buffers(),
+            }
         }
         entry.want_writable(poll.registry(), key, blocked);
         Ok(())
@@ -768,13 +802,14 @@ impl<H: Handler> Worker<H> {
         blocked: &mut bool,
     ) -> io::Result<()> {
         while !*blocked && conn.has_pending_output() {
-            let mut slices = [IoSlice::new(&[]); 32];
-            let n = conn.pending_output_slices(&mut slices);
+            let first = conn.pending_output();
             // One slice (the usual case): `write`, which is send(2), takes
             // a shorter way through the kernel than writev(2).
-            let written = if n == 1 {
-                stream.write(&slices[0])
+            let written = if first.len() == conn.pending_output_len() {
+                stream.write(first)
             } else {
+                let mut slices = [IoSlice::new(&[]); 32];
+                let n = conn.pending_output_slices(&mut slices);
                 stream.write_vectored(&slices[..n])
             };
             match written {
@@ -796,6 +831,10 @@ impl<H: Handler> Worker<H> {
         let Phase::Open(open) = &mut entry.phase else {
             return true;
         };
+        if !open.conn.close_sent() && !open.conn.receiving_done() {
+            // Open both ways (every message of a busy connection).
+            return false;
+        }
         if open.conn.close_sent() && open.closing_since == 0 {
             open.closing_since = now;
         }
@@ -848,6 +887,10 @@ impl<H: Handler> Worker<H> {
 
     /// Once a second: deadlines, keepalive pings, idle buffers.
     fn sweep(&mut self) {
+        if !std::mem::take(&mut self.spare_used) {
+            // A quiet second: an idle server holds no buffers.
+            self.spare = Vec::new();
+        }
         let now = self.now;
         let config = self.config.clone();
         let handshake = secs(config.handshake_timeout);
@@ -934,6 +977,16 @@ impl<H: Handler> Worker<H> {
                 }
                 self.drive(key);
             }
+        }
+    }
+}
+
+/// Gives `conn` a spare set of in-flight buffers if it has none.
+fn lend_buffers(conn: &mut Connection, spare: &mut Vec<IdleBuffers>, used: &mut bool) {
+    if !conn.has_buffers() {
+        if let Some(buffers) = spare.pop() {
+            *used = true;
+            let _ = conn.give_buffers(buffers);
         }
     }
 }
