@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // bench/summarize.js RESULTS_DIR - the tables of bench/run, in Markdown, from
 // RESULTS_DIR/meta.json and RESULTS_DIR/results.jsonl (one JSON object per run).
-// Medians over the rounds; ratios are tidewire's median divided by the
-// other server's.
+// Medians over the rounds, and each server's best round; ratios are
+// tidewire's figure divided by the other server's (tidewire on its event
+// loop when measured, its default front; else on tokio).
 'use strict';
 
 const fs = require('fs');
@@ -102,6 +103,8 @@ function cell(config, server) {
     p99: median(good.map((r) => r.generator && r.generator.latency.p99_us)),
     gen: median(good.map((r) => r.generator_cpu_share)),
     srv: median(good.map((r) => r.server_cpu_share)),
+    // Idle rows: the least memory; echo rows: the most throughput.
+    best: good[0].mode === 'idle' ? Math.min(...good.map(figure)) : Math.max(...good.map(figure)),
     first: good[0],
   };
 }
@@ -125,14 +128,15 @@ p('the server\'s. ! : some run had errors (listed below). ~ : other processes us
 p('0.15 of a core during some run counted here (runs so disturbed are redone once; the');
 p('redone ones are left out).');
 p();
+const BASE = servers.includes('tidewire-loop') ? 'tidewire-loop' : 'tidewire';
 p(`| configuration | ${servers.map((s) => NAMES[s]).join(' | ')} |`);
 p(`|---|${servers.map(() => '---:').join('|')}|`);
 const flags = [];
 for (const config of configs) {
-  const base = cell(config, 'tidewire');
+  const base = cell(config, BASE);
   const texts = servers.map((s) => {
     const c = cell(config, s);
-    if (c.value !== undefined && s !== 'tidewire' && base.value !== undefined && c.value > 0) {
+    if (c.value !== undefined && s !== BASE && base.value !== undefined && c.value > 0) {
       return `${c.text} (×${(base.value / c.value).toFixed(2)})`;
     }
     return c.text;
@@ -140,6 +144,28 @@ for (const config of configs) {
   p(`| ${row(config)} | ${texts.join(' | ')} |`);
 }
 p();
+if (meta.rounds > 1) {
+  p('Best round of each server (the most throughput; for idle rows the least memory).');
+  p('What else runs on this machine only ever slows a run down, so the best round is the');
+  p('least disturbed one; ratios as above, best against best:');
+  p();
+  p(`| configuration | ${servers.map((s) => NAMES[s]).join(' | ')} |`);
+  p(`|---|${servers.map(() => '---:').join('|')}|`);
+  for (const config of configs) {
+    const base = cell(config, BASE);
+    const texts = servers.map((s) => {
+      const c = cell(config, s);
+      if (c.best === undefined) return c.text;
+      const text = show(c.first, c.best);
+      if (s !== BASE && base.best !== undefined && c.best > 0) {
+        return `${text} (×${(base.best / c.best).toFixed(2)})`;
+      }
+      return text;
+    });
+    p(`| ${row(config)} | ${texts.join(' | ')} |`);
+  }
+  p();
+}
 
 const echoConfigs = configs.filter((c) => !c.startsWith('idle'));
 if (echoConfigs.length) {

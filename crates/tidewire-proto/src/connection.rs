@@ -1047,6 +1047,16 @@ impl Connection {
     }
 
     fn encode_frame(&mut self, opcode: OpCode, payload: &[u8], fin: bool, rsv1: bool) {
+        if self.role == Role::Server && payload.len() <= 125 {
+            // The usual small message from a server: a two-byte header,
+            // no mask.
+            let b0 = opcode.as_u8() | if fin { 0x80 } else { 0 } | if rsv1 { 0x40 } else { 0 };
+            let output = &mut self.flight().output;
+            reserve_output(output, 2 + payload.len(), opcode.is_control());
+            output.extend_from_slice(&[b0, payload.len() as u8]);
+            output.extend_from_slice(payload);
+            return;
+        }
         let mask = match self.role {
             Role::Client => Some(rand::random::<[u8; 4]>()),
             Role::Server => None,
@@ -1062,23 +1072,27 @@ impl Connection {
         };
         let (head, head_len) = header.to_bytes();
         let output = &mut self.flight().output;
-        let needed = head_len + payload.len();
-        if output.capacity() == 0 && !opcode.is_control() {
-            // The output is given back whenever it is written out (an idle
-            // connection holds none): start a burst of messages with room
-            // for several rather than growing (and copying) it frame by
-            // frame. Not for control frames: a close or a ping sent to
-            // thousands of idle connections at once must stay small.
-            output.reserve(needed.max(OUTPUT_START));
-        } else {
-            output.reserve(needed);
-        }
+        reserve_output(output, head_len + payload.len(), opcode.is_control());
         output.extend_from_slice(&head[..head_len]);
         let start = output.len();
         output.extend_from_slice(payload);
         if let Some(key) = mask {
             apply_mask(&mut output[start..], key, 0);
         }
+    }
+}
+
+/// Room in `output` for `needed` more bytes.
+fn reserve_output(output: &mut BytesMut, needed: usize, control: bool) {
+    if output.capacity() == 0 && !control {
+        // The output is given back whenever it is written out (an idle
+        // connection holds none): start a burst of messages with room for
+        // several rather than growing (and copying) it frame by frame. Not
+        // for control frames: a close or a ping sent to thousands of idle
+        // connections at once must stay small.
+        output.reserve(needed.max(OUTPUT_START));
+    } else {
+        output.reserve(needed);
     }
 }
 
