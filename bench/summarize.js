@@ -217,6 +217,6 @@ if (flags.length) {
 }
 p(`Machine: nproc ${meta.machine.nproc}, ${meta.machine.cpu}, Linux ${meta.machine.kernel}; ${meta.rustc}; Node ${meta.node}.`);
 p(`tidewire at ${meta.tidewire_commit}${meta.crates_dirty === 'yes' ? ` with uncommitted changes under crates/ (diff ${meta.crates_diff_sha1})` : ''}.`);
-p(`Generator: ${meta.generator === 'epoll' ? 'bench/peers epoll_generator (echoes counted, not checked or timed)' : 'tidewire bench'}${meta.busy_poll ? ', busy-polling (its CPU share always reads 100 %)' : ''}.`);
+p(`Generator: ${meta.generator === 'epoll' ? 'bench/peers epoll_generator (every echo checked byte for byte, not timed)' : 'tidewire bench'}${meta.busy_poll ? ', busy-polling (its CPU share always reads 100 %)' : ''}.`);
 p(`Command: ${meta.command}`);
 console.log(out.join('\n'));

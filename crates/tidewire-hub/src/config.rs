@@ -845,6 +845,18 @@ impl Config {
                     .into(),
             );
         }
+        let tls = self.server.tls_cert.is_some();
+        if self.server.event_loop_threads != 0 && !self.server.event_loop_front(tls) {
+            return invalid(format!(
+                "server.event_loop_threads is for the event loop, and the WebSockets go on \
+                 tokio here ({}): leave it out, or serve plain ws:// on the event loop",
+                if tls {
+                    "TLS"
+                } else {
+                    "server.event_loop = false, or --tokio"
+                }
+            ));
+        }
         if self.engine.broker == BrokerKind::Nats && self.engine.kind == EngineKind::Memory {
             return invalid(
                 "engine.broker = \"nats\" carries publications between nodes of \
@@ -1282,5 +1294,24 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_duration("0.25"), Ok(Duration::from_millis(250)));
+    }
+
+    /// Event-loop threads asked for where the WebSockets go on tokio would
+    /// be ignored: refused instead.
+    #[test]
+    fn event_loop_threads_only_with_the_event_loop() {
+        let toml = |extra: &str| format!("[server]\nevent_loop_threads = 2\n{extra}");
+        assert!(Config::from_toml(&toml(""), Path::new("t")).is_ok());
+        assert!(Config::from_toml(&toml("event_loop = true\n"), Path::new("t")).is_ok());
+        let tokio = Config::from_toml(&toml("event_loop = false\n"), Path::new("t"));
+        assert!(tokio
+            .unwrap_err()
+            .to_string()
+            .contains("server.event_loop_threads is for the event loop"));
+        let tls = toml("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n");
+        let tls = Config::from_toml(&tls, Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(tls.contains("(TLS)"), "{tls}");
     }
 }

@@ -376,7 +376,7 @@ impl Connection {
         mut on_event: impl FnMut(&mut Connection, EventRef<'_>),
     ) -> Result<usize, ProtocolError> {
         let mut at = 0;
-        while !self.receiving_done() && self.input_idle() {
+        while at < data.len() && !self.receiving_done() && self.input_idle() {
             let rest = &mut data[at..];
             let (header, len) = match FrameHeader::decode(rest) {
                 Ok(Some(decoded)) => decoded,

@@ -2,35 +2,25 @@
 //!
 //! XOR with a repeating 4-byte key. The bulk is processed as `u64` words
 //! built from the key rotated to the current position, which the compiler
-//! turns into wide vector XORs; the unaligned head and tail go byte by byte.
-//! No `unsafe`: `chunks_exact_mut` with `from_ne_bytes` compiles to plain
-//! loads and stores.
+//! turns into wide vector XORs; the tail goes byte by byte. No `unsafe`:
+//! `chunks_exact_mut` with `from_le_bytes` compiles to plain loads and
+//! stores (and is a byte swap away on a big-endian machine).
 
 /// XORs `data` in place with `key`, as if `data` began at byte `offset` of
 /// the payload (so a payload can be unmasked in pieces as it arrives).
 /// Returns the key offset for the byte after `data`.
 pub fn apply_mask(data: &mut [u8], key: [u8; 4], offset: usize) -> usize {
     let offset = offset & 3;
-    let key_bytes = [
-        key[offset],
-        key[(offset + 1) & 3],
-        key[(offset + 2) & 3],
-        key[(offset + 3) & 3],
-    ];
-    let word = u64::from_ne_bytes([
-        key_bytes[0],
-        key_bytes[1],
-        key_bytes[2],
-        key_bytes[3],
-        key_bytes[0],
-        key_bytes[1],
-        key_bytes[2],
-        key_bytes[3],
-    ]);
+    // The key rotated so that its first byte is the one for `data[0]`:
+    // little-endian, byte i of the word is byte i of the memory it is
+    // stored to, so a right rotation by 8 bits moves the key one byte on.
+    let rotated = u32::from_le_bytes(key).rotate_right(8 * offset as u32);
+    let key_bytes = rotated.to_le_bytes();
+    let word = u64::from(rotated) | (u64::from(rotated) << 32);
     let mut chunks = data.chunks_exact_mut(8);
     for chunk in &mut chunks {
-        let v = u64::from_ne_bytes((&*chunk).try_into().expect("chunk of 8")) ^ word;
-        chunk.copy_from_slice(&v.to_ne_bytes());
+        let v = u64::from_le_bytes((&*chunk).try_into().expect("chunk of 8")) ^ word;
+        chunk.copy_from_slice(&v.to_le_bytes());
     }
     for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
         *b ^= key_bytes[i & 3];

@@ -60,6 +60,7 @@ use crate::{Message, OriginPolicy, QueueLimits};
 pub use tidewire_proto::EventRef as Incoming;
 
 mod remote;
+mod sys;
 mod worker;
 
 pub use remote::{Remote, Wakes};

@@ -1,6 +1,6 @@
 //! One event-loop thread: its listener, its poll, its connections.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use tidewire_proto::handshake::{self, HandshakeError, ServerHandshake};
 use tidewire_proto::{CloseCode, CloseFrame, Connection, IdleBuffers};
 
 use super::remote::{Inbox, RemoteInner};
+use super::sys;
 use super::{ConnectionSlot, EventLoopConfig, Handler, Incoming, Shared, Socket};
 use crate::Message;
 
@@ -144,6 +145,12 @@ struct Open<S> {
 }
 
 impl<S> Open<S> {
+    /// Whether the closing handshake started or the connection failed:
+    /// [`Worker::finished`] has something to check.
+    fn ending(&self) -> bool {
+        self.conn.close_sent() || self.conn.receiving_done()
+    }
+
     /// Moves what its remote queued into the connection's output, as far
     /// as `max_pending` lets it (the rest waits until the socket drains).
     fn pull(&mut self, max_pending: usize) {
@@ -327,7 +334,7 @@ impl<H: Handler> Worker<H> {
             open.write_later = false;
             if self.flush(key).is_err() {
                 self.remove(key, CloseCode::ABNORMAL);
-            } else {
+            } else if self.open(key).is_some_and(|open| open.ending()) {
                 self.finished(key);
             }
         }
@@ -469,7 +476,7 @@ impl<H: Handler> Worker<H> {
             return;
         };
         let parsed = loop {
-            match entry.stream.read(&mut self.buffer) {
+            match sys::recv(&entry.stream, &mut self.buffer) {
                 Ok(0) => return self.remove(key, CloseCode::ABNORMAL),
                 Ok(n) => {
                     head.extend_from_slice(&self.buffer[..n]);
@@ -570,7 +577,7 @@ impl<H: Handler> Worker<H> {
         let now = self.now;
         let entry = &mut self.slab[key];
         // Written at once: a fresh socket takes it whole, but not always.
-        let head = match entry.stream.write(&response) {
+        let head = match sys::send(&entry.stream, &response) {
             Ok(n) => response[n..].to_vec(),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => response,
             Err(_) => return self.remove(key, CloseCode::ABNORMAL),
@@ -614,7 +621,7 @@ impl<H: Handler> Worker<H> {
             return;
         };
         while !out.is_empty() {
-            match entry.stream.write(out) {
+            match sys::send(&entry.stream, out) {
                 Ok(0) => break,
                 Ok(n) => {
                     out.drain(..n);
@@ -638,7 +645,7 @@ impl<H: Handler> Worker<H> {
     fn drain(&mut self, key: usize) {
         let entry = &mut self.slab[key];
         loop {
-            match entry.stream.read(&mut self.buffer) {
+            match sys::recv(&entry.stream, &mut self.buffer) {
                 Ok(0) => return self.remove(key, CloseCode::ABNORMAL),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -667,7 +674,7 @@ impl<H: Handler> Worker<H> {
                 return;
             }
             open.paused = false;
-            if self.finished(key) {
+            if open.ending() && self.finished(key) {
                 return;
             }
             let Worker {
@@ -687,7 +694,7 @@ impl<H: Handler> Worker<H> {
             if open.conn.receiving_done() {
                 return;
             }
-            match entry.stream.read(buffer) {
+            match sys::recv(&entry.stream, buffer) {
                 Ok(0) => {
                     open.conn.receive_eof();
                     let code = open.code.unwrap_or(CloseCode::ABNORMAL);
@@ -747,11 +754,11 @@ impl<H: Handler> Worker<H> {
         }
         if remote_work {
             lend_buffers(&mut open.conn, spare, spare_used);
+            open.pull(config.max_pending_output);
         }
-        open.pull(config.max_pending_output);
         let mut blocked = false;
         while !open.head.is_empty() && !blocked {
-            match entry.stream.write(&open.head) {
+            match sys::send(&entry.stream, &open.head) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     open.head.drain(..n);
@@ -790,7 +797,9 @@ impl<H: Handler> Worker<H> {
                 None => open.conn.release_idle_buffers(),
             }
         }
-        entry.want_writable(poll.registry(), key, blocked);
+        if entry.writable != blocked {
+            entry.want_writable(poll.registry(), key, blocked);
+        }
         Ok(())
     }
 
@@ -806,7 +815,7 @@ impl<H: Handler> Worker<H> {
             // One slice (the usual case): `write`, which is send(2), takes
             // a shorter way through the kernel than writev(2).
             let written = if first.len() == conn.pending_output_len() {
-                stream.write(first)
+                sys::send(stream, first)
             } else {
                 let mut slices = [IoSlice::new(&[]); 32];
                 let n = conn.pending_output_slices(&mut slices);
@@ -831,10 +840,6 @@ impl<H: Handler> Worker<H> {
         let Phase::Open(open) = &mut entry.phase else {
             return true;
         };
-        if !open.conn.close_sent() && !open.conn.receiving_done() {
-            // Open both ways (every message of a busy connection).
-            return false;
-        }
         if open.conn.close_sent() && open.closing_since == 0 {
             open.closing_since = now;
         }
