@@ -20,7 +20,7 @@ mod stalling_proxy;
 
 use std::time::Duration;
 
-use common::{start_serve, Served, LIMIT};
+use common::{start_serve, ScratchDir, Served, LIMIT};
 use nats_server::NatsServer;
 use redis_cluster::RedisCluster;
 use redis_server::{Persistence, RedisServer};
@@ -43,16 +43,22 @@ async fn node_with(redis: &RedisServer, name: &str, toml: &str) -> Served {
 /// A node on the Redis at `url`, with more flags and `toml` as its
 /// configuration file.
 async fn node_at(url: &str, flags: &[&str], name: &str, toml: &str) -> Served {
-    let dir = std::env::temp_dir().join(format!("tidewire-cluster-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tidewire.toml"), toml).unwrap();
+    let dir = ScratchDir::new(&format!("cluster-{name}"));
+    std::fs::write(dir.path().join("tidewire.toml"), toml).unwrap();
     let mut args = vec!["--engine", "redis", "--redis-url", url];
     if !flags.contains(&"--listen") {
         args.extend(["--listen", "127.0.0.1:0"]);
     }
     args.extend_from_slice(flags);
-    start_serve(&dir, &args, &[("TIDEWIRE_API_KEY", API_KEY)], "serve.log").await
+    let mut served = start_serve(
+        dir.path(),
+        &args,
+        &[("TIDEWIRE_API_KEY", API_KEY)],
+        "serve.log",
+    )
+    .await;
+    served.scratch = Some(dir);
+    served
 }
 
 /// haproxy in front of `nodes`, as docs/deployment.md configures it:
@@ -61,6 +67,8 @@ async fn node_at(url: &str, flags: &[&str], name: &str, toml: &str) -> Served {
 struct Haproxy {
     addr: String,
     child: std::process::Child,
+    /// Its configuration file's folder.
+    _dir: ScratchDir,
 }
 
 impl Haproxy {
@@ -81,10 +89,8 @@ impl Haproxy {
         for (n, node) in nodes.iter().enumerate() {
             config.push_str(&format!("  server node{n} {} check\n", node.addr));
         }
-        let path = std::env::temp_dir().join(format!(
-            "tidewire-haproxy-{}-{port}.cfg",
-            std::process::id()
-        ));
+        let dir = ScratchDir::new(&format!("haproxy-{port}"));
+        let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config).unwrap();
         let child = std::process::Command::new("haproxy")
             .arg("-db")
@@ -96,6 +102,7 @@ impl Haproxy {
         let proxy = Haproxy {
             addr: format!("127.0.0.1:{port}"),
             child,
+            _dir: dir,
         };
         for _ in 0..500 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -120,7 +127,7 @@ impl Drop for Haproxy {
 /// without its commercial part has no active health checks.)
 struct Nginx {
     addr: String,
-    dir: std::path::PathBuf,
+    dir: ScratchDir,
     child: std::process::Child,
 }
 
@@ -137,11 +144,8 @@ impl Nginx {
             .local_addr()
             .unwrap()
             .port();
-        let dir =
-            std::env::temp_dir().join(format!("tidewire-nginx-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.display();
+        let dir = ScratchDir::new(&format!("nginx-{port}"));
+        let d = dir.path().display();
         let servers: String = nodes
             .iter()
             .map(|n| format!("    server {} max_fails=1 fail_timeout=5s;\n", n.addr))
@@ -169,12 +173,12 @@ impl Nginx {
                    {buffering}\
                    proxy_next_upstream error timeout http_502 http_503;\n    }}\n  }}\n}}\n"
         );
-        std::fs::write(dir.join("nginx.conf"), config).unwrap();
+        std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
         let child = std::process::Command::new("nginx")
             .arg("-p")
-            .arg(&dir)
+            .arg(dir.path())
             .arg("-c")
-            .arg(dir.join("nginx.conf"))
+            .arg(dir.path().join("nginx.conf"))
             .args(["-g", "daemon off;"])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -192,7 +196,7 @@ impl Nginx {
         }
         panic!(
             "nginx did not listen on {port}: {}",
-            std::fs::read_to_string(proxy.dir.join("error.log")).unwrap_or_default()
+            std::fs::read_to_string(proxy.dir.path().join("error.log")).unwrap_or_default()
         );
     }
 }
@@ -201,7 +205,6 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -581,11 +584,9 @@ async fn three_nodes_behind_haproxy_lose_nothing_when_one_is_killed() {
 /// the configurations that would hold them.)
 #[tokio::test]
 async fn through_nginx_with_its_default_buffering_the_fallback_streams_are_not_held_back() {
-    let dir = std::env::temp_dir().join(format!("tidewire-ngx-sse-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("ngx-sse");
     let node = start_serve(
-        &dir,
+        dir.path(),
         &["--listen", "127.0.0.1:0"],
         &[("TIDEWIRE_API_KEY", API_KEY)],
         "serve.log",
@@ -964,14 +965,12 @@ async fn three_nodes_over_nats_behind_haproxy_lose_nothing_when_one_is_killed_an
 async fn nodes_on_the_nats_engine_deliver_to_each_other_and_refuse_history_at_start() {
     let nats = NatsServer::start();
     let url = nats.url();
-    let dir = std::env::temp_dir().join(format!("tidewire-nats-only-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("nats-only");
     // The defaults keep history and presence: refused, saying where.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidewire"))
         .args(["serve", "--listen", "127.0.0.1:0", "--engine", "nats"])
         .args(["--nats-url", &url])
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .output()
         .await
         .unwrap();
@@ -985,10 +984,8 @@ async fn nodes_on_the_nats_engine_deliver_to_each_other_and_refuse_history_at_st
     let toml = "[channels]\nhistory_size = 0\nrecovery = false\npresence = false\n";
     let mut nodes = Vec::new();
     for name in ["na", "nb"] {
-        let dir = std::env::temp_dir().join(format!("tidewire-nats-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("tidewire.toml"), toml).unwrap();
+        let dir = ScratchDir::new(&format!("nats-{name}"));
+        std::fs::write(dir.path().join("tidewire.toml"), toml).unwrap();
         let args = [
             "--listen",
             "127.0.0.1:0",
@@ -997,7 +994,15 @@ async fn nodes_on_the_nats_engine_deliver_to_each_other_and_refuse_history_at_st
             "--nats-url",
             &url,
         ];
-        nodes.push(start_serve(&dir, &args, &[("TIDEWIRE_API_KEY", API_KEY)], "serve.log").await);
+        let mut node = start_serve(
+            dir.path(),
+            &args,
+            &[("TIDEWIRE_API_KEY", API_KEY)],
+            "serve.log",
+        )
+        .await;
+        node.scratch = Some(dir);
+        nodes.push(node);
     }
     let mut on_a = Client::connect(&nodes[0].addr).await;
     on_a.call("subscribe", json!({"channel": "feed"})).await;

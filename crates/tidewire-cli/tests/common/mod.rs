@@ -96,6 +96,32 @@ pub async fn run_bench(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// A folder a test makes for itself in the temporary directory
+/// (`tidewire-NAME-PID`, emptied first): removed when dropped, unless the
+/// test is failing, so that its logs stay to be read.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(name: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("tidewire-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a scratch folder");
+        ScratchDir(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// A `tidewire serve` started by [`start_serve`].
 pub struct Served {
     pub child: Child,
@@ -103,6 +129,9 @@ pub struct Served {
     pub addr: String,
     /// Where its stderr (the log) goes.
     pub log: PathBuf,
+    /// The folder it runs in, when it is the node's own: removed after
+    /// the process (fields drop in order).
+    pub scratch: Option<ScratchDir>,
 }
 
 /// Starts `tidewire serve ARGS...` in `dir` (an empty folder runs on the
@@ -144,5 +173,10 @@ pub async fn start_serve(
     })
     .await
     .expect("tidewire serve did not start in time");
-    Served { child, addr, log }
+    Served {
+        child,
+        addr,
+        log,
+        scratch: None,
+    }
 }
