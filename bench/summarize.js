@@ -129,76 +129,62 @@ p('0.15 of a core during some run counted here (runs so disturbed are redone onc
 p('redone ones are left out).');
 p();
 const BASE = servers.includes('tidewire-loop') ? 'tidewire-loop' : 'tidewire';
-p(`| configuration | ${servers.map((s) => NAMES[s]).join(' | ')} |`);
-p(`|---|${servers.map(() => '---:').join('|')}|`);
 const flags = [];
-for (const config of configs) {
-  const base = cell(config, BASE);
-  const texts = servers.map((s) => {
-    const c = cell(config, s);
-    if (c.value !== undefined && s !== BASE && base.value !== undefined && c.value > 0) {
-      return `${c.text} (×${(base.value / c.value).toFixed(2)})`;
-    }
-    return c.text;
-  });
-  p(`| ${row(config)} | ${texts.join(' | ')} |`);
+
+// A table with a row per configuration of `rows`, a column per server,
+// `text(config, server)` in each cell.
+function table(rows, text) {
+  p(`| configuration | ${servers.map((s) => NAMES[s]).join(' | ')} |`);
+  p(`|---|${servers.map(() => '---:').join('|')}|`);
+  for (const config of rows) {
+    p(`| ${row(config)} | ${servers.map((s) => text(config, s)).join(' | ')} |`);
+  }
+  p();
 }
-p();
+
+// `shown`, followed by BASE's figure divided by this server's (the figure
+// `pick` takes from a cell), when both have one.
+function withRatio(config, server, pick, shown) {
+  const mine = pick(cell(config, server));
+  const base = pick(cell(config, BASE));
+  if (server !== BASE && mine !== undefined && base !== undefined && mine > 0) {
+    return `${shown} (×${(base / mine).toFixed(2)})`;
+  }
+  return shown;
+}
+
+table(configs, (config, s) => withRatio(config, s, (c) => c.value, cell(config, s).text));
 if (meta.rounds > 1) {
   p('Best round of each server (the most throughput; for idle rows the least memory).');
   p('What else runs on this machine only ever slows a run down, so the best round is the');
   p('least disturbed one; ratios as above, best against best:');
   p();
-  p(`| configuration | ${servers.map((s) => NAMES[s]).join(' | ')} |`);
-  p(`|---|${servers.map(() => '---:').join('|')}|`);
-  for (const config of configs) {
-    const base = cell(config, BASE);
-    const texts = servers.map((s) => {
-      const c = cell(config, s);
-      if (c.best === undefined) return c.text;
-      const text = show(c.first, c.best);
-      if (s !== BASE && base.best !== undefined && c.best > 0) {
-        return `${text} (×${(base.best / c.best).toFixed(2)})`;
-      }
-      return text;
-    });
-    p(`| ${row(config)} | ${texts.join(' | ')} |`);
-  }
-  p();
+  table(configs, (config, s) => {
+    const c = cell(config, s);
+    return c.best === undefined ? c.text : withRatio(config, s, (x) => x.best, show(c.first, c.best));
+  });
 }
 
 const echoConfigs = configs.filter((c) => !c.startsWith('idle'));
 if (echoConfigs.length) {
   p('Latency p99 (µs), medians:');
   p();
-  p(`| configuration | ${servers.map((s) => NAMES[s]).join(' | ')} |`);
-  p(`|---|${servers.map(() => '---:').join('|')}|`);
-  for (const config of echoConfigs) {
-    const texts = servers.map((s) => {
-      const c = cell(config, s);
-      if (c.p99 != null) return String(Math.round(c.p99));
-      // A generator that does not time echoes (epoll_generator) has no p99.
-      return c.value != null ? '—' : c.text;
-    });
-    p(`| ${row(config)} | ${texts.join(' | ')} |`);
-  }
-  p();
+  table(echoConfigs, (config, s) => {
+    const c = cell(config, s);
+    if (c.p99 != null) return String(Math.round(c.p99));
+    // A generator that does not time echoes (epoll_generator) has no p99.
+    return c.value != null ? '—' : c.text;
+  });
   p('CPU share of one core, medians: generator / server. The generator\'s is its CPU');
   p('time over the measured interval (generator_cpu_seconds); the server\'s is sampled');
   p('from /proc from 1 s after the generator started to its deadline. A side near');
   p('100 % is the bottleneck.');
   p();
-  p(`| configuration | ${servers.map((s) => NAMES[s]).join(' | ')} |`);
-  p(`|---|${servers.map(() => '---:').join('|')}|`);
   const pct = (x) => (x == null ? '?' : `${Math.round(x * 100)} %`);
-  for (const config of echoConfigs) {
-    const texts = servers.map((s) => {
-      const c = cell(config, s);
-      return c.value !== undefined ? `${pct(c.gen)} / ${pct(c.srv)}` : c.text;
-    });
-    p(`| ${row(config)} | ${texts.join(' | ')} |`);
-  }
-  p();
+  table(echoConfigs, (config, s) => {
+    const c = cell(config, s);
+    return c.value !== undefined ? `${pct(c.gen)} / ${pct(c.srv)}` : c.text;
+  });
 }
 
 for (const r of runs) {

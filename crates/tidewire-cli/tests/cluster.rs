@@ -43,16 +43,22 @@ async fn node_with(redis: &RedisServer, name: &str, toml: &str) -> Served {
 /// A node on the Redis at `url`, with more flags and `toml` as its
 /// configuration file.
 async fn node_at(url: &str, flags: &[&str], name: &str, toml: &str) -> Served {
-    let dir = ScratchDir::new(&format!("cluster-{name}"));
-    std::fs::write(dir.path().join("tidewire.toml"), toml).unwrap();
     let mut args = vec!["--engine", "redis", "--redis-url", url];
     if !flags.contains(&"--listen") {
         args.extend(["--listen", "127.0.0.1:0"]);
     }
     args.extend_from_slice(flags);
+    node_in_scratch(&format!("cluster-{name}"), toml, &args).await
+}
+
+/// `tidewire serve ARGS` with the API key, in a folder of its own named
+/// `name` holding `toml` as its configuration file (removed with it).
+async fn node_in_scratch(name: &str, toml: &str, args: &[&str]) -> Served {
+    let dir = ScratchDir::new(name);
+    std::fs::write(dir.path().join("tidewire.toml"), toml).unwrap();
     let mut served = start_serve(
         dir.path(),
-        &args,
+        args,
         &[("TIDEWIRE_API_KEY", API_KEY)],
         "serve.log",
     )
@@ -984,8 +990,6 @@ async fn nodes_on_the_nats_engine_deliver_to_each_other_and_refuse_history_at_st
     let toml = "[channels]\nhistory_size = 0\nrecovery = false\npresence = false\n";
     let mut nodes = Vec::new();
     for name in ["na", "nb"] {
-        let dir = ScratchDir::new(&format!("nats-{name}"));
-        std::fs::write(dir.path().join("tidewire.toml"), toml).unwrap();
         let args = [
             "--listen",
             "127.0.0.1:0",
@@ -994,15 +998,7 @@ async fn nodes_on_the_nats_engine_deliver_to_each_other_and_refuse_history_at_st
             "--nats-url",
             &url,
         ];
-        let mut node = start_serve(
-            dir.path(),
-            &args,
-            &[("TIDEWIRE_API_KEY", API_KEY)],
-            "serve.log",
-        )
-        .await;
-        node.scratch = Some(dir);
-        nodes.push(node);
+        nodes.push(node_in_scratch(&format!("nats-{name}"), toml, &args).await);
     }
     let mut on_a = Client::connect(&nodes[0].addr).await;
     on_a.call("subscribe", json!({"channel": "feed"})).await;

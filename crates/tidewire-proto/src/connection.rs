@@ -1047,16 +1047,6 @@ impl Connection {
     }
 
     fn encode_frame(&mut self, opcode: OpCode, payload: &[u8], fin: bool, rsv1: bool) {
-        if self.role == Role::Server && payload.len() <= 125 {
-            // The usual small message from a server: a two-byte header,
-            // no mask.
-            let b0 = opcode.as_u8() | if fin { 0x80 } else { 0 } | if rsv1 { 0x40 } else { 0 };
-            let output = &mut self.flight().output;
-            reserve_output(output, 2 + payload.len(), opcode.is_control());
-            output.extend_from_slice(&[b0, payload.len() as u8]);
-            output.extend_from_slice(payload);
-            return;
-        }
         let mask = match self.role {
             Role::Client => Some(rand::random::<[u8; 4]>()),
             Role::Server => None,
@@ -1070,6 +1060,15 @@ impl Connection {
             mask,
             payload_len: payload.len() as u64,
         };
+        if mask.is_none() && payload.len() <= 125 {
+            // The usual small message from a server: its two header bytes
+            // copied as two, not through the longest header's array.
+            let output = &mut self.flight().output;
+            reserve_output(output, 2 + payload.len(), opcode.is_control());
+            output.extend_from_slice(&[header.first_byte(), payload.len() as u8]);
+            output.extend_from_slice(payload);
+            return;
+        }
         let (head, head_len) = header.to_bytes();
         let output = &mut self.flight().output;
         reserve_output(output, head_len + payload.len(), opcode.is_control());

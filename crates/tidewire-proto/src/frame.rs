@@ -140,10 +140,8 @@ impl FrameHeader {
         out.extend_from_slice(&bytes[..len]);
     }
 
-    /// The encoded header, in the shortest length form: its first `len`
-    /// bytes (built on the stack, so that a frame's header is one copy
-    /// into the output, not a capacity check per byte).
-    pub fn to_bytes(&self) -> ([u8; MAX_HEADER_LEN], usize) {
+    /// The header's first byte: FIN, RSV1-3 and the opcode.
+    pub fn first_byte(&self) -> u8 {
         let mut b0 = self.opcode.as_u8();
         if self.fin {
             b0 |= 0x80;
@@ -157,9 +155,16 @@ impl FrameHeader {
         if self.rsv3 {
             b0 |= 0x10;
         }
+        b0
+    }
+
+    /// The encoded header, in the shortest length form: its first `len`
+    /// bytes (built on the stack, so that a frame's header is one copy
+    /// into the output, not a capacity check per byte).
+    pub fn to_bytes(&self) -> ([u8; MAX_HEADER_LEN], usize) {
         let mask_bit = if self.mask.is_some() { 0x80 } else { 0 };
         let mut bytes = [0u8; MAX_HEADER_LEN];
-        bytes[0] = b0;
+        bytes[0] = self.first_byte();
         let mut len = match self.payload_len {
             n @ 0..=125 => {
                 bytes[1] = mask_bit | n as u8;
