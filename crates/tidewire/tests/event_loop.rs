@@ -920,3 +920,235 @@ async fn remote_sends_racing_the_loops_own_writes_are_never_left_unwritten() {
     drop((sending.await.unwrap(), reader));
     stop(server);
 }
+
+/// Every connection joins one group: `pub:X` publishes X to it, `leave`
+/// leaves it.
+#[derive(Clone)]
+struct Members {
+    group: tidewire::event_loop::Group,
+    remotes: Arc<Mutex<Vec<tidewire::event_loop::Remote>>>,
+}
+
+impl Members {
+    fn new(limits: tidewire::QueueLimits) -> Members {
+        Members {
+            group: tidewire::event_loop::Group::new(limits),
+            remotes: Arc::default(),
+        }
+    }
+}
+
+impl Handler for Members {
+    type State = Option<tidewire::event_loop::Remote>;
+
+    fn open(&mut self, socket: &mut Socket<'_>, _: &Request<()>) -> Self::State {
+        let remote = socket.remote(tidewire::QueueLimits::default());
+        self.group.join(&remote);
+        self.remotes.lock().unwrap().push(remote.clone());
+        Some(remote)
+    }
+
+    fn message(&mut self, _: &mut Socket<'_>, remote: &mut Self::State, message: Incoming<'_>) {
+        match message {
+            Incoming::Text("leave") => {
+                if let Some(remote) = remote {
+                    self.group.leave(remote);
+                }
+            }
+            Incoming::Text(text) if text.starts_with("pub:") => {
+                self.group.publish(Message::text(text[4..].to_owned()));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn serve_members(members: &Members, threads: usize, config: EventLoopConfig) -> EventLoopServer {
+    let handler = members.clone();
+    serve(
+        "127.0.0.1:0".parse().unwrap(),
+        EventLoopConfig { threads, ..config },
+        move || handler.clone(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_group_reaches_every_member_in_order_with_their_own_messages() {
+    let members = Members::new(tidewire::QueueLimits::default());
+    let server = serve_members(&members, 2, EventLoopConfig::default());
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(
+            ClientBuilder::new(url(&server, "/"))
+                .connect()
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    eventually("every member joined", || members.group.members() == 30).await;
+    // From a member's callback.
+    for n in 0..20 {
+        clients[3]
+            .send(Message::text(format!("pub:{n}")))
+            .await
+            .unwrap();
+    }
+    for ws in &mut clients {
+        for n in 0..20 {
+            assert_eq!(
+                ws.recv().await.unwrap().unwrap(),
+                Message::text(n.to_string())
+            );
+        }
+    }
+    // From another thread, group messages and each member's own, one
+    // after the other: each member reads them in the order they were
+    // sent.
+    let (group, remotes) = (
+        members.group.clone(),
+        members.remotes.lock().unwrap().clone(),
+    );
+    std::thread::spawn(move || {
+        for n in 0..100 {
+            assert_eq!(group.publish(Message::text(format!("g{n}"))), 30);
+            for (i, remote) in remotes.iter().enumerate() {
+                remote.send(Message::text(format!("d{n}:{i}"))).unwrap();
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    let remotes = members.remotes.lock().unwrap().clone();
+    for ws in &mut clients {
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            got.push(ws.recv().await.unwrap().unwrap());
+        }
+        // Which remote is this client's: the one its first `d` names.
+        let Message::Text(first) = &got[1] else {
+            panic!("{:?}", got[1])
+        };
+        let i: usize = first.as_str().split(':').nth(1).unwrap().parse().unwrap();
+        let want: Vec<Message> = (0..100)
+            .flat_map(|n| {
+                [
+                    Message::text(format!("g{n}")),
+                    Message::text(format!("d{n}:{i}")),
+                ]
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+    // One leaves: it gets nothing published after (but its own still).
+    clients[0].send(Message::text("leave")).await.unwrap();
+    eventually("one left", || members.group.members() == 29).await;
+    clients[1].send(Message::text("pub:after")).await.unwrap();
+    for ws in &mut clients[1..] {
+        assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("after"));
+    }
+    for remote in &remotes {
+        remote.send(Message::text("last")).unwrap();
+    }
+    for ws in &mut clients {
+        assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("last"));
+    }
+    // Members whose connections end are counted out.
+    drop(clients);
+    eventually("every member gone", || members.group.members() == 0).await;
+    assert_eq!(members.group.publish(Message::text("nobody")), 0);
+    stop(server);
+}
+
+#[tokio::test]
+async fn a_member_that_falls_behind_its_group_is_closed_with_the_policys_code() {
+    let members = Members::new(tidewire::QueueLimits {
+        max_messages: 1024,
+        max_bytes: 1 << 20,
+        policy: tidewire::SlowConsumer::Close(CloseCode::TRY_AGAIN_LATER),
+    });
+    let server = serve_members(
+        &members,
+        1,
+        EventLoopConfig {
+            max_pending_output: 64 << 10,
+            close_timeout: Duration::from_secs(1),
+            ..EventLoopConfig::default()
+        },
+    );
+    // A member that reads nothing until the flood is over, and one that
+    // keeps up.
+    let mut sleeper = raw_open(server.local_addr());
+    let (mut reader, _) = ClientBuilder::new(url(&server, "/"))
+        .connect()
+        .await
+        .unwrap();
+    eventually("both joined", || members.group.members() == 2).await;
+    let big = Message::binary(vec![7u8; 32 << 10]);
+    let group = members.group.clone();
+    let publisher = std::thread::spawn(move || {
+        let mut closed = 0;
+        for n in 0..4000 {
+            group.publish(big.clone());
+            closed += group.take_closed();
+            if closed > 0 {
+                return (n, closed);
+            }
+            if n % 16 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        (4000, closed)
+    });
+    let mut received = 0usize;
+    let (n, closed) = loop {
+        tokio::select! {
+            message = reader.recv() => {
+                assert_eq!(message.unwrap().unwrap().as_bytes().len(), 32 << 10);
+                received += 1;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {
+                if publisher.is_finished() {
+                    break publisher.join().unwrap();
+                }
+            }
+        }
+    };
+    assert_eq!(
+        closed, 1,
+        "the sleeper is closed, once, after {n} publications"
+    );
+    // Whatever fit, whole and in order, then the close with 1013.
+    let mut all = Vec::new();
+    sleeper.read_to_end(&mut all).unwrap();
+    let (mut at, mut frames, mut code) = (0, 0, None);
+    while at + 2 <= all.len() {
+        let (opcode, short) = (all[at] & 0x0f, (all[at + 1] & 0x7f) as usize);
+        let (len, header) = match short {
+            126 => (u16::from_be_bytes([all[at + 2], all[at + 3]]) as usize, 4),
+            127 => panic!("no frame here is that large"),
+            n => (n, 2),
+        };
+        let payload = &all[at + header..at + header + len];
+        match opcode {
+            0x2 => frames += 1,
+            0x8 => code = Some(u16::from_be_bytes([payload[0], payload[1]])),
+            other => panic!("opcode {other}"),
+        }
+        at += header + len;
+    }
+    assert_eq!(at, all.len(), "whole frames only");
+    assert_eq!(code, Some(1013));
+    assert!(frames > 0 && frames < n, "{frames} of {n} delivered");
+    // The other member got every one of them.
+    while received < n + 1 {
+        assert_eq!(
+            reader.recv().await.unwrap().unwrap().as_bytes().len(),
+            32 << 10
+        );
+        received += 1;
+    }
+    eventually("the sleeper counted out", || members.group.members() == 1).await;
+    stop(server);
+}

@@ -59,10 +59,12 @@ use crate::{Message, OriginPolicy, QueueLimits};
 /// A message as a [`Handler`] gets it, borrowed from the bytes just read.
 pub use tidewire_proto::EventRef as Incoming;
 
+mod group;
 mod remote;
 mod sys;
 mod worker;
 
+pub use group::Group;
 pub use remote::{Remote, Wakes};
 
 /// How an event-loop server runs.

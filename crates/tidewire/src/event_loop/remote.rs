@@ -11,52 +11,108 @@
 //! connections not yet written.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tidewire_proto::{CloseCode, CloseFrame};
 
+use super::group::GroupShared;
 use crate::{Message, QueueLimits, SendError, SlowConsumer};
 
-/// A worker's list of due remotes, and the way to wake its poll.
+/// What other threads hand a worker: remotes that became due, and the
+/// posts of its [`Group`](super::Group)s, in the order they were posted.
+#[derive(Default)]
+pub(super) struct Posted {
+    pub(super) due: Vec<Arc<RemoteInner>>,
+    pub(super) posts: Vec<Post>,
+}
+
+impl Posted {
+    fn is_empty(&self) -> bool {
+        self.due.is_empty() && self.posts.is_empty()
+    }
+}
+
+/// A group's change or message for one worker.
+pub(super) enum Post {
+    Join {
+        group: Arc<GroupShared>,
+        remote: Arc<RemoteInner>,
+    },
+    Leave {
+        group: u64,
+        remote: Arc<RemoteInner>,
+    },
+    /// The worker's `seq`th publication (numbered from 1).
+    Publish {
+        group: u64,
+        seq: u64,
+        message: Message,
+    },
+}
+
+/// A worker's list of due remotes and group posts, and the way to wake
+/// its poll.
 pub(super) struct Inbox {
-    due: Mutex<Vec<Arc<RemoteInner>>>,
+    posted: Mutex<Posted>,
+    /// Publications posted here so far. A message queued on a remote is
+    /// tagged with it, so that the worker writes it after the group
+    /// messages posted before it and before those posted after.
+    published: AtomicU64,
     waker: Arc<mio::Waker>,
 }
 
 impl Inbox {
     pub(super) fn new(waker: Arc<mio::Waker>) -> Arc<Inbox> {
         Arc::new(Inbox {
-            due: Mutex::new(Vec::new()),
+            posted: Mutex::new(Posted::default()),
+            published: AtomicU64::new(0),
             waker,
         })
     }
 
-    /// Takes the due list, leaving `spare` (emptied) in its place, so
+    /// Takes what was posted, leaving `spare` (emptied) in its place, so
     /// that neither side allocates in the steady state.
-    pub(super) fn take(&self, spare: &mut Vec<Arc<RemoteInner>>) {
-        spare.clear();
-        std::mem::swap(&mut *lock(&self.due), spare);
+    pub(super) fn take(&self, spare: &mut Posted) {
+        spare.due.clear();
+        spare.posts.clear();
+        std::mem::swap(&mut *lock(&self.posted), spare);
     }
 
     fn push_all(&self, remotes: &mut Vec<Arc<RemoteInner>>) {
-        let mut due = lock(&self.due);
-        let first = due.is_empty();
-        due.append(remotes);
-        drop(due);
+        let mut posted = lock(&self.posted);
+        let first = posted.is_empty();
+        posted.due.append(remotes);
+        drop(posted);
         if first {
             let _ = self.waker.wake();
         }
     }
 
     fn push(&self, remote: Arc<RemoteInner>) {
-        let mut due = lock(&self.due);
-        let first = due.is_empty();
-        due.push(remote);
-        drop(due);
+        let mut posted = lock(&self.posted);
+        let first = posted.is_empty();
+        posted.due.push(remote);
+        drop(posted);
         if first {
             // The worker drains the whole list per wake-up: one wake for
             // the lot.
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Posts a group's join, leave or message (a message gets its number
+    /// here).
+    pub(super) fn post(&self, mut post: Post) {
+        let mut posted = lock(&self.posted);
+        let first = posted.is_empty();
+        if let Post::Publish { seq, .. } = &mut post {
+            *seq = self.published.load(Ordering::Relaxed) + 1;
+            self.published.store(*seq, Ordering::Release);
+        }
+        posted.posts.push(post);
+        drop(posted);
+        if first {
             let _ = self.waker.wake();
         }
     }
@@ -68,10 +124,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Default)]
 pub(super) struct Queue {
-    messages: VecDeque<Message>,
+    /// Each with the number of publications posted to the worker when it
+    /// was queued (see [`Inbox::published`]).
+    messages: VecDeque<(u64, Message)>,
     bytes: usize,
-    /// A close asked for (sent after the messages before it).
+    /// A close asked for (sent after the messages before it), and its tag.
     close: Option<CloseFrame>,
+    close_after: u64,
     /// A close was asked for: nothing more is queued.
     closing: bool,
     /// The connection is gone: nothing more is taken.
@@ -79,9 +138,18 @@ pub(super) struct Queue {
 }
 
 impl Queue {
+    /// The tag of what comes next (a message, or else the close): the
+    /// number of publications posted before it.
+    pub(super) fn next_after(&self) -> Option<u64> {
+        match self.messages.front() {
+            Some((after, _)) => Some(*after),
+            None => self.close.as_ref().map(|_| self.close_after),
+        }
+    }
+
     /// The next message for the connection.
     pub(super) fn pop(&mut self) -> Option<Message> {
-        let message = self.messages.pop_front()?;
+        let (_, message) = self.messages.pop_front()?;
         self.bytes -= message.as_bytes().len();
         Some(message)
     }
@@ -94,6 +162,16 @@ impl Queue {
             None
         }
     }
+
+    /// Closes with `code` for a slow consumer: what waits is dropped, the
+    /// close goes out next.
+    fn close_slow(&mut self, code: CloseCode, after: u64) {
+        self.messages.clear();
+        self.bytes = 0;
+        self.close = Some(CloseFrame::new(code, "send queue full"));
+        self.close_after = after;
+        self.closing = true;
+    }
 }
 
 /// What a [`Remote`] and the connection's worker share.
@@ -101,7 +179,7 @@ pub(super) struct RemoteInner {
     /// The connection's key in its worker's slab (checked against the
     /// entry's own remote: keys are reused).
     pub(super) key: usize,
-    inbox: Arc<Inbox>,
+    pub(super) inbox: Arc<Inbox>,
     limits: QueueLimits,
     queue: Mutex<Queue>,
     /// Messages waiting in `queue` (read without its lock).
@@ -155,6 +233,19 @@ impl RemoteInner {
         }
     }
 
+    /// Closes the connection for falling behind a group (the worker's
+    /// side of [`SlowConsumer::Close`]); whether it was not closing yet.
+    pub(super) fn close_slow(&self, code: CloseCode) -> bool {
+        let mut queue = lock(&self.queue);
+        if queue.ended || queue.closing {
+            return false;
+        }
+        let after = self.inbox.published.load(Ordering::Acquire);
+        queue.close_slow(code, after);
+        self.waiting.store(1, Ordering::Release);
+        true
+    }
+
     /// The connection ended: refuse from now on, drop what waits.
     pub(super) fn end(&self) {
         let mut queue = lock(&self.queue);
@@ -178,11 +269,8 @@ impl RemoteInner {
                 SlowConsumer::Wait => Err(SendError::Full(message)),
                 SlowConsumer::Drop => Err(SendError::Dropped),
                 SlowConsumer::Close(code) => {
-                    // What waits is dropped: the close goes out next.
-                    queue.messages.clear();
-                    queue.bytes = 0;
-                    queue.close = Some(CloseFrame::new(code, "send queue full"));
-                    queue.closing = true;
+                    let after = self.inbox.published.load(Ordering::Acquire);
+                    queue.close_slow(code, after);
                     self.waiting.store(1, Ordering::Release);
                     drop(queue);
                     self.make_due(true);
@@ -191,7 +279,8 @@ impl RemoteInner {
             };
         }
         queue.bytes += len;
-        queue.messages.push_back(message);
+        let after = self.inbox.published.load(Ordering::Acquire);
+        queue.messages.push_back((after, message));
         self.waiting.fetch_add(1, Ordering::AcqRel);
         drop(queue);
         Ok(self.make_due(wake))
@@ -200,7 +289,7 @@ impl RemoteInner {
     /// Marks the remote due; puts it on the inbox when `wake`. Whether it
     /// was not due before (then, without `wake`, a [`Remote::wake`] must
     /// follow).
-    fn make_due(self: &Arc<Self>, wake: bool) -> bool {
+    pub(super) fn make_due(self: &Arc<Self>, wake: bool) -> bool {
         let newly = !self.due.load(Ordering::Acquire) && !self.due.swap(true, Ordering::AcqRel);
         if newly && wake {
             self.inbox.push(self.clone());
@@ -266,6 +355,7 @@ impl Remote {
             return;
         }
         queue.close = Some(CloseFrame::new(code, reason));
+        queue.close_after = self.inner.inbox.published.load(Ordering::Acquire);
         queue.closing = true;
         self.inner.waiting.fetch_add(1, Ordering::AcqRel);
         drop(queue);

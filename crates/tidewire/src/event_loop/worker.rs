@@ -14,7 +14,8 @@ use slab::Slab;
 use tidewire_proto::handshake::{self, HandshakeError, ServerHandshake};
 use tidewire_proto::{CloseCode, CloseFrame, Connection, IdleBuffers};
 
-use super::remote::{Inbox, RemoteInner};
+use super::group::{GroupShared, LocalGroup, Member, LEFT};
+use super::remote::{Inbox, Post, Posted, Queue, RemoteInner};
 use super::sys;
 use super::{ConnectionSlot, EventLoopConfig, Handler, Incoming, Shared, Socket};
 use crate::Message;
@@ -142,6 +143,25 @@ struct Open<S> {
     /// On the worker's list of connections to write at the end of the
     /// turn.
     write_later: bool,
+    /// The groups it is in.
+    groups: Vec<Membership>,
+}
+
+/// A connection's place in a group on its worker.
+#[derive(Clone, Copy)]
+struct Membership {
+    slot: usize,
+    id: u64,
+    /// Its position in the group's members.
+    at: usize,
+}
+
+/// What the worker writes next for other threads.
+enum Due {
+    /// A remote with messages queued.
+    Remote(Arc<RemoteInner>),
+    /// A round over a group's members, from `next` on.
+    Group { slot: usize, next: usize },
 }
 
 impl<S> Open<S> {
@@ -151,36 +171,132 @@ impl<S> Open<S> {
         self.conn.close_sent() || self.conn.receiving_done()
     }
 
-    /// Moves what its remote queued into the connection's output, as far
-    /// as `max_pending` lets it (the rest waits until the socket drains).
-    fn pull(&mut self, max_pending: usize) {
-        let Some(remote) = &self.remote else {
-            return;
-        };
-        if !remote.has_work() || self.conn.pending_output_len() > max_pending {
-            return;
+    /// Whether something may wait for it: its remote's queue, or a group.
+    fn may_have_work(&self) -> bool {
+        !self.groups.is_empty() || self.remote.as_ref().is_some_and(|r| r.has_work())
+    }
+
+    /// Moves what waits for the connection (its remote's queue, its
+    /// groups' messages, in the order they were sent) into its output, as
+    /// far as `max_pending` lets it (the rest waits until the socket
+    /// drains). Whether it stopped at a message queued after a
+    /// publication this worker has not taken from its inbox yet (then the
+    /// worker takes it and pulls again).
+    fn pull(
+        &mut self,
+        key: usize,
+        groups: &mut Slab<LocalGroup>,
+        applied: u64,
+        max_pending: usize,
+    ) -> bool {
+        if self.conn.pending_output_len() > max_pending {
+            return false;
         }
-        let conn = &mut self.conn;
-        let code = &mut self.code;
-        remote.take(|queue| {
-            while conn.pending_output_len() <= max_pending {
-                let Some(message) = queue.pop() else { break };
-                let _ = match message {
-                    Message::Text(text) => conn.send_text_bytes(text),
-                    Message::Binary(data) => conn.send_binary_bytes(data),
-                    Message::Ping(data) => conn.send_ping(&data),
-                    Message::Pong(data) => conn.send_pong(&data),
-                    Message::Close(frame) => {
-                        code.get_or_insert(frame.as_ref().map_or(CloseCode::NO_STATUS, |f| f.code));
-                        conn.send_close(frame)
+        let remote_work = self.remote.as_ref().is_some_and(|r| r.has_work());
+        if !remote_work && self.groups.is_empty() {
+            return false;
+        }
+        let mut puller = Puller {
+            conn: &mut self.conn,
+            code: &mut self.code,
+            memberships: &self.groups,
+            key,
+            groups,
+            applied,
+            max_pending,
+        };
+        match &self.remote {
+            // Locked only when something was queued there: a member of a
+            // big group is written once per round, mostly with nothing of
+            // its own.
+            Some(remote) if remote_work => remote.take(|queue| puller.run(Some(queue))),
+            _ => puller.run(None),
+        }
+    }
+}
+
+/// One pull: a connection's output and what feeds it.
+struct Puller<'a> {
+    conn: &'a mut Connection,
+    code: &'a mut Option<CloseCode>,
+    memberships: &'a [Membership],
+    key: usize,
+    groups: &'a mut Slab<LocalGroup>,
+    applied: u64,
+    max_pending: usize,
+}
+
+impl Puller<'_> {
+    /// The connection's next group message: its membership's index and
+    /// the message's number.
+    fn next_group_message(&self) -> Option<(usize, u64)> {
+        let mut best: Option<(usize, u64)> = None;
+        for (i, m) in self.memberships.iter().enumerate() {
+            let Some(group) = self.groups.get(m.slot).filter(|g| g.shared.id == m.id) else {
+                continue;
+            };
+            let Some(member) = group.members.get(m.at).filter(|x| x.key == self.key) else {
+                continue;
+            };
+            if let Some((seq, _)) = group.after(member.cursor) {
+                if best.is_none_or(|(_, b)| *seq < b) {
+                    best = Some((i, *seq));
+                }
+            }
+        }
+        best
+    }
+
+    fn run(&mut self, mut queue: Option<&mut Queue>) -> bool {
+        while self.conn.pending_output_len() <= self.max_pending {
+            let direct = queue.as_ref().and_then(|q| q.next_after());
+            match (self.next_group_message(), direct) {
+                (Some((i, seq)), after) if after.is_none_or(|after| seq <= after) => {
+                    let m = self.memberships[i];
+                    let group = &mut self.groups[m.slot];
+                    let member = &mut group.members[m.at];
+                    member.cursor = seq;
+                    let Some((_, message)) = group.after(seq - 1) else {
+                        break;
+                    };
+                    let message = message.clone();
+                    self.send(message);
+                }
+                (_, Some(after)) => {
+                    if after > self.applied {
+                        return true;
                     }
-                };
+                    let Some(queue) = queue.as_deref_mut() else {
+                        break;
+                    };
+                    if let Some(message) = queue.pop() {
+                        self.send(message);
+                    } else if let Some(frame) = queue.take_close() {
+                        self.code.get_or_insert(frame.code);
+                        let _ = self.conn.send_close(Some(frame));
+                    } else {
+                        break;
+                    }
+                }
+                (_, None) => break,
             }
-            if let Some(frame) = queue.take_close() {
-                code.get_or_insert(frame.code);
-                let _ = conn.send_close(Some(frame));
+        }
+        false
+    }
+
+    fn send(&mut self, message: Message) {
+        let conn = &mut *self.conn;
+        let _ = match message {
+            Message::Text(text) => conn.send_text_bytes(text),
+            Message::Binary(data) => conn.send_binary_bytes(data),
+            Message::Ping(data) => conn.send_ping(&data),
+            Message::Pong(data) => conn.send_pong(&data),
+            Message::Close(frame) => {
+                self.code
+                    .get_or_insert(frame.as_ref().map_or(CloseCode::NO_STATUS, |f| f.code));
+                conn.send_close(frame)
             }
-        });
+        };
     }
 }
 
@@ -195,8 +311,14 @@ pub(super) struct Worker<H: Handler> {
     /// list last taken from it (kept for its capacity); the due remotes
     /// not written yet, in order.
     inbox: Arc<Inbox>,
-    taken: Vec<Arc<RemoteInner>>,
-    due: std::collections::VecDeque<Arc<RemoteInner>>,
+    taken: Posted,
+    due: std::collections::VecDeque<Due>,
+    /// This thread's part of every group with members here, by slot, and
+    /// the slots by group id; the publications taken from the inbox so
+    /// far.
+    groups: Slab<LocalGroup>,
+    group_slots: std::collections::HashMap<u64, usize>,
+    applied: u64,
     /// Connections read this turn whose answers are written at its end.
     write_later: Vec<usize>,
     buffer: Vec<u8>,
@@ -239,8 +361,11 @@ impl<H: Handler> Worker<H> {
             handler,
             slab: Slab::new(),
             inbox,
-            taken: Vec::new(),
+            taken: Posted::default(),
             due: std::collections::VecDeque::new(),
+            groups: Slab::new(),
+            group_slots: std::collections::HashMap::new(),
+            applied: 0,
             write_later: Vec::new(),
             buffer: vec![0; READ_BUFFER],
             spare: Vec::new(),
@@ -347,36 +472,261 @@ impl<H: Handler> Worker<H> {
     /// long round of writes to many connections does not keep it waiting.
     fn serve_remotes(&mut self, woken: bool) {
         if woken {
-            let mut taken = std::mem::take(&mut self.taken);
-            self.inbox.take(&mut taken);
-            self.due.extend(taken.drain(..));
-            self.taken = taken;
+            self.take_inbox();
         }
-        for _ in 0..REMOTES_PER_TURN {
-            let Some(remote) = self.due.pop_front() else {
+        let mut budget = REMOTES_PER_TURN;
+        while budget > 0 {
+            let Some(due) = self.due.pop_front() else {
                 break;
             };
-            remote.visited();
-            let key = remote.key;
-            let ours = matches!(
-                self.slab.get(key),
-                Some(Entry { phase: Phase::Open(open), .. })
-                    if open.remote.as_ref().is_some_and(|r| Arc::ptr_eq(r, &remote))
-            );
-            if ours {
-                // Only written: reading is for the socket's own events (a
-                // read here would be a system call per connection that
-                // mostly finds nothing).
-                if self.flush(key).is_err() {
-                    self.remove(key, CloseCode::ABNORMAL);
-                } else {
-                    self.finished(key);
+            match due {
+                Due::Remote(remote) => {
+                    budget -= 1;
+                    remote.visited();
+                    let key = remote.key;
+                    let ours = matches!(
+                        self.slab.get(key),
+                        Some(Entry { phase: Phase::Open(open), .. })
+                            if open.remote.as_ref().is_some_and(|r| Arc::ptr_eq(r, &remote))
+                    );
+                    if ours {
+                        self.write_due(key);
+                    }
+                }
+                Due::Group { slot, mut next } => {
+                    while budget > 0 {
+                        let Some(key) = self
+                            .groups
+                            .get(slot)
+                            .and_then(|g| g.members.get(next))
+                            .map(|m| m.key)
+                        else {
+                            break;
+                        };
+                        next += 1;
+                        if key != LEFT {
+                            budget -= 1;
+                            self.write_due(key);
+                        }
+                    }
+                    let members = self.groups.get(slot).map_or(0, |g| g.members.len());
+                    if next < members {
+                        self.due.push_front(Due::Group { slot, next });
+                    } else {
+                        self.round_done(slot);
+                    }
                 }
             }
         }
         if self.due.is_empty() && self.due.capacity() > 4 * REMOTES_PER_TURN {
             // Give back the memory of a big fan-out.
             self.due = std::collections::VecDeque::new();
+        }
+    }
+
+    /// Writes what others queued for a connection (from the due list).
+    fn write_due(&mut self, key: usize) {
+        // Only written: reading is for the socket's own events (a read
+        // here would be a system call per connection that mostly finds
+        // nothing).
+        if self.flush(key).is_err() {
+            self.remove(key, CloseCode::ABNORMAL);
+        } else {
+            self.finished(key);
+        }
+    }
+
+    /// A round over a group's members is over: another follows if
+    /// something was published meanwhile; else what all have taken goes.
+    fn round_done(&mut self, slot: usize) {
+        let Some(group) = self.groups.get_mut(slot) else {
+            return;
+        };
+        group.trim();
+        if std::mem::take(&mut group.again) {
+            self.due.push_back(Due::Group { slot, next: 0 });
+            return;
+        }
+        group.in_round = false;
+        self.compact_group(slot);
+    }
+
+    /// Takes out the members that left (no round runs), telling the
+    /// connections that moved their new place; forgets a group left
+    /// empty here.
+    fn compact_group(&mut self, slot: usize) {
+        let Some(group) = self.groups.get_mut(slot) else {
+            return;
+        };
+        if group.in_round {
+            return;
+        }
+        if group.left > 0 {
+            let id = group.shared.id;
+            group.members.retain(|m| m.key != LEFT);
+            group.left = 0;
+            for (at, member) in group.members.iter().enumerate() {
+                if let Some(Entry {
+                    phase: Phase::Open(open),
+                    ..
+                }) = self.slab.get_mut(member.key)
+                {
+                    if let Some(m) = open
+                        .groups
+                        .iter_mut()
+                        .find(|m| m.slot == slot && m.id == id)
+                    {
+                        m.at = at;
+                    }
+                }
+            }
+            group.trim();
+        }
+        if group.members.is_empty() {
+            let group = self.groups.remove(slot);
+            self.group_slots.remove(&group.shared.id);
+        }
+    }
+
+    /// Takes what other threads posted: due remotes onto the due list,
+    /// group changes and messages applied in order.
+    fn take_inbox(&mut self) {
+        let mut taken = std::mem::take(&mut self.taken);
+        self.inbox.take(&mut taken);
+        self.due.extend(taken.due.drain(..).map(Due::Remote));
+        for post in taken.posts.drain(..) {
+            match post {
+                Post::Join { group, remote } => self.join_group(group, remote),
+                Post::Leave { group, remote } => self.leave_group(group, &remote),
+                Post::Publish {
+                    group,
+                    seq,
+                    message,
+                } => {
+                    self.applied = seq;
+                    self.publish(group, seq, message);
+                }
+            }
+        }
+        self.taken = taken;
+    }
+
+    fn join_group(&mut self, shared: Arc<GroupShared>, remote: Arc<RemoteInner>) {
+        let key = remote.key;
+        let id = shared.id;
+        let Some(Entry {
+            phase: Phase::Open(open),
+            ..
+        }) = self.slab.get_mut(key)
+        else {
+            return shared.left(&self.inbox);
+        };
+        let ours = open
+            .remote
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, &remote));
+        if !ours || open.groups.iter().any(|m| m.id == id) {
+            // Gone (its key reused), or a member already.
+            return shared.left(&self.inbox);
+        }
+        let slot = match self.group_slots.get(&id) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self.groups.insert(LocalGroup::new(shared));
+                self.group_slots.insert(id, slot);
+                slot
+            }
+        };
+        let group = &mut self.groups[slot];
+        let at = group.members.len();
+        group.members.push(Member {
+            key,
+            remote,
+            cursor: self.applied,
+        });
+        open.groups.push(Membership { slot, id, at });
+    }
+
+    fn leave_group(&mut self, id: u64, remote: &Arc<RemoteInner>) {
+        let key = remote.key;
+        if let Some(Entry {
+            phase: Phase::Open(open),
+            ..
+        }) = self.slab.get_mut(key)
+        {
+            if open.remote.as_ref().is_some_and(|r| Arc::ptr_eq(r, remote)) {
+                if let Some(i) = open.groups.iter().position(|m| m.id == id) {
+                    let m = open.groups.swap_remove(i);
+                    self.forget_member(m, key);
+                }
+            }
+        }
+    }
+
+    /// Marks a member gone from its group (the connection left it or
+    /// ended).
+    fn forget_member(&mut self, m: Membership, key: usize) {
+        let Some(group) = self.groups.get_mut(m.slot).filter(|g| g.shared.id == m.id) else {
+            return;
+        };
+        let Some(member) = group.members.get_mut(m.at).filter(|x| x.key == key) else {
+            return;
+        };
+        member.key = LEFT;
+        group.left += 1;
+        group.shared.left(&self.inbox);
+        if !group.in_round
+            && (group.left * 2 > group.members.len() || group.left == group.members.len())
+        {
+            self.compact_group(m.slot);
+        }
+    }
+
+    /// A message for a group's members here: into its log, and a round
+    /// over them starts (or another follows the one under way).
+    fn publish(&mut self, id: u64, seq: u64, message: Message) {
+        let Some(&slot) = self.group_slots.get(&id) else {
+            return;
+        };
+        let group = &mut self.groups[slot];
+        if group.live_members() == 0 {
+            return;
+        }
+        group.log_bytes += message.as_bytes().len();
+        group.log.push_back((seq, message));
+        while group.over_limits() {
+            // The members that have not taken the oldest fell behind.
+            let Some(&(oldest, _)) = group.log.front() else {
+                break;
+            };
+            let policy = group.shared.limits.policy;
+            for member in group
+                .members
+                .iter_mut()
+                .filter(|m| m.key != LEFT && m.cursor < oldest)
+            {
+                match policy {
+                    crate::SlowConsumer::Close(code) => {
+                        if member.remote.close_slow(code) {
+                            group.shared.count_closed();
+                            member.remote.make_due(true);
+                        }
+                    }
+                    crate::SlowConsumer::Drop | crate::SlowConsumer::Wait => {
+                        group.shared.count_dropped();
+                    }
+                }
+                member.cursor = oldest;
+            }
+            if let Some((_, message)) = group.log.pop_front() {
+                group.log_bytes -= message.as_bytes().len();
+            }
+        }
+        if group.in_round {
+            group.again = true;
+        } else {
+            group.in_round = true;
+            self.due.push_back(Due::Group { slot, next: 0 });
         }
     }
 
@@ -594,6 +944,7 @@ impl<H: Handler> Worker<H> {
             code: None,
             remote,
             write_later: false,
+            groups: Vec::new(),
         }));
         // The bytes that came with the head, then whatever is there.
         let Worker {
@@ -734,27 +1085,41 @@ impl<H: Handler> Worker<H> {
 
     /// Writes the 101 response's rest and the connection's output.
     fn flush(&mut self, key: usize) -> io::Result<()> {
+        loop {
+            match self.flush_once(key)? {
+                Flushed::Done => return Ok(()),
+                // A message queued after a publication still in the inbox.
+                Flushed::Stalled => self.take_inbox(),
+            }
+        }
+    }
+
+    fn flush_once(&mut self, key: usize) -> io::Result<Flushed> {
         let Worker {
             slab,
             poll,
             config,
             spare,
             spare_used,
+            groups,
+            applied,
             ..
         } = self;
         let entry = &mut slab[key];
         let Phase::Open(open) = &mut entry.phase else {
-            return Ok(());
+            return Ok(Flushed::Done);
         };
-        let remote_work = open.remote.as_ref().is_some_and(|r| r.has_work());
-        if !remote_work && !entry.writable && open.head.is_empty() && !open.conn.has_buffers() {
+        let work = open.may_have_work();
+        if !work && !entry.writable && open.head.is_empty() && !open.conn.has_buffers() {
             // Nothing to write, nothing to give back (a socket read while
             // its connection is idle).
-            return Ok(());
+            return Ok(Flushed::Done);
         }
-        if remote_work {
+        if work {
             lend_buffers(&mut open.conn, spare, spare_used);
-            open.pull(config.max_pending_output);
+            if open.pull(key, groups, *applied, config.max_pending_output) {
+                return Ok(Flushed::Stalled);
+            }
         }
         let mut blocked = false;
         while !open.head.is_empty() && !blocked {
@@ -771,16 +1136,16 @@ impl<H: Handler> Worker<H> {
         if open.head.is_empty() && open.head.capacity() > 0 {
             open.head = Vec::new();
         }
+        let mut stalled = false;
         loop {
             Self::write_output(&mut entry.stream, &mut open.conn, &mut blocked)?;
-            // More from the remote than one pull took (the output's bound):
-            // on while the socket takes it.
-            let more = open.remote.as_ref().is_some_and(|r| r.has_work());
-            if blocked || !more {
+            // More than one pull took (the output's bound): on while the
+            // socket takes it.
+            if blocked || stalled || !open.may_have_work() {
                 break;
             }
             let before = open.conn.pending_output_len();
-            open.pull(config.max_pending_output);
+            stalled = open.pull(key, groups, *applied, config.max_pending_output);
             if open.conn.pending_output_len() == before {
                 break;
             }
@@ -800,7 +1165,11 @@ impl<H: Handler> Worker<H> {
         if entry.writable != blocked {
             entry.want_writable(poll.registry(), key, blocked);
         }
-        Ok(())
+        Ok(if stalled && !blocked {
+            Flushed::Stalled
+        } else {
+            Flushed::Done
+        })
     }
 
     /// Writes the connection's output until it is all out or the socket
@@ -878,6 +1247,10 @@ impl<H: Handler> Worker<H> {
             }
             if let Some(state) = open.state.take() {
                 handler.closed(state, code);
+            }
+            let memberships = std::mem::take(&mut open.groups);
+            for m in memberships {
+                self.forget_member(m, key);
             }
         }
     }
@@ -984,6 +1357,14 @@ impl<H: Handler> Worker<H> {
             }
         }
     }
+}
+
+/// What a flush came to.
+enum Flushed {
+    Done,
+    /// It stopped at a message queued after a publication still in the
+    /// inbox.
+    Stalled,
 }
 
 /// Gives `conn` a spare set of in-flight buffers if it has none.
