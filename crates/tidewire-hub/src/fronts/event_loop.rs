@@ -79,6 +79,10 @@ impl ClientSink for LoopSink {
     fn is_closing(&self) -> bool {
         self.slow.is_closing()
     }
+
+    fn event_loop_remote(&self) -> Option<&Remote> {
+        Some(&self.remote)
+    }
 }
 
 /// What waits to run on tokio for one connection.

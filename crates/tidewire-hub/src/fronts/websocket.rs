@@ -135,7 +135,7 @@ impl ClientSink for WsSink {
 }
 
 /// A codec's frame as the WebSocket message that carries it.
-pub(super) fn message(frame: Frame) -> Message {
+pub(crate) fn message(frame: Frame) -> Message {
     match frame {
         Frame::Text(text) => Message::Text(text),
         Frame::Binary(bytes) => Message::Binary(bytes),

@@ -50,6 +50,10 @@ pub(super) struct Subscribers {
     pub(super) live: Vec<(u64, Arc<dyn ClientSink>)>,
     /// Position of each live subscriber in `live`.
     pub(super) index: HashMap<u64, usize>,
+    /// Live subscribers on the event loop: members of the channel's
+    /// groups there (one per codec), not in `live`.
+    grouped: HashMap<u64, Arc<dyn ClientSink>>,
+    groups: Vec<(&'static dyn Codec, tidewire::event_loop::Group)>,
     /// Subscribers not live yet (see [`Parked`]).
     pub(super) parked: Vec<Parked>,
     /// The newest offset handed to this channel's subscribers (offsets
@@ -59,15 +63,56 @@ pub(super) struct Subscribers {
 
 impl Subscribers {
     fn is_empty(&self) -> bool {
-        self.live.is_empty() && self.parked.is_empty()
+        self.live.is_empty() && self.parked.is_empty() && self.grouped.is_empty()
     }
 
     pub(super) fn members(&self) -> usize {
-        self.live.len() + self.parked.len()
+        self.live.len() + self.parked.len() + self.grouped.len()
     }
 
-    fn add_live(&mut self, client: u64, sink: Arc<dyn ClientSink>) {
-        if self.index.contains_key(&client) {
+    /// The live subscribers' ids, grouped ones included.
+    fn live_ids(&self) -> Vec<u64> {
+        let live = self.live.iter().map(|(id, _)| *id);
+        live.chain(self.grouped.keys().copied()).collect()
+    }
+
+    /// A live subscriber's sink.
+    fn live_sink(&self, client: u64) -> Option<Arc<dyn ClientSink>> {
+        match self.index.get(&client) {
+            Some(&at) => Some(self.live[at].1.clone()),
+            None => self.grouped.get(&client).cloned(),
+        }
+    }
+
+    /// The channel's group for `codec` on the event loop (made on first
+    /// use, with `limits` for its members' backlogs).
+    fn group(
+        &mut self,
+        codec: &'static dyn Codec,
+        limits: tidewire::QueueLimits,
+    ) -> &tidewire::event_loop::Group {
+        let at = match self
+            .groups
+            .iter()
+            .position(|(c, _)| c.name() == codec.name())
+        {
+            Some(at) => at,
+            None => {
+                self.groups
+                    .push((codec, tidewire::event_loop::Group::new(limits)));
+                self.groups.len() - 1
+            }
+        };
+        &self.groups[at].1
+    }
+
+    fn add_live(&mut self, client: u64, sink: Arc<dyn ClientSink>, limits: tidewire::QueueLimits) {
+        if self.index.contains_key(&client) || self.grouped.contains_key(&client) {
+            return;
+        }
+        if let Some(remote) = sink.event_loop_remote() {
+            self.group(sink.transport().codec, limits).join(remote);
+            self.grouped.insert(client, sink);
             return;
         }
         self.index.insert(client, self.live.len());
@@ -81,6 +126,19 @@ impl Subscribers {
 
     fn remove(&mut self, client: u64) -> bool {
         if self.take_parked(client).is_some() {
+            return true;
+        }
+        if let Some(sink) = self.grouped.remove(&client) {
+            let codec = sink.transport().codec.name();
+            if let (Some(remote), Some((_, group))) = (
+                sink.event_loop_remote(),
+                self.groups.iter().find(|(c, _)| c.name() == codec),
+            ) {
+                group.leave(remote);
+            }
+            if self.grouped.is_empty() {
+                self.grouped = HashMap::new();
+            }
             return true;
         }
         let Some(at) = self.index.remove(&client) else {
@@ -156,7 +214,7 @@ impl Node {
             newest = newest.max(offset);
         }
         if newest >= after {
-            subs.add_live(client.id, client.sink.clone());
+            subs.add_live(client.id, client.sink.clone(), self.group_limits());
         } else {
             subs.parked.push(Parked {
                 client: client.id,
@@ -353,9 +411,24 @@ impl Node {
                 due.push(sink.clone());
             }
         }
+        // The event loop's subscribers: one post per loop thread.
+        let mut slow = 0;
+        for (codec, group) in &subs.groups {
+            if group.members() == 0 {
+                continue;
+            }
+            let frame = push.frame(*codec).clone();
+            delivered += group.publish(crate::fronts::websocket::message(frame)) as u64;
+            dropped += group.take_dropped();
+            slow += group.take_closed();
+        }
+        if slow > 0 {
+            self.metrics.slow_consumers.inc_by(slow);
+        }
         // Live from the next frame on (they have this one).
+        let limits = self.group_limits();
         for (client, sink) in caught_up {
-            subs.add_live(client, sink);
+            subs.add_live(client, sink, limits);
         }
         drop(subs);
         if !due.is_empty() {
@@ -372,6 +445,21 @@ impl Node {
         self.metrics.deliveries.inc_by(delivered);
         if dropped > 0 {
             self.metrics.dropped.inc_by(dropped);
+        }
+    }
+
+    /// The bounds of a subscriber's backlog in a channel's group on the
+    /// event loop: the client queue's, with the slow-consumer policy
+    /// (`drop` skips the oldest publication, `close` closes).
+    fn group_limits(&self) -> tidewire::QueueLimits {
+        let client = &self.config.client;
+        tidewire::QueueLimits {
+            max_messages: client.queue_messages,
+            max_bytes: client.queue_bytes,
+            policy: match client.slow_consumer {
+                tidewire::SlowConsumer::Close(code) => tidewire::SlowConsumer::Close(code),
+                _ => tidewire::SlowConsumer::Drop,
+            },
         }
     }
 
@@ -491,12 +579,11 @@ impl EngineEvents for Node {
                 return;
             };
             let mut subs = lock(&ch.subscribers);
-            let ids: Vec<u64> = subs.live.iter().map(|(id, _)| *id).collect();
+            let ids = subs.live_ids();
             let mut gone = Vec::with_capacity(ids.len());
             let mut notice = EncodedPush::new(Push::Unsubscribe { channel, why: &why });
             for id in ids {
-                if let Some(&at) = subs.index.get(&id) {
-                    let sink = subs.live[at].1.clone();
+                if let Some(sink) = subs.live_sink(id) {
                     subs.remove(id);
                     sink.send(
                         notice.frame(sink.transport().codec).clone(),

@@ -107,6 +107,13 @@ pub trait ClientSink: Send + Sync + 'static {
     fn is_closing(&self) -> bool {
         false
     }
+    /// The event-loop connection behind this sink, if it is one: the
+    /// fan-out then reaches it through its channel's group on the loop
+    /// (one post per loop thread per publication, the subscribers' state
+    /// touched only by their own thread) rather than with a send each.
+    fn event_loop_remote(&self) -> Option<&tidewire::event_loop::Remote> {
+        None
+    }
 }
 
 /// What `connect` may need of the HTTP request that opened a connection

@@ -383,10 +383,7 @@ impl Hub {
         for shard in node.channels.each() {
             counts.subscriptions += shard
                 .values()
-                .map(|c| {
-                    let s = lock(&c.subscribers);
-                    s.live.len() + s.parked.len()
-                })
+                .map(|c| lock(&c.subscribers).members())
                 .sum::<usize>();
         }
         counts

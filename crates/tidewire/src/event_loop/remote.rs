@@ -234,15 +234,32 @@ impl RemoteInner {
     }
 
     /// Closes the connection for falling behind a group (the worker's
-    /// side of [`SlowConsumer::Close`]); whether it was not closing yet.
-    pub(super) fn close_slow(&self, code: CloseCode) -> bool {
+    /// side of [`SlowConsumer::Close`]), after the group's messages it has
+    /// not taken (`backlog`, numbered, oldest first) and what was queued
+    /// here, in the order they were sent; whether it was not closing yet.
+    pub(super) fn close_behind(&self, code: CloseCode, backlog: Vec<(u64, Message)>) -> bool {
         let mut queue = lock(&self.queue);
         if queue.ended || queue.closing {
             return false;
         }
-        let after = self.inbox.published.load(Ordering::Acquire);
-        queue.close_slow(code, after);
-        self.waiting.store(1, Ordering::Release);
+        // Publication `seq` goes before the messages queued after it was
+        // posted (tagged `seq` or more): tagged `seq - 1`, in order.
+        let mut merged = VecDeque::with_capacity(queue.messages.len() + backlog.len());
+        let mut own = std::mem::take(&mut queue.messages).into_iter().peekable();
+        for (seq, message) in backlog {
+            while let Some(next) = own.next_if(|(after, _)| *after < seq) {
+                merged.push_back(next);
+            }
+            queue.bytes += message.as_bytes().len();
+            merged.push_back((seq - 1, message));
+        }
+        merged.extend(own);
+        queue.messages = merged;
+        queue.close = Some(CloseFrame::new(code, "send queue full"));
+        queue.close_after = self.inbox.published.load(Ordering::Acquire);
+        queue.closing = true;
+        let waiting = queue.messages.len() + 1;
+        self.waiting.store(waiting, Ordering::Release);
         true
     }
 

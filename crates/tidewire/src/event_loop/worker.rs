@@ -700,6 +700,7 @@ impl<H: Handler> Worker<H> {
                 break;
             };
             let policy = group.shared.limits.policy;
+            let mut gone = 0;
             for member in group
                 .members
                 .iter_mut()
@@ -707,16 +708,30 @@ impl<H: Handler> Worker<H> {
             {
                 match policy {
                     crate::SlowConsumer::Close(code) => {
-                        if member.remote.close_slow(code) {
+                        // What it has not taken but the newest (which did
+                        // not fit), then the close; out of the group.
+                        let backlog: Vec<(u64, Message)> = group
+                            .log
+                            .iter()
+                            .filter(|(s, _)| *s > member.cursor && *s < seq)
+                            .cloned()
+                            .collect();
+                        if member.remote.close_behind(code, backlog) {
                             group.shared.count_closed();
                             member.remote.make_due(true);
                         }
+                        member.key = LEFT;
+                        gone += 1;
                     }
                     crate::SlowConsumer::Drop | crate::SlowConsumer::Wait => {
                         group.shared.count_dropped();
+                        member.cursor = oldest;
                     }
                 }
-                member.cursor = oldest;
+            }
+            group.left += gone;
+            for _ in 0..gone {
+                group.shared.left(&self.inbox);
             }
             if let Some((_, message)) = group.log.pop_front() {
                 group.log_bytes -= message.as_bytes().len();
