@@ -86,6 +86,7 @@ impl FrameHeader {
     /// Reserved opcodes and a 64-bit length with its top bit set are errors;
     /// everything that depends on connection state (masking direction,
     /// reserved bits, fragmentation) is checked by the caller.
+    #[inline]
     pub fn decode(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
         let [b0, b1, ..] = *buf else {
             return Ok(None);
