@@ -1152,3 +1152,83 @@ async fn a_member_that_falls_behind_its_group_is_closed_with_the_policys_code() 
     eventually("the sleeper counted out", || members.group.members() == 1).await;
     stop(server);
 }
+
+#[tokio::test]
+async fn a_member_that_falls_behind_with_the_drop_policy_skips_messages_and_stays() {
+    // Room for a reader that keeps up to be a little behind (4 MiB).
+    let members = Members::new(tidewire::QueueLimits {
+        max_messages: 256,
+        max_bytes: 4 << 20,
+        policy: tidewire::SlowConsumer::Drop,
+    });
+    let server = serve_members(
+        &members,
+        1,
+        EventLoopConfig {
+            max_pending_output: 64 << 10,
+            ..EventLoopConfig::default()
+        },
+    );
+    let mut sleeper = raw_open(server.local_addr());
+    let (mut reader, _) = ClientBuilder::new(url(&server, "/"))
+        .connect()
+        .await
+        .unwrap();
+    eventually("both joined", || members.group.members() == 2).await;
+    let group = members.group.clone();
+    let publisher = std::thread::spawn(move || {
+        let mut dropped = 0;
+        for n in 0..2000u32 {
+            let mut data = vec![0u8; 16 << 10];
+            data[..4].copy_from_slice(&n.to_be_bytes());
+            group.publish(Message::binary(data));
+            dropped += group.take_dropped();
+            if n % 16 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        dropped
+    });
+    // The reader keeps up and gets every one, in order.
+    for n in 0..2000u32 {
+        let message = reader.recv().await.unwrap().unwrap();
+        assert_eq!(message.as_bytes()[..4], n.to_be_bytes());
+    }
+    let dropped = publisher.join().unwrap();
+    assert!(dropped > 0, "the sleeper fell behind");
+    assert_eq!(members.group.members(), 2, "nobody was closed");
+    // The sleeper reads what it was sent: whole frames in order, gaps
+    // where it fell behind, no close.
+    sleeper
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut all = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        match sleeper.read(&mut chunk) {
+            Ok(0) => panic!("the sleeper was closed"),
+            Ok(n) => all.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+    }
+    let (mut at, mut last, mut got) = (0, None::<u32>, 0u32);
+    while at + 4 <= all.len() {
+        assert_eq!(all[at] & 0x0f, 0x2, "binary frames only");
+        assert_eq!(all[at + 1] & 0x7f, 126);
+        let len = u16::from_be_bytes([all[at + 2], all[at + 3]]) as usize;
+        if at + 4 + len > all.len() {
+            break;
+        }
+        let n = u32::from_be_bytes(all[at + 4..at + 8].try_into().unwrap());
+        assert!(last.is_none_or(|last| n > last), "in order");
+        last = Some(n);
+        got += 1;
+        at += 4 + len;
+    }
+    assert!(
+        got > 0 && u64::from(got) + dropped <= 2000 + 1,
+        "{got} got, {dropped} dropped"
+    );
+    assert!(got < 2000, "some were skipped");
+    stop(server);
+}
