@@ -316,6 +316,29 @@ fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The whole server frames at the start of `data` (none longer than a
+/// 16-bit length): opcode and payload of each, and the bytes they take.
+fn server_frames(data: &[u8]) -> (Vec<(u8, &[u8])>, usize) {
+    let (mut frames, mut at) = (Vec::new(), 0);
+    while at + 2 <= data.len() {
+        let (opcode, short) = (data[at] & 0x0f, (data[at + 1] & 0x7f) as usize);
+        let (len, header) = match short {
+            126 if at + 4 <= data.len() => {
+                (u16::from_be_bytes([data[at + 2], data[at + 3]]) as usize, 4)
+            }
+            126 => break,
+            127 => panic!("no frame here is that large"),
+            n => (n, 2),
+        };
+        if at + header + len > data.len() {
+            break;
+        }
+        frames.push((opcode, &data[at + header..at + header + len]));
+        at += header + len;
+    }
+    (frames, at)
+}
+
 #[tokio::test]
 async fn protocol_errors_close_with_their_code_before_tcp_ends() {
     let mut config = EventLoopConfig::default();
@@ -733,15 +756,9 @@ async fn a_remote_that_overflows_closes_its_connection_with_the_policys_code() {
     // Whatever fit, whole and in order, then the close with 1013.
     let mut all = Vec::new();
     sleeper.read_to_end(&mut all).unwrap();
-    let (mut at, mut frames, mut code) = (0, 0, None);
-    while at + 2 <= all.len() {
-        let (opcode, short) = (all[at] & 0x0f, (all[at + 1] & 0x7f) as usize);
-        let (len, header) = match short {
-            126 => (u16::from_be_bytes([all[at + 2], all[at + 3]]) as usize, 4),
-            127 => panic!("no frame here is that large"),
-            n => (n, 2),
-        };
-        let payload = &all[at + header..at + header + len];
+    let (parsed, used) = server_frames(&all);
+    let (mut frames, mut code) = (0, None);
+    for (opcode, payload) in parsed {
         match opcode {
             0x2 => {
                 assert!(payload.len() == 32 << 10 && payload.iter().all(|&b| b == 7));
@@ -750,9 +767,8 @@ async fn a_remote_that_overflows_closes_its_connection_with_the_policys_code() {
             0x8 => code = Some(u16::from_be_bytes([payload[0], payload[1]])),
             other => panic!("opcode {other}"),
         }
-        at += header + len;
     }
-    assert_eq!(at, all.len(), "whole frames only");
+    assert_eq!(used, all.len(), "whole frames only");
     assert_eq!(code, Some(1013));
     assert!(frames > 0 && frames < n, "{frames} of {n} delivered");
     stop(server);
@@ -1122,23 +1138,16 @@ async fn a_member_that_falls_behind_its_group_is_closed_with_the_policys_code() 
     // Whatever fit, whole and in order, then the close with 1013.
     let mut all = Vec::new();
     sleeper.read_to_end(&mut all).unwrap();
-    let (mut at, mut frames, mut code) = (0, 0, None);
-    while at + 2 <= all.len() {
-        let (opcode, short) = (all[at] & 0x0f, (all[at + 1] & 0x7f) as usize);
-        let (len, header) = match short {
-            126 => (u16::from_be_bytes([all[at + 2], all[at + 3]]) as usize, 4),
-            127 => panic!("no frame here is that large"),
-            n => (n, 2),
-        };
-        let payload = &all[at + header..at + header + len];
+    let (parsed, used) = server_frames(&all);
+    let (mut frames, mut code) = (0, None);
+    for (opcode, payload) in parsed {
         match opcode {
             0x2 => frames += 1,
             0x8 => code = Some(u16::from_be_bytes([payload[0], payload[1]])),
             other => panic!("opcode {other}"),
         }
-        at += header + len;
     }
-    assert_eq!(at, all.len(), "whole frames only");
+    assert_eq!(used, all.len(), "whole frames only");
     assert_eq!(code, Some(1013));
     assert!(frames > 0 && frames < n, "{frames} of {n} delivered");
     // The other member got every one of them.
@@ -1211,19 +1220,14 @@ async fn a_member_that_falls_behind_with_the_drop_policy_skips_messages_and_stay
             Err(_) => break,
         }
     }
-    let (mut at, mut last, mut got) = (0, None::<u32>, 0u32);
-    while at + 4 <= all.len() {
-        assert_eq!(all[at] & 0x0f, 0x2, "binary frames only");
-        assert_eq!(all[at + 1] & 0x7f, 126);
-        let len = u16::from_be_bytes([all[at + 2], all[at + 3]]) as usize;
-        if at + 4 + len > all.len() {
-            break;
-        }
-        let n = u32::from_be_bytes(all[at + 4..at + 8].try_into().unwrap());
+    let (mut last, mut got) = (None::<u32>, 0u32);
+    for (opcode, payload) in server_frames(&all).0 {
+        assert_eq!(opcode, 0x2, "binary frames only");
+        assert_eq!(payload.len(), 16 << 10);
+        let n = u32::from_be_bytes(payload[..4].try_into().unwrap());
         assert!(last.is_none_or(|last| n > last), "in order");
         last = Some(n);
         got += 1;
-        at += 4 + len;
     }
     assert!(
         got > 0 && u64::from(got) + dropped <= 2000 + 1,

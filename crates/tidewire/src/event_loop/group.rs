@@ -60,11 +60,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl GroupShared {
-    /// A member on `inbox`'s worker is gone (or its join came too late).
-    pub(super) fn left(&self, inbox: &Arc<Inbox>) {
+    /// `n` members on `inbox`'s worker are gone (or their joins came too
+    /// late).
+    pub(super) fn left(&self, inbox: &Arc<Inbox>, n: usize) {
         let mut workers = lock(&self.workers);
         if let Some(at) = workers.iter().position(|(i, _)| Arc::ptr_eq(i, inbox)) {
-            workers[at].1 = workers[at].1.saturating_sub(1);
+            workers[at].1 = workers[at].1.saturating_sub(n);
             if workers[at].1 == 0 {
                 workers.swap_remove(at);
             }
@@ -116,7 +117,6 @@ impl Group {
     /// Removes the connection: nothing published from now on goes to it
     /// (what was published before still does).
     pub fn leave(&self, remote: &Remote) {
-        let _workers = lock(&self.shared.workers);
         remote.inner.inbox.post(Post::Leave {
             group: self.shared.id,
             remote: remote.inner.clone(),
@@ -202,10 +202,16 @@ impl LocalGroup {
         self.members.len() - self.left
     }
 
-    /// The first message after `cursor`: its number, and the message.
-    pub(super) fn after(&self, cursor: u64) -> Option<&(u64, Message)> {
-        let at = self.log.partition_point(|(seq, _)| *seq <= cursor);
-        self.log.get(at)
+    /// Where the first message after `cursor` is in the log (the log's
+    /// length when there is none).
+    pub(super) fn after(&self, cursor: u64) -> usize {
+        self.log.partition_point(|(seq, _)| *seq <= cursor)
+    }
+
+    /// Whether `m` is `key`'s membership here (not a stale one: the
+    /// slot reused by another group, or the member gone).
+    pub(super) fn holds(&self, id: u64, at: usize, key: usize) -> bool {
+        self.shared.id == id && self.members.get(at).is_some_and(|m| m.key == key)
     }
 
     /// Drops the messages every member has taken.

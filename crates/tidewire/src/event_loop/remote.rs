@@ -168,7 +168,13 @@ impl Queue {
     fn close_slow(&mut self, code: CloseCode, after: u64) {
         self.messages.clear();
         self.bytes = 0;
-        self.close = Some(CloseFrame::new(code, "send queue full"));
+        self.set_close(CloseFrame::new(code, "send queue full"), after);
+    }
+
+    /// The close goes out after what is queued (and after the `after`
+    /// publications); nothing more is queued.
+    fn set_close(&mut self, frame: CloseFrame, after: u64) {
+        self.close = Some(frame);
         self.close_after = after;
         self.closing = true;
     }
@@ -255,9 +261,8 @@ impl RemoteInner {
         }
         merged.extend(own);
         queue.messages = merged;
-        queue.close = Some(CloseFrame::new(code, "send queue full"));
-        queue.close_after = self.inbox.published.load(Ordering::Acquire);
-        queue.closing = true;
+        let after = self.inbox.published.load(Ordering::Acquire);
+        queue.set_close(CloseFrame::new(code, "send queue full"), after);
         let waiting = queue.messages.len() + 1;
         self.waiting.store(waiting, Ordering::Release);
         true
@@ -371,9 +376,8 @@ impl Remote {
         if queue.ended || queue.closing {
             return;
         }
-        queue.close = Some(CloseFrame::new(code, reason));
-        queue.close_after = self.inner.inbox.published.load(Ordering::Acquire);
-        queue.closing = true;
+        let after = self.inner.inbox.published.load(Ordering::Acquire);
+        queue.set_close(CloseFrame::new(code, reason), after);
         self.inner.waiting.fetch_add(1, Ordering::AcqRel);
         drop(queue);
         self.inner.make_due(true);

@@ -230,20 +230,22 @@ struct Puller<'a> {
 }
 
 impl Puller<'_> {
-    /// The connection's next group message: its membership's index and
-    /// the message's number.
-    fn next_group_message(&self) -> Option<(usize, u64)> {
-        let mut best: Option<(usize, u64)> = None;
+    /// The connection's next group message: its membership's index, the
+    /// message's number and its place in the group's log.
+    fn next_group_message(&self) -> Option<(usize, u64, usize)> {
+        let mut best: Option<(usize, u64, usize)> = None;
         for (i, m) in self.memberships.iter().enumerate() {
-            let Some(group) = self.groups.get(m.slot).filter(|g| g.shared.id == m.id) else {
+            let Some(group) = self
+                .groups
+                .get(m.slot)
+                .filter(|g| g.holds(m.id, m.at, self.key))
+            else {
                 continue;
             };
-            let Some(member) = group.members.get(m.at).filter(|x| x.key == self.key) else {
-                continue;
-            };
-            if let Some((seq, _)) = group.after(member.cursor) {
-                if best.is_none_or(|(_, b)| *seq < b) {
-                    best = Some((i, *seq));
+            let at = group.after(group.members[m.at].cursor);
+            if let Some((seq, _)) = group.log.get(at) {
+                if best.is_none_or(|(_, b, _)| *seq < b) {
+                    best = Some((i, *seq, at));
                 }
             }
         }
@@ -254,15 +256,11 @@ impl Puller<'_> {
         while self.conn.pending_output_len() <= self.max_pending {
             let direct = queue.as_ref().and_then(|q| q.next_after());
             match (self.next_group_message(), direct) {
-                (Some((i, seq)), after) if after.is_none_or(|after| seq <= after) => {
+                (Some((i, seq, at)), after) if after.is_none_or(|after| seq <= after) => {
                     let m = self.memberships[i];
                     let group = &mut self.groups[m.slot];
-                    let member = &mut group.members[m.at];
-                    member.cursor = seq;
-                    let Some((_, message)) = group.after(seq - 1) else {
-                        break;
-                    };
-                    let message = message.clone();
+                    group.members[m.at].cursor = seq;
+                    let message = group.log[at].1.clone();
                     self.send(message);
                 }
                 (_, Some(after)) => {
@@ -463,14 +461,17 @@ impl<H: Handler> Worker<H> {
                 continue;
             };
             open.write_later = false;
-            self.write_answer_now(key);
+            self.write_now(key);
         }
         self.write_later = keys;
         self.write_later_bytes = 0;
     }
 
-    /// Writes what a connection's messages answered.
-    fn write_answer_now(&mut self, key: usize) {
+    /// Writes a connection's output now (its messages' answers, or what
+    /// others queued for it), and ends it if its closing is over. Only
+    /// written: reading is for the socket's own events (a read here would
+    /// be a system call per connection that mostly finds nothing).
+    fn write_now(&mut self, key: usize) {
         if self.flush(key).is_err() {
             self.remove(key, CloseCode::ABNORMAL);
         } else if self.open(key).is_some_and(|open| open.ending()) {
@@ -502,7 +503,7 @@ impl<H: Handler> Worker<H> {
                             if open.remote.as_ref().is_some_and(|r| Arc::ptr_eq(r, &remote))
                     );
                     if ours {
-                        self.write_due(key);
+                        self.write_now(key);
                     }
                 }
                 Due::Group { slot, mut next } => {
@@ -518,7 +519,7 @@ impl<H: Handler> Worker<H> {
                         next += 1;
                         if key != LEFT {
                             budget -= 1;
-                            self.write_due(key);
+                            self.write_now(key);
                         }
                     }
                     let members = self.groups.get(slot).map_or(0, |g| g.members.len());
@@ -533,18 +534,6 @@ impl<H: Handler> Worker<H> {
         if self.due.is_empty() && self.due.capacity() > 4 * REMOTES_PER_TURN {
             // Give back the memory of a big fan-out.
             self.due = std::collections::VecDeque::new();
-        }
-    }
-
-    /// Writes what others queued for a connection (from the due list).
-    fn write_due(&mut self, key: usize) {
-        // Only written: reading is for the socket's own events (a read
-        // here would be a system call per connection that mostly finds
-        // nothing).
-        if self.flush(key).is_err() {
-            self.remove(key, CloseCode::ABNORMAL);
-        } else {
-            self.finished(key);
         }
     }
 
@@ -631,7 +620,7 @@ impl<H: Handler> Worker<H> {
             ..
         }) = self.slab.get_mut(key)
         else {
-            return shared.left(&self.inbox);
+            return shared.left(&self.inbox, 1);
         };
         let ours = open
             .remote
@@ -639,7 +628,7 @@ impl<H: Handler> Worker<H> {
             .is_some_and(|r| Arc::ptr_eq(r, &remote));
         if !ours || open.groups.iter().any(|m| m.id == id) {
             // Gone (its key reused), or a member already.
-            return shared.left(&self.inbox);
+            return shared.left(&self.inbox, 1);
         }
         let slot = match self.group_slots.get(&id) {
             Some(&slot) => slot,
@@ -678,15 +667,16 @@ impl<H: Handler> Worker<H> {
     /// Marks a member gone from its group (the connection left it or
     /// ended).
     fn forget_member(&mut self, m: Membership, key: usize) {
-        let Some(group) = self.groups.get_mut(m.slot).filter(|g| g.shared.id == m.id) else {
+        let Some(group) = self
+            .groups
+            .get_mut(m.slot)
+            .filter(|g| g.holds(m.id, m.at, key))
+        else {
             return;
         };
-        let Some(member) = group.members.get_mut(m.at).filter(|x| x.key == key) else {
-            return;
-        };
-        member.key = LEFT;
+        group.members[m.at].key = LEFT;
         group.left += 1;
-        group.shared.left(&self.inbox);
+        group.shared.left(&self.inbox, 1);
         if !group.in_round
             && (group.left * 2 > group.members.len() || group.left == group.members.len())
         {
@@ -742,8 +732,8 @@ impl<H: Handler> Worker<H> {
                 }
             }
             group.left += gone;
-            for _ in 0..gone {
-                group.shared.left(&self.inbox);
+            if gone > 0 {
+                group.shared.left(&self.inbox, gone);
             }
             if let Some((_, message)) = group.log.pop_front() {
                 group.log_bytes -= message.as_bytes().len();
@@ -1100,7 +1090,7 @@ impl<H: Handler> Worker<H> {
                             // flight from 100 connections is 1.6 MB, and
                             // the kernel then copied it from memory at
                             // half the speed).
-                            return self.write_answer_now(key);
+                            return self.write_now(key);
                         }
                         self.write_later_bytes += pending;
                         open.write_later = true;
